@@ -1,0 +1,96 @@
+"""Evaluation attacks by name: ``clean``, ``fgsm``, ``pgd20``, ``pgd50r5``, ``cw``, ``cw100``, ...
+
+``pgd<K>`` is PGD on cross-entropy with K steps of eps/4 and one random start (``r<R>``
+adds restarts); ``cw<K>`` is the same search on the Carlini-Wagner margin (CW-inf); ``cw``
+alone is ``cw30``. Every evaluation attack keeps, per example, the first iterate that fooled
+the model. AutoAttack lives in :mod:`arow.attacks.autoattack`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..registry import Registry
+from ..threat import ThreatModel
+from .base import AttackLoss, ce_loss, cw_loss, frozen_eval, kl_loss, unwrap
+from .pgd import pgd
+
+Tensor = torch.Tensor
+
+__all__ = ["ATTACKS", "Attack", "get_attack", "pgd", "frozen_eval", "unwrap", "ce_loss", "cw_loss",
+           "kl_loss", "AttackLoss"]
+
+
+@dataclass
+class Attack:
+    """A named evaluation attack: ``attack(model, x, y) -> x_adv``."""
+
+    name: str
+    run: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    description: str = ""
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return self.run(model, x, y)
+
+
+ATTACKS: Registry[Callable[..., Attack]] = Registry("attack")
+
+
+@ATTACKS.register("clean", help="no attack: natural accuracy")
+def _clean(eps: float, name: str = "clean") -> Attack:
+    return Attack(name, lambda model, x, y: x, "natural inputs")
+
+
+@ATTACKS.register("fgsm", help="one signed-gradient step of size eps on CE from x (no random start)")
+def _fgsm(eps: float, name: str = "fgsm") -> Attack:
+    tm = ThreatModel(eps=eps, steps=1, step=eps if eps > 0 else None, start="none")
+    return Attack(name, lambda m, x, y: pgd(m, x, y, tm, ce_loss, keep_best=True), "FGSM")
+
+
+@ATTACKS.register("pgd<K>[r<R>]", help="PGD on cross-entropy, K steps of eps/4, random start, R restarts")
+def _pgd(eps: float, steps: int = 20, restarts: int = 1, name: Optional[str] = None) -> Attack:
+    tm = ThreatModel(eps=eps, steps=steps)
+    desc = f"PGD-{steps} (CE, step eps/4, random start, {restarts} restart(s))"
+    return Attack(name or f"pgd{steps}", lambda m, x, y: pgd(m, x, y, tm, ce_loss, restarts=restarts,
+                                                             keep_best=True), desc)
+
+
+@ATTACKS.register("cw<K>[r<R>]", help="CW-inf: PGD on the Carlini-Wagner margin, K steps (cw = cw30)")
+def _cw(eps: float, steps: int = 30, restarts: int = 1, name: Optional[str] = None) -> Attack:
+    tm = ThreatModel(eps=eps, steps=steps)
+    desc = f"CW-inf (margin loss, {steps} steps of eps/4, random start, {restarts} restart(s))"
+    return Attack(name or f"cw{steps}", lambda m, x, y: pgd(m, x, y, tm, cw_loss, restarts=restarts,
+                                                            keep_best=True), desc)
+
+
+_PATTERN = re.compile(r"^(pgd|cw)(\d+)?(?:r(\d+))?$")
+
+
+def get_attack(name: str, eps: float, **kwargs) -> Attack:
+    """Build the attack called ``name`` at radius ``eps``.
+
+    >>> get_attack("pgd20", 8 / 255).name
+    'pgd20'
+    """
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    m = _PATTERN.match(name)
+    if m:
+        kind, steps, restarts = m.group(1), m.group(2), m.group(3)
+        factory = ATTACKS.get(f"{kind}<K>[r<R>]")
+        kw = {"name": name}
+        if steps:
+            kw["steps"] = int(steps)
+            if kw["steps"] < 1:
+                raise ValueError(f"attack {name!r}: needs at least one step")
+        if restarts:
+            kw["restarts"] = int(restarts)
+        return factory(eps, **kw, **kwargs)
+    if name in ATTACKS and "<" not in name:
+        return ATTACKS.get(name)(eps, **kwargs)
+    raise ValueError(f"unknown attack {name!r}; choose from: clean, fgsm, pgd<K>[r<R>] (e.g. pgd20), "
+                     f"cw<K>[r<R>] (e.g. cw30), {', '.join(n for n in ATTACKS.names() if '<' not in n and n not in ('clean', 'fgsm'))}")

@@ -1,0 +1,71 @@
+"""Projected gradient descent (Madry et al. 2018) on any objective, inside a ThreatModel."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..rng import BatchRNG
+from ..threat import ThreatModel
+from .base import AttackLoss, ce_loss, frozen_eval, unwrap
+
+Tensor = torch.Tensor
+StepCallback = Callable[[int, Tensor], None]
+
+
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    loss: AttackLoss = ce_loss,
+    *,
+    restarts: int = 1,
+    keep_best: bool = False,
+    rng: Optional[BatchRNG] = None,
+    on_step: Optional[StepCallback] = None,
+) -> Tensor:
+    """Maximise ``loss`` over the ball with ``threat.steps`` sign-gradient steps.
+
+    The model runs in eval mode with frozen parameters (restored afterwards); the returned
+    ``x_adv`` is detached, inside the eps-ball and in [0, 1]. With ``keep_best`` (evaluation)
+    an example keeps the first iterate that fooled the model, over all steps and restarts,
+    which can only make the attack stronger. ``on_step(t, logits)`` sees each iterate's logits
+    (GAIR-AT counts correct steps with it).
+
+    >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    >>> x, y = torch.rand(5, 1, 2, 2), torch.randint(0, 3, (5,))
+    >>> xa = pgd(m, x, y, ThreatModel(eps=0.1, steps=3))
+    >>> bool((xa - x).abs().max() <= 0.1 + 1e-6)
+    True
+    """
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    net = unwrap(model)
+    x = x.detach()
+    best = x.clone()
+    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    with frozen_eval(net), torch.enable_grad():
+        for _ in range(restarts):
+            x_adv = threat.init(x, rng)
+            for t in range(threat.steps):
+                x_adv.requires_grad_(True)
+                logits = net(x_adv)
+                if on_step is not None:
+                    on_step(t, logits.detach())
+                if keep_best:
+                    fooled_now = (logits.argmax(1) != y) & ~fooled
+                    best[fooled_now] = x_adv.detach()[fooled_now]
+                    fooled |= fooled_now
+                (grad,) = torch.autograd.grad(loss(logits, y).sum(), x_adv)
+                x_adv = threat.ascend(x_adv, grad, x)
+            if not keep_best:
+                return x_adv.detach()
+            with torch.no_grad():
+                fooled_now = (net(x_adv).argmax(1) != y) & ~fooled
+            best[fooled_now] = x_adv[fooled_now]
+            fooled |= fooled_now
+            still = ~fooled
+            best[still] = x_adv[still]  # last iterate for the examples nothing fooled yet
+    return best.detach()

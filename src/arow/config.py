@@ -1,0 +1,126 @@
+"""Run configuration: one dataclass is the source of truth; YAML presets hold recipes; flags override.
+
+>>> cfg = TrainConfig(method="arow", epochs=2)
+>>> TrainConfig.from_dict(cfg.to_dict()) == cfg
+True
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which and why."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    method: str = "arow"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "fashion-mnist"
+    data_dir: Optional[str] = None
+    model: str = "small-cnn"
+    normalize: bool = False  # the paper trains on [0, 1] inputs without normalisation
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 128  # GLOBAL batch: split across ranks under torchrun
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "step"  # step | cosine | onecycle
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.83])  # fractions or epochs
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    swa_start: Optional[int] = None  # 1-based epoch from which weights are averaged
+    # threat model of the training attack
+    eps: Optional[float] = None  # dataset default (F-MNIST 0.1, others 8/255)
+    attack_steps: Optional[int] = None  # method default (10)
+    step_size: Optional[float] = None  # eps / 4
+    # data
+    limit_train: Optional[int] = None
+    val_size: int = 1000
+    val_attack: str = "pgd20"
+    augment: Optional[str] = None  # dataset default
+    # runtime
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    channels_last: str = "auto"
+    compile: bool = False
+    sync_bn: bool = True  # SyncBatchNorm under DDP (a DDP run then equals a 1-process run)
+    out: Optional[str] = None
+    tensorboard: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def validate(self) -> "TrainConfig":
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.eps is not None and not self.eps >= 0:
+            raise ConfigError(f"--eps must be >= 0, got {self.eps}")
+        if self.step_size is not None and not self.step_size > 0:
+            raise ConfigError(f"--step-size must be > 0, got {self.step_size}")
+        if self.attack_steps is not None and self.attack_steps < 0:
+            raise ConfigError(f"--attack-steps must be >= 0, got {self.attack_steps}")
+        if self.limit_train is not None and self.limit_train < 2:
+            raise ConfigError(f"--limit-train must be >= 2, got {self.limit_train}")
+        if self.val_size < 0:
+            raise ConfigError(f"--val-size must be >= 0, got {self.val_size}")
+        if self.schedule not in ("step", "cosine", "onecycle", "constant"):
+            raise ConfigError(f"--schedule must be step, cosine, onecycle or constant, got {self.schedule!r}")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ConfigError(f"--amp must be auto, bf16 or off, got {self.amp!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.swa_start is not None and not 1 <= self.swa_start <= self.epochs:
+            raise ConfigError(f"--swa-start must be in [1, epochs={self.epochs}], got {self.swa_start}")
+        return self
+
+
+def preset_names() -> list[str]:
+    files = resources.files("arow") / "presets"
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """The settings of a preset by name (``arow list``) or of a YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"preset file {path} does not exist")
+        text = path.read_text()
+    else:
+        res = resources.files("arow") / "presets" / f"{name_or_path}.yaml"
+        if not res.is_file():
+            raise ConfigError(f"unknown preset {name_or_path!r}; choose one of: {', '.join(preset_names())}")
+        text = res.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"preset {name_or_path}: not valid YAML ({e})".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {name_or_path}: expected a mapping of config keys")
+    data.pop("description", None)
+    TrainConfig.from_dict({k: v for k, v in data.items()})  # reject unknown keys early
+    return data

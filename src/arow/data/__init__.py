@@ -1,0 +1,232 @@
+"""Datasets as float tensors in memory: the ``DATASETS`` registry, loading, splitting.
+
+Images live in [0, 1] with shape (N, C, H, W) and are never normalised here (normalisation is
+the model's first layer). The validation split for model selection is cut from the TRAINING set
+by :func:`train_val_split`; the test set is only ever used for the final report.
+
+>>> data = load_dataset("fashion-mnist", split="test")
+>>> len(data), data.x.shape[1:], data.num_classes
+(10000, torch.Size([1, 28, 28]), 10)
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from ..registry import Registry
+from .loader import AUGMENTATIONS, Loader, batches, hflip, random_crop
+from .readers import (
+    FASHION_MNIST_ROOT,
+    DataError,
+    load_cifar,
+    load_fashion_mnist,
+    load_svhn,
+    read_idx,
+)
+
+__all__ = [
+    "AUGMENTATIONS",
+    "DATASETS",
+    "DataError",
+    "DatasetInfo",
+    "Loader",
+    "TensorData",
+    "batches",
+    "from_tensors",
+    "hflip",
+    "load_cifar",
+    "load_dataset",
+    "load_fashion_mnist",
+    "load_svhn",
+    "random_crop",
+    "read_idx",
+    "train_val_split",
+]
+
+log = logging.getLogger(__name__)
+
+ReaderFn = Callable[[Optional[Path], bool], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the rest of the package needs to know about a dataset, and how to read it.
+
+    ``loader(root, train)`` returns uint8 images (N, C, H, W) and int64 labels.
+    ``default_root=None`` means the user must pass ``--data-dir``.
+    """
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    default_root: Optional[Path]
+    augmentation: str
+    eps: float
+    loader: ReaderFn
+
+
+DATASETS: Registry[DatasetInfo] = Registry("dataset")
+
+
+def _add(info: DatasetInfo, help: str) -> None:
+    DATASETS.register(info.name, help=help)(info)
+
+
+_add(
+    DatasetInfo("fashion-mnist", 10, 1, 28, FASHION_MNIST_ROOT, "flip", 0.1, load_fashion_mnist),
+    "Fashion-MNIST (Debian package dataset-fashion-mnist), eps 0.1, horizontal flip",
+)
+_add(
+    DatasetInfo("cifar10", 10, 3, 32, None, "crop+flip", 8 / 255,
+                functools.partial(load_cifar, num_classes=10)),
+    "CIFAR-10 python pickles (needs --data-dir), eps 8/255, crop+flip",
+)
+_add(
+    DatasetInfo("cifar100", 100, 3, 32, None, "crop+flip", 8 / 255,
+                functools.partial(load_cifar, num_classes=100)),
+    "CIFAR-100 python pickles (needs --data-dir), eps 8/255, crop+flip",
+)
+_add(
+    DatasetInfo("svhn", 10, 3, 32, None, "none", 8 / 255, load_svhn),
+    "SVHN cropped digits .mat files (needs --data-dir), eps 8/255, no augmentation",
+)
+
+
+@dataclass
+class TensorData:
+    """Images ``x`` (float32 in [0, 1], N x C x H x W) and labels ``y`` (int64, N) in memory.
+
+    >>> d = from_tensors(torch.rand(8, 3, 4, 4), torch.arange(8) % 2)
+    >>> len(d.subset(5)), d.num_classes
+    (5, 2)
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise DataError(f"{self.name}: {self.x.shape[0]} images but {self.y.shape[0]} labels")
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def subset(self, n: int) -> "TensorData":
+        """The first ``n`` examples (all of them if ``n`` is larger)."""
+        return TensorData(self.x[:n], self.y[:n], self.num_classes, self.name)
+
+    def index(self, idx: torch.Tensor) -> "TensorData":
+        """The examples at positions ``idx`` (a 1-D integer tensor), in that order."""
+        idx = idx.to(self.x.device)
+        return TensorData(self.x[idx], self.y[idx], self.num_classes, self.name)
+
+    def shard(self, rank: int, world_size: int) -> "TensorData":
+        """The ``rank``-th of ``world_size`` contiguous, nearly equal parts (e.g. for evaluation)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        bounds = np.linspace(0, len(self), world_size + 1).round().astype(int)
+        lo, hi = int(bounds[rank]), int(bounds[rank + 1])
+        return TensorData(self.x[lo:hi], self.y[lo:hi], self.num_classes, self.name)
+
+    def to(self, device: Union[str, torch.device]) -> "TensorData":
+        """A copy on ``device`` (the same object's tensors if already there)."""
+        return TensorData(self.x.to(device), self.y.to(device), self.num_classes, self.name)
+
+
+def load_dataset(name: str, root: Optional[Union[str, Path]] = None, split: str = "train") -> TensorData:
+    """Read a registered dataset's ``split`` ("train" or "test") as :class:`TensorData` on the CPU.
+
+    ``root=None`` uses the dataset's default location (only Fashion-MNIST has one).
+
+    >>> train = load_dataset("fashion-mnist")
+    >>> len(train), train.x.dtype
+    (60000, torch.float32)
+    """
+    info = DATASETS.get(name)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    path = Path(root).expanduser() if root is not None else info.default_root
+    x, y = info.loader(path, split == "train")
+    data = TensorData(x.to(torch.float32).div_(255.0), y.to(torch.int64), info.num_classes, info.name)
+    log.info("loaded %s/%s: %d examples of shape %s", name, split, len(data), tuple(data.x.shape[1:]))
+    return data
+
+
+def from_tensors(
+    x: Union[torch.Tensor, np.ndarray],
+    y: Union[torch.Tensor, np.ndarray],
+    num_classes: Optional[int] = None,
+    name: str = "custom",
+) -> TensorData:
+    """Wrap your own images and labels after validating them.
+
+    ``x``: 4-D (N, C, H, W), either floats in [0, 1] or uint8 (divided by 255).
+    ``y``: 1-D integer labels in ``0..num_classes-1``; ``num_classes`` defaults to ``max(y) + 1``.
+
+    >>> d = from_tensors(torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8), [0, 1, 2, 1])
+    >>> d.x.dtype, d.num_classes
+    (torch.float32, 3)
+    """
+    x = torch.as_tensor(x)
+    y = torch.as_tensor(y)
+    if x.dim() != 4:
+        raise DataError(f"{name}: expected images of shape (N, C, H, W), got {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        x = x.to(torch.float32) / 255.0
+    elif x.is_floating_point():
+        if not bool(torch.isfinite(x).all()):
+            raise DataError(f"{name}: images contain NaN or inf")
+        if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+            raise DataError(
+                f"{name}: expected float images in [0, 1], got range "
+                f"{float(x.min()):.4g}..{float(x.max()):.4g} (pass uint8 or divide by 255)"
+            )
+        x = x.to(torch.float32)
+    else:
+        raise DataError(f"{name}: expected float images in [0, 1] or uint8, got {x.dtype}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(f"{name}: expected {x.shape[0]} labels of shape (N,), got {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise DataError(f"{name}: expected integer labels, got {y.dtype}")
+    y = y.to(torch.int64)
+    if len(y) == 0:
+        raise DataError(f"{name}: expected at least one example, got none")
+    lo, hi = int(y.min()), int(y.max())
+    if num_classes is None:
+        num_classes = hi + 1
+    if lo < 0 or hi >= num_classes:
+        raise DataError(f"{name}: expected labels in 0..{num_classes - 1}, got range {lo}..{hi}")
+    return TensorData(x, y, int(num_classes), name)
+
+
+def train_val_split(data: TensorData, val_size: int, seed: int) -> tuple[TensorData, TensorData]:
+    """Split the TRAINING set into disjoint (train, val) parts, fixed by ``seed``.
+
+    The validation part selects checkpoints; never pass the test set here. Both parts keep the
+    original order of their examples.
+
+    >>> train, val = train_val_split(load_dataset("fashion-mnist"), val_size=1000, seed=0)
+    >>> len(train), len(val)
+    (59000, 1000)
+    """
+    n = len(data)
+    if not 0 < val_size < n:
+        raise ValueError(f"val_size must be in [1, {n - 1}] for {n} examples, got {val_size}")
+    g = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(n, generator=g)
+    val_idx, _ = perm[:val_size].sort()
+    train_idx, _ = perm[val_size:].sort()
+    return data.index(train_idx), data.index(val_idx)

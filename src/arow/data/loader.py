@@ -1,0 +1,188 @@
+"""In-memory batching with batched augmentation, identical across any number of DDP ranks.
+
+Every random number of an epoch (the permutation, the flip mask, the crop offsets) is drawn on
+the CPU from a generator seeded by ``(seed, epoch)``, for the whole dataset, identically on every
+rank. A global batch is a contiguous run of that epoch's order, and rank ``r`` keeps rows
+``[r*b, (r+1)*b)`` of it, where ``b = global_batch / world_size``. So a 2-process run sees per
+step exactly the examples, flips and crops of a 1-process run, only split in two.
+
+All ranks always receive batches of the same size ``b``, so a rank's rows of the global batch are
+``[rank * len(x), (rank + 1) * len(x))`` of ``len(x) * world_size`` (what :class:`arow.rng.BatchRNG`
+wants as ``offset`` and ``total``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from . import TensorData
+
+log = logging.getLogger(__name__)
+
+AUGMENTATIONS = ("none", "flip", "crop", "crop+flip")
+
+
+def hflip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror the images of ``x`` (N, C, H, W) left-right where the boolean ``mask`` (N,) is set.
+
+    >>> hflip(torch.arange(4.).view(2, 1, 1, 2), torch.tensor([True, False])).flatten().tolist()
+    [1.0, 0.0, 2.0, 3.0]
+    """
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def random_crop(x: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad ``x`` (N, C, H, W) by ``pad`` on each side and cut H x W at ``offsets`` (N, 2).
+
+    ``offsets[i] = (top, left)`` in ``0..2*pad``; ``(pad, pad)`` returns the image unchanged.
+    Equals ``F.pad(x[i], (pad,) * 4)[:, top:top + H, left:left + W]`` for every ``i``, in one gather.
+
+    >>> x = torch.rand(2, 3, 32, 32)
+    >>> torch.equal(random_crop(x, torch.full((2, 2), 4), pad=4), x)
+    True
+    """
+    if pad == 0:
+        return x
+    n, c, h, w = x.shape
+    wp = w + 2 * pad
+    padded = F.pad(x, (pad, pad, pad, pad)).reshape(n, c, -1)
+    offsets = offsets.to(device=x.device, dtype=torch.long)
+    rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # (N, H)
+    cols = offsets[:, 1:2] + torch.arange(w, device=x.device)  # (N, W)
+    # One gather over flattened pixels: several times faster than 4-D advanced indexing.
+    flat = (rows.unsqueeze(2) * wp + cols.unsqueeze(1)).view(n, 1, h * w).expand(n, c, h * w)
+    return padded.gather(2, flat).view(n, c, h, w)
+
+
+def batches(data: "TensorData", batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Sequential ``(x, y)`` batches of ``data``, no shuffling or augmentation (for evaluation).
+
+    >>> from arow.data import from_tensors
+    >>> [len(y) for _, y in batches(from_tensors(torch.rand(5, 1, 2, 2), [0, 1, 0, 1, 0]), 2)]
+    [2, 2, 1]
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    for lo in range(0, len(data), batch_size):
+        yield data.x[lo : lo + batch_size], data.y[lo : lo + batch_size]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 64-bit seed for ``(seed, epoch)`` (so epochs 1 and seed+1 do not collide)."""
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, dtype=np.uint64)[0])
+
+
+class Loader:
+    """Shuffled, augmented batches of an in-memory :class:`TensorData` for one DDP rank.
+
+    ``batch_size`` is the GLOBAL batch and must be divisible by ``world_size``; each rank yields
+    ``batch_size // world_size`` examples per step on the data's device. Call ``set_epoch`` before
+    every epoch (like ``DistributedSampler``), or every epoch repeats the same order.
+
+    With ``drop_last=False`` the last, partial global batch of ``r`` examples is completed to a
+    multiple of ``world_size`` with the first examples of the epoch's order (as
+    ``DistributedSampler`` pads), so every rank gets ``ceil(r / world_size)`` examples and the same
+    number of steps. With one process there is no padding: every example appears once per epoch.
+
+    Augmentation ("none", "flip", "crop", "crop+flip") is a random crop with zero padding ``pad``
+    followed by a horizontal flip with probability 1/2, as batched tensor ops.
+
+    >>> from arow.data import from_tensors
+    >>> data = from_tensors(torch.rand(10, 3, 8, 8), torch.arange(10) % 2)
+    >>> loader = Loader(data, 4, shuffle=True, augment="crop+flip", seed=0, drop_last=False)
+    >>> loader.set_epoch(1)
+    >>> len(loader), [len(y) for _, y in loader]
+    (3, [4, 4, 2])
+    """
+
+    def __init__(
+        self,
+        data: "TensorData",
+        batch_size: int,
+        *,
+        shuffle: bool,
+        augment: str,
+        seed: int,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: int = 4,
+    ) -> None:
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        if batch_size <= 0 or batch_size % world_size:
+            raise ValueError(
+                f"the global batch size {batch_size} must be a positive multiple of the number of "
+                f"processes {world_size}"
+            )
+        if pad < 0:
+            raise ValueError(f"pad must be >= 0, got {pad}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if drop_last and len(data) < batch_size:
+            raise ValueError(
+                f"{len(data)} examples make no full batch of {batch_size} with drop_last=True"
+            )
+        if len(data) == 0:
+            raise ValueError("cannot iterate over an empty dataset")
+        self.data = data
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.pad = pad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order and augmentation the next iteration yields."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n, b = len(self.data), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def _draw(self) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        # Fixed draw order, always for the whole dataset: the numbers do not depend on the
+        # batch size, the rank or the world size.
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        n = len(self.data)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        offsets = None
+        if "crop" in self.augment and self.pad > 0:
+            offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5 if "flip" in self.augment else None
+        return order, offsets, flips
+
+    def _positions(self, step: int) -> torch.Tensor:
+        """Positions in the epoch's order that this rank takes at ``step``."""
+        n = len(self.data)
+        lo = step * self.batch_size
+        pos = torch.arange(lo, min(lo + self.batch_size, n))
+        extra = -len(pos) % self.world_size
+        if extra:  # only the last, partial batch: wrap around like DistributedSampler
+            pos = torch.cat([pos, torch.arange(extra) % n])
+        b = len(pos) // self.world_size
+        return pos[self.rank * b : (self.rank + 1) * b]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, offsets, flips = self._draw()
+        device = self.data.x.device
+        for step in range(len(self)):
+            pos = self._positions(step)
+            idx = order[pos].to(device)
+            x, y = self.data.x[idx], self.data.y[idx]
+            if offsets is not None:
+                x = random_crop(x, offsets[pos].to(device), self.pad)
+            if flips is not None:
+                x = hflip(x, flips[pos].to(device))
+            yield x, y

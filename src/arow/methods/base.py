@@ -1,0 +1,81 @@
+"""The interface every training method implements.
+
+A method is called as ``method(model, x, y, rng=...)`` and returns the loss plus what is worth
+logging. It is split in two halves so that wrappers (AWP) can reuse one attack for several
+objective evaluations: :meth:`Method.attack` finds ``x_adv`` (eval mode, frozen weights) and
+:meth:`Method.objective` runs the training forward passes (train mode) and the pure loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.nn as nn
+
+from ..rng import BatchRNG
+from ..threat import ThreatModel
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Hparam:
+    """A method hyper-parameter: becomes ``--<name>`` on the CLI and a keyword of the class."""
+
+    default: Any
+    help: str
+    type: type = float
+
+
+@dataclass
+class MethodOutput:
+    """The loss and what the trainer logs. ``parts`` holds scalars; ``weight`` per-example weights."""
+
+    loss: Tensor
+    logits_clean: Optional[Tensor] = None
+    logits_adv: Optional[Tensor] = None
+    parts: dict[str, Tensor] = field(default_factory=dict)
+    weight: Optional[Tensor] = None
+
+
+class Method:
+    """Base class: subclasses set ``name``, ``hparams``, and implement ``attack``/``objective``."""
+
+    name: ClassVar[str] = ""
+    hparams: ClassVar[dict[str, Hparam]] = {}
+    #: training attack steps by default (SPEC: 10 steps of eps/4)
+    default_steps: ClassVar[int] = 10
+
+    def __init__(self, threat: ThreatModel, **kwargs: Any) -> None:
+        unknown = set(kwargs) - set(self.hparams)
+        if unknown:
+            raise ValueError(f"method {self.name!r} has no hyper-parameter(s) {sorted(unknown)}; "
+                             f"it takes {sorted(self.hparams) or 'none'}")
+        self.threat = threat
+        self.config = {k: kwargs.get(k, h.default) for k, h in self.hparams.items()}
+        for k, v in self.config.items():
+            setattr(self, k, v)
+        self.epoch = 0
+        self.total_epochs = 1
+
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
+        """Called by the trainer at the start of every epoch (0-based)."""
+        self.epoch, self.total_epochs = epoch, total_epochs
+
+    def attack(self, model: nn.Module, x: Tensor, y: Tensor, rng: Optional[BatchRNG] = None) -> Any:
+        """The training attack. Returns what :meth:`objective` needs (usually ``x_adv``)."""
+        return None
+
+    def objective(self, model: nn.Module, x: Tensor, y: Tensor, adv: Any) -> MethodOutput:
+        raise NotImplementedError
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after the optimiser step (AWP restores the weights here)."""
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, rng: Optional[BatchRNG] = None) -> MethodOutput:
+        return self.objective(model, x, y, self.attack(model, x, y, rng))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.config.items())
+        return f"{type(self).__name__}({self.threat}, {args})"

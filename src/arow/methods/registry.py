@@ -1,0 +1,3 @@
+from ..registry import Registry
+
+METHODS: Registry = Registry("method")

@@ -1,0 +1,51 @@
+"""Random numbers that do not depend on how a batch is sharded across processes.
+
+Under torchrun every rank draws the random start for the GLOBAL batch from the same seed
+and keeps its own slice, so an N-process run sees exactly the noise of a 1-process run.
+Drawing N times more uniforms than needed costs nothing next to a forward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class BatchRNG:
+    """Draws noise for a global batch of ``total`` rows and returns rows ``[offset, offset+n)``.
+
+    >>> rng = BatchRNG(seed=0)
+    >>> rng.rand_like(torch.zeros(4, 3)).shape
+    torch.Size([4, 3])
+    """
+
+    seed: int
+    offset: int = 0
+    total: Optional[int] = None
+    _gens: dict = field(default_factory=dict, repr=False)
+
+    def _gen(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._gens:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._gens[key] = g
+        return self._gens[key]
+
+    def rand_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Uniform [0, 1) noise shaped like ``x`` (this rank's rows of the global draw)."""
+        return self._draw(torch.rand, x)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like ``x`` (this rank's rows of the global draw)."""
+        return self._draw(torch.randn, x)
+
+    def _draw(self, fn, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        total = self.total if self.total is not None else n
+        if self.offset + n > total:
+            raise ValueError(f"slice [{self.offset}, {self.offset + n}) exceeds global batch {total}")
+        u = fn((total, *x.shape[1:]), generator=self._gen(x.device), device=x.device, dtype=x.dtype)
+        return u[self.offset : self.offset + n]

@@ -1,0 +1,327 @@
+"""One training loop for every method: the loop never asks which method it runs.
+
+:func:`train` builds everything from a :class:`~arow.config.TrainConfig`; :class:`Trainer`
+takes a model and data tensors you built yourself. The loop is DDP-ready: under torchrun
+each rank trains on its slice of every global batch, only rank 0 writes, and metrics are
+summed on the device and read once per epoch (no host synchronisation in the hot loop).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from . import __version__, distributed
+from .attacks import get_attack
+from .checkpoint import (CheckpointError, atomic_save, atomic_write_text, load_checkpoint, plain_state_dict,
+                         rng_state, set_rng_state)
+from .config import ConfigError, TrainConfig
+from .data import DATASETS, Loader, TensorData, load_dataset, train_val_split
+from .evaluation import evaluate
+from .methods import Method, build_method
+from .models import build_model
+from .rng import BatchRNG
+from .swa import SWA
+from .threat import ThreatModel
+
+log = logging.getLogger(__name__)
+Tensor = torch.Tensor
+WEIGHT_BINS = 20  # histogram of ARoW's per-example weight, per epoch
+
+
+class Callbacks:
+    """Hooks the CLI uses for progress bars; the library itself never prints."""
+
+    def on_epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def on_step(self, step: int) -> None: ...
+    def on_epoch_end(self, record: dict[str, Any]) -> None: ...
+    def on_validation_start(self) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the final model (SWA-averaged if SWA was on), eval mode
+    history: list[dict[str, Any]]
+    out: Optional[Path]
+    best_epoch: Optional[int] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_at(cfg: TrainConfig, t: float) -> float:
+    """Learning rate at fractional epoch ``t`` (0-based) of the configured schedule."""
+    if cfg.warmup_epochs > 0 and t < cfg.warmup_epochs:
+        return cfg.lr * (t + 1e-3) / cfg.warmup_epochs
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        ms = [m * cfg.epochs if m <= 1 else m for m in cfg.milestones]
+        return cfg.lr * cfg.gamma ** sum(t >= m for m in ms)
+    frac = (t - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-8)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+    return cfg.lr * max(1.0 - frac, 0.0)  # onecycle: linear decay after the warm-up
+
+
+def threat_for(cfg: TrainConfig, method_name: str) -> ThreatModel:
+    from .methods import METHODS
+
+    eps = cfg.eps if cfg.eps is not None else DATASETS.get(cfg.dataset).eps
+    steps = cfg.attack_steps if cfg.attack_steps is not None else METHODS.get(method_name).default_steps
+    return ThreatModel(eps=eps, steps=steps, step=cfg.step_size)
+
+
+def _step_seed(seed: int, epoch: int, step: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_000_003 + step & 0x7FFF_FFFF_FFFF
+
+
+class Trainer:
+    """Adversarial training of ``model`` on in-memory data with ``method``.
+
+    >>> from arow.data import from_tensors
+    >>> from arow.models import build_model
+    >>> data = from_tensors(torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    >>> model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=28)
+    >>> cfg = TrainConfig(epochs=1, batch_size=32, eps=0.1, attack_steps=2, val_size=0)
+    >>> result = Trainer(cfg, model, data).fit()
+    >>> len(result.history)
+    1
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        train_data: TensorData,
+        val_data: Optional[TensorData] = None,
+        *,
+        method: Optional[Method] = None,
+        model_spec: Optional[dict[str, Any]] = None,
+        callbacks: Optional[Callbacks] = None,
+        resume: bool = False,
+    ) -> None:
+        self.cfg = cfg.validate()
+        self.dist = distributed.setup(cfg.device)
+        self.device = distributed.resolve_device(cfg.device, self.dist.local_rank)
+        if cfg.batch_size % self.dist.world_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
+                              f"number of processes {self.dist.world_size}")
+        self.callbacks = callbacks or Callbacks()
+        self.out = Path(cfg.out) if cfg.out else None
+        self.model_spec = model_spec or {"name": type(model).__name__, "custom": True}
+        self.threat = threat_for(cfg, cfg.method) if method is None else method.threat
+        self.method = method or build_method(cfg.method, self.threat, **cfg.method_args)
+        self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
+        self.train_data = train_data.to(self.device)
+        self.val_data = val_data.to(self.device) if val_data is not None and len(val_data) else None
+        aug = cfg.augment or "none"
+        self.loader = Loader(self.train_data, cfg.batch_size, shuffle=True, augment=aug, seed=cfg.seed,
+                             drop_last=False, rank=self.dist.rank, world_size=self.dist.world_size)
+
+        self.model = model.to(self.device)
+        channels_last = cfg.channels_last in ("on", "auto")  # measured: +9% on this CPU, standard on GPUs
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.dist.enabled and cfg.sync_bn:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+                                   foreach=self.device.type == "cuda" or None)
+        self.swa = SWA(self.model) if cfg.swa_start is not None else None
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        self.best: dict[str, Any] = {"val_pgd_acc": -1.0, "epoch": None}
+        if self.out is not None and self.dist.is_main:
+            self._prepare_out(resume)
+        if resume:
+            self._resume()
+        self.train_model: nn.Module = self.model
+        if cfg.compile:
+            self.train_model = torch.compile(self.model)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
+
+    # ----------------------------------------------------------------- run folder
+    def _prepare_out(self, resume: bool) -> None:
+        assert self.out is not None
+        if (self.out / "last.pt").exists() and not resume:
+            raise ConfigError(f"{self.out} already holds a run (last.pt); pass --resume to continue it "
+                              f"or choose another --out (nothing is deleted)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(self._resolved_config(), indent=2) + "\n", self.out / "config.json")
+
+    def _resolved_config(self) -> dict[str, Any]:
+        d = self.cfg.to_dict()
+        d["resolved"] = {"eps": self.threat.eps, "attack_steps": self.threat.steps,
+                         "step_size": self.threat.step_size, "method_args": self.method.config,
+                         "world_size": self.dist.world_size, "amp": "bf16" if self.amp else "off",
+                         "device": str(self.device), "model_spec": self.model_spec, "version": __version__}
+        return d
+
+    def _resume(self) -> None:
+        if self.out is None:
+            raise ConfigError("--resume needs --out pointing at the run folder to continue")
+        path = self.out / "last.pt"
+        if not path.exists():
+            raise ConfigError(f"--resume: {path} does not exist (nothing to resume)")
+        ckpt = load_checkpoint(path, map_location="cpu")
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if self.swa is not None and ckpt.get("swa") is not None:
+            self.swa.load_state_dict(ckpt["swa"])
+        set_rng_state(ckpt["rng"])
+        self.start_epoch = ckpt["epoch"]
+        self.history = ckpt.get("history", [])
+        self.best = ckpt.get("best", self.best)
+        log.info("resumed %s at epoch %d", path, self.start_epoch)
+
+    def checkpoint(self, epoch: int) -> dict[str, Any]:
+        return {"model": plain_state_dict(self.model), "optimizer": self.opt.state_dict(),
+                "swa": self.swa.state_dict() if self.swa is not None else None, "rng": rng_state(),
+                "epoch": epoch, "config": self.cfg.to_dict(), "model_spec": self.model_spec,
+                "history": self.history, "best": self.best, "version": __version__,
+                "threat": {"eps": self.threat.eps, "steps": self.threat.steps, "step": self.threat.step_size}}
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        for epoch in range(self.start_epoch, cfg.epochs):
+            record = self.train_epoch(epoch)
+            if self.swa is not None and epoch + 1 >= cfg.swa_start:
+                self.swa.update(self.model)
+            record.update(self.validate())
+            if self.swa is not None and self.swa.n_averaged > 0 and self.val_data is not None:
+                self.swa.recalibrate(self.loader, amp=self.amp)
+                record.update({f"swa_{k}": v for k, v in self.validate(self.swa.model).items()})
+            self.history.append(record)
+            if self.dist.is_main and self.out is not None:
+                self._write_epoch(record)
+            self.callbacks.on_epoch_end(record)
+        final = self.final_model()
+        if self.dist.is_main and self.out is not None:
+            ck = self.checkpoint(cfg.epochs)
+            ck["model"] = plain_state_dict(final)
+            ck["final_source"] = "swa" if self.swa is not None and self.swa.n_averaged else "last"
+            atomic_save(ck, self.out / "final.pt")
+        distributed.barrier()
+        return TrainResult(final.eval(), self.history, self.out, self.best.get("epoch"))
+
+    def final_model(self) -> nn.Module:
+        """The model a run reports: the SWA average (BatchNorm recomputed) if SWA ran, else the last."""
+        if self.swa is not None and self.swa.n_averaged > 0:
+            if not self.swa.calibrated:
+                self.swa.recalibrate(self.loader, amp=self.amp)
+            return self.swa.model
+        return self.model
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, dev = self.cfg, self.device
+        self.method.set_epoch(epoch, cfg.epochs)
+        self.loader.set_epoch(epoch)
+        steps = len(self.loader)
+        self.callbacks.on_epoch_start(epoch, cfg.epochs, steps)
+        self.train_model.train()
+        sums: dict[str, Tensor] = {}
+        hist = torch.zeros(WEIGHT_BINS, device=dev)
+        t0 = time.perf_counter()
+        for step, (x, y) in enumerate(self.loader):
+            lr = lr_at(cfg, epoch + step / steps)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            rng = BatchRNG(_step_seed(cfg.seed, epoch, step), offset=self.dist.rank * len(x),
+                           total=len(x) * self.dist.world_size)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+                out = self.method(self.train_model, x, y, rng=rng)
+            self.opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self.opt.step()
+            self.method.after_step(self.model)
+            n = torch.tensor(float(len(x)), device=dev)
+            _acc(sums, "n", n)
+            _acc(sums, "train_loss", out.loss.detach().float() * n)
+            for k, v in out.parts.items():
+                _acc(sums, f"train_{k}", v.float() * n)
+            if out.logits_clean is not None:
+                _acc(sums, "train_clean_acc", (out.logits_clean.argmax(1) == y).sum().float())
+            if out.logits_adv is not None:
+                _acc(sums, "train_adv_acc", (out.logits_adv.argmax(1) == y).sum().float())
+            if out.weight is not None:
+                _acc(sums, "train_weight_mean", out.weight.float().sum())
+                hist += torch.histc(out.weight.float(), bins=WEIGHT_BINS, min=0.0, max=1.0)
+            self.callbacks.on_step(step)
+        keys = sorted(sums)
+        packed = distributed.all_reduce_sum(torch.stack([sums[k] for k in keys] + list(hist)))
+        totals = dict(zip(keys, packed[: len(keys)].tolist()))
+        count = totals.pop("n")
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch)}
+        record.update({k: v / count for k, v in totals.items()})
+        if out.weight is not None:
+            record["weight_hist"] = packed[len(keys):].tolist()
+        record["seconds"] = time.perf_counter() - t0
+        return record
+
+    @torch.no_grad()
+    def validate(self, model: Optional[nn.Module] = None) -> dict[str, float]:
+        """Clean and PGD accuracy on the held-out split of the TRAINING data (never the test set)."""
+        if self.val_data is None:
+            return {}
+        self.callbacks.on_validation_start()
+        with torch.enable_grad():
+            res = evaluate(model or self.model, self.val_data.x, self.val_data.y,
+                           ["clean", get_attack(self.cfg.val_attack, self.threat.eps)], eps=self.threat.eps,
+                           num_classes=self.val_data.num_classes)
+        return {"val_clean_acc": res.accuracy["clean"], "val_pgd_acc": res.accuracy[self.cfg.val_attack]}
+
+    def _write_epoch(self, record: dict[str, Any]) -> None:
+        assert self.out is not None
+        epoch = record["epoch"]
+        score = record.get("swa_val_pgd_acc", record.get("val_pgd_acc"))
+        is_best = score is not None and score > self.best["val_pgd_acc"]
+        if is_best:
+            self.best = {"val_pgd_acc": score, "epoch": epoch}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        ckpt = self.checkpoint(epoch)
+        atomic_save(ckpt, self.out / "last.pt")
+        if is_best:
+            best = dict(ckpt)
+            if "swa_val_pgd_acc" in record:
+                best["model"] = plain_state_dict(self.swa.model)
+            atomic_save(best, self.out / "best.pt")
+
+
+def _acc(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
+    sums[key] = sums[key] + value if key in sums else value
+
+
+def train(cfg: TrainConfig, *, callbacks: Optional[Callbacks] = None, resume: bool = False) -> TrainResult:
+    """Train from a config alone: load the dataset, split off validation, build model and method.
+
+    >>> result = train(TrainConfig(method="arow", epochs=1, limit_train=256))  # doctest: +SKIP
+    """
+    cfg.validate()
+    info = DATASETS.get(cfg.dataset)
+    cfg = dataclasses.replace(cfg, augment=cfg.augment or info.augmentation)
+    data = load_dataset(cfg.dataset, root=cfg.data_dir, split="train")
+    if cfg.limit_train is not None:
+        data = data.subset(cfg.limit_train)
+    val_size = min(cfg.val_size, len(data) // 5)
+    train_data, val_data = train_val_split(data, val_size, seed=cfg.seed) if val_size > 0 else (data, None)
+    spec = {"name": cfg.model, "num_classes": info.num_classes, "in_channels": info.in_channels,
+            "image_size": info.image_size, "mean": None, "std": None, "dataset": cfg.dataset}
+    if cfg.normalize:
+        spec["mean"] = train_data.x.mean(dim=(0, 2, 3)).tolist()
+        spec["std"] = train_data.x.std(dim=(0, 2, 3)).tolist()
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes=spec["num_classes"], in_channels=spec["in_channels"],
+                        image_size=spec["image_size"], mean=spec["mean"], std=spec["std"])
+    trainer = Trainer(cfg, model, train_data, val_data, model_spec=spec, callbacks=callbacks, resume=resume)
+    return trainer.fit()
