@@ -16,6 +16,11 @@ Tensor = torch.Tensor
 KL_EPS = 1e-12  # the reference code's log(q + 1e-12); keeps KL finite when q underflows
 
 
+def _f32(t: Tensor) -> Tensor:
+    """Upcast half-precision logits (bf16/fp16 autocast) to float32; leave float32/64 alone."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class LossParts(NamedTuple):
     """A loss and the named terms worth logging (all scalars except ``weight``)."""
 
@@ -30,8 +35,8 @@ def kl_per_example(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     >>> torch.allclose(kl_per_example(z, z), torch.zeros(4), atol=1e-6)
     True
     """
-    p_log = F.log_softmax(logits_p.float(), dim=1)
-    q = F.softmax(logits_q.float(), dim=1)
+    p_log = F.log_softmax(_f32(logits_p), dim=1)
+    q = F.softmax(_f32(logits_q), dim=1)
     return (p_log.exp() * (p_log - torch.log(q + KL_EPS))).sum(dim=1)
 
 
@@ -44,7 +49,7 @@ def smooth_cross_entropy(logits: Tensor, y: Tensor, smoothing: float = 0.0, redu
     """
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
-    logp = F.log_softmax(logits.float(), dim=1)
+    logp = F.log_softmax(_f32(logits), dim=1)
     nll = -logp.gather(1, y[:, None]).squeeze(1)
     per = (1.0 - smoothing) * nll - smoothing * logp.mean(dim=1) if smoothing > 0 else nll
     return per.mean() if reduction == "mean" else per
@@ -52,7 +57,7 @@ def smooth_cross_entropy(logits: Tensor, y: Tensor, smoothing: float = 0.0, redu
 
 def true_class_prob(logits: Tensor, y: Tensor) -> Tensor:
     """p_y(x) = softmax(logits)[y] per example, in float32."""
-    return F.softmax(logits.float(), dim=1).gather(1, y[:, None]).squeeze(1)
+    return F.softmax(_f32(logits), dim=1).gather(1, y[:, None]).squeeze(1)
 
 
 def arow(
@@ -120,7 +125,7 @@ def trades(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: float =
 
 
 def trades_parts(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: float = 6.0) -> LossParts:
-    natural = F.cross_entropy(logits_clean.float(), y)
+    natural = F.cross_entropy(_f32(logits_clean), y)
     robust = beta * kl_per_example(logits_clean, logits_adv).mean()
     return LossParts(natural + robust, {"natural": natural.detach(), "robust": robust.detach()})
 
@@ -135,9 +140,9 @@ def mart(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, lam: float = 6.
 
 
 def mart_parts(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, lam: float = 6.0) -> LossParts:
-    probs_adv = F.softmax(logits_adv.float(), dim=1)
+    probs_adv = F.softmax(_f32(logits_adv), dim=1)
     others = probs_adv.scatter(1, y[:, None], float("-inf"))
-    bce = F.cross_entropy(logits_adv.float(), y) - torch.log(1.0001 - others.max(dim=1).values).mean()
+    bce = F.cross_entropy(_f32(logits_adv), y) - torch.log(1.0001 - others.max(dim=1).values).mean()
     w = 1.0 - true_class_prob(logits_clean, y)
     robust = lam * (kl_per_example(logits_clean, logits_adv) * w).mean()
     return LossParts(bce + robust, {"natural": bce.detach(), "robust": robust.detach(), "weight": w.detach()})
@@ -145,7 +150,7 @@ def mart_parts(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, lam: floa
 
 def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
     """Carlini-Wagner margin per example: ``max_{k != y} z_k - z_y`` (positive = misclassified)."""
-    z = logits.float()
+    z = _f32(logits)
     z_y = z.gather(1, y[:, None]).squeeze(1)
     z_other = z.scatter(1, y[:, None], float("-inf")).max(dim=1).values
     return z_other - z_y

@@ -181,6 +181,9 @@ class Trainer:
         self.start_epoch = ckpt["epoch"]
         self.history = ckpt.get("history", [])
         self.best = ckpt.get("best", self.best)
+        if self.dist.is_main:  # drop lines of an epoch that did not reach last.pt before the crash
+            lines = "".join(json.dumps(r) + "\n" for r in self.history)
+            atomic_write_text(lines, self.out / "metrics.jsonl")
         log.info("resumed %s at epoch %d", path, self.start_epoch)
 
     def checkpoint(self, epoch: int) -> dict[str, Any]:

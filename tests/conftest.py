@@ -1,0 +1,58 @@
+"""Shared fixtures: small real data and a small model trained on it in a few seconds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fmnist_available() -> bool:
+    return (FMNIST / "t10k-labels-idx1-ubyte.gz").is_file()
+
+
+@pytest.fixture(scope="session")
+def fmnist_small():
+    """(x_train, y_train, x_test, y_test): 2000 / 500 real Fashion-MNIST images, or a synthetic stand-in."""
+    if fmnist_available():
+        from arow.data import load_dataset
+
+        tr = load_dataset("fashion-mnist", split="train").subset(2000)
+        te = load_dataset("fashion-mnist", split="test").subset(500)
+        return tr.x, tr.y, te.x, te.y
+    g = torch.Generator().manual_seed(0)  # separable synthetic data: class = brightest quadrant-ish
+    protos = torch.rand(10, 1, 28, 28, generator=g)
+    def make(n):
+        y = torch.randint(0, 10, (n,), generator=g)
+        return (0.7 * protos[y] + 0.3 * torch.rand(n, 1, 28, 28, generator=g)).clamp(0, 1), y
+    xtr, ytr = make(2000)
+    xte, yte = make(500)
+    return xtr, ytr, xte, yte
+
+
+def tiny_cnn(in_ch: int = 1, n_cls: int = 10, bn: bool = True) -> nn.Module:
+    layers = [nn.Conv2d(in_ch, 8, 3, stride=2), *( [nn.BatchNorm2d(8)] if bn else []), nn.ReLU(),
+              nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, n_cls)]
+    return nn.Sequential(*layers)
+
+
+@pytest.fixture(scope="session")
+def trained_model(fmnist_small):
+    """A tiny BatchNorm CNN trained naturally for a few epochs (clean accuracy well above chance)."""
+    torch.manual_seed(0)
+    xtr, ytr, _, _ = fmnist_small
+    model = tiny_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(4):
+        perm = torch.randperm(len(xtr))
+        for i in range(0, len(xtr), 100):
+            idx = perm[i : i + 100]
+            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()

@@ -1,0 +1,69 @@
+"""The command line: a short train + eval, and bad input ending in one clear line."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import fmnist_available
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_fmnist = pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST not installed "
+                                  "(apt-get install dataset-fashion-mnist)")
+
+
+def arow(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.run([sys.executable, "-m", "arow", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+@needs_fmnist
+def test_train_then_eval(tmp_path):
+    out = tmp_path / "run"
+    r = arow("train", "--epochs", "1", "--limit-train", "400", "--val-size", "100", "--attack-steps", "2",
+             "--batch-size", "50", "--out", str(out), "--eval-n", "100", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert "pgd20" in r.stdout and "SUBSET" in r.stdout
+    r = arow("eval", str(out), "--attacks", "clean,pgd20,cw", "--n", "100")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["n"] == 100 and ev["eps"] == pytest.approx(0.1) and ev["subset"] is True
+    assert set(ev["accuracy"]) >= {"clean", "pgd20", "cw", "worst_case"}
+    assert all(0.0 <= v <= 1.0 for v in ev["accuracy"].values())
+    assert ev["accuracy"]["pgd20"] <= ev["accuracy"]["clean"]
+    assert len(ev["per_class"]["pgd20"]) == 10
+    # the trained model loads through the public API, in eval mode, taking [0, 1] inputs
+    import torch
+
+    import arow as arow_pkg
+    model = arow_pkg.load_model(out)
+    assert not model.training and model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--method", "nope"], "invalid choice"),
+    (["train", "--eps", "-0.1", "--epochs", "1"], "--eps must be >= 0"),
+    (["train", "--dataset", "cifar10", "--epochs", "1"], "--data-dir"),
+    (["train", "--data-dir", "/nonexistent/fmnist", "--epochs", "1"], "/nonexistent/fmnist"),
+    (["train", "--method", "arow", "--beta", "3", "--epochs", "1"], "--beta does not apply"),
+    (["train", "--preset", "no-such-preset"], "unknown preset"),
+    (["eval", "/nonexistent/run"], "/nonexistent/run"),
+    (["eval", "/nonexistent/run", "--attacks", "pgd20,bogus"], "/nonexistent/run"),
+])
+def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, needle):
+    r = arow(*args, "--out", str(tmp_path / "o")) if args[0] == "train" else arow(*args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert needle in r.stderr
+    assert len([l for l in r.stderr.splitlines() if l.startswith("arow")]) >= 1
+
+
+def test_list_shows_registries():
+    r = arow("list")
+    assert r.returncode == 0
+    for name in ["arow", "trades", "mart", "pgd-at", "natural", "small-cnn", "resnet18", "preact-resnet18",
+                 "wrn-34-10", "fashion-mnist", "cifar10", "cifar100", "svhn", "pgd<K>[r<R>]"]:
+        assert name in r.stdout, name
