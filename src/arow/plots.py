@@ -1,0 +1,350 @@
+"""Pictures of a run, written as PNGs into its folder.
+
+``curves.png`` (losses, validation accuracy, learning rate), ``per_class.png`` (test accuracy per
+class from ``eval.json``), ``weights.png`` (how the per-example regularisation weight of ARoW or
+MART is distributed over training) and ``eps_curve.png`` (robust accuracy against the attack
+radius, from :func:`eps_curve`). Figures are drawn with matplotlib's object API on an Agg canvas:
+no display, and the caller's pyplot state and backend are left alone.
+
+>>> paths = plot_run("runs/fmnist-arow-s0")  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .report import ATTACK_LABELS, Run, format_eps, load_run
+
+log = logging.getLogger(__name__)
+PathLike = Union[str, os.PathLike]
+
+CLASS_NAMES = {
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+    "svhn": [str(i) for i in range(10)],
+}
+EPS_FACTORS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+DPI = 130
+# Colours: one meaning each across all figures (clean = blue, robust = orange/red, SWA = dashed).
+C_CLEAN, C_ROBUST, C_OTHER = "#1f77b4", "#d62728", "#7f7f7f"
+
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _colormap(name: str):
+    import matplotlib
+
+    return matplotlib.colormaps[name]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
+    log.debug("wrote %s", path)
+    return path
+
+
+def _protocol(run: Run, eps_word: str = "L-inf eps") -> str:
+    c = run.config
+    args = run.resolved.get("method_args") or {}
+    hp = ", ".join(f"{k}={v}" for k, v in args.items() if not isinstance(v, bool) and k != "weight")
+    return (f"{c.get('method')}{f' ({hp})' if hp else ''} / {c.get('model')} on {c.get('dataset')}, "
+            f"{eps_word}={format_eps(run.eps)}, seed {c.get('seed')}")
+
+
+def _weight_label(run: Run) -> str:
+    method = run.config.get("method")
+    if method == "mart":
+        return "MART weight 1 - p_y(x) (clean)"
+    if (run.resolved.get("method_args") or {}).get("weight") == "cow":
+        return "CoW weight p_y(x) (clean)"
+    return "ARoW weight 1 - p_y(x_adv)"
+
+
+# --------------------------------------------------------------------------- training curves
+def plot_curves(run_dir: PathLike) -> Optional[Path]:
+    """``curves.png``: loss and its parts, validation accuracy (clean, robust, SWA), learning rate.
+
+    >>> plot_curves("runs/fmnist-arow-s0")  # doctest: +SKIP
+    PosixPath('runs/fmnist-arow-s0/curves.png')
+    """
+    run = load_run(run_dir)
+    m = run.metrics
+    if not m:
+        log.info("%s: no metrics.jsonl yet; no curves.png", run.path)
+        return None
+    ep = [r["epoch"] for r in m]
+    mk = dict(marker="o", markersize=3) if len(m) <= 30 else {}
+    fig = _figure(13, 7.5)
+    (ax_loss, ax_acc), (ax_lr, ax_4) = fig.subplots(2, 2)
+
+    def series(key: str) -> list[float]:
+        return [r.get(key, math.nan) for r in m]
+
+    ax_loss.plot(ep, series("train_loss"), color="black", lw=2, label="total", **mk)
+    parts = sorted({k for r in m for k in r if k.startswith("train_") and isinstance(r[k], (int, float))}
+                   - {"train_loss", "train_clean_acc", "train_adv_acc", "train_weight_mean"})
+    for k in parts:
+        ax_loss.plot(ep, series(k), label=k[len("train_"):], **mk)
+    ax_loss.set(title="training loss and its parts", xlabel="epoch", ylabel="loss (mean over the epoch)")
+    ax_loss.legend(fontsize=8)
+
+    val = ATTACK_LABELS.get(run.val_attack, run.val_attack)
+    best_epoch, best_score = run.best_epoch()
+    for key, label, color, ls in [("val_clean_acc", "val clean", C_CLEAN, "-"),
+                                  ("val_pgd_acc", f"val {val}", C_ROBUST, "-"),
+                                  ("swa_val_clean_acc", "SWA val clean", C_CLEAN, "--"),
+                                  ("swa_val_pgd_acc", f"SWA val {val}", C_ROBUST, "--"),
+                                  ("train_clean_acc", "train clean", C_CLEAN, ":"),
+                                  ("train_adv_acc", "train adversarial (training attack)", C_ROBUST, ":")]:
+        if any(key in r for r in m):
+            xs = [r["epoch"] for r in m if key in r]
+            ys = [100 * r[key] for r in m if key in r]
+            lw = 1.0 if key.startswith("train_") else 1.8
+            style = dict(mk, marker="s", markerfacecolor="white") if key.startswith("swa_") and mk else mk
+            ax_acc.plot(xs, ys, color=color, ls=ls, lw=lw, label=label, **style)
+    if best_epoch is not None:
+        ax_acc.axvline(best_epoch, color=C_OTHER, lw=1, ls="-.",
+                       label=f"best.pt: epoch {best_epoch} (val {val} {100 * best_score:.1f}%)")
+    ax_acc.set(title="accuracy (val = held-out split of the training set)", xlabel="epoch", ylabel="accuracy (%)",
+               ylim=(0, 100))
+    # outside the axes: accuracy curves fill any corner of the panel at some point of training
+    ax_acc.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    ax_acc.grid(alpha=0.3)
+
+    lr = series("lr")
+    ax_lr.step(ep, lr, where="mid", color="black", **mk)  # "mid": each epoch's value centred on its tick
+    if min(lr) > 0 and max(lr) / min(lr) > 5:
+        ax_lr.set_yscale("log")  # step schedules drop by 10x: a log axis shows every drop
+        levels = sorted(set(lr))
+        if len(levels) <= 6:  # label each level of a step schedule instead of bare powers of ten
+            ax_lr.set_yticks(levels, [f"{v:g}" for v in levels])
+            ax_lr.minorticks_off()
+    ax_lr.set(title="learning rate per epoch (as in metrics.jsonl)", xlabel="epoch", ylabel="learning rate")
+    ax_lr.grid(alpha=0.3)
+
+    if any("train_weight_mean" in r for r in m):
+        ax_4.plot(ep, series("train_weight_mean"), color="purple", **mk)
+        ax_4.set(title=f"mean {_weight_label(run)}", xlabel="epoch", ylabel="mean weight", ylim=(0, 1))
+    else:
+        ax_4.plot(ep, series("seconds"), color=C_OTHER, **mk)
+        ax_4.set(title="time per epoch (training + validation)", xlabel="epoch", ylabel="seconds")
+        ax_4.set_ylim(bottom=0)
+    ax_4.grid(alpha=0.3)
+    for ax in (ax_loss, ax_acc, ax_lr, ax_4):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(f"Training curves: {_protocol(run)}", fontsize=11)
+    return _save(fig, run.path / "curves.png")
+
+
+# --------------------------------------------------------------------------- per-class accuracy
+def plot_per_class(run_dir: PathLike) -> Optional[Path]:
+    """``per_class.png``: per-class test accuracy, clean next to each attack in ``eval.json``.
+
+    >>> plot_per_class("runs/fmnist-arow-s0")  # doctest: +SKIP
+    PosixPath('runs/fmnist-arow-s0/per_class.png')
+    """
+    run = load_run(run_dir)
+    ev = run.eval
+    if ev is None or not ev.get("per_class"):
+        log.info("%s: no eval.json with per-class numbers; no per_class.png (run `arow eval` first)", run.path)
+        return None
+    pc = ev["per_class"]
+    names = [k for k in ("clean", "pgd20", "cw", "autoattack") if k in pc] + \
+        sorted(k for k in pc if k not in ("clean", "pgd20", "cw", "autoattack", "worst_case"))
+    n_cls = len(next(iter(pc.values())))
+    labels = CLASS_NAMES.get(str(ev.get("dataset") or run.config.get("dataset")), [])
+    labels = labels if len(labels) == n_cls else [str(i) for i in range(n_cls)]
+    fig = _figure(min(max(8.0, 0.75 * n_cls + 2), 40), 4.8)
+    ax = fig.subplots()
+    x = np.arange(n_cls)
+    width = 0.8 / len(names)
+    cmap = _colormap("Reds")
+    for i, k in enumerate(names):
+        color = C_CLEAN if k == "clean" else cmap(0.45 + 0.5 * (i / max(len(names) - 1, 1)))
+        vals = [100 * (v if v is not None else math.nan) for v in pc[k]]
+        acc = ev.get("accuracy", {}).get(k)
+        name = ATTACK_LABELS.get(k, k)
+        label = f"{name} ({100 * acc:.1f}% overall)" if acc is not None else name
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, color=color, label=label)
+    ax.set_xticks(x, labels, rotation=30 if n_cls <= 20 else 90, ha="right" if n_cls <= 20 else "center")
+    ax.set(ylabel="test accuracy (%)", ylim=(0, 118), xlabel="class")  # headroom: the legend sits above 100
+    ax.set_yticks(range(0, 101, 20))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncols=len(names), loc="upper left")
+    n = f"{ev.get('n')} of {ev.get('test_set_size')} test images" + (" (SUBSET)" if ev.get("subset") else "")
+    ax.set_title(f"Per-class accuracy: {_protocol(run)}\n{n}", fontsize=10)
+    return _save(fig, run.path / "per_class.png")
+
+
+# --------------------------------------------------------------------------- the weight distribution
+def plot_weights(run_dir: PathLike) -> Optional[Path]:
+    """``weights.png``: where the per-example weight falls over training (ARoW, MART).
+
+    Left: heat map of the share of training examples per weight bin and epoch. Right: the share
+    of examples with weight > 0.5 and the share of the total weight they carry (for ARoW: the
+    examples the training attack probably fools, i.e. the less robust ones). Returns None (with
+    an info log) for methods without a per-example weight.
+
+    >>> plot_weights("runs/fmnist-arow-s0")  # doctest: +SKIP
+    PosixPath('runs/fmnist-arow-s0/weights.png')
+    """
+    run = load_run(run_dir)
+    rows = [r for r in run.metrics if r.get("weight_hist")]
+    if not rows:
+        log.info("%s: method %s logs no per-example weight; no weights.png", run.path, run.config.get("method"))
+        return None
+    ep = np.array([r["epoch"] for r in rows])
+    hist = np.array([r["weight_hist"] for r in rows], dtype=float)
+    share = hist / np.maximum(hist.sum(1, keepdims=True), 1.0)
+    bins = hist.shape[1]
+    centres = (np.arange(bins) + 0.5) / bins
+    mass = share * centres  # the weight the examples of each bin carry (bin centre * count)
+    high = centres > 0.5
+    frac_high = share[:, high].sum(1)
+    mass_high = mass[:, high].sum(1) / np.maximum(mass.sum(1), 1e-12)
+    label = _weight_label(run)
+
+    fig = _figure(12, 4.8)
+    ax_map, ax_share = fig.subplots(1, 2, width_ratios=[1.4, 1])
+    extent = (ep[0] - 0.5, ep[-1] + 0.5, 0.0, 1.0)  # one column per epoch, bins over [0, 1]
+    from matplotlib.colors import PowerNorm
+
+    # empty bins white, so "a few examples" stays distinguishable from "none"; a square-root
+    # colour scale keeps the thin tails (few examples, but heavily weighted) visible
+    cmap = _colormap("magma_r").with_extremes(bad="white")
+    im = ax_map.imshow(np.ma.masked_equal(100 * share.T, 0), origin="lower", aspect="auto", extent=extent,
+                       cmap=cmap, interpolation="nearest", norm=PowerNorm(0.5, vmin=0))
+    mean = [r.get("train_weight_mean", math.nan) for r in rows]
+    ax_map.plot(ep, mean, color="#00bfff", lw=1.8, marker="o" if len(ep) <= 30 else None, markersize=3,
+                label="mean weight")
+    ax_map.axhline(0.5, color=C_OTHER, lw=0.8, ls="--")
+    ax_map.legend(fontsize=8, loc="lower left")
+    ax_map.set(title=f"distribution of the {label}", xlabel="epoch", ylabel=f"weight ({bins} bins over [0, 1])")
+    ax_map.xaxis.get_major_locator().set_params(integer=True)
+    fig.colorbar(im, ax=ax_map, label="% of training examples in the bin")
+
+    mk = dict(marker="o", markersize=3) if len(ep) <= 30 else {}
+    ax_share.plot(ep, 100 * frac_high, color=C_OTHER, label="% of examples with weight > 0.5", **mk)
+    ax_share.plot(ep, 100 * mass_high, color="purple", lw=2, label="% of the total weight they carry", **mk)
+    ax_share.set(ylim=(0, 105), xlabel="epoch", ylabel="%", title="share of the total weight on weight > 0.5")
+    ax_share.xaxis.get_major_locator().set_params(integer=True)
+    ax_share.grid(alpha=0.3)
+    what = {"mart": "p_y(x) < 0.5: misclassified clean"}.get(str(run.config.get("method")), "p_y(x_adv) < 0.5: less robust")
+    if (run.resolved.get("method_args") or {}).get("weight") == "cow":
+        what = "p_y(x) > 0.5: well classified clean"
+    leg = ax_share.legend(fontsize=8, loc="lower left", title=f"weight > 0.5 <=> {what}", title_fontsize=8)
+    leg.get_title().set_color("#444444")
+    fig.suptitle(f"Per-example weight over training: {_protocol(run)}", fontsize=11)
+    return _save(fig, run.path / "weights.png")
+
+
+# --------------------------------------------------------------------------- robustness vs eps
+def eps_curve(
+    run_dir: PathLike,
+    *,
+    n: Optional[int] = 1000,
+    factors: Sequence[float] = EPS_FACTORS,
+    attack: str = "pgd20",
+    which: str = "final",
+    device: str = "auto",
+    data_dir: Optional[str] = None,
+    batch_size: int = 500,
+) -> dict[str, Any]:
+    """Robust accuracy at ``factors`` times the training eps on the first ``n`` test images (None: all).
+
+    Writes ``eps_curve.json`` into the run folder and returns its content.
+
+    >>> curve = eps_curve("runs/fmnist-arow-s0", n=500)  # doctest: +SKIP
+    >>> [p["eps"] for p in curve["points"]][:3]  # doctest: +SKIP
+    [0.0, 0.025, 0.05]
+    """
+    from . import load_model
+    from .checkpoint import atomic_write_text
+    from .data import load_dataset
+    from .distributed import resolve_device
+    from .evaluation import evaluate
+
+    run = load_run(run_dir)
+    if n is not None and n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    if not factors or any(f < 0 for f in factors):
+        raise ValueError(f"eps factors must be a non-empty list of numbers >= 0, got {list(factors)}")
+    if run.eps is None:
+        raise ValueError(f"{run.path}: config.json has no resolved eps")
+    dev = resolve_device(device)
+    model = load_model(run.path, which=which, device=dev)
+    dataset = run.config.get("dataset")
+    data = load_dataset(dataset, root=data_dir or run.config.get("data_dir"), split="test")
+    full = len(data)
+    data = (data.subset(n) if n is not None and n < full else data).to(dev)
+    points = []
+    for f in sorted(set(float(f) for f in factors)):
+        e = f * run.eps
+        attacks = ["clean"] if e == 0 else ["clean", attack]  # at eps 0 the attack cannot move: clean accuracy
+        res = evaluate(model, data.x, data.y, attacks, eps=e, num_classes=data.num_classes, batch_size=batch_size)
+        acc = res.accuracy[attacks[-1]]
+        points.append({"factor": f, "eps": e, "accuracy": acc})
+        log.info("eps %.4g (%.2g x train eps): %s %.2f%%", e, f, attack, 100 * acc)
+    out = {"run": str(run.path), "dataset": dataset, "method": run.config.get("method"), "train_eps": run.eps,
+           "attack": attack, "checkpoint": which, "n": len(data), "test_set_size": full, "subset": len(data) < full,
+           "points": points}
+    atomic_write_text(json.dumps(out, indent=2) + "\n", run.path / "eps_curve.json")
+    return out
+
+
+def plot_eps_curve(run_dir: PathLike) -> Path:
+    """``eps_curve.png`` from the run's ``eps_curve.json`` (see :func:`eps_curve`).
+
+    >>> plot_eps_curve("runs/fmnist-arow-s0")  # doctest: +SKIP
+    PosixPath('runs/fmnist-arow-s0/eps_curve.png')
+    """
+    run = load_run(run_dir)
+    path = run.path / "eps_curve.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; compute it with `arow plot {run.path} --eps-curve`")
+    d = json.loads(path.read_text())
+    pts = d["points"]
+    xs, ys = [p["eps"] for p in pts], [100 * p["accuracy"] for p in pts]
+    attack = ATTACK_LABELS.get(d["attack"], d["attack"])
+    fig = _figure(8.5, 5.2)
+    ax = fig.subplots()
+    ax.plot(xs, ys, color=C_ROBUST, marker="o", lw=2, label=f"{attack} accuracy (eps = 0: clean)")
+    for x, y in zip(xs, ys):
+        ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.axvline(d["train_eps"], color=C_OTHER, ls="--", lw=1, label=f"training eps = {format_eps(d['train_eps'])}")
+    ax.set(xlabel="L-inf radius eps of the evaluation attack", ylabel="test accuracy (%)", ylim=(0, 105))
+    top = ax.secondary_xaxis("top", functions=(lambda e: e / d["train_eps"], lambda f: f * d["train_eps"]))
+    top.set_xlabel("eps / training eps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    n = f"{d['n']} of {d['test_set_size']} test images" + (" (SUBSET)" if d.get("subset") else "")
+    ax.set_title(f"Robust accuracy vs eps: {_protocol(run, 'trained at eps')}\n"
+                 f"{attack} (CE, step eps/4, random start) on {n}, {d['checkpoint']} checkpoint", fontsize=9)
+    return _save(fig, run.path / "eps_curve.png")
+
+
+def plot_run(run_dir: PathLike) -> list[Path]:
+    """Every picture the run folder has data for: curves, per-class accuracy, weights, eps curve.
+
+    >>> plot_run("runs/fmnist-arow-s0")  # doctest: +SKIP
+    [PosixPath('runs/fmnist-arow-s0/curves.png'), ...]
+    """
+    run = load_run(run_dir)
+    out = [plot_curves(run.path), plot_per_class(run.path), plot_weights(run.path)]
+    if (run.path / "eps_curve.json").is_file():
+        out.append(plot_eps_curve(run.path))
+    return [p for p in out if p is not None]

@@ -1,0 +1,398 @@
+"""Compare run folders the way the paper does: one table, mean ± std over seeds of the same recipe.
+
+A run folder holds ``config.json`` (the resolved config), ``metrics.jsonl`` (one line per epoch)
+and, once evaluated, ``eval.json`` (test-set accuracies). Runs whose configs agree on everything
+but ``seed`` and ``out`` (and the runtime details that do not change the result: device, data
+folder, logging) are one recipe; their numbers are aggregated. Runs evaluated on a different
+number of test points are never mixed into one mean.
+
+>>> rep = build_report(["runs/fmnist-arow-s0", "runs/fmnist-arow-s1"])  # doctest: +SKIP
+>>> print(rep.markdown())  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+log = logging.getLogger(__name__)
+PathLike = Union[str, os.PathLike]
+DASH = "–"  # an en dash marks a number the run does not have
+
+# How the paper names its columns; any other attack keeps its own name, after these.
+ATTACK_LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW", "autoattack": "AutoAttack",
+                 "worst_case": "worst case"}
+# Config keys that say where or how a run was executed, not what was trained.
+RUNTIME_KEYS = {"seed", "out", "resolved", "device", "data_dir", "tensorboard", "compile", "channels_last"}
+
+
+class RunFolderError(ValueError):
+    """A path given to the report is not an arow run folder (or its files are unreadable)."""
+
+
+@dataclass
+class Run:
+    """What a run folder holds, read once."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    eval: Optional[dict[str, Any]]
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        return self.config.get("resolved") or {}
+
+    @property
+    def eps(self) -> Optional[float]:
+        if self.eval is not None and self.eval.get("eps") is not None:
+            return float(self.eval["eps"])
+        eps = self.resolved.get("eps", self.config.get("eps"))
+        return None if eps is None else float(eps)
+
+    @property
+    def val_attack(self) -> str:
+        return self.config.get("val_attack", "pgd20")
+
+    def final_val(self) -> dict[str, Optional[float]]:
+        """Validation accuracy of the reported model at the last epoch (the SWA model when SWA ran)."""
+        if not self.metrics:
+            return {"clean": None, "pgd": None}
+        last = self.metrics[-1]
+        pre = "swa_" if "swa_val_pgd_acc" in last else ""
+        return {"clean": last.get(f"{pre}val_clean_acc"), "pgd": last.get(f"{pre}val_pgd_acc")}
+
+    def best_epoch(self) -> tuple[Optional[int], Optional[float]]:
+        """The epoch ``best.pt`` holds: highest validation PGD accuracy, first one on ties (as the Trainer)."""
+        best: tuple[Optional[int], Optional[float]] = (None, None)
+        for r in self.metrics:
+            score = r.get("swa_val_pgd_acc", r.get("val_pgd_acc"))
+            if score is not None and (best[1] is None or score > best[1]):
+                best = (int(r["epoch"]), float(score))
+        return best
+
+    def recipe(self) -> str:
+        """A canonical string of everything that defines what was trained and how it was evaluated."""
+        key = {k: v for k, v in self.config.items() if k not in RUNTIME_KEYS}
+        res = self.resolved
+        for k in ("eps", "attack_steps", "step_size", "method_args", "amp"):
+            if k in res:
+                key[f"resolved.{k}"] = res[k]
+        if self.eval is not None:
+            key["eval.n"] = self.eval.get("n")
+            key["eval.attacks"] = sorted(self.eval.get("accuracy", {}))
+        return json.dumps(key, sort_keys=True, default=str)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunFolderError(f"{path}: unreadable ({e})") from e
+
+
+def load_run(path: PathLike) -> Run:
+    """Read a run folder (``config.json``, ``metrics.jsonl``, ``eval.json`` if present).
+
+    >>> run = load_run("runs/fmnist-arow-s0")  # doctest: +SKIP
+    >>> run.best_epoch()  # doctest: +SKIP
+    (9, 0.7123)
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise RunFolderError(f"{p} is not a run folder (no such directory)")
+    if not (p / "config.json").is_file():
+        raise RunFolderError(f"{p} is not an arow run folder (no config.json); pass the folder `arow train --out` wrote")
+    config = _read_json(p / "config.json")
+    if not isinstance(config, dict) or "method" not in config:
+        raise RunFolderError(f"{p / 'config.json'} is not an arow run config (no 'method' key)")
+    metrics: list[dict[str, Any]] = []
+    if (p / "metrics.jsonl").is_file():
+        for i, line in enumerate((p / "metrics.jsonl").read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    metrics.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise RunFolderError(f"{p / 'metrics.jsonl'} line {i}: not JSON ({e})") from e
+    ev = _read_json(p / "eval.json") if (p / "eval.json").is_file() else None
+    if ev is not None and "accuracy" not in ev:
+        raise RunFolderError(f"{p / 'eval.json'} has no 'accuracy' key: not written by `arow eval`")
+    return Run(p, config, metrics, ev)
+
+
+# --------------------------------------------------------------------------- aggregation
+@dataclass
+class Stat:
+    """Values of one quantity over the seeds of a recipe (fractions in [0, 1] or plain numbers)."""
+
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def mean(self) -> Optional[float]:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> Optional[float]:
+        """Sample standard deviation (n - 1); None for fewer than two values."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    def fmt(self, scale: float = 100.0, digits: int = 2) -> str:
+        if not self.values:
+            return DASH
+        s = f"{self.mean * scale:.{digits}f}"
+        return s if self.std is None else f"{s} ± {self.std * scale:.{digits}f}"
+
+
+def _stat(values: Sequence[Optional[float]]) -> Stat:
+    return Stat([float(v) for v in values if v is not None and not math.isnan(float(v))])
+
+
+@dataclass
+class Group:
+    """One row of the report: the runs of one recipe."""
+
+    runs: list[Run]
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+    @property
+    def seeds(self) -> list[Any]:
+        return [r.config.get("seed") for r in self.runs]
+
+    def attack(self, name: str) -> Stat:
+        return _stat([r.eval["accuracy"].get(name) for r in self.runs if r.eval is not None])
+
+    def val(self, which: str) -> Stat:
+        return _stat([r.final_val()[which] for r in self.runs])
+
+    def best(self) -> tuple[list[Optional[int]], Stat]:
+        pairs = [r.best_epoch() for r in self.runs]
+        return [e for e, _ in pairs], _stat([s for _, s in pairs])
+
+    def notes(self) -> list[str]:
+        out = []
+        ev = self.first.eval
+        if ev is None:
+            out.append("no eval.json: validation numbers only (run `arow eval`)")
+        epochs = self.first.config.get("epochs")
+        done = [len(r.metrics) for r in self.runs]
+        if epochs is not None and min(done) < epochs:
+            out.append(f"incomplete: {min(done)}/{epochs} epochs")
+        if self.runs and "swa_val_pgd_acc" in (self.first.metrics[-1] if self.first.metrics else {}):
+            out.append("SWA model")
+        return out
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Runs with the same recipe (config except seed, out and runtime keys; same eval size) in one group,
+    in the order the first run of each recipe was given; seeds sorted within a group."""
+    groups: dict[str, Group] = {}
+    for r in runs:
+        groups.setdefault(r.recipe(), Group([])).runs.append(r)
+    for g in groups.values():
+        g.runs.sort(key=lambda r: (str(type(r.config.get("seed"))), r.config.get("seed")))
+    return list(groups.values())
+
+
+def format_eps(eps: Optional[float]) -> str:
+    """``8/255`` for multiples of 1/255 (how CIFAR budgets are written), else the plain number.
+
+    >>> format_eps(8 / 255), format_eps(0.1)
+    ('8/255', '0.1')
+    """
+    if eps is None:
+        return DASH
+    k = eps * 255
+    if eps > 0 and abs(k - round(k)) < 1e-6 and round(k) != 0 and abs(eps - round(eps, 3)) > 1e-9:
+        return f"{round(k)}/255"
+    return f"{eps:g}"
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# --------------------------------------------------------------------------- the table
+@dataclass
+class Report:
+    """The comparison table of a set of runs; render it with :meth:`markdown` or :meth:`csv`."""
+
+    groups: list[Group]
+
+    @property
+    def attacks(self) -> list[str]:
+        """Attack columns present in any run: the paper's order first, then the others by name."""
+        seen: set[str] = set()
+        for g in self.groups:
+            for r in g.runs:
+                if r.eval is not None:
+                    seen.update(r.eval.get("accuracy", {}))
+        robust = [a for a in seen if a not in ("clean", "worst_case")]
+        if len(robust) < 2:
+            seen.discard("worst_case")  # with one attack the worst case repeats that attack's column
+        order = [a for a in ATTACK_LABELS if a in seen]
+        return order + sorted(seen - set(order))
+
+    def _flat_config(self, g: Group) -> dict[str, Any]:
+        d = {k: v for k, v in g.first.config.items() if k not in RUNTIME_KEYS | {"method_args"}}
+        d["resolved"] = {k: g.first.resolved.get(k) for k in ("method_args", "attack_steps", "step_size")}
+        return _flat(d)
+
+    def differing(self) -> list[str]:
+        """Config keys (flattened) that differ between rows and are not already columns.
+
+        A method's hyper-parameter counts only among the rows of that method: TRADES' beta
+        and ARoW's lambda differ trivially.
+        """
+        if len(self.groups) < 2:
+            return []
+        shown = {"method", "model", "dataset", "eps"}
+        flats = [(g.first.config.get("method"), self._flat_config(g)) for g in self.groups]
+        out = []
+        for k in sorted(set().union(*(f for _, f in flats)) - shown):
+            if k.startswith("resolved.method_args."):
+                differs = any(len({json.dumps(f.get(k), default=str) for m2, f in flats if m2 == m and k in f}) > 1
+                              for m, _ in flats)
+            else:
+                differs = len({json.dumps(f.get(k), default=str) for _, f in flats}) > 1
+            if differs:
+                out.append(k)
+        return out
+
+    def _setting(self, g: Group, keys: list[str]) -> str:
+        flat = self._flat_config(g)
+        short = lambda k: k.replace("resolved.method_args.", "").replace("resolved.", "")  # noqa: E731
+        return ", ".join(f"{short(k)}={flat[k]}" for k in keys if k in flat)
+
+    def columns(self) -> list[str]:
+        val = ATTACK_LABELS.get(self.groups[0].first.val_attack, self.groups[0].first.val_attack) if self.groups else ""
+        cols = ["method", "model", "dataset", "eps", "seeds", "n test"]
+        cols += [ATTACK_LABELS.get(a, a) for a in self.attacks]
+        cols += ["val clean (last)", f"val {val} (last)", f"best epoch (val {val})"]
+        if self.differing():
+            cols.append("setting")
+        return cols + ["notes"]
+
+    def _has_notes(self) -> bool:
+        return any(g.notes() for g in self.groups)
+
+    def rows(self) -> list[list[str]]:
+        diff = self.differing()
+        out = []
+        for g in self.groups:
+            r0 = g.first
+            ev = r0.eval
+            n = DASH if ev is None else f"{ev.get('n')}" + (
+                f" of {ev.get('test_set_size')} (SUBSET)" if ev.get("subset") else "")
+            epochs, best = g.best()
+            best_s = DASH if all(e is None for e in epochs) else (
+                ", ".join(DASH if e is None else str(e) for e in epochs) + f" ({best.fmt()})")
+            row = [str(r0.config.get("method")), str(r0.config.get("model")), str(r0.config.get("dataset")),
+                   format_eps(r0.eps), ", ".join(str(s) for s in g.seeds), n]
+            row += [g.attack(a).fmt() for a in self.attacks]
+            row += [g.val("clean").fmt(), g.val("pgd").fmt(), best_s]
+            if diff:
+                row.append(self._setting(g, diff))
+            row.append("; ".join(g.notes()))
+            out.append(row)
+        return out
+
+    def markdown(self) -> str:
+        """The table in Markdown with a line stating the protocol and how numbers aggregate."""
+        cols, rows = self.columns(), self.rows()
+        if not self._has_notes():  # an empty last column only widens the table
+            cols, rows = cols[:-1], [r[:-1] for r in rows]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+        sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+        runs = [r for g in self.groups for r in g.runs]
+        protocol = sorted({f"{r.config.get('dataset')} at eps={format_eps(r.eps)} (L-inf)" for r in runs})
+        notes = [
+            "Test accuracy in %, mean ± sample std (n-1) over the listed seeds; one seed: the number alone.",
+            "Runs are pooled when their configs differ only in seed and run folder and they were evaluated "
+            "on the same test points with the same attacks.",
+            "val = held-out split of the TRAINING data at the last epoch (SWA model when SWA ran); "
+            "best epoch = the checkpoint best.pt holds, selected on that split (never on the test set) "
+            "with its validation robust accuracy in brackets.",
+            "Threat model: " + "; ".join(protocol) + ". PGD-20: CE, step eps/4, random start.",
+        ]
+        if any(r.eval is not None and r.eval.get("subset") for r in runs):
+            notes.append("SUBSET: evaluated on part of the test set only; not comparable with full-test-set numbers.")
+        folders = [f"- {', '.join(str(r.path) for r in g.runs)}" for g in self.groups]
+        return "\n".join(["# arow report", "", line(cols), sep, *map(line, rows), "",
+                          *[f"- {n}" for n in notes], "", "Run folders, one line per row:", *folders, ""])
+
+    def csv(self) -> str:
+        """One CSV row per recipe: mean and std columns in %, seeds separated by ';'."""
+        val = self.groups[0].first.val_attack if self.groups else "pgd20"
+        head = ["method", "model", "dataset", "eps", "seeds", "n_runs", "n_test", "test_set_size", "subset"]
+        for a in self.attacks:
+            head += [f"{a}_mean", f"{a}_std"]
+        head += ["val_clean_mean", "val_clean_std", f"val_{val}_mean", f"val_{val}_std", "best_epochs",
+                 "notes", "runs"]
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(head)
+        num = lambda v: "" if v is None else f"{100 * v:.4f}"  # noqa: E731
+        for g in self.groups:
+            ev = g.first.eval or {}
+            row: list[Any] = [g.first.config.get("method"), g.first.config.get("model"), g.first.config.get("dataset"),
+                              "" if g.first.eps is None else g.first.eps, ";".join(str(s) for s in g.seeds),
+                              len(g.runs), ev.get("n", ""), ev.get("test_set_size", ""), ev.get("subset", "")]
+            for a in self.attacks:
+                s = g.attack(a)
+                row += [num(s.mean), num(s.std)]
+            for which in ("clean", "pgd"):
+                s = g.val(which)
+                row += [num(s.mean), num(s.std)]
+            row += [";".join(str(e) for e in g.best()[0]), "; ".join(g.notes()),
+                    ";".join(str(r.path) for r in g.runs)]
+            w.writerow(row)
+        return buf.getvalue()
+
+
+def build_report(paths: Sequence[PathLike]) -> Report:
+    """Read the run folders and group them by recipe.
+
+    >>> print(build_report(["runs/a-s0", "runs/a-s1"]).markdown())  # doctest: +SKIP
+    """
+    if not paths:
+        raise RunFolderError("no run folders given")
+    runs = [load_run(p) for p in paths]
+    seen: dict[Path, Path] = {}
+    for r in runs:
+        key = r.path.resolve()
+        if key in seen:
+            raise RunFolderError(f"{r.path} is listed twice")
+        seen[key] = r.path
+    return Report(group_runs(runs))
+
+
+def write_report(paths: Sequence[PathLike], out: Optional[PathLike] = None, fmt: str = "md") -> tuple[Report, Path]:
+    """Build the report and write it as ``fmt`` (md or csv) to ``out`` (default ./report.md or ./report.csv).
+
+    >>> rep, path = write_report(["runs/a-s0", "runs/a-s1"], "report.md")  # doctest: +SKIP
+    """
+    if fmt not in ("md", "csv"):
+        raise ValueError(f"--format must be md or csv, got {fmt!r}")
+    rep = build_report(paths)
+    path = Path(out) if out is not None else Path(f"report.{fmt}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(rep.markdown() if fmt == "md" else rep.csv())
+    log.debug("wrote %s", path)
+    return rep, path
