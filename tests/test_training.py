@@ -103,11 +103,11 @@ def test_arow_training_learns_and_improves_robustness(fmnist_small):
 
 
 def test_schedules():
-    cfg = TrainConfig(epochs=120, lr=0.1, milestones=[60, 100])
+    cfg = TrainConfig(epochs=120, lr=0.1, schedule="step", warmup_epochs=0, milestones=[60, 100])
     assert lr_at(cfg, 0) == 0.1 and lr_at(cfg, 60) == pytest.approx(0.01) and lr_at(cfg, 100.5) == pytest.approx(0.001)
-    frac = TrainConfig(epochs=10, lr=0.1, milestones=[0.5])
+    frac = TrainConfig(epochs=10, lr=0.1, schedule="step", warmup_epochs=0, milestones=[0.5])
     assert lr_at(frac, 4.9) == 0.1 and lr_at(frac, 5) == pytest.approx(0.01)
-    cos = TrainConfig(epochs=10, lr=0.1, schedule="cosine")
+    cos = TrainConfig(epochs=10, lr=0.1, schedule="cosine", warmup_epochs=0)
     assert lr_at(cos, 0) == pytest.approx(0.1) and lr_at(cos, 10) == pytest.approx(0.0, abs=1e-12)
     one = TrainConfig(epochs=10, lr=0.2, schedule="onecycle", warmup_epochs=2)
     assert lr_at(one, 1) < 0.2 and lr_at(one, 2) == pytest.approx(0.2) and lr_at(one, 6) == pytest.approx(0.1)
