@@ -2,15 +2,19 @@
 
 ``torchrun --nproc-per-node=N -m arow train ...`` sets RANK/WORLD_SIZE/LOCAL_RANK; we initialise
 the default process group from them (NCCL on CUDA, gloo on the CPU) and everything else reads
-:func:`info`. Without those variables every helper is a no-op and the run is single-process.
+:func:`info`. Without those variables every helper is a no-op and the run is single-process. Several
+machines use torchrun's usual rendezvous flags (``--nnodes``, ``--node-rank``,
+``--rdzv-endpoint``); the process group is always initialised from the environment (env://).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,11 @@ def barrier() -> None:
 
 
 def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank."""
+    """Rank 0's ``obj`` on every rank.
+
+    >>> broadcast_object({"a": 1})  # single process: the object itself
+    {'a': 1}
+    """
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return obj
     box = [obj]
@@ -90,3 +98,99 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA device")
         return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def raise_together(error: Optional[str], exc_type: type = ValueError) -> None:
+    """Raise ``exc_type(message)`` on EVERY rank if rank 0 found an error.
+
+    Only rank 0 checks the run folder; if it alone raised, the other ranks would wait forever
+    at the next collective call. Single-process this simply raises when ``error`` is set.
+
+    >>> raise_together(None)  # nothing to report
+    """
+    error = broadcast_object(error)
+    if error:
+        raise exc_type(error)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of a sum that every rank uses is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose train-mode statistics are those of the global batch over all ranks.
+
+    :class:`torch.nn.SyncBatchNorm` does exactly this with fused kernels, but refuses CPU
+    tensors; this version (two differentiable all-reduces per call, statistics in float32)
+    lets a gloo/CPU run keep the promise that N processes train like one. Eval mode, and a
+    single process, are plain BatchNorm. The state dict keys are BatchNorm's.
+
+    >>> bn = GlobalBatchNorm(3)
+    >>> bn(torch.rand(4, 3, 2, 2)).shape
+    torch.Size([4, 3, 2, 2])
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (N, C, ...), got {input.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        all_reduce = _AllReduceSum.apply
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in >= fp32
+        count = torch.full((1,), float(x.numel() // x.shape[1]), device=x.device)
+        packed = all_reduce(torch.cat([xf.sum(dims), count]))
+        total = packed[-1]
+        mean = packed[:-1] / total
+        centered = xf - mean.view(shape)
+        var = all_reduce((centered * centered).sum(dims)) / total  # two passes: no cancellation
+        out = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
+                self.running_var.mul_(1 - f).add_(var.detach() * (total / (total - 1)), alpha=f)
+        return out.to(x.dtype)
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of ``model`` computing global-batch statistics under DDP.
+
+    CUDA gets PyTorch's :class:`torch.nn.SyncBatchNorm`; other devices (the CPU/gloo runs the
+    tests use) get :class:`GlobalBatchNorm`, the same maths. Weights and buffers are kept.
+
+    >>> net = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(2)), torch.device("cpu"))
+    >>> type(net[0]).__name__
+    'GlobalBatchNorm'
+    """
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if isinstance(model, nn.modules.batchnorm._BatchNorm) and not isinstance(model, GlobalBatchNorm):
+        ref = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+        new = GlobalBatchNorm(model.num_features, model.eps, model.momentum, model.affine,
+                              model.track_running_stats, device=device,
+                              dtype=ref.dtype if ref is not None else None)
+        new.load_state_dict(model.state_dict())
+        new.train(model.training)
+        return new
+    for name, child in model.named_children():
+        model.add_module(name, convert_sync_batchnorm(child, device))
+    return model

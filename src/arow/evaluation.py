@@ -3,15 +3,22 @@
 Cheap white-box attacks (FGSM, PGD, CW) each run on every example the model classifies
 correctly, so their numbers are the ones papers report; a ``cascade`` attack (AutoAttack)
 runs only on the examples still robust after all attacks before it. The worst case per
-example over all attacks is always reported too. Under torchrun the examples are sharded
-across ranks and the verdicts gathered.
+example over all attacks is always reported too. Under torchrun the work is sharded across
+ranks and the verdicts combined; every attack batch draws its random numbers from a seed
+fixed by ``(seed, attack name, batch number)``, so the verdicts are reproducible and do not
+depend on the number of processes. With ``state_dir`` each finished batch is saved, so an
+interrupted evaluation continues where it stopped when run again (same model, data, settings).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import time
+import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -36,10 +43,13 @@ class EvalResult:
     seconds: dict[str, float]
     descriptions: dict[str, str]
     num_classes: int
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. AutoAttack version, seed
+    seed: int = 0
 
     def to_json(self) -> dict:
         return {"n": self.n, "eps": self.eps, "accuracy": self.accuracy, "per_class": self.per_class,
-                "seconds": self.seconds, "attacks": self.descriptions}
+                "seconds": self.seconds, "attacks": self.descriptions, "attack_settings": self.settings,
+                "eval_seed": self.seed}
 
 
 def per_class_accuracy(correct: Tensor, y: Tensor, num_classes: int) -> list[float]:
@@ -48,18 +58,35 @@ def per_class_accuracy(correct: Tensor, y: Tensor, num_classes: int) -> list[flo
     return [float(h / t) if t > 0 else float("nan") for h, t in zip(hit, total)]
 
 
-def _shard(n: int) -> tuple[int, int, int]:
-    """This rank's contiguous slice [lo, hi) of n examples, padded so all ranks get ``size``."""
+def _shard(n: int) -> tuple[int, int]:
+    """This rank's contiguous slice [lo, hi) of n examples."""
     d = distributed.info()
     size = -(-n // d.world_size)
     lo = min(d.rank * size, n)
-    return lo, min(lo + size, n), size
+    return lo, min(lo + size, n)
 
 
-def _gather(local: Tensor, size: int, n: int) -> Tensor:
-    pad = torch.zeros(size, dtype=local.dtype, device=local.device)
-    pad[: len(local)] = local
-    return distributed.all_gather_cat(pad)[:n] if distributed.info().enabled else local
+def _combine(mask: Tensor) -> Tensor:
+    """The union over ranks of boolean masks over all n examples (each rank set only its own)."""
+    if not distributed.info().enabled:
+        return mask
+    return distributed.all_reduce_sum(mask.to(torch.int32)) > 0
+
+
+def _batch_seed(seed: int, name: str, batch: int) -> int:
+    return ((seed * 1_000_003 + zlib.crc32(name.encode())) * 1_000_003 + batch) & 0x7FFF_FFFF_FFFF
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """The global RNGs of the CPU and of ``device`` seeded with ``seed``, restored on exit."""
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 @torch.no_grad()
@@ -81,8 +108,16 @@ def evaluate(
     num_classes: Optional[int] = None,
     batch_size: int = 500,
     progress: Optional[Progress] = None,
+    seed: int = 0,
+    state_dir: Optional[Union[str, Path]] = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``(x, y)`` (inputs in [0, 1]) under each attack, in order.
+
+    Attacks run in float32 (no autocast) on batches of ``batch_size`` examples. Their random
+    starts come from ``seed``: the same call gives the same verdicts, with any number of
+    torchrun processes (the batches are the same; ranks take every N-th one), and the caller's
+    global RNG state is left untouched. ``state_dir`` (e.g. ``RUN/eval_state``) keeps each
+    attack's finished batches; a rerun skips them, and its verdicts equal an uninterrupted run's.
 
     >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     >>> r = evaluate(m, torch.rand(6, 1, 2, 2), torch.randint(0, 3, (6,)), ["clean", "pgd5"], eps=0.1)
@@ -97,37 +132,106 @@ def evaluate(
         raise ValueError(f"attack listed twice: {names}")
     n = len(x)
     num_classes = num_classes or int(y.max()) + 1
-    lo, hi, size = _shard(n)
-    xs, ys = x[lo:hi], y[lo:hi]
-    clean_ok = predict(model, xs, batch_size) == ys
+    d = distributed.info()
+    lo, hi = _shard(n)
+    clean_ok = torch.zeros(n, dtype=torch.bool, device=x.device)
+    clean_ok[lo:hi] = predict(model, x[lo:hi], batch_size) == y[lo:hi]
+    clean_ok = _combine(clean_ok)
     robust = clean_ok.clone()  # worst case so far
     correct, seconds = {}, {}
+    key = _run_key(model, x, y, eps, seed, batch_size) if state_dir is not None else ""
     for atk in built:
         t0 = time.perf_counter()
         if atk.name == "clean":
             verdict = clean_ok.clone()
         else:
-            verdict = clean_ok.clone()
-            todo = (robust if getattr(atk, "cascade", False) else clean_ok).nonzero().squeeze(1)
-            if getattr(atk, "cascade", False):
-                verdict = robust.clone()
-            for start in range(0, len(todo), batch_size):
+            # A cascade attack (AutoAttack) only sees what all attacks before it left standing.
+            base = robust if getattr(atk, "cascade", False) else clean_ok
+            todo = base.nonzero().squeeze(1)
+            fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+            starts = range(0, len(todo), batch_size)
+            mine = list(starts)[d.rank :: d.world_size]  # round robin: equal work per rank
+            total, done = sum(min(batch_size, len(todo) - s) for s in mine), 0
+            stage = _Stage(Path(state_dir), atk, _digest(key, atk.name, atk.description, todo), fooled) \
+                if state_dir is not None else None
+            for start in mine:
                 idx = todo[start : start + batch_size]
-                x_adv = atk(model, xs[idx], ys[idx])
-                _check_ball(x_adv, xs[idx], eps, atk.name)
-                verdict[idx] = predict(model, x_adv, batch_size) == ys[idx]
-                if progress is not None:
-                    progress(atk.name, min(start + batch_size, len(todo)), len(todo))
+                if stage is not None and start in stage.done:  # finished before an interruption
+                    done += len(idx)
+                    continue
+                kw = {"state_path": stage.batch_path(start)} if stage is not None and atk.resumable else {}
+                with _seeded(_batch_seed(seed, atk.name, start // batch_size), x.device):
+                    x_adv = atk(model, x[idx], y[idx], **kw)
+                _check_ball(x_adv, x[idx], eps, atk.name)
+                fooled[idx] = predict(model, x_adv, batch_size) != y[idx]
+                done += len(idx)
+                if stage is not None:
+                    stage.save(start, fooled, time.perf_counter() - t0)
+                if progress is not None:  # this rank's share
+                    progress(atk.name, done, total)
+            if stage is not None:
+                t0 -= stage.seconds_before  # report the time of the interrupted runs too
+            verdict = base & ~_combine(fooled)
         robust &= verdict
-        correct[atk.name] = _gather(verdict, size, n)
+        correct[atk.name] = verdict
         seconds[atk.name] = time.perf_counter() - t0
-        log.info("%s: %.2f%% (%.1fs)", atk.name, 100 * correct[atk.name].float().mean(), seconds[atk.name])
-    correct["worst_case"] = _gather(robust, size, n)
-    y_all = y.to(correct["worst_case"].device)
+        log.info("%s: %.2f%% (%.1fs)", atk.name, 100 * verdict.float().mean(), seconds[atk.name])
+    correct["worst_case"] = robust
+    y_all = y.to(robust.device)
     accuracy = {k: float(v.float().mean()) for k, v in correct.items()}
     per_class = {k: per_class_accuracy(v, y_all, num_classes) for k, v in correct.items()}
     descriptions = {a.name: a.description for a in built}
-    return EvalResult(n, eps, accuracy, per_class, correct, seconds, descriptions, num_classes)
+    settings = {a.name: dict(a.meta) for a in built if getattr(a, "meta", None)}
+    return EvalResult(n, eps, accuracy, per_class, correct, seconds, descriptions, num_classes, settings, seed)
+
+
+def _digest(*items: Any) -> str:
+    from .attacks.autoattack import digest
+
+    return digest(*items)
+
+
+def _run_key(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int, batch_size: int) -> str:
+    """What a saved verdict depends on besides the attack: weights, data, eps, seed, batching, ranks."""
+    d = distributed.info()
+    return _digest(unwrap(model), x, y, float(eps), seed, batch_size, d.rank, d.world_size)
+
+
+class _Stage:
+    """One attack's progress on disk: which of this rank's batches are done and whom they fooled.
+
+    The file is keyed by everything the verdicts depend on (``key``); a file with another key
+    (another model, data, eps, seed, attack setting or set of examples) is ignored and replaced.
+    """
+
+    def __init__(self, folder: Path, atk: Attack, key: str, fooled: Tensor) -> None:
+        d = distributed.info()
+        self.tag = re.sub(r"[^A-Za-z0-9_.-]", "_", atk.name) + (f".rank{d.rank}" if d.enabled else "")
+        self.folder, self.key, self.done, self.seconds_before = folder, key, set(), 0.0
+        self.path = folder / f"{self.tag}.pt"
+        state = None
+        if self.path.is_file():
+            try:
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
+            except Exception as e:  # torn or foreign file: recompute rather than trust it
+                log.warning("ignoring unreadable evaluation state %s (%s)", self.path, type(e).__name__)
+        if isinstance(state, dict) and state.get("key") == key:
+            self.done, self.seconds_before = set(state["done"]), float(state["seconds"])
+            fooled.copy_(state["fooled"].to(fooled.device))
+            log.info("%s: resuming from %s (%d batch(es) already done)", atk.name, self.path, len(self.done))
+        elif state is not None:
+            log.warning("%s: ignoring %s, saved for another model, data or setting", atk.name, self.path)
+
+    def batch_path(self, start: int) -> Path:
+        return self.folder / f"{self.tag}.batch{start}.pt"
+
+    def save(self, start: int, fooled: Tensor, seconds: float) -> None:
+        from .checkpoint import atomic_save
+
+        self.done.add(start)
+        atomic_save({"key": self.key, "done": sorted(self.done), "fooled": fooled.cpu(),
+                     "seconds": self.seconds_before + seconds}, self.path)
+        self.batch_path(start).unlink(missing_ok=True)
 
 
 def _check_ball(x_adv: Tensor, x: Tensor, eps: float, name: str) -> None:

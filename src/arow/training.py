@@ -129,25 +129,44 @@ class Trainer:
         channels_last = cfg.channels_last in ("on", "auto")  # measured: +9% on this CPU, standard on GPUs
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if self.dist.enabled and cfg.sync_bn:
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if self.dist.enabled and cfg.sync_bn:  # global-batch BN statistics: N ranks train like one
+            self.model = distributed.convert_sync_batchnorm(self.model, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
-                                   foreach=self.device.type == "cuda" or None)
+                                   **_sgd_kernel(self.device))
         self.swa = SWA(self.model) if cfg.swa_start is not None else None
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.best: dict[str, Any] = {"val_pgd_acc": -1.0, "epoch": None}
-        if self.out is not None and self.dist.is_main:
-            self._prepare_out(resume)
+        self._tb: Any = None  # TensorBoard SummaryWriter, created when the first epoch is written
+        error = None
+        if self.dist.is_main:  # only rank 0 touches the run folder; the others learn its verdict
+            try:
+                if cfg.tensorboard:
+                    _require_tensorboard()  # fail now, not after the first epoch
+                    if self.out is None:
+                        raise ConfigError("--tensorboard needs a run folder (--out) to write DIR/tensorboard into")
+                if self.out is not None:
+                    self._prepare_out(resume)
+            except ValueError as e:
+                if not self.dist.enabled:
+                    raise
+                error = str(e)
+        distributed.raise_together(error, ConfigError)  # and waits until rank 0 is done with the folder
         if resume:
             self._resume()
         self.train_model: nn.Module = self.model
         if cfg.compile:
             self.train_model = torch.compile(self.model)
         if self.dist.enabled:
+            # Compile first, then wrap: attacks.unwrap() peels DDP off and the attack runs the
+            # compiled module with no collective call inside its loop. With SyncBatchNorm the
+            # BN buffers are identical on every rank, so DDP need not broadcast them each forward.
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
+            self.train_model = nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids,
+                                                                   **_buffer_sync(not cfg.sync_bn))
 
     # ----------------------------------------------------------------- run folder
     def _prepare_out(self, resume: bool) -> None:
@@ -214,6 +233,10 @@ class Trainer:
             ck["model"] = plain_state_dict(final)
             ck["final_source"] = "swa" if self.swa is not None and self.swa.n_averaged else "last"
             atomic_save(ck, self.out / "final.pt")
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+            _plot_run(self.out)
         distributed.barrier()
         return TrainResult(final.eval(), self.history, self.out, self.best.get("epoch"))
 
@@ -232,11 +255,16 @@ class Trainer:
         steps = len(self.loader)
         self.callbacks.on_epoch_start(epoch, cfg.epochs, steps)
         self.train_model.train()
+        # Metrics are summed on the device and read once per epoch: nothing in this loop waits
+        # for the GPU (no .item(), no float(tensor), no host-to-device tensor creation).
         sums: dict[str, Tensor] = {}
         hist = torch.zeros(WEIGHT_BINS, device=dev)
+        bins = torch.arange(WEIGHT_BINS, device=dev)
+        count, lr_sum = 0, 0.0
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(self.loader):
             lr = lr_at(cfg, epoch + step / steps)
+            lr_sum += lr
             for g in self.opt.param_groups:
                 g["lr"] = lr
             rng = BatchRNG(_step_seed(cfg.seed, epoch, step), offset=self.dist.rank * len(x),
@@ -247,24 +275,25 @@ class Trainer:
             out.loss.backward()
             self.opt.step()
             self.method.after_step(self.model)
-            n = torch.tensor(float(len(x)), device=dev)
-            _acc(sums, "n", n)
+            n = len(x)
+            count += n
             _acc(sums, "train_loss", out.loss.detach().float() * n)
             for k, v in out.parts.items():
-                _acc(sums, f"train_{k}", v.float() * n)
+                _acc(sums, f"train_{k}", v.detach().float() * n)
             if out.logits_clean is not None:
                 _acc(sums, "train_clean_acc", (out.logits_clean.argmax(1) == y).sum().float())
             if out.logits_adv is not None:
                 _acc(sums, "train_adv_acc", (out.logits_adv.argmax(1) == y).sum().float())
             if out.weight is not None:
-                _acc(sums, "train_weight_mean", out.weight.float().sum())
-                hist += torch.histc(out.weight.float(), bins=WEIGHT_BINS, min=0.0, max=1.0)
+                _acc(sums, "train_weight_mean", out.weight.detach().float().sum())
+                b = (out.weight.detach().float() * WEIGHT_BINS).long().clamp_(0, WEIGHT_BINS - 1)
+                hist += (b[:, None] == bins).sum(0)  # histc's bins, without its atomics
             self.callbacks.on_step(step)
         keys = sorted(sums)
         packed = distributed.all_reduce_sum(torch.stack([sums[k] for k in keys] + list(hist)))
         totals = dict(zip(keys, packed[: len(keys)].tolist()))
-        count = totals.pop("n")
-        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch)}
+        count *= self.dist.world_size  # the Loader gives every rank the same number of examples
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_sum / max(steps, 1)}  # mean over the epoch's steps
         record.update({k: v / count for k, v in totals.items()})
         if out.weight is not None:
             record["weight_hist"] = packed[len(keys):].tolist()
@@ -280,8 +309,21 @@ class Trainer:
         with torch.enable_grad():
             res = evaluate(model or self.model, self.val_data.x, self.val_data.y,
                            ["clean", get_attack(self.cfg.val_attack, self.threat.eps)], eps=self.threat.eps,
-                           num_classes=self.val_data.num_classes)
+                           num_classes=self.val_data.num_classes, seed=self.cfg.seed)
         return {"val_clean_acc": res.accuracy["clean"], "val_pgd_acc": res.accuracy[self.cfg.val_attack]}
+
+    def _log_tensorboard(self, record: dict[str, Any]) -> None:
+        """The scalars of metrics.jsonl, under the same names, to DIR/tensorboard (rank 0 only)."""
+        assert self.out is not None
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+        epoch = record["epoch"]
+        for k, v in record.items():
+            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._tb.add_scalar(k, v, epoch)
+        self._tb.flush()  # a killed run keeps its curves
 
     def _write_epoch(self, record: dict[str, Any]) -> None:
         assert self.out is not None
@@ -292,6 +334,8 @@ class Trainer:
             self.best = {"val_pgd_acc": score, "epoch": epoch}
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.cfg.tensorboard:
+            self._log_tensorboard(record)
         ckpt = self.checkpoint(epoch)
         atomic_save(ckpt, self.out / "last.pt")
         if is_best:
@@ -299,6 +343,43 @@ class Trainer:
             if "swa_val_pgd_acc" in record:
                 best["model"] = plain_state_dict(self.swa.model)
             atomic_save(best, self.out / "best.pt")
+
+
+def _require_tensorboard() -> None:
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
+    except ImportError as e:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install 'arow[tensorboard]'") from e
+
+
+def _plot_run(out: Path) -> None:
+    """The run's PNGs; a plotting problem must never cost the trained model, so it only warns."""
+    try:
+        from .plots import plot_run
+
+        paths = plot_run(out)
+        log.info("plots in %s: %s", out, ", ".join(p.name for p in paths) or "none")
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not draw the plots of %s (%s: %s); the run itself is saved. Retry with `arow plot %s`",
+                    out, type(e).__name__, e, out)
+
+
+def _buffer_sync(every_forward: bool) -> dict[str, bool]:
+    """DDP's switch for broadcasting buffers from rank 0 before every forward (renamed in torch 2.13)."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": every_forward}
+
+
+def _sgd_kernel(device: torch.device) -> dict[str, bool]:
+    """SGD's fused CUDA kernel (one launch for all parameters) where this PyTorch has it."""
+    if device.type != "cuda":
+        return {}
+    import inspect
+
+    fused = "fused" in inspect.signature(torch.optim.SGD).parameters
+    return {"fused": True} if fused else {"foreach": True}
 
 
 def _acc(sums: dict[str, Tensor], key: str, value: Tensor) -> None:

@@ -8,8 +8,8 @@ the model. AutoAttack lives in :mod:`arow.attacks.autoattack`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -27,14 +27,22 @@ __all__ = ["ATTACKS", "Attack", "get_attack", "pgd", "frozen_eval", "unwrap", "c
 
 @dataclass
 class Attack:
-    """A named evaluation attack: ``attack(model, x, y) -> x_adv``."""
+    """A named evaluation attack: ``attack(model, x, y) -> x_adv``.
+
+    ``cascade``: evaluation runs it only on examples still robust after the attacks before it
+    (AutoAttack). ``resumable``: ``run`` takes ``state_path=`` and continues from that file.
+    ``meta``: settings worth recording next to its number (version, seed, ...).
+    """
 
     name: str
-    run: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    run: Callable[..., Tensor]
     description: str = ""
+    cascade: bool = False
+    resumable: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return self.run(model, x, y)
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, **kwargs: Any) -> Tensor:
+        return self.run(model, x, y, **kwargs)
 
 
 ATTACKS: Registry[Callable[..., Attack]] = Registry("attack")
@@ -94,3 +102,6 @@ def get_attack(name: str, eps: float, **kwargs) -> Attack:
         return ATTACKS.get(name)(eps, **kwargs)
     raise ValueError(f"unknown attack {name!r}; choose from: clean, fgsm, pgd<K>[r<R>] (e.g. pgd20), "
                      f"cw<K>[r<R>] (e.g. cw30), {', '.join(n for n in ATTACKS.names() if '<' not in n and n not in ('clean', 'fgsm'))}")
+
+
+from . import autoattack  # noqa: E402,F401  (registers "autoattack" and "apgd-monitor")

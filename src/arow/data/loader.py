@@ -177,12 +177,18 @@ class Loader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, offsets, flips = self._draw()
         device = self.data.x.device
-        for step in range(len(self)):
-            pos = self._positions(step)
-            idx = order[pos].to(device)
+        # One host-to-device copy per epoch: per-step copies of CPU tensors would block the GPU
+        # stream once per step. Positions are gathered on the device too.
+        order = order.to(device)
+        offsets = offsets.to(device) if offsets is not None else None
+        flips = flips.to(device) if flips is not None else None
+        steps = [self._positions(step) for step in range(len(self))]
+        flat = torch.cat(steps).to(device) if steps else torch.empty(0, dtype=torch.long, device=device)
+        for pos in flat.split([len(p) for p in steps]):
+            idx = order[pos]
             x, y = self.data.x[idx], self.data.y[idx]
             if offsets is not None:
-                x = random_crop(x, offsets[pos].to(device), self.pad)
+                x = random_crop(x, offsets[pos], self.pad)
             if flips is not None:
-                x = hflip(x, flips[pos].to(device))
+                x = hflip(x, flips[pos])
             yield x, y

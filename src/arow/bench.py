@@ -1,0 +1,525 @@
+"""How fast one training step is, and how much of the machine it uses: ``arow bench``.
+
+For each (model, method) it times, in one run and side by side:
+
+- OUR step: :meth:`arow.training.Trainer.train_epoch` itself (data on the device, batched
+  augmentation, the attack's clean target computed once, no host synchronisation per step,
+  bf16 autocast and fused SGD on CUDA, optional ``torch.compile``);
+- a REFERENCE-style step, written the way the ARoW/TRADES research code is: a per-sample
+  ``Dataset`` (uint8 image -> crop/flip one image at a time -> float tensor) behind a
+  ``DataLoader``, the clean softmax recomputed inside every attack step, ``model.eval()`` /
+  ``model.train()`` toggles, three ``.item()`` calls per step for logging, float32 eager.
+
+Throughput is images per second; the achieved rate counts the USEFUL floating-point work of
+the algorithm (:data:`PASS_TABLE`: forward = 1x the model's forward FLOPs, an attack step's
+input-gradient backward = 1x since the weights are frozen, a training backward = 2x) for both
+columns, so their ratio is the speed-up; the machine's peak is a large matrix multiply
+(float32 on the CPU, bf16 on CUDA). PGD-20 time is measured on a fixed subset.
+
+>>> documented_passes("arow", steps=10).cost     # forward-equivalents per image
+27
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------- pass accounting
+@dataclass(frozen=True)
+class Passes:
+    """Model passes of one training step, per image of the batch.
+
+    ``target``: eval-mode forwards with no gradient (the KL attack's clean target p(x));
+    ``attack``: eval-mode forwards each followed by one input-gradient backward (the weights
+    are frozen, so that backward costs about one forward); ``train``: train-mode forwards, each
+    backpropagated to the weights (about two forwards); ``helper``: forwards of another model
+    of the same size (HAT's helper), no gradient.
+    """
+
+    target: int
+    attack: int
+    train: int
+    helper: int = 0
+
+    @property
+    def cost(self) -> int:
+        """Forward-equivalents per image: target + 2 attack + 3 train + helper."""
+        return self.target + 2 * self.attack + 3 * self.train + self.helper
+
+
+#: method -> (target, attack steps per K, train forwards, helper forwards); docs/performance.md
+#: shows the same table and tests/test_passes.py counts every registered method against it.
+#: AWP rows are for epochs where AWP is active (its proxy adds the inner method's train forwards).
+PASS_TABLE: dict[str, tuple[int, int, int, int]] = {
+    "natural": (0, 0, 1, 0),
+    "pgd-at": (0, 1, 1, 0),
+    "gair-at": (0, 1, 1, 0),
+    "fat": (0, 1, 1, 0),
+    "mart": (0, 1, 2, 0),
+    "trades": (1, 1, 2, 0),
+    "arow": (1, 1, 2, 0),
+    "hat": (1, 1, 3, 1),
+    "pgd-at-awp": (0, 1, 2, 0),
+    "mart-awp": (0, 1, 4, 0),
+    "trades-awp": (1, 1, 4, 0),
+    "arow-awp": (1, 1, 4, 0),
+}
+
+
+def documented_passes(method: str, steps: int) -> Passes:
+    """The documented pass count of ``method`` with ``steps`` attack steps (K)."""
+    if method not in PASS_TABLE:
+        raise ValueError(f"no documented pass count for method {method!r}; add it to arow.bench.PASS_TABLE "
+                         f"and docs/performance.md")
+    t, a, tr, h = PASS_TABLE[method]
+    return Passes(t, a * steps, tr, h)
+
+
+@dataclass(frozen=True)
+class PassCount(Passes):
+    """What :func:`count_passes` observed: :class:`Passes` plus consistency checks."""
+
+    backward: int = 0  # backward passes that reached the model's parameters (.grad accumulated)
+    train_no_grad: int = 0  # train-mode forwards whose output got no gradient (should be 0)
+    batch_sizes: tuple[int, ...] = ()
+
+
+def count_passes(method: Any, model: nn.Module, x: Tensor, y: Tensor, *, helper: Optional[nn.Module] = None,
+                 rng: Any = None) -> PassCount:
+    """Run one training step of ``method`` as the Trainer does, counting the model's passes.
+
+    Every outermost call of a module of ``type(model)`` counts (AWP's proxy is a copy of the
+    model); calls of ``helper`` count as helper forwards. A forward is an attack pass if its
+    output later receives a gradient in eval mode, a training pass if it does in train mode.
+
+    >>> from arow.methods import build_method
+    >>> from arow.threat import ThreatModel
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    >>> c = count_passes(build_method("arow", ThreatModel(0.1, steps=3)), net, torch.rand(2, 1, 2, 2),
+    ...                  torch.tensor([0, 1]))
+    >>> c.target, c.attack, c.train, c.backward
+    (1, 3, 2, 1)
+    """
+    cls, records, depth = type(model), [], [0]
+
+    def pre(m: nn.Module, inp: Any) -> None:
+        depth[0] += 1
+
+    def post(m: nn.Module, inp: Any, out: Any) -> None:
+        depth[0] -= 1
+        if depth[0] != 0 or not isinstance(out, Tensor):
+            return
+        if m is helper:
+            records.append({"kind": "helper", "training": m.training, "grad": False, "n": out.shape[0]})
+        elif type(m) is cls:
+            rec = {"kind": "model", "training": m.training, "grad": False, "n": out.shape[0]}
+            records.append(rec)
+            if out.requires_grad:
+                out.register_hook(lambda g, rec=rec: rec.__setitem__("grad", True))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    backward = [0]
+    handles = [nn.modules.module.register_module_forward_pre_hook(pre),
+               nn.modules.module.register_module_forward_hook(post)]
+    if params:
+        handles.append(params[0].register_post_accumulate_grad_hook(lambda p: backward.__setitem__(0, backward[0] + 1)))
+    try:
+        model.train()
+        out = method(model, x, y, rng=rng)
+        model.zero_grad(set_to_none=True)
+        out.loss.backward()
+        method.after_step(model)
+    finally:
+        for h in handles:
+            h.remove()
+    mine = [r for r in records if r["kind"] == "model"]
+    return PassCount(
+        target=sum(not r["training"] and not r["grad"] for r in mine),
+        attack=sum(not r["training"] and r["grad"] for r in mine),
+        train=sum(r["training"] and r["grad"] for r in mine),
+        helper=sum(r["kind"] == "helper" for r in records),
+        backward=backward[0],
+        train_no_grad=sum(r["training"] and not r["grad"] for r in mine),
+        batch_sizes=tuple(sorted({r["n"] for r in records})),
+    )
+
+
+# --------------------------------------------------------------------------- the reference-style step
+class PerSampleData(torch.utils.data.Dataset):
+    """Images stored as uint8 HWC arrays and augmented one at a time, as torchvision datasets are.
+
+    Lighter than the reference's PIL round trip, so the reference column is, if anything, flattered.
+    """
+
+    def __init__(self, x_uint8: np.ndarray, y: np.ndarray, augment: str, pad: int = 4) -> None:
+        self.x, self.y, self.augment, self.pad = x_uint8, y, augment, pad
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        img = self.x[i]
+        if "crop" in self.augment:
+            h, w, p = img.shape[0], img.shape[1], self.pad
+            padded = np.pad(img, ((p, p), (p, p), (0, 0)))
+            top, left = np.random.randint(0, 2 * p + 1, size=2)
+            img = padded[top : top + h, left : left + w]
+        if "flip" in self.augment and np.random.rand() < 0.5:
+            img = img[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(255.0), int(self.y[i])
+
+
+def _ls_ce(logits: Tensor, y: Tensor, smoothing: float) -> Tensor:
+    logp = F.log_softmax(logits, dim=-1)
+    return ((1 - smoothing) * -logp.gather(1, y[:, None]).squeeze(1) - smoothing * logp.mean(-1)).mean()
+
+
+def _kl_rows(logits_adv: Tensor, logits_clean: Tensor) -> Tensor:
+    adv, nat = F.softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1)
+    return F.kl_div((adv + 1e-12).log(), nat, reduction="none").sum(dim=1)
+
+
+def reference_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, method: str, eps: float,
+                   steps: int) -> float:
+    """One step the way the research code writes it (ARoW reference: PGD_Linf + ARoW_loss/TRADES_loss).
+
+    Returns the logged loss (its ``.item()`` calls synchronise with the device every step).
+    """
+    step = eps / 4
+    model.eval()
+    x_adv = (x.detach() + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    kl_attack = method in ("arow", "trades")
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        out = model(x_adv)
+        if kl_attack:  # the clean softmax is recomputed inside every step
+            loss = F.kl_div(F.log_softmax(out, dim=1), F.softmax(model(x), dim=1), reduction="sum")
+        else:
+            loss = F.cross_entropy(out, y)
+        grad = torch.autograd.grad(loss, [x_adv])[0]
+        x_adv = x_adv.detach() + step * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+    model.train()
+    if method == "pgd-at":
+        sup, reg = F.cross_entropy(model(x_adv), y), torch.zeros((), device=x.device)
+    else:
+        logits, logits_adv = model(x), model(x_adv)
+        if method == "arow":
+            p_y = F.softmax(logits_adv, dim=1).gather(1, y[:, None]).squeeze(1)
+            sup, reg = _ls_ce(logits, y, 0.2), 7.0 * (_kl_rows(logits_adv, logits) * (1 - p_y)).mean()
+        elif method == "trades":
+            sup, reg = F.cross_entropy(logits, y), 6.0 * _kl_rows(logits_adv, logits).mean()
+        elif method == "mart":
+            p_adv = F.softmax(logits_adv, dim=1)
+            others = p_adv.scatter(1, y[:, None], float("-inf")).max(1).values
+            p_y = F.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
+            sup = F.cross_entropy(logits_adv, y) - torch.log(1.0001 - others + 1e-12).mean()
+            reg = 6.0 * (_kl_rows(logits_adv, logits) * (1 - p_y)).mean()
+        else:
+            raise ValueError(f"no reference-style step for method {method!r} (arow, trades, mart, pgd-at)")
+    loss = sup + reg
+    logged = (sup.item(), reg.item(), loss.item())  # the per-step logging of the reference code
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return logged[2]
+
+
+REFERENCE_METHODS = ("arow", "trades", "mart", "pgd-at")
+
+
+# --------------------------------------------------------------------------- measurements
+@dataclass(frozen=True)
+class Shape:
+    channels: int
+    size: int
+    eps: float
+    augment: str
+    train_images: int  # one epoch of the dataset this shape stands for
+
+
+def shape_for(model: str) -> Shape:
+    """small-cnn: Fashion-MNIST 1x28x28 (eps 0.1, flip); everything else CIFAR 3x32x32 (8/255, crop+flip)."""
+    if model == "small-cnn":
+        return Shape(1, 28, 0.1, "flip", 60_000)
+    return Shape(3, 32, 8 / 255, "crop+flip", 50_000)
+
+
+#: (batch, timed iterations, warm-up iterations, PGD-20 images) when the flags leave them unset
+DEFAULTS = {
+    "cpu": {"small-cnn": (128, 4, 1, 500), "resnet18": (4, 2, 1, 4), "wrn-34-10": (1, 1, 0, 0)},
+    "cuda": {"small-cnn": (512, 50, 10, 10_000), "resnet18": (128, 30, 5, 2000), "wrn-34-10": (128, 10, 3, 500)},
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """``NVIDIA H100 80GB HBM3`` or the CPU's model name, with its thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def matmul_peak(device: torch.device, n: Optional[int] = None, reps: int = 10) -> tuple[float, str]:
+    """Best measured GFLOP/s of an n x n matrix multiply: float32 on the CPU, bf16 on CUDA.
+
+    The best of ``reps``: on a machine shared with other jobs, the least disturbed one.
+    """
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9, f"{n}x{n} {str(dtype).replace('torch.', '')} matmul"
+
+
+def synthetic_uint8(shape: Shape, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random uint8 images (N, H, W, C) and labels: timing does not depend on the pixels."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (n, shape.size, shape.size, shape.channels), dtype=np.uint8),
+            rng.integers(0, 10, n).astype(np.int64))
+
+
+def _build(model: str, shape: Shape, seed: int) -> nn.Module:
+    from .models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(model, num_classes=10, in_channels=shape.channels, image_size=shape.size)
+
+
+def time_ours(model: str, method: str, batch: int, iters: int, warmup: int, steps: int, device: torch.device,
+              *, compile: bool = False, amp: str = "auto", seed: int = 0) -> float:
+    """Seconds for ``iters`` training steps of the Trainer (after ``warmup`` untimed ones)."""
+    from .config import TrainConfig
+    from .data import Loader, TensorData
+    from .training import Trainer
+
+    shape = shape_for(model)
+    x, y = synthetic_uint8(shape, batch * max(iters, warmup), seed)
+    data = TensorData(torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255.0), torch.from_numpy(y), 10)
+    cfg = TrainConfig(method=method, epochs=2, batch_size=batch, eps=shape.eps, attack_steps=steps,
+                      augment=shape.augment, device=str(device), amp=amp, compile=compile, seed=seed,
+                      val_size=0, schedule="constant", lr=0.01)
+    trainer = Trainer(cfg, _build(model, shape, seed), data)
+    if warmup:
+        trainer.loader = Loader(trainer.train_data.subset(batch * warmup), batch, shuffle=True,
+                                augment=shape.augment, seed=seed, drop_last=True)
+        trainer.train_epoch(0)
+    trainer.loader = Loader(trainer.train_data.subset(batch * iters), batch, shuffle=True, augment=shape.augment,
+                            seed=seed, drop_last=True)
+    _sync(device)
+    return float(trainer.train_epoch(1)["seconds"])  # ends with the epoch's one host read
+
+
+def time_reference(model: str, method: str, batch: int, iters: int, warmup: int, steps: int,
+                   device: torch.device, *, seed: int = 0) -> float:
+    """Seconds for ``iters`` reference-style steps, data loading included (after ``warmup``)."""
+    shape = shape_for(model)
+    x, y = synthetic_uint8(shape, batch * (iters + warmup), seed)
+    loader = torch.utils.data.DataLoader(PerSampleData(x, y, shape.augment), batch_size=batch, shuffle=True,
+                                         num_workers=0, drop_last=True)  # the ARoW reference: num_workers=0
+    net = _build(model, shape, seed).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the reference sets it too
+    np.random.seed(seed)
+    t0 = None
+    for i, (xb, yb) in enumerate(loader):
+        if i == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        reference_step(net, opt, xb.to(device), yb.to(device, non_blocking=True), method, shape.eps, steps)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def time_pgd20(model: str, n: int, device: torch.device, *, batch: int = 500, seed: int = 0) -> float:
+    """Seconds for PGD-20 (evaluation settings, fp32) on ``n`` fixed images, all of them attacked."""
+    from .attacks import get_attack
+
+    shape = shape_for(model)
+    x, y = synthetic_uint8(shape, n, seed)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255.0).to(device)
+    yt = torch.from_numpy(y).to(device)
+    net = _build(model, shape, seed).to(device).eval()
+    attack = get_attack("pgd20", shape.eps)
+    attack(net, xt[:2], yt[:2])  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(0, n, batch):
+        attack(net, xt[i : i + batch], yt[i : i + batch])
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class Row:
+    model: str
+    method: str
+    batch: int
+    steps: int
+    ours_img_s: float
+    ref_img_s: Optional[float]
+    gflop_per_img: float  # useful work per image (PASS_TABLE cost x forward FLOPs)
+    ours_gflops: float
+    ref_gflops: Optional[float]
+    peak_fraction: float
+    epoch_s: float  # est. one epoch of the dataset the shape stands for, at our rate
+    ours_cost: int
+    ref_cost: Optional[int]
+
+
+@dataclass
+class BenchResult:
+    device: str
+    peak_gflops: float
+    peak_what: str
+    rows: list[Row]
+    pgd20: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "peak_gflops": self.peak_gflops, "peak_what": self.peak_what,
+                "rows": [asdict(r) for r in self.rows], "pgd20": self.pgd20, "meta": self.meta}
+
+    def markdown(self) -> str:
+        """The tables docs/performance.md shows."""
+        f = lambda v, fmt: "n/a" if v is None else _num(v)  # noqa: E731
+        head = ["model", "method", "batch", "K", "ours img/s", "reference img/s", "speed-up",
+                "ours GFLOP/s", "reference GFLOP/s", "% of peak", "est. epoch (ours)", "passes ours/ref"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in self.rows:
+            speed = None if r.ref_img_s is None else r.ours_img_s / r.ref_img_s
+            cells = [r.model, r.method, str(r.batch), str(r.steps), f(r.ours_img_s, ".1f"), f(r.ref_img_s, ".1f"),
+                     "n/a" if speed is None else f"{speed:.2f}x", f(r.ours_gflops, ".1f"), f(r.ref_gflops, ".1f"),
+                     f"{100 * r.peak_fraction:.1f}%", _duration(r.epoch_s),
+                     f"{r.ours_cost}/{'n/a' if r.ref_cost is None else r.ref_cost}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        out = [f"Device: {self.device}; peak {self.peak_gflops:.1f} GFLOP/s ({self.peak_what}).", "", *lines]
+        if self.pgd20:
+            out += ["", "| model | PGD-20 images | seconds | img/s |", "|---|---|---|---|"]
+            out += [f"| {p['model']} | {p['n']} | {p['seconds']:.2f} | {_num(p['n'] / p['seconds'])} |"
+                    for p in self.pgd20]
+        return "\n".join(out)
+
+
+def _num(v: float) -> str:
+    """Three significant digits for small rates, one decimal for large ones."""
+    return f"{v:.1f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def reference_cost(method: str, steps: int) -> int:
+    """Forward-equivalents per image of :func:`reference_step`: KL attacks pay a clean forward per step."""
+    t, a, tr, h = PASS_TABLE[method]
+    return Passes(target=steps if method in ("arow", "trades") else 0, attack=a * steps, train=tr).cost
+
+
+def run(models: Sequence[str] = ("small-cnn", "resnet18", "wrn-34-10"), methods: Sequence[str] = ("arow", "trades"),
+        *, device: str = "auto", batch_size: Optional[int] = None, iters: Optional[int] = None,
+        warmup: Optional[int] = None, steps: int = 10, pgd_n: Optional[int] = None, reference: bool = True,
+        compile: bool = False, amp: str = "auto", seed: int = 0, repeats: int = 1, threads: Optional[int] = None,
+        on_row: Optional[Callable[[str], None]] = None) -> BenchResult:
+    """Measure every (model, method) pair; see the module docstring for what is timed.
+
+    ``repeats`` > 1 alternates ours / reference that many times and keeps each one's best time
+    (the fair summary on a machine shared with other jobs); ``threads`` sets
+    ``torch.set_num_threads`` for the whole process first.
+
+    >>> r = run(["small-cnn"], ["arow"], device="cpu", batch_size=4, iters=1, warmup=0, steps=1,
+    ...         pgd_n=0)  # doctest: +SKIP
+    """
+    from . import distributed
+    from .methods import METHODS
+    from .models import MODELS, model_flops
+
+    dev = distributed.resolve_device(device)
+    for m in models:
+        MODELS.get(m)
+    for m in methods:
+        METHODS.get(m)
+    if steps < 0:
+        raise ValueError(f"--attack-steps must be >= 0, got {steps}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    for name, v in (("--batch-size", batch_size), ("--iters", iters), ("--threads", threads)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    peak, peak_what = matmul_peak(dev)
+    rows: list[Row] = []
+    pgd: list[dict[str, Any]] = []
+    for model in models:
+        shape = shape_for(model)
+        dflt = DEFAULTS[dev.type].get(model, DEFAULTS[dev.type]["resnet18"])
+        b, it, wu = batch_size or dflt[0], iters or dflt[1], dflt[2] if warmup is None else warmup
+        flops = model_flops(_build(model, shape, seed), (shape.channels, shape.size, shape.size))
+        for method in methods:
+            cost = documented_passes(method, steps).cost if method in PASS_TABLE else None
+            if cost is None:
+                raise ValueError(f"method {method!r} has no documented pass count (arow.bench.PASS_TABLE)")
+            log.info("bench %s / %s: batch %d, %d step(s) timed, best of %d", model, method, b, it, repeats)
+            t_ours, t_ref = [], []
+            for _ in range(repeats):  # alternate, so both see the same background load
+                t_ours.append(time_ours(model, method, b, it, wu, steps, dev, compile=compile, amp=amp, seed=seed))
+                if reference and method in REFERENCE_METHODS:
+                    t_ref.append(time_reference(model, method, b, it, wu, steps, dev, seed=seed))
+            ours = b * it / min(t_ours)
+            ref = b * it / min(t_ref) if t_ref else None
+            gflop = cost * flops / 1e9
+            row = Row(model, method, b, steps, ours, ref, gflop, ours * gflop, None if ref is None else ref * gflop,
+                      ours * gflop / peak, shape.train_images / ours, cost,
+                      reference_cost(method, steps) if ref is not None else None)
+            rows.append(row)
+            if on_row is not None:
+                on_row(f"{model} / {method}: ours {ours:.1f} img/s" + ("" if ref is None else f", reference {ref:.1f} img/s"))
+        n = dflt[3] if pgd_n is None else pgd_n
+        if n > 0:
+            seconds = min(time_pgd20(model, n, dev, seed=seed) for _ in range(repeats))
+            pgd.append({"model": model, "n": n, "seconds": seconds})
+    peak_end = matmul_peak(dev)[0]  # again at the end: the peak is the better of the two
+    if peak_end > peak:
+        for r in rows:
+            r.peak_fraction = r.ours_gflops / peak_end
+        peak = peak_end
+    meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "torch": torch.__version__, "device_type": dev.type, "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "compile": compile, "amp": amp, "steps": steps, "repeats": repeats}
+    return BenchResult(device_name(dev), peak, peak_what, rows, pgd, meta)

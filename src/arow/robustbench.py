@@ -1,0 +1,120 @@
+"""Export an evaluation as a RobustBench model-info JSON (``model_info/<dataset>/Linf/<Name>.json``).
+
+RobustBench's files hold strings: accuracies in percent with two decimals, eps as ``"8/255"``
+when it is a multiple of 1/255. We add ``n_test_points``, ``threat_model`` and the AutoAttack
+settings, and mark the entry ``unreliable`` when a guard tripped or the AutoAttack budget was
+not the standard one.
+
+>>> info = model_info({"accuracy": {"clean": 0.8492, "autoattack": 0.5308}, "eps": 8 / 255,
+...                    "n": 10000, "test_set_size": 10000, "dataset": "cifar10", "method": "trades",
+...                    "model": "wrn-34-10", "attack_settings": {"autoattack": {"standard": True,
+...                    "version": "standard", "seed": 0, "pyautoattack_version": "0.2.0"}}})
+>>> info["eps"], info["clean_acc"], info["autoattack_acc"], info["unreliable"]
+('8/255', '84.92', '53.08', False)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+#: the papers behind the training methods (RobustBench's "name" is the paper title)
+PAPERS: dict[str, dict[str, str]] = {
+    "arow": {"link": "https://arxiv.org/abs/2206.03353",
+             "name": "Improving Adversarial Robustness by Putting More Regularizations on Less Robust Samples",
+             "authors": "Dongyoon Yang, Insung Kong, Yongdai Kim", "venue": "ICML 2023"},
+    "trades": {"link": "https://arxiv.org/abs/1901.08573",
+               "name": "Theoretically Principled Trade-off between Robustness and Accuracy",
+               "authors": "Hongyang Zhang, Yaodong Yu, Jiantao Jiao, Eric P. Xing, Laurent El Ghaoui, "
+                          "Michael I. Jordan", "venue": "ICML 2019"},
+    "mart": {"link": "https://openreview.net/forum?id=rklOg6EFwS",
+             "name": "Improving Adversarial Robustness Requires Revisiting Misclassified Examples",
+             "authors": "Yisen Wang, Difan Zou, Jinfeng Yi, James Bailey, Xingjun Ma, Quanquan Gu",
+             "venue": "ICLR 2020"},
+    "pgd-at": {"link": "https://arxiv.org/abs/1706.06083",
+               "name": "Towards Deep Learning Models Resistant to Adversarial Attacks",
+               "authors": "Aleksander Madry, Aleksandar Makelov, Ludwig Schmidt, Dimitris Tsipras, Adrian Vladu",
+               "venue": "ICLR 2018"},
+}
+ARCHITECTURES = {"small-cnn": "SmallCNN (4 conv + 3 fc)", "resnet18": "ResNet-18",
+                 "preact-resnet18": "PreActResNet-18", "wrn-34-10": "WideResNet-34-10",
+                 "wrn-28-10": "WideResNet-28-10"}
+
+
+def format_eps(eps: float) -> str:
+    """``"8/255"`` when eps is a multiple of 1/255 (RobustBench's spelling), else e.g. ``"0.1"``.
+
+    >>> format_eps(8 / 255), format_eps(0.1)
+    ('8/255', '0.1')
+    """
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:g}"
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:.2f}"
+
+
+def model_info(ev: dict[str, Any], *, name: Optional[str] = None, link: Optional[str] = None,
+               authors: Optional[str] = None, venue: Optional[str] = None, architecture: Optional[str] = None,
+               reported: Optional[float] = None, footnote: Optional[str] = None) -> dict[str, Any]:
+    """RobustBench's model-info record for an ``eval.json`` dict holding an ``autoattack`` result.
+
+    ``reported`` (a fraction) defaults to our own AutoAttack accuracy; the keyword arguments
+    override what is looked up from the training method's paper.
+    """
+    acc = ev.get("accuracy") or {}
+    if "autoattack" not in acc:
+        raise ValueError("no AutoAttack result in this evaluation: run `arow eval ... --attacks clean,autoattack` "
+                         "(RobustBench's robust accuracy is AutoAttack's)")
+    if "clean" not in acc:
+        raise ValueError("no clean accuracy in this evaluation: include 'clean' in --attacks")
+    paper = PAPERS.get(str(ev.get("method")), {})
+    aa = (ev.get("attack_settings") or {}).get("autoattack", {})
+    n, full = int(ev.get("n", 0)), int(ev.get("test_set_size", ev.get("n", 0)))
+    guards_failed = [g["name"] for g in ev.get("guards") or [] if not g.get("passed", True)]
+    notes = [f"Reimplementation trained and evaluated with arow (method {ev.get('method')}), not the authors' "
+             f"checkpoint."] if paper else []
+    order = list(ev.get("attacks") or {})  # evaluation order: the cascade ran what came first
+    before = [k for k in order[: order.index("autoattack")] if k != "clean"] if "autoattack" in order else []
+    if before:
+        notes.append(f"AutoAttack ran as the last stage of a cascade after {', '.join(before)}: the robust "
+                     f"accuracy is the worst case per example over all of them (never above AutoAttack alone).")
+    if not aa.get("standard", False):
+        notes.append("NON-STANDARD AutoAttack settings: not comparable with leaderboard entries.")
+    if n < full:
+        notes.append(f"Evaluated on a SUBSET: {n} of {full} test points.")
+    if guards_failed:
+        notes.append(f"Robustness guards tripped: {', '.join(guards_failed)}.")
+    if footnote:
+        notes.insert(0, footnote)
+    return {
+        "link": link if link is not None else paper.get("link", ""),
+        "name": name if name is not None else paper.get("name", f"{ev.get('method')} ({ev.get('model')})"),
+        "authors": authors if authors is not None else paper.get("authors", ""),
+        "additional_data": False,
+        "number_forward_passes": 1,
+        "dataset": ev.get("dataset"),
+        "venue": venue if venue is not None else paper.get("venue", ""),
+        "architecture": architecture or ARCHITECTURES.get(str(ev.get("model")), str(ev.get("model"))),
+        "eps": format_eps(float(ev["eps"])),
+        "clean_acc": _pct(acc["clean"]),
+        "reported": _pct(reported if reported is not None else acc["autoattack"]),
+        "autoattack_acc": _pct(acc["autoattack"]),
+        "footnote": " ".join(notes) or None,
+        "unreliable": bool(guards_failed) or not aa.get("standard", False),
+        "n_test_points": n,
+        "threat_model": "Linf",
+        "autoattack_version": aa.get("version"),
+        "autoattack_seed": aa.get("seed"),
+        "pyautoattack_version": aa.get("pyautoattack_version"),
+    }
+
+
+def write_model_info(info: dict[str, Any], path: Union[str, Path]) -> Path:
+    """Write ``info`` as indented JSON (atomically) and return the path."""
+    from .checkpoint import atomic_write_text
+
+    path = Path(path)
+    atomic_write_text(json.dumps(info, indent=2) + "\n", path)
+    return path
