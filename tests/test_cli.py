@@ -67,3 +67,52 @@ def test_list_shows_registries():
     for name in ["arow", "trades", "mart", "pgd-at", "natural", "small-cnn", "resnet18", "preact-resnet18",
                  "wrn-34-10", "fashion-mnist", "cifar10", "cifar100", "svhn", "pgd<K>[r<R>]"]:
         assert name in r.stdout, name
+
+
+def test_every_preset_is_a_valid_config():
+    from arow.config import TrainConfig, load_preset, preset_names
+
+    names = preset_names()
+    assert {"fmnist-arow", "cifar10-resnet18", "cifar100-resnet18", "svhn-resnet18", "cifar10-wrn34-10"} <= set(names)
+    for name in names:
+        cfg = TrainConfig.from_dict(load_preset(name)).validate()
+        assert cfg.method_args.get("lam") == 3.5 and cfg.method_args.get("smoothing") == 0.2
+    paper = TrainConfig.from_dict(load_preset("cifar10-resnet18"))
+    assert (paper.epochs, paper.lr, paper.milestones, paper.swa_start, paper.batch_size) == (120, 0.1, [60, 100], 51, 128)
+    assert paper.eps == pytest.approx(8 / 255) and paper.weight_decay == 5e-4
+    # the embedded default IS the fmnist preset
+    demo = TrainConfig.from_dict(load_preset("fmnist-arow"))
+    default = TrainConfig()
+    for k in ("epochs", "lr", "schedule", "warmup_epochs", "batch_size", "dataset", "model", "method"):
+        assert getattr(demo, k) == getattr(default, k), k
+
+
+def _write_cifar(root: Path, n: int = 40) -> None:
+    import pickle
+
+    import numpy as np
+
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+        with open(d / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_paper_preset_runs_end_to_end_on_cifar_format_files(tmp_path):
+    """The CIFAR path (pickle reader, crop+flip, SWA + BN recalibration, step schedule) on tiny files."""
+    _write_cifar(tmp_path / "data")
+    out = tmp_path / "run"
+    r = arow("train", "--preset", "cifar10-resnet18", "--data-dir", str(tmp_path / "data"), "--model", "small-cnn",
+             "--epochs", "2", "--swa-start", "1", "--attack-steps", "1", "--batch-size", "32", "--val-size", "20",
+             "--out", str(out), "--eval-attacks", "clean,pgd5", "--no-guards")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["n"] == 40 and ev["eps"] == pytest.approx(8 / 255) and ev["subset"] is False
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["swa_start"] == 1 and cfg["augment"] == "crop+flip"
+    r = arow("train", "--preset", "cifar10-resnet18", "--data-dir", str(tmp_path / "data"), "--epochs", "10",
+             "--out", str(tmp_path / "r2"))
+    assert r.returncode == 2 and "--swa-start 0 turns SWA off" in r.stderr

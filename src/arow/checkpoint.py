@@ -20,6 +20,13 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or not an arow checkpoint."""
 
 
+def _umask_mode() -> int:
+    """0o666 less the umask: the permissions open() would give, which mkstemp (0o600) does not."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -28,6 +35,7 @@ def atomic_save(obj: Any, path: PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, _umask_mode())
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -43,6 +51,7 @@ def atomic_write_text(text: str, path: PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, _umask_mode())
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()

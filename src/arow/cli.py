@@ -108,7 +108,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--milestones", type=lambda s: [float(v) for v in s.split(",")],
                    help="step schedule: comma-separated epochs (or fractions <= 1 of --epochs)")
     p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--swa-start", type=int, help="average weights from this epoch (1-based) on")
+    p.add_argument("--swa-start", type=int, help="average weights from this epoch (1-based) on; 0 turns SWA off")
     p.add_argument("--eps", type=float, help="L-inf radius (default: F-MNIST 0.1, others 8/255)")
     p.add_argument("--attack-steps", type=int, help="training attack steps (default 10)")
     p.add_argument("--step-size", type=float, help="training attack step (default eps/4)")
@@ -157,6 +157,8 @@ def _config_from_args(a: argparse.Namespace):
                                  f"(it takes: {', '.join('--' + n.replace('_', '-') for n in allowed) or 'none'})")
             margs[name] = v
     base["method_args"] = margs
+    if base.get("swa_start") == 0:  # --swa-start 0 turns off a preset's SWA
+        base["swa_start"] = None
     cfg = TrainConfig.from_dict(base)
     if cfg.out is None:
         cfg.out = f"runs/{cfg.dataset}-{cfg.method}-{cfg.model}-s{cfg.seed}"

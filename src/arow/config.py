@@ -96,7 +96,8 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.swa_start is not None and not 1 <= self.swa_start <= self.epochs:
-            raise ConfigError(f"--swa-start must be in [1, epochs={self.epochs}], got {self.swa_start}")
+            raise ConfigError(f"--swa-start must be in [1, epochs={self.epochs}], got {self.swa_start} "
+                              f"(--swa-start 0 turns SWA off)")
         return self
 
 

@@ -151,7 +151,7 @@ def _run(model: nn.Module, x: Tensor, y: Tensor, eps: float, num_classes: Option
             t0 = time.perf_counter()
             r = GUARDS[name](sub)
             r.seconds = time.perf_counter() - t0
-            log.info("guard %s: %s (%.4g vs %.4g, %.1fs)", r.name, "pass" if r.passed else "FAIL",
+            log.debug("guard %s: %s (%.4g vs %.4g, %.1fs)", r.name, "pass" if r.passed else "FAIL",
                      r.value, r.threshold, r.seconds)
             results.append(r)
     return results

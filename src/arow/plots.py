@@ -160,7 +160,7 @@ def plot_per_class(run_dir: PathLike) -> Optional[Path]:
     run = load_run(run_dir)
     ev = run.eval
     if ev is None or not ev.get("per_class"):
-        log.info("%s: no eval.json with per-class numbers; no per_class.png (run `arow eval` first)", run.path)
+        log.debug("%s: no eval.json with per-class numbers; no per_class.png (run `arow eval` first)", run.path)
         return None
     pc = ev["per_class"]
     names = [k for k in ("clean", "pgd20", "cw", "autoattack") if k in pc] + \
