@@ -180,7 +180,7 @@ def test_method_without_weight_skips_weights_png(tmp_path, caplog):
     from arow.plots import plot_run
 
     run = make_run(tmp_path, "t", method="trades", with_eval=False)
-    with caplog.at_level("INFO", logger="arow.plots"):
+    with caplog.at_level("DEBUG", logger="arow.plots"):
         paths = plot_run(run)
     assert [p.name for p in paths] == ["curves.png"]
     assert "no weights.png" in caplog.text and "no per_class.png" in caplog.text
