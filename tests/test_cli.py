@@ -50,6 +50,8 @@ def test_train_then_eval(tmp_path):
     (["train", "--data-dir", "/nonexistent/fmnist", "--epochs", "1"], "/nonexistent/fmnist"),
     (["train", "--method", "arow", "--beta", "3", "--epochs", "1"], "--beta does not apply"),
     (["train", "--preset", "no-such-preset"], "unknown preset"),
+    (["train", "--val-attack", "pgdx", "--limit-train", "100", "--val-size", "20"], "unknown attack 'pgdx'"),
+    (["train", "--batch-size", "-4"], "--batch-size must be >= 1"),
     (["eval", "/nonexistent/run"], "/nonexistent/run"),
     (["eval", "/nonexistent/run", "--attacks", "pgd20,bogus"], "/nonexistent/run"),
 ])

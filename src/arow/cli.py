@@ -118,6 +118,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--limit-train", type=int, help="train on the first N training examples only")
     p.add_argument("--val-size", type=int, help="held-out training examples for model selection (1000)")
+    p.add_argument("--val-attack", help="attack of the per-epoch validation (pgd20; apgd-monitor is the "
+                   "cheap APGD-CE+APGD-T monitor, not AutoAttack)")
     p.add_argument("--augment", choices=["none", "flip", "crop+flip"])
     p.add_argument("--normalize", action="store_true", default=None, help="normalisation layer in the model")
     p.add_argument("--tensorboard", action="store_true", default=None, help="also log to TensorBoard")

@@ -118,6 +118,7 @@ class Trainer:
         self.model_spec = model_spec or {"name": type(model).__name__, "custom": True}
         self.threat = threat_for(cfg, cfg.method) if method is None else method.threat
         self.method = method or build_method(cfg.method, self.threat, **cfg.method_args)
+        self.val_attack = get_attack(cfg.val_attack, self.threat.eps)  # a typo fails now, not after an epoch
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         self.train_data = train_data.to(self.device)
         self.val_data = val_data.to(self.device) if val_data is not None and len(val_data) else None
@@ -308,7 +309,7 @@ class Trainer:
         self.callbacks.on_validation_start()
         with torch.enable_grad():
             res = evaluate(model or self.model, self.val_data.x, self.val_data.y,
-                           ["clean", get_attack(self.cfg.val_attack, self.threat.eps)], eps=self.threat.eps,
+                           ["clean", self.val_attack], eps=self.threat.eps,
                            num_classes=self.val_data.num_classes, seed=self.cfg.seed)
         return {"val_clean_acc": res.accuracy["clean"], "val_pgd_acc": res.accuracy[self.cfg.val_attack]}
 
