@@ -118,3 +118,54 @@ def test_paper_preset_runs_end_to_end_on_cifar_format_files(tmp_path):
     r = arow("train", "--preset", "cifar10-resnet18", "--data-dir", str(tmp_path / "data"), "--epochs", "10",
              "--out", str(tmp_path / "r2"))
     assert r.returncode == 2 and "--swa-start 0 turns SWA off" in r.stderr
+
+
+@needs_fmnist
+def test_resume_continues_the_saved_experiment_and_refuses_changes(tmp_path):
+    out = tmp_path / "run"
+    common = ["--limit-train", "300", "--val-size", "60", "--attack-steps", "1", "--batch-size", "60",
+              "--eval-attacks", "", "--out", str(out)]
+    assert arow("train", "--epochs", "1", "--eps", "0.2", *common).returncode == 0
+    r = arow("train", "--resume", "--method", "pgd-at", "--epochs", "2", "--out", str(out))
+    assert r.returncode == 2 and "--resume would change" in r.stderr and "method" in r.stderr
+    assert json.loads((out / "config.json").read_text())["method"] == "arow"  # untouched
+    r = arow("train", "--resume", "--epochs", "2", "--out", str(out), "--eval-attacks", "")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["epochs"] == 2 and cfg["eps"] == 0.2 and cfg["limit_train"] == 300  # the saved experiment
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@needs_fmnist
+def test_eval_of_another_checkpoint_gets_its_own_file(tmp_path):
+    out = tmp_path / "run"
+    assert arow("train", "--epochs", "1", "--limit-train", "200", "--val-size", "50", "--attack-steps", "1",
+                "--eval-attacks", "", "--out", str(out)).returncode == 0
+    r = arow("eval", str(out), "--which", "best", "--attacks", "clean", "--n", "50", "--no-guards")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads((out / "eval_best.json").read_text())
+    assert ev["which"] == "best" and ev["checkpoint"].endswith("best.pt")
+    assert not (out / "eval.json").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--eval-attacks", "pgd20,bogus"], "unknown attack 'bogus'"),
+    (["--eval-n", "0"], "--eval-n must be >= 1"),
+    (["--milestones", "1,0.5"], "--milestones must be"),
+    (["--lam", "-1"], "lam must be >= 0"),
+    (["--smoothing", "1.5"], "smoothing must be in [0, 1)"),
+])
+def test_bad_train_flags_fail_before_training(tmp_path, args, needle):
+    r = arow("train", "--epochs", "2", "--limit-train", "100", "--val-size", "20", "--out", str(tmp_path / "o"),
+             *args)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o" / "last.pt").exists()
+
+
+def test_bad_preset_values_are_one_line_errors(tmp_path):
+    for text, needle in [("epochs: abc", "expected int"), ("method_args: [1, 2]", "expected a mapping"),
+                         ("milestones: 60", "expected a list"), ('eps: "0.1"', "expected float")]:
+        f = tmp_path / "p.yaml"
+        f.write_text(text + "\n")
+        r = arow("train", "--preset", str(f), "--out", str(tmp_path / "o"))
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (text, r.stderr)

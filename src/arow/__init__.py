@@ -23,21 +23,10 @@ def load_model(path: Any, *, device: Any = "cpu", which: str = "final") -> "torc
 
     >>> model = load_model("runs/fmnist-arow")  # doctest: +SKIP
     """
-    from pathlib import Path
-
-    from .checkpoint import CheckpointError, load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
     from .models import build_model
 
-    p = Path(path)
-    if p.is_dir():
-        if which not in ("final", "best", "last"):
-            raise ValueError(f"which must be final, best or last, got {which!r}")
-        if (p / f"{which}.pt").is_file():
-            p = p / f"{which}.pt"
-        elif which == "final" and (p / "last.pt").is_file():
-            p = p / "last.pt"
-        else:
-            raise CheckpointError(f"{p}: no {which}.pt in this run folder")
+    p = resolve_checkpoint(path, which)
     ckpt = load_checkpoint(p)
     spec = ckpt["model_spec"]
     if spec.get("custom"):

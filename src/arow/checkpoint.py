@@ -86,6 +86,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def resolve_checkpoint(path: PathLike, which: str = "final") -> Path:
+    """The checkpoint file a run folder's ``which`` names (``final`` falls back to ``last.pt`` while
+    a run is unfinished); a file path is returned as it is.
+
+    >>> resolve_checkpoint("runs/x/best.pt")
+    PosixPath('runs/x/best.pt')
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    if which not in ("final", "best", "last"):
+        raise ValueError(f"which must be final, best or last, got {which!r}")
+    if (p / f"{which}.pt").is_file():
+        return p / f"{which}.pt"
+    if which == "final" and (p / "last.pt").is_file():
+        return p / "last.pt"
+    raise CheckpointError(f"{p}: no {which}.pt in this run folder")
+
+
 def load_checkpoint(path: PathLike, map_location: Optional[str] = "cpu") -> dict[str, Any]:
     """Read an arow checkpoint (a file, or a run folder: its ``final.pt``, else ``last.pt``)."""
     path = Path(path)

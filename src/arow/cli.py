@@ -141,6 +141,12 @@ def _config_from_args(a: argparse.Namespace):
     from .methods import METHODS
 
     base: dict[str, Any] = load_preset(a.preset) if a.preset else {}
+    if a.resume and a.out and (Path(a.out) / "last.pt").is_file():
+        # A resumed run continues ITS experiment: its saved config is the base, flags given now
+        # override it, and the Trainer refuses overrides that would change the experiment.
+        from .checkpoint import load_checkpoint
+
+        base = dict(load_checkpoint(Path(a.out) / "last.pt")["config"])
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for k, v in vars(a).items():
         if k in fields and v is not None and k != "method_args":
@@ -172,6 +178,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .training import train
 
     cfg = _config_from_args(a)
+    from .attacks import get_attack
+
+    for name in (s.strip() for s in a.eval_attacks.split(",")):  # a typo must fail now, not after training
+        if name:
+            get_attack(name, cfg.eps if cfg.eps is not None else 0.1)
+    if a.eval_n is not None and a.eval_n < 1:
+        raise ValueError(f"--eval-n must be >= 1, got {a.eval_n}")
     bars = _Bars(enabled=sys.stderr.isatty() and os.environ.get("RANK", "0") == "0")
     t0 = time.perf_counter()
     log.info("training %s / %s on %s -> %s", cfg.method, cfg.model, cfg.dataset, cfg.out)
@@ -200,16 +213,21 @@ def cmd_train(a: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- eval
 def cmd_eval(a: argparse.Namespace) -> int:
     from . import distributed, load_model
-    from .checkpoint import atomic_write_text, load_checkpoint
+    from .checkpoint import atomic_write_text, load_checkpoint, resolve_checkpoint
     from .data import DATASETS, load_dataset
     from .evaluation import evaluate
 
     d = distributed.setup(a.device)
     device = distributed.resolve_device(a.device, d.local_rank)
-    ckpt = load_checkpoint(a.run)
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.eps is not None and not a.eps >= 0:
+        raise ValueError(f"--eps must be >= 0, got {a.eps}")
+    ckpt_path = resolve_checkpoint(a.run, a.which)
+    ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt.get("config", {})
     model = getattr(a, "model", None)
-    model = load_model(a.run, which=a.which, device=device) if model is None else model.to(device).eval()
+    model = load_model(ckpt_path, device=device) if model is None else model.to(device).eval()
     import torch
 
     model = model.to(memory_format=torch.channels_last)  # same numbers; measured 1.3-1.45x for PGD on the CPU
@@ -230,15 +248,17 @@ def cmd_eval(a: argparse.Namespace) -> int:
     rb_file = getattr(a, "robustbench", None)
     if rb_file and not {"clean", "autoattack"} <= set(attacks):
         raise ValueError("--robustbench needs both clean and autoattack in --attacks")
-    # cmd_train's internal call has no guard flags: the guards belong to `arow eval`
     use_guards, guards_n = getattr(a, "guards", False), getattr(a, "guards_n", 200)
     if use_guards and guards_n < 1:
         raise ValueError(f"--guards-n must be >= 1, got {guards_n}")
     run = Path(a.run)
     run_dir = run if run.is_dir() else run.parent
-    path = Path(a.json) if a.json else run_dir / "eval.json"
+    # the run's headline numbers are the final model's; other checkpoints get their own file
+    which = a.which if run.is_dir() else run.stem
+    default_name = "eval.json" if which == "final" else f"eval_{which}.json"
+    path = Path(a.json) if a.json else run_dir / default_name
     subset = len(data) < full
-    info: dict[str, Any] = {"dataset": dataset, "test_set_size": full, "subset": subset, "checkpoint": ckpt["path"],
+    info: dict[str, Any] = {"dataset": dataset, "test_set_size": full, "subset": subset, "checkpoint": ckpt["path"], "which": which,
                             "method": cfg.get("method"), "model": ckpt["model_spec"].get("name"),
                             "seed": cfg.get("seed")}
     if subset:

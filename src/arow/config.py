@@ -7,6 +7,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -66,11 +67,18 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        """Build from a mapping (a preset, a checkpoint), checking keys and value types."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(fields)
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return cls(**{k: _typed(k, v, fields[k].type) for k, v in d.items()})
+
+    def milestone_epochs(self) -> list[float]:
+        """The step schedule's milestones in epochs (all values < 1 are fractions of --epochs)."""
+        if self.milestones and all(0 < m < 1 for m in self.milestones):
+            return [m * self.epochs for m in self.milestones]
+        return list(self.milestones)
 
     def validate(self) -> "TrainConfig":
         if self.epochs < 1:
@@ -79,6 +87,11 @@ class TrainConfig:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        fractions = [0 < m < 1 for m in self.milestones]
+        if any(not (m > 0 and math.isfinite(m)) for m in self.milestones) or (any(fractions) and not all(fractions)):
+            raise ConfigError(f"--milestones must be epochs (>= 1) or all fractions in (0, 1), got {self.milestones}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"--warmup-epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
         if self.eps is not None and not self.eps >= 0:
             raise ConfigError(f"--eps must be >= 0, got {self.eps}")
         if self.step_size is not None and not self.step_size > 0:
@@ -99,6 +112,33 @@ class TrainConfig:
             raise ConfigError(f"--swa-start must be in [1, epochs={self.epochs}], got {self.swa_start} "
                               f"(--swa-start 0 turns SWA off)")
         return self
+
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _typed(key: str, value: Any, annotation: str) -> Any:
+    """``value`` if it fits the field's annotation (ints pass as floats), else a one-line ConfigError."""
+    ann = str(annotation).replace("Optional[", "").rstrip("]")
+    if value is None:
+        if "Optional" in str(annotation):
+            return None
+        raise ConfigError(f"config key {key!r} must not be empty")
+    if ann.startswith("list"):
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  for v in value):
+            raise ConfigError(f"config key {key!r}: expected a list of numbers, got {value!r}")
+        return [float(v) for v in value]
+    if ann.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return dict(value)
+    want = _SCALARS.get(ann)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
+        raise ConfigError(f"config key {key!r}: expected {ann}, got {type(value).__name__} {value!r}")
+    return value
 
 
 def preset_names() -> list[str]:

@@ -124,8 +124,16 @@ def evaluate(
     >>> sorted(r.accuracy) == ["clean", "pgd5", "worst_case"]
     True
     """
-    if eps < 0:
+    if not eps >= 0:  # also NaN
         raise ValueError(f"eps must be >= 0, got {eps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with torch.autocast(x.device.type, enabled=False):  # attacks in float32, whatever the caller's context
+        return _evaluate(model, x, y, attacks, eps=eps, num_classes=num_classes, batch_size=batch_size,
+                         progress=progress, seed=seed, state_dir=state_dir)
+
+
+def _evaluate(model, x, y, attacks, *, eps, num_classes, batch_size, progress, seed, state_dir) -> EvalResult:
     built = [a if isinstance(a, Attack) else get_attack(a, eps) for a in attacks]
     names = [a.name for a in built]
     if len(set(names)) != len(names):

@@ -34,6 +34,8 @@ from .threat import ThreatModel
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
+#: config keys a resumed run may change (how it runs, not what it computes; epochs extends a run)
+RESUMABLE_CHANGES = frozenset({"epochs", "out", "device", "data_dir", "tensorboard", "compile", "channels_last"})
 WEIGHT_BINS = 20  # histogram of ARoW's per-example weight, per epoch
 
 
@@ -62,8 +64,7 @@ def lr_at(cfg: TrainConfig, t: float) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "step":
-        ms = [m * cfg.epochs if m <= 1 else m for m in cfg.milestones]
-        return cfg.lr * cfg.gamma ** sum(t >= m for m in ms)
+        return cfg.lr * cfg.gamma ** sum(t >= m for m in cfg.milestone_epochs())
     frac = (t - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-8)
     if cfg.schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
@@ -158,6 +159,8 @@ class Trainer:
         distributed.raise_together(error, ConfigError)  # and waits until rank 0 is done with the folder
         if resume:
             self._resume()
+            if self.dist.is_main and self.out is not None:
+                self._write_config()
         self.train_model: nn.Module = self.model
         if cfg.compile:
             self.train_model = torch.compile(self.model)
@@ -176,6 +179,11 @@ class Trainer:
             raise ConfigError(f"{self.out} already holds a run (last.pt); pass --resume to continue it "
                               f"or choose another --out (nothing is deleted)")
         self.out.mkdir(parents=True, exist_ok=True)
+        if not resume:  # a resumed run rewrites it only once its checkpoint has been accepted
+            self._write_config()
+
+    def _write_config(self) -> None:
+        assert self.out is not None
         atomic_write_text(json.dumps(self._resolved_config(), indent=2) + "\n", self.out / "config.json")
 
     def _resolved_config(self) -> dict[str, Any]:
@@ -193,7 +201,17 @@ class Trainer:
         if not path.exists():
             raise ConfigError(f"--resume: {path} does not exist (nothing to resume)")
         ckpt = load_checkpoint(path, map_location="cpu")
-        self.model.load_state_dict(ckpt["model"])
+        saved = ckpt.get("config", {})
+        changed = sorted(k for k, v in self.cfg.to_dict().items()
+                         if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v)
+        if changed:
+            diffs = ", ".join(f"{k}: {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed)
+            raise ConfigError(f"--resume would change the run in {self.out}: {diffs}; resume with its settings "
+                              f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change) or start a new --out")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: does not fit this model ({str(e).splitlines()[0]})") from None
         self.opt.load_state_dict(ckpt["optimizer"])
         if self.swa is not None and ckpt.get("swa") is not None:
             self.swa.load_state_dict(ckpt["swa"])

@@ -84,7 +84,7 @@ def get_attack(name: str, eps: float, **kwargs) -> Attack:
     >>> get_attack("pgd20", 8 / 255).name
     'pgd20'
     """
-    if eps < 0:
+    if not eps >= 0:  # also NaN
         raise ValueError(f"eps must be >= 0, got {eps}")
     m = _PATTERN.match(name)
     if m:
@@ -97,6 +97,8 @@ def get_attack(name: str, eps: float, **kwargs) -> Attack:
                 raise ValueError(f"attack {name!r}: needs at least one step")
         if restarts:
             kw["restarts"] = int(restarts)
+            if kw["restarts"] < 1:
+                raise ValueError(f"attack {name!r}: needs at least one restart")
         return factory(eps, **kw, **kwargs)
     if name in ATTACKS and "<" not in name:
         return ATTACKS.get(name)(eps, **kwargs)

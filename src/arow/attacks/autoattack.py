@@ -294,6 +294,8 @@ def get_autoattack(eps: float, *, attacks: tuple[str, ...] = STANDARD_ATTACKS, s
     >>> atk.cascade, atk.meta["version"], atk.meta["n_target_classes"], atk.meta["square_n_queries"]
     (True, 'standard', 9, 5000)
     """
+    if not eps > 0:  # pyautoattack divides by eps; eps 0 would fail only when the attack runs
+        raise ValueError(f"AutoAttack needs eps > 0, got {eps}")
     settings = AutoAttackSettings(tuple(attacks), seed, n_iter, square_queries, batch_size)
     name = name or ("autoattack" if settings.version == "standard" else "apgd-monitor")
     atk = Attack(name, lambda m, x, y: x, describe(settings), cascade=True, resumable=True,

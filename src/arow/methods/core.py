@@ -103,6 +103,12 @@ class ARoW(Method):
         "weight": Hparam("arow", "ARoW: 'arow' weights by 1 - p_y(x_adv); 'cow' (ablation) by p_y(x)", str),
     }
 
+    def __init__(self, threat, **kwargs):
+        super().__init__(threat, **kwargs)
+        # bad values fail when the method is built, not at the first training step
+        losses.arow_parts(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), lam=self.lam,
+                          smoothing=self.smoothing, weight=self.weight)
+
     def attack(self, model, x, y, rng=None) -> Tensor:
         return kl_attack(model, x, y, self.threat, rng)
 
