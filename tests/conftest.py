@@ -11,6 +11,16 @@ import torch.nn.functional as F
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: with two, tiny ops on a shared 2-core machine are ~100x
+    slower (OpenMP threads waiting for each other). Use with ``pytest.mark.usefixtures``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def fmnist_available() -> bool:
     return (FMNIST / "t10k-labels-idx1-ubyte.gz").is_file()
 

@@ -24,13 +24,7 @@ from arow.evaluation import evaluate
 FAST = dict(n_iter=4, square_queries=15)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two threads on a shared 2-core machine make tiny ops ~100x slower (OpenMP contention)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(num_classes: int = 10, seed: int = 0) -> nn.Module:

@@ -18,13 +18,7 @@ from arow.guards import GUARD_NAMES, run_guards, tripped
 EPS = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two threads on a shared 2-core machine make tiny ops ~100x slower (OpenMP contention)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MLP(nn.Module):
