@@ -29,7 +29,8 @@ def test_train_then_eval(tmp_path):
     assert "pgd20" in r.stdout and "SUBSET" in r.stdout
     r = arow("eval", str(out), "--attacks", "clean,pgd20,cw", "--n", "100")
     assert r.returncode == 0, r.stderr
-    ev = json.loads((out / "eval.json").read_text())
+    assert not (out / "eval.json").exists(), "eval.json is for full-test-set results only"
+    ev = json.loads((out / "eval_n100.json").read_text())
     assert ev["n"] == 100 and ev["eps"] == pytest.approx(0.1) and ev["subset"] is True
     assert set(ev["accuracy"]) >= {"clean", "pgd20", "cw", "worst_case"}
     assert all(0.0 <= v <= 1.0 for v in ev["accuracy"].values())
@@ -45,7 +46,7 @@ def test_train_then_eval(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["train", "--method", "nope"], "invalid choice"),
-    (["train", "--eps", "-0.1", "--epochs", "1"], "--eps must be >= 0"),
+    (["train", "--eps", "-0.1", "--epochs", "1"], "--eps must be in [0, 1]"),
     (["train", "--dataset", "cifar10", "--epochs", "1"], "--data-dir"),
     (["train", "--data-dir", "/nonexistent/fmnist", "--epochs", "1"], "/nonexistent/fmnist"),
     (["train", "--method", "arow", "--beta", "3", "--epochs", "1"], "--beta does not apply"),
@@ -143,7 +144,7 @@ def test_eval_of_another_checkpoint_gets_its_own_file(tmp_path):
                 "--eval-attacks", "", "--out", str(out)).returncode == 0
     r = arow("eval", str(out), "--which", "best", "--attacks", "clean", "--n", "50", "--no-guards")
     assert r.returncode == 0, r.stderr
-    ev = json.loads((out / "eval_best.json").read_text())
+    ev = json.loads((out / "eval_best_n50.json").read_text())
     assert ev["which"] == "best" and ev["checkpoint"].endswith("best.pt")
     assert not (out / "eval.json").exists()
 

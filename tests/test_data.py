@@ -1,9 +1,15 @@
 """Readers on small files in the real formats, splitting, and the DDP-consistent Loader."""
 from __future__ import annotations
 
+import builtins
 import gzip
+import os
 import pickle
 import struct
+import subprocess
+import time
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +76,44 @@ def write_cifar(folder: Path, num_classes: int, n: int = 6) -> dict:
     return out
 
 
+def py2_pickle(obj) -> bytes:
+    """``obj`` pickled as Python 2 wrote the CIFAR files: protocol 2, str as bytes, numpy.core."""
+    def emit(o) -> bytes:
+        if isinstance(o, dict):
+            return b"}(" + b"".join(emit(k) + emit(v) for k, v in o.items()) + b"u"
+        if isinstance(o, list):
+            return b"](" + b"".join(map(emit, o)) + b"e"
+        if isinstance(o, tuple):
+            return b"(" + b"".join(map(emit, o)) + b"t"
+        if isinstance(o, bytes):
+            return b"T" + struct.pack("<I", len(o)) + o
+        if isinstance(o, bool):
+            return b"\x88" if o else b"\x89"
+        if isinstance(o, int):
+            return b"J" + struct.pack("<i", o)
+        if o is None:
+            return b"N"
+        if isinstance(o, np.ndarray):
+            dt = o.dtype
+            dtype = (b"cnumpy\ndtype\n" + emit((dt.str[1:].encode(), 0, 1)) + b"R"
+                     + emit((3, dt.byteorder.replace("=", "<").encode(), None, None, None, -1, -1, 0)) + b"b")
+            return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + emit(((0,), b"b"))[1:-1]
+                    + b"\x87R(" + emit(1) + emit(tuple(o.shape)) + dtype + emit(False)
+                    + emit(o.tobytes()) + b"tb")
+        raise TypeError(type(o))
+    return b"\x80\x02" + emit(obj) + b"."
+
+
+def gzip_zeros(header: bytes, n_zeros: int) -> bytes:
+    """A gzip stream of ``header`` and ``n_zeros`` zero bytes, built without holding them all."""
+    z = zlib.compressobj(1, zlib.DEFLATED, 31)
+    chunk = bytes(1 << 20)
+    out = [z.compress(header)]
+    for lo in range(0, n_zeros, len(chunk)):
+        out.append(z.compress(chunk[: min(len(chunk), n_zeros - lo)]))
+    return b"".join(out) + z.flush()
+
+
 def write_svhn(root: Path, n: int = 7) -> tuple[np.ndarray, np.ndarray]:
     import scipy.io
 
@@ -111,6 +155,72 @@ def test_read_idx_bad_magic_and_broken_gzip(tmp_path):
     q.write_bytes(gzip.compress(b"\x00" * 1000)[:20])
     with pytest.raises(DataError, match="cut.gz"):
         read_idx(q)
+
+
+def idx_header(magic: int, *dims: int) -> bytes:
+    return struct.pack(">I", magic) + struct.pack(f">{len(dims)}I", *dims)
+
+
+@pytest.mark.parametrize("dims,expect,match", [
+    ((0xFFFFFFFF,) * 3, None, r"shape \(4294967295, 4294967295, 4294967295\) = \d+ bytes, more than"),
+    ((3_000_000, 28, 28), (None, 28, 28), r"shape \(3000000, 28, 28\) = 2352000000 bytes, more than the 2147483648 bytes"),
+    ((0, 28, 28), None, r"shape \(0, 28, 28\); every dimension must be >= 1"),
+    ((2, 29, 29), (None, 28, 28), r"shape \(2, 29, 29\), expected \(N, 28, 28\)"),
+    ((5,), (None, 28, 28), r"shape \(5,\), expected \(N, 28, 28\)"),
+])
+def test_read_idx_refuses_absurd_headers(tmp_path, dims, expect, match):
+    p = tmp_path / "h.gz"
+    p.write_bytes(gzip.compress(idx_header(0x0800 + len(dims), *dims)))
+    with pytest.raises(DataError, match=r"h\.gz: IDX header declares " + match) as e:
+        read_idx(p, shape=expect)
+    assert "\n" not in str(e.value)
+
+
+def test_gzip_bomb_refused_from_header_without_decompressing(tmp_path):
+    # 64 MB of zeros behind a header that promises 2.35 GB: refused from the header alone.
+    p = tmp_path / "train-images-idx3-ubyte.gz"
+    p.write_bytes(gzip_zeros(idx_header(0x0803, 3_000_000, 28, 28), 64 << 20))
+    assert p.stat().st_size < 1 << 20
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: IDX header declares.*more than"):
+            read_idx(p, shape=(None, 28, 28))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20 and time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize("kind", ["gzip-zeros", "gzip-second-member", "plain"])
+def test_idx_stream_longer_than_header_is_refused_while_streaming(tmp_path, kind):
+    header, payload = idx_header(0x0803, 2, 28, 28), bytes(2 * 28 * 28)
+    p = tmp_path / ("x.gz" if kind != "plain" else "x")
+    if kind == "gzip-zeros":  # 64 MB more than declared: never decompressed past one byte
+        p.write_bytes(gzip_zeros(header, len(payload) + (64 << 20)))
+    elif kind == "gzip-second-member":
+        p.write_bytes(gzip.compress(header + payload) + gzip.compress(b"\x01"))
+    else:
+        p.write_bytes(header + payload + b"\x00")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"x(\.gz)?: IDX payload for shape \(2, 28, 28\) should be "
+                                            r"1568 bytes, got more \(trailing data\)"):
+            read_idx(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+    p.write_bytes(gzip.compress(header + payload) if kind != "plain" else header + payload)
+    assert read_idx(p, shape=(None, 28, 28)).shape == (2, 28, 28)
+
+
+def test_fashion_mnist_label_header_must_match_image_count(tmp_path):
+    write_fmnist(tmp_path)
+    # Declares 10**9 labels for 12 images: refused from the header, before 1 GB is read.
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip_zeros(idx_header(0x0801, 10**9), 1 << 20))
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz: .*\(1000000000,\), expected \(12,\)"):
+        load_fashion_mnist(tmp_path, train=True)
 
 
 def test_fashion_mnist_missing_says_how_to_install(tmp_path):
@@ -182,6 +292,82 @@ def test_cifar_errors_name_the_file(tmp_path):
         load_cifar(tmp_path, train=False)
 
 
+class Payload:
+    """Unpickles by calling ``fn(arg)``: what a crafted batch would do to a trusting reader."""
+
+    def __init__(self, fn, arg):
+        self.fn, self.arg = fn, arg
+
+    def __reduce__(self):
+        return self.fn, (self.arg,)
+
+
+def _payloads(marker: Path) -> list:
+    return [
+        (Payload(os.system, f"touch {marker}"), os.system.__module__ + r"\.system"),
+        # at protocol 2 pickle writes the Python 2 names, and the refusal quotes the file
+        (Payload(builtins.exec, f"open({str(marker)!r}, 'w').close()"), r"(builtins|__builtin__)\.exec"),
+        (Payload(subprocess.call, ["touch", str(marker)]), r"(subprocess|commands)\.call"),
+    ]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("nested", [False, True])
+def test_cifar_pickle_payload_is_refused_before_it_runs(tmp_path, which, protocol, nested):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, 10)
+    marker = tmp_path / "MARKER"
+    payload, refused = _payloads(marker)[which]
+    obj = {b"data": np.zeros((2, 3072), np.uint8), b"labels": payload} if nested else payload
+    (folder / "test_batch").write_bytes(pickle.dumps(obj, protocol=protocol))
+    with pytest.raises(DataError, match=rf"test_batch: refused to unpickle global {refused}\b") as e:
+        load_cifar(tmp_path, train=False)
+    assert "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("raw,refused", [
+    (b"c__builtin__\neval\n(S'1'\ntR.", "__builtin__.eval"),  # a Python-2 pickle naming eval
+    (b"cposix\nsystem\n(S'true'\ntR.", "posix.system"),
+    (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x04\x00\x00\x00zlib\x86R.", "_codecs.encode"),
+])
+def test_cifar_python2_globals_are_refused(tmp_path, raw, refused):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, 10)
+    (folder / "test_batch").write_bytes(raw)
+    with pytest.raises(DataError, match=rf"test_batch: refused to unpickle global {refused}"):
+        load_cifar(tmp_path, train=False)
+
+
+@pytest.mark.parametrize("writer", ["python2", "protocol2", "protocol4", "protocol5"])
+def test_cifar_batches_as_written_by_python2_and_numpy_load(tmp_path, writer):
+    folder = tmp_path / "cifar-100-python"
+    write_cifar(folder, 100)
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+    batch = {b"batch_label": b"testing batch 1 of 1", b"fine_labels": [0, 99, 5, 7],
+             b"coarse_labels": np.array([1, 2, 3, 4], np.int64), b"filenames": [b"a.png"] * 4,
+             b"data": data}
+    raw = py2_pickle(batch) if writer == "python2" else pickle.dumps(batch, protocol=int(writer[-1]))
+    (folder / "test").write_bytes(raw)
+    x, y = load_cifar(tmp_path, train=False, num_classes=100)
+    assert np.array_equal(x.numpy(), data.reshape(4, 3, 32, 32)) and y.tolist() == [0, 99, 5, 7]
+
+
+def test_cifar_data_must_be_an_array(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, 10)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": [[0] * 3072], b"labels": [0]}, f)
+    with pytest.raises(DataError, match=r"test_batch: expected b'data' to be a numpy array, got list"):
+        load_cifar(tmp_path, train=False)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [[0], [1, 2]]}, f)
+    with pytest.raises(DataError, match=r"test_batch: expected b'labels' to be a list of ints"):
+        load_cifar(tmp_path, train=False)
+
+
 def test_svhn_reader(tmp_path):
     X, y = write_svhn(tmp_path)
     x, yy = load_svhn(tmp_path, train=True)
@@ -193,6 +379,43 @@ def test_svhn_reader(tmp_path):
         load_svhn(tmp_path, train=False)
     with pytest.raises(DataError, match="--data-dir"):
         load_svhn(None, train=False)
+
+
+def _svhn_file(root: Path, X: np.ndarray, y: np.ndarray) -> None:
+    import scipy.io
+
+    scipy.io.savemat(root / "test_32x32.mat", {"X": X, "y": y})
+
+
+@pytest.mark.parametrize("X,match", [
+    (np.full((32, 32, 3, 4), 0.5), r"expected uint8 X of shape \(32, 32, 3, N\), got float64"),  # [0, 1) floats
+    (np.full((32, 32, 3, 4), np.nan, np.float32), r"expected uint8 X .* got float32"),
+    (np.zeros((32, 32, 3, 4), np.int16), r"expected uint8 X .* got int16"),
+    (np.zeros((28, 28, 3, 4), np.uint8), r"expected uint8 X .* got uint8 \(28, 28, 3, 4\)"),
+    (np.zeros((32, 32, 3, 0), np.uint8), r"expected at least one example, got none"),
+])
+def test_svhn_refuses_images_the_real_files_never_hold(tmp_path, X, match):
+    _svhn_file(tmp_path, X, np.ones((X.shape[3], 1), np.uint8))
+    with pytest.raises(DataError, match=r"test_32x32\.mat: " + match):
+        load_svhn(tmp_path, train=False)
+
+
+@pytest.mark.parametrize("y,match", [
+    (np.array([[1], [0], [3], [4]], np.uint8), r"expected labels in 1\.\.10 \(10 = digit 0\), got range 0\.\.4"),
+    (np.array([[1], [11], [3], [4]], np.int32), r"expected labels in 1\.\.10 .*got range 1\.\.11"),
+    (np.array([[1], [np.nan], [3], [4]]), r"expected whole-number labels in 1\.\.10, got nan"),
+    (np.array([[1], [2.5], [3], [4]]), r"expected whole-number labels in 1\.\.10, got 2\.5"),
+    (np.array([[1], [0.0], [3], [4]]), r"expected whole-number labels in 1\.\.10, got 0\.0"),
+])
+def test_svhn_refuses_labels_outside_1_to_10(tmp_path, y, match):
+    _svhn_file(tmp_path, np.zeros((32, 32, 3, 4), np.uint8), y)
+    with pytest.raises(DataError, match=r"test_32x32\.mat: " + match):
+        load_svhn(tmp_path, train=False)
+
+
+def test_svhn_accepts_whole_number_double_labels(tmp_path):
+    _svhn_file(tmp_path, np.zeros((32, 32, 3, 3), np.uint8), np.array([[10.0], [1.0], [9.0]]))
+    assert load_svhn(tmp_path, train=False)[1].tolist() == [0, 1, 9]
 
 
 def test_registry_entries():
@@ -233,6 +456,55 @@ def test_from_tensors_validation():
         from_tensors(torch.rand(3, 1, 2, 2), torch.tensor([0, 1]))
     with pytest.raises(DataError, match="int32|uint8|float"):
         from_tensors(torch.zeros(3, 1, 2, 2, dtype=torch.int32), torch.tensor([0, 1, 0]))
+
+
+@pytest.mark.parametrize("x,y,kw,match", [
+    (torch.rand(3, 1, 2, 2) - 0.5, [0, 1, 0], {}, r"x: values must lie in \[0, 1\] \(got min -0\.[0-9]+.*normalise inside"),
+    (torch.full((3, 1, 2, 2), float("nan")), [0, 1, 0], {}, r"x: values must be finite"),
+    (torch.tensor([0.5, float("inf")]).repeat(6).view(3, 1, 2, 2), [0, 1, 0], {}, r"x: values must be finite"),
+    (torch.full((3, 1, 2, 2), 1e300, dtype=torch.float64), [0, 1, 0], {}, r"x: values must lie in \[0, 1\]"),
+    (torch.rand(0, 1, 2, 2), torch.zeros(0, dtype=torch.long), {}, r"x: expected at least one example"),
+    (torch.rand(3, 4, 4), [0, 1, 0], {}, r"x: expected images of shape \(N, C, H, W\)"),
+    (torch.zeros(3, 1, 2, 2, dtype=torch.int32), [0, 1, 0], {}, r"x: expected float images .* got torch\.int32"),
+    ([[[[0.5]]], [[[0.5, 0.5]]]], [0, 1], {}, r"x: cannot be read as a tensor"),
+    (torch.rand(3, 1, 2, 2), torch.zeros(3, 1, dtype=torch.long), {}, r"y: expected 3 labels of shape \(N,\)"),
+    (torch.rand(3, 1, 2, 2), [0, 1], {}, r"y: expected 3 labels"),
+    (torch.rand(3, 1, 2, 2), torch.zeros(3), {}, r"y: expected integer labels, got torch\.float32"),
+    (torch.rand(3, 1, 2, 2), torch.ones(3, dtype=torch.bool), {}, r"y: expected integer labels, got torch\.bool"),
+    (torch.rand(3, 1, 2, 2), [0, -1, 1], {}, r"y: expected labels in 0\.\.1, got range -1\.\.1"),
+    (torch.rand(3, 1, 2, 2), [-2, -1, -1], {}, r"y: expected labels in 0\.\.0, got range -2\.\.-1"),
+    (torch.rand(3, 1, 2, 2), [0, 1, 2], {"num_classes": 2}, r"y: expected labels in 0\.\.1, got range 0\.\.2"),
+    (torch.rand(3, 1, 2, 2), [0, 1, 0], {"num_classes": 2.5}, r"num_classes: expected a positive integer, got 2\.5"),
+    (torch.rand(3, 1, 2, 2), [0, 1, 0], {"num_classes": "10"}, r"num_classes: expected a positive integer"),
+    (torch.rand(3, 1, 2, 2), [0, 1, 0], {"num_classes": True}, r"num_classes: expected a positive integer"),
+    (torch.rand(3, 1, 2, 2), [0, 0, 0], {"num_classes": 0}, r"num_classes: expected a positive integer, got 0"),
+])
+def test_from_tensors_names_the_bad_argument(x, y, kw, match):
+    with pytest.raises(ValueError, match="^" + match) as e:
+        from_tensors(x, y, **kw)
+    assert isinstance(e.value, DataError) and "\n" not in str(e.value)
+
+
+def test_from_tensors_keeps_accepting_what_it_accepted():
+    d = from_tensors(np.random.default_rng(0).random((4, 1, 3, 3)), np.array([0, 1, 1, 0], np.int32),
+                     num_classes=np.int64(3))
+    assert d.x.dtype == torch.float32 and d.y.dtype == torch.int64
+    assert d.num_classes == 3 and type(d.num_classes) is int
+    assert from_tensors(torch.zeros(2, 1, 1, 1), [0, 0]).num_classes == 1
+    assert float(from_tensors(torch.ones(1, 3, 2, 2, dtype=torch.float16), [4]).x.max()) == 1.0
+
+
+def test_tensor_data_checks_user_tensors_but_not_derived_rows():
+    with pytest.raises(DataError, match=r"^x: values must lie in \[0, 1\]"):
+        TensorData(torch.rand(4, 1, 2, 2) * 255, torch.zeros(4, dtype=torch.long), 10)
+    with pytest.raises(DataError, match=r"^x: expected float images"):
+        TensorData(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), 10)
+    with pytest.raises(DataError, match=r"^y: expected labels in 0\.\.9, got range 0\.\.10"):
+        TensorData(torch.rand(2, 1, 2, 2), torch.tensor([0, 10]), 10)
+    with pytest.raises(DataError, match=r"^y: expected 4 labels"):
+        TensorData(torch.rand(4, 1, 2, 2), torch.zeros(3, dtype=torch.long), 10)
+    d = TensorData(torch.rand(4, 1, 2, 2, dtype=torch.float64), torch.arange(4), 4)
+    assert len(d.shard(3, 4)) == 1 and len(d.subset(0)) == 0  # empty parts stay possible
 
 
 def test_subset_shard_and_batches():

@@ -1,4 +1,4 @@
-"""Losses against hand computations on fixed tensors, gradients included (SPEC sections 2-3)."""
+"""Losses against hand computations on fixed tensors, gradients included."""
 import math
 
 import pytest

@@ -10,31 +10,45 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["__version__", "load_model", "train", "evaluate", "Trainer", "TrainConfig", "ThreatModel",
+__all__ = ["__version__", "load_model", "model_from_checkpoint", "train", "evaluate", "Trainer", "TrainConfig", "ThreatModel",
            "build_model", "build_method", "load_dataset", "from_tensors", "losses"]
 
 
 def load_model(path: Any, *, device: Any = "cpu", which: str = "final") -> "torch.nn.Module":
-    """The trained model of a run folder or checkpoint file, in eval mode.
+    """The trained model of a run folder, checkpoint or ``.safetensors`` export, in eval mode.
 
     It takes inputs in [0, 1] (any normalisation is its first layer) and returns logits.
     ``which`` picks ``final`` (SWA model if SWA ran, else the last epoch), ``best`` (selected on
-    the held-out validation split) or ``last`` when ``path`` is a run folder.
+    the held-out validation split) or ``last`` when ``path`` is a run folder. Files are read
+    without running code from them (see :mod:`arow.checkpoint`).
 
     >>> model = load_model("runs/fmnist-arow")  # doctest: +SKIP
+    >>> model = load_model("model.safetensors")  # from `arow export`  # doctest: +SKIP
     """
-    from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+    from .checkpoint import load_checkpoint, resolve_checkpoint
+
+    return model_from_checkpoint(load_checkpoint(resolve_checkpoint(path, which)), device=device)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], *, device: Any = "cpu") -> "torch.nn.Module":
+    """Build the model a loaded checkpoint describes and load its weights (eval mode)."""
+    from .checkpoint import CheckpointError
     from .models import build_model
 
-    p = resolve_checkpoint(path, which)
-    ckpt = load_checkpoint(p)
-    spec = ckpt["model_spec"]
+    spec, path = ckpt["model_spec"], ckpt.get("path")
     if spec.get("custom"):
-        raise CheckpointError(f"{p}: holds a user-defined model ({spec.get('name')}); build it yourself and "
-                              f"load_state_dict(torch.load(path)['model'])")
-    model = build_model(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                        image_size=spec["image_size"], mean=spec.get("mean"), std=spec.get("std"))
-    model.load_state_dict(ckpt["model"])
+        raise CheckpointError(f"{path}: holds a user-defined model ({spec.get('name')}); build it yourself and "
+                              f"load_state_dict(arow.checkpoint.load_checkpoint(path)['model'])")
+    try:
+        model = build_model(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
+                            image_size=spec["image_size"], mean=spec.get("mean"), std=spec.get("std"))
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: incomplete model spec ({type(e).__name__}: {e})") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model spec {spec.get('name')} "
+                              f"({str(e).splitlines()[0][:160]})") from None
     return model.to(device).eval()
 
 

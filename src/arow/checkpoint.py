@@ -1,12 +1,28 @@
-"""Checkpoints: written atomically, holding everything a run needs to resume or be evaluated."""
+"""Checkpoints: written atomically, read back without ever running code from the file.
+
+Every checkpoint ``arow`` writes holds plain values only (tensors, numbers, strings, lists,
+dicts), so it loads with ``torch.load(weights_only=True)``: PyTorch's restricted unpickler, which
+refuses any other Python object instead of constructing it. A file with a pickled payload (a
+shared checkpoint from a stranger, a model zoo download) is refused with one line. Models meant for
+sharing are exported as safetensors (:func:`export_model`): raw tensors plus a small JSON header,
+no pickle at all.
+
+Checkpoints written by arow 0.1.0 stored numpy's RNG state as a numpy array; they still load, with
+numpy's array-reconstruction functions added to the allow-list and nothing else. Anything else that
+needs more is refused with the one command that converts a file its owner trusts
+(``arow convert --trust-pickle FILE``).
+"""
 from __future__ import annotations
 
+import io
+import json
 import logging
+import math
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -14,12 +30,15 @@ import torch.nn as nn
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
+#: the tag in a safetensors header that marks an arow model export
+EXPORT_FORMAT = "arow-model/1"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or not an arow checkpoint."""
+    """A checkpoint is missing, unreadable, unsafe or not an arow checkpoint."""
 
 
+# --------------------------------------------------------------------------- atomic writes
 def _umask_mode() -> int:
     """0o666 less the umask: the permissions open() would give, which mkstemp (0o600) does not."""
     mask = os.umask(0)
@@ -27,18 +46,21 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_save(obj: Any, path: PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+def _atomic_write(path: PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write through ``write(file)`` into a fresh temporary file beside ``path``, fsync, rename.
 
-    A crash at any point leaves either the old file or the new one, never half a file.
+    A crash at any point leaves either the old file or the new one, never half a file. The
+    temporary file is created exclusively (a planted symlink is never followed) and the rename
+    replaces a symlink at ``path`` rather than writing through it. On any failure the temporary
+    file is removed; a SIGKILL can still leave one, which :func:`remove_stale_tmp` cleans.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, _umask_mode())
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        os.chmod(tmp, _umask_mode())
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -47,18 +69,67 @@ def atomic_save(obj: Any, path: PathLike) -> None:
         raise
 
 
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` to ``path`` atomically (see :func:`_atomic_write`)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(text: str, path: PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, _umask_mode())
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` atomically (see :func:`_atomic_write`)."""
+    _atomic_write(path, lambda f: f.write(text), mode="w")
 
 
+def atomic_write_bytes(data: bytes, path: PathLike) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`_atomic_write`)."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def append_line(path: PathLike, line: str) -> None:
+    """Append one line to ``path``, refusing to follow a symlink planted at ``path``."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if Path(path).is_symlink():
+            raise OSError(f"{path} is a symbolic link; arow does not write through links in a run folder") from None
+        raise e
+    with os.fdopen(fd, "a") as f:
+        f.write(line.rstrip("\n") + "\n")
+
+
+def remove_stale_tmp(folder: PathLike) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files an interrupted atomic write left in ``folder``.
+
+    Call it only while holding the folder (its run lock): another writer's file would look the same.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d unfinished temporary file(s) in %s", len(stale), folder)
+    return stale
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None, so ``json.dumps`` writes valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dump_json(obj: Any, indent: Optional[int] = 2) -> str:
+    """Valid JSON (RFC 8259: no NaN or Infinity) of ``obj``; non-finite numbers become null."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+
+# --------------------------------------------------------------------------- state
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state of the unwrapped module: no ``module.`` (DDP) or ``_orig_mod.`` (compile) prefixes."""
     while True:
@@ -72,7 +143,12 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG the training touches, as plain values (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -80,12 +156,18 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    npst = state["numpy"]
+    if isinstance(npst, dict):
+        npst = (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                npst["cached_gaussian"])
+    np.random.set_state(npst)
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# --------------------------------------------------------------------------- reading
 def resolve_checkpoint(path: PathLike, which: str = "final") -> Path:
     """The checkpoint file a run folder's ``which`` names (``final`` falls back to ``last.pt`` while
     a run is unfinished); a file path is returned as it is.
@@ -105,8 +187,62 @@ def resolve_checkpoint(path: PathLike, which: str = "final") -> Path:
     raise CheckpointError(f"{p}: no {which}.pt in this run folder")
 
 
+def _legacy_numpy_globals() -> list[Any]:
+    """What arow 0.1.0's numpy RNG state needs: numpy array reconstruction, nothing that runs code."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _torch_load(path: Path, map_location: Optional[str]) -> Any:
+    """``torch.load`` with PyTorch's restricted unpickler: plain values only, never arbitrary objects."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as first:  # noqa: BLE001 - every failure below becomes one line
+        if "numpy" in str(first):  # arow 0.1.0 kept numpy's RNG state as a numpy array
+            try:
+                with torch.serialization.safe_globals(_legacy_numpy_globals()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception:  # noqa: BLE001
+                pass
+        if "global" in str(first).lower():  # the unpickler met a class or function it does not allow
+            raise CheckpointError(
+                f"{path}: refused: the file holds Python objects that could run code when loaded "
+                f"(only tensors and plain values are read). If you trust its source, convert it once "
+                f"with `arow convert --trust-pickle {path}`") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(first).__name__}; "
+                              f"truncated or damaged?)") from None
+
+
+def _load_safetensors(path: Path, map_location: Optional[str]) -> dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=map_location or "cpu") as f:
+            meta = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path}: a safetensors file without arow's model header (format "
+                              f"{EXPORT_FORMAT!r}); load its weights into your own model instead")
+    try:
+        info = json.loads(meta["arow"])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: damaged arow header in the safetensors metadata") from None
+    return {"model": weights, "model_spec": info.get("model_spec", {}), "config": info.get("config", {}),
+            "threat": info.get("threat", {}), "version": info.get("version"), "exported": True}
+
+
 def load_checkpoint(path: PathLike, map_location: Optional[str] = "cpu") -> dict[str, Any]:
-    """Read an arow checkpoint (a file, or a run folder: its ``final.pt``, else ``last.pt``)."""
+    """Read an arow checkpoint or model export without running code from it.
+
+    ``path`` is a ``.pt`` checkpoint, a ``.safetensors`` export, or a run folder (its ``final.pt``,
+    else ``last.pt``).
+
+    >>> ckpt = load_checkpoint("runs/fmnist-arow")  # doctest: +SKIP
+    >>> sorted(ckpt["model_spec"])[:3]              # doctest: +SKIP
+    ['dataset', 'image_size', 'in_channels']
+    """
     path = Path(path)
     if path.is_dir():
         for name in ("final.pt", "last.pt"):
@@ -117,11 +253,61 @@ def load_checkpoint(path: PathLike, map_location: Optional[str] = "cpu") -> dict
             raise CheckpointError(f"{path}: no final.pt or last.pt in this run folder")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file to the user
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_spec" not in ckpt:
+    if path.suffix == ".safetensors":
+        ckpt = _load_safetensors(path, map_location)
+    else:
+        ckpt = _torch_load(path, map_location)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or "model_spec" not in ckpt:
         raise CheckpointError(f"{path}: not an arow checkpoint (no model / model_spec entries)")
     ckpt["path"] = str(path)
     return ckpt
+
+
+# --------------------------------------------------------------------------- sharing
+def export_model(ckpt: dict[str, Any], out: PathLike) -> Path:
+    """Write the model of checkpoint ``ckpt`` as safetensors: its weights plus a JSON header
+    (model spec, threat model, training config) that :func:`load_checkpoint` and
+    ``arow.load_model`` read back. No optimiser or RNG state, no pickle.
+
+    >>> export_model(load_checkpoint("runs/fmnist-arow"), "model.safetensors")  # doctest: +SKIP
+    """
+    from safetensors.torch import save as st_save
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: an export is a .safetensors file")
+    weights = {k: v.detach().cpu().contiguous() for k, v in ckpt["model"].items()}
+    info = {"model_spec": ckpt["model_spec"], "threat": ckpt.get("threat", {}),
+            "config": ckpt.get("config", {}), "version": ckpt.get("version"),
+            "final_source": ckpt.get("final_source"), "epoch": ckpt.get("epoch")}
+    atomic_write_bytes(st_save(weights, metadata={"format": EXPORT_FORMAT, "arow": dump_json(info, None)}), out)
+    return out
+
+
+def convert_checkpoint(src: PathLike, dst: Optional[PathLike] = None) -> Path:
+    """Rewrite a checkpoint that needs the full (unsafe) unpickler as one that loads safely.
+
+    ONLY for files whose source you trust: reading ``src`` runs whatever its pickle says. The
+    result holds the same entries as plain values (numpy RNG state as tensors).
+    """
+    src = Path(src)
+    dst = Path(dst) if dst is not None else src
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)  # the user vouched for this file
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{src}: not an arow checkpoint (no model entry)")
+    rng = ckpt.get("rng")
+    if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        rng["numpy"] = {"name": str(name), "keys": torch.as_tensor(np.asarray(keys).astype(np.int64)),
+                        "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    ckpt.pop("path", None)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{src}: holds objects other than plain values even after conversion "
+                              f"({str(e).splitlines()[0][:120]})") from None
+    atomic_write_bytes(buf.getvalue(), dst)
+    return dst

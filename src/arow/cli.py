@@ -19,7 +19,8 @@ from typing import Any, Optional, Sequence
 
 log = logging.getLogger("arow")
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+#: errors whose message is the whole story for the user: one line, exit status 2
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -140,21 +141,33 @@ def _config_from_args(a: argparse.Namespace):
     from .config import TrainConfig, load_preset
     from .methods import METHODS
 
+    if a.resume and a.preset:
+        raise ValueError("--preset cannot be combined with --resume: a resumed run continues with the config "
+                         "saved in its folder (flags given with --resume may only change how it runs)")
     base: dict[str, Any] = load_preset(a.preset) if a.preset else {}
-    if a.resume and a.out and (Path(a.out) / "last.pt").is_file():
-        # A resumed run continues ITS experiment: its saved config is the base, flags given now
-        # override it, and the Trainer refuses overrides that would change the experiment.
-        from .checkpoint import load_checkpoint
+    if a.resume and a.out:
+        from .runs import RunDir
 
-        base = dict(load_checkpoint(Path(a.out) / "last.pt")["config"])
+        run = RunDir(a.out)
+        if run.has_checkpoint():
+            # A resumed run continues ITS experiment: its saved config is the base, flags given now
+            # override it, and the Trainer refuses overrides that would change the experiment.
+            base = dict(run.load_resume_state()["config"])
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for k, v in vars(a).items():
         if k in fields and v is not None and k != "method_args":
             base[k] = v
     method = base.get("method", "arow")
     allowed = METHODS.get(method).hparams
-    margs = {k: v for k, v in (base.get("method_args") or {}).items() if k in allowed}
-    dropped = set(base.get("method_args") or {}) - set(margs)
+    given = base.get("method_args") or {}
+    if not isinstance(given, dict):
+        raise ValueError(f"method_args must be a mapping of hyper-parameters, got {given!r}")
+    unknown = sorted(set(given) - set(_method_hparams()))
+    if unknown:
+        raise ValueError(f"method_args: unknown hyper-parameter(s) {', '.join(unknown)} (no method takes them; "
+                         f"{method} takes: {', '.join(allowed) or 'none'})")
+    margs = {k: v for k, v in given.items() if k in allowed}
+    dropped = set(given) - set(margs)
     if dropped:  # a preset written for another method: its hyper-parameters do not carry over
         log.info("ignoring the preset's %s: not hyper-parameters of %s", ", ".join(sorted(dropped)), method)
     for k, v in vars(a).items():
@@ -185,6 +198,11 @@ def cmd_train(a: argparse.Namespace) -> int:
             get_attack(name, cfg.eps if cfg.eps is not None else 0.1)
     if a.eval_n is not None and a.eval_n < 1:
         raise ValueError(f"--eval-n must be >= 1, got {a.eval_n}")
+    test_data = None
+    if a.eval_attacks.strip():  # missing or damaged test files must fail now, not after training
+        from .data import load_dataset
+
+        test_data = load_dataset(cfg.dataset, root=cfg.data_dir, split="test")
     bars = _Bars(enabled=sys.stderr.isatty() and os.environ.get("RANK", "0") == "0")
     t0 = time.perf_counter()
     log.info("training %s / %s on %s -> %s", cfg.method, cfg.model, cfg.dataset, cfg.out)
@@ -197,7 +215,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                                 batch_size=500, device=cfg.device, data_dir=cfg.data_dir, dataset=None,
                                 json=None, model=result.model, train_seconds=train_seconds,
                                 guards=not a.no_guards, guards_n=200, allow_guard_failures=False,
-                                robustbench=None, eval_resume=True)
+                                robustbench=None, eval_resume=True, test_data=test_data)
         status = cmd_eval(ev)
         if distributed.info().is_main:
             from .training import _plot_run
@@ -212,10 +230,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- eval
 def cmd_eval(a: argparse.Namespace) -> int:
-    from . import distributed, load_model
-    from .checkpoint import atomic_write_text, load_checkpoint, resolve_checkpoint
+    from . import distributed, model_from_checkpoint
+    from .checkpoint import atomic_write_text, dump_json, load_checkpoint, resolve_checkpoint
     from .data import DATASETS, load_dataset
     from .evaluation import evaluate
+    from .runs import RunDir, check_writable
 
     d = distributed.setup(a.device)
     device = distributed.resolve_device(a.device, d.local_rank)
@@ -226,19 +245,35 @@ def cmd_eval(a: argparse.Namespace) -> int:
     ckpt_path = resolve_checkpoint(a.run, a.which)
     ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt.get("config", {})
+    spec = ckpt["model_spec"]
+    dataset = a.dataset or spec.get("dataset") or cfg.get("dataset")
+    if dataset not in DATASETS:
+        raise ValueError(f"{ckpt_path}: does not say which data set it was trained on; pass --dataset")
+    dinfo = DATASETS.get(dataset)
+    shape = (spec.get("in_channels"), spec.get("image_size"), spec.get("num_classes"))
+    if None not in shape and shape != (dinfo.in_channels, dinfo.image_size, dinfo.num_classes):
+        raise ValueError(f"--dataset {dataset} ({dinfo.in_channels}x{dinfo.image_size}x{dinfo.image_size}, "
+                         f"{dinfo.num_classes} classes) does not fit the model in {ckpt_path} "
+                         f"({shape[0]}x{shape[1]}x{shape[1]}, {shape[2]} classes)")
+    if a.n is not None and a.n < 1:
+        raise ValueError(f"--n must be >= 1, got {a.n}")
+    test_data = getattr(a, "test_data", None)
+    data = test_data if test_data is not None else load_dataset(dataset, root=a.data_dir or cfg.get("data_dir"),
+                                                                split="test")
+    full = len(data)
+    if a.n is not None:
+        data = data.subset(a.n)
+    run = Path(a.run)
+    run_dir = run if run.is_dir() else run.parent
+    # eval.json holds the final model on the FULL test set; other checkpoints and subsets get their own file
+    which = a.which if run.is_dir() else run.stem
+    path = check_writable(a.json if a.json else RunDir(run_dir).eval_path(which, len(data), full), "--json")
     model = getattr(a, "model", None)
-    model = load_model(ckpt_path, device=device) if model is None else model.to(device).eval()
+    model = model_from_checkpoint(ckpt, device=device) if model is None else model.to(device).eval()
     import torch
 
     model = model.to(memory_format=torch.channels_last)  # same numbers; measured 1.3-1.45x for PGD on the CPU
-    dataset = a.dataset or ckpt["model_spec"].get("dataset") or cfg.get("dataset")
-    eps = a.eps if a.eps is not None else ckpt.get("threat", {}).get("eps", DATASETS.get(dataset).eps)
-    data = load_dataset(dataset, root=a.data_dir or cfg.get("data_dir"), split="test")
-    full = len(data)
-    if a.n is not None:
-        if a.n < 1:
-            raise ValueError(f"--n must be >= 1, got {a.n}")
-        data = data.subset(a.n)
+    eps = a.eps if a.eps is not None else ckpt.get("threat", {}).get("eps", dinfo.eps)
     attacks = [s.strip() for s in a.attacks.split(",") if s.strip()]
     if not attacks:
         raise ValueError("--attacks is empty")
@@ -251,12 +286,6 @@ def cmd_eval(a: argparse.Namespace) -> int:
     use_guards, guards_n = getattr(a, "guards", False), getattr(a, "guards_n", 200)
     if use_guards and guards_n < 1:
         raise ValueError(f"--guards-n must be >= 1, got {guards_n}")
-    run = Path(a.run)
-    run_dir = run if run.is_dir() else run.parent
-    # the run's headline numbers are the final model's; other checkpoints get their own file
-    which = a.which if run.is_dir() else run.stem
-    default_name = "eval.json" if which == "final" else f"eval_{which}.json"
-    path = Path(a.json) if a.json else run_dir / default_name
     subset = len(data) < full
     info: dict[str, Any] = {"dataset": dataset, "test_set_size": full, "subset": subset, "checkpoint": ckpt["path"], "which": which,
                             "method": cfg.get("method"), "model": ckpt["model_spec"].get("name"),
@@ -282,7 +311,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
             msg = (f"robustness guard {names} tripped: {bad[0].message} "
                    f"(--allow-guard-failures reports the numbers anyway)")
             if d.is_main:
-                atomic_write_text(json.dumps({**info, "guards": guards, "error": msg}, indent=2) + "\n", path)
+                atomic_write_text(dump_json({**info, "guards": guards, "error": msg}) + "\n", path)
                 print(f"arow: error: {msg}", file=sys.stderr)
             return 3
     bars = _Bars(enabled=sys.stderr.isatty() and os.environ.get("RANK", "0") == "0")
@@ -296,7 +325,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if getattr(a, "train_seconds", None) is not None:
         out["train_seconds"] = a.train_seconds
     if d.is_main:
-        atomic_write_text(json.dumps(out, indent=2) + "\n", path)
+        atomic_write_text(dump_json(out) + "\n", path)
         rows = [[k, f"{100 * v:.2f}%", res.descriptions.get(k, "worst case over all attacks above")]
                 for k, v in res.accuracy.items()]
         title = f"{dataset} test set, {len(data)} of {full} images{' (SUBSET)' if subset else ''}, eps={eps:.4g}"
@@ -355,6 +384,34 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.json:
         atomic_write_text(json.dumps(res.to_json(), indent=2) + "\n", a.json)
         print(f"written {a.json}")
+    return 0
+
+
+# --------------------------------------------------------------------------- export, convert
+def cmd_export(a: argparse.Namespace) -> int:
+    from .checkpoint import export_model, load_checkpoint, resolve_checkpoint
+
+    if a.out is None:
+        raise ValueError("--out FILE.safetensors is required")
+    ckpt = load_checkpoint(resolve_checkpoint(a.run, a.which))
+    path = export_model(ckpt, a.out)
+    print(f"written {path} (weights and model header; `arow eval {path}` or arow.load_model({str(path)!r}))")
+    return 0
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from .checkpoint import convert_checkpoint
+
+    if not a.trust_pickle:
+        raise ValueError("arow convert reads the file with Python's full unpickler, which runs any code it holds; "
+                         "pass --trust-pickle to confirm you trust where the file came from")
+    files = sorted(Path(a.path).glob("*.pt")) if Path(a.path).is_dir() else [Path(a.path)]
+    if not files:
+        raise ValueError(f"{a.path}: no .pt files to convert")
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"{f}: no such file")
+        print(f"converted {convert_checkpoint(f)} (now loads without unpickling code)")
     return 0
 
 
@@ -442,6 +499,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", help="also write the results to this JSON file")
     b.set_defaults(func=cmd_bench)
+    x = sub.add_parser("export", help="write a run's model as safetensors (weights + model header) for sharing")
+    x.add_argument("run", help="run folder or checkpoint file")
+    x.add_argument("--out", help="the .safetensors file to write")
+    x.add_argument("--which", choices=["final", "best", "last"], default="final")
+    x.set_defaults(func=cmd_export)
+    c = sub.add_parser("convert", help="rewrite a checkpoint of an older arow (or any trusted pickle) so that "
+                                       "it loads safely")
+    c.add_argument("path", help="checkpoint file or run folder (every .pt in it), rewritten in place")
+    c.add_argument("--trust-pickle", action="store_true",
+                   help="required: reading the old file runs whatever its pickle holds; only for files you trust")
+    c.set_defaults(func=cmd_convert)
     ls = sub.add_parser("list", help="list methods, models, datasets, attacks and presets")
     ls.set_defaults(func=cmd_list)
     return p
@@ -466,6 +534,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "; run the same command again to continue where it stopped" if a.command == "eval" else "")
         print(f"arow: interrupted{hint}", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from .training import TrainingDiverged
+
+        if not isinstance(e, TrainingDiverged):
+            raise
+        print(f"arow: error: {e}", file=sys.stderr)
+        return 4
     except USER_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"arow: error: {msg}", file=sys.stderr)

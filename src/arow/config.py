@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -20,50 +21,72 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message says which and why."""
 
 
+def opt(default: Any = None, help: str = "", *, lo: Optional[float] = None, hi: Optional[float] = None,
+        lo_open: bool = False, hi_open: bool = False, choices: Optional[Sequence[str]] = None,
+        runtime: bool = False, factory: Any = None) -> Any:
+    """A config field with its rule, declared once: help text, range, choices, and whether it is
+    runtime-only (how a run executes, not what it computes: may change on ``--resume``).
+
+    Numbers must be finite and within ``lo``/``hi`` (``lo_open``/``hi_open`` exclude the bound).
+    """
+    meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
+            "choices": tuple(choices) if choices else None, "runtime": runtime}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
     # what to train
-    method: str = "arow"
-    method_args: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "fashion-mnist"
-    data_dir: Optional[str] = None
-    model: str = "small-cnn"
-    normalize: bool = False  # the paper trains on [0, 1] inputs without normalisation
+    method: str = opt("arow", "training method")
+    method_args: dict[str, Any] = opt(help="the method's hyper-parameters", factory=dict)
+    dataset: str = opt("fashion-mnist", "data set")
+    data_dir: Optional[str] = opt(None, "folder with the dataset files", runtime=True)
+    model: str = opt("small-cnn", "architecture")
+    normalize: bool = opt(False, "normalisation layer in the model (the paper trains on [0, 1] inputs)")
     # optimisation
     # The defaults are the embedded Fashion-MNIST recipe that `make demo` runs on a 2-core CPU
     # within 15 minutes (2 epochs at ~200 img/s); the paper's CIFAR recipes are presets.
-    epochs: int = 2
-    batch_size: int = 128  # GLOBAL batch: split across ranks under torchrun
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"  # step | cosine | onecycle (linear warm-up, then linear decay to 0)
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.83])  # fractions or epochs
-    gamma: float = 0.1
-    warmup_epochs: float = 0.15
-    swa_start: Optional[int] = None  # 1-based epoch from which weights are averaged
+    epochs: int = opt(2, "training epochs", lo=1)
+    batch_size: int = opt(128, "GLOBAL batch (split across torchrun processes)", lo=1)
+    lr: float = opt(0.1, "peak learning rate", lo=0, lo_open=True, hi=100)
+    momentum: float = opt(0.9, "SGD momentum", lo=0, hi=1, hi_open=True)
+    nesterov: bool = opt(False, "Nesterov momentum")
+    weight_decay: float = opt(5e-4, "SGD weight decay", lo=0, hi=1)
+    schedule: str = opt("onecycle", "learning-rate schedule (onecycle: linear warm-up, then linear decay to 0)",
+                        choices=("step", "cosine", "onecycle", "constant"))
+    milestones: list[float] = opt(help="step schedule: epochs, or all fractions < 1 of --epochs",
+                                  factory=lambda: [0.5, 0.83])
+    gamma: float = opt(0.1, "step schedule: learning-rate factor at each milestone", lo=0, lo_open=True, hi=1)
+    warmup_epochs: float = opt(0.15, "linear learning-rate warm-up, in epochs", lo=0)
+    swa_start: Optional[int] = opt(None, "1-based epoch from which weights are averaged (SWA)", lo=1)
     # threat model of the training attack
-    eps: Optional[float] = None  # dataset default (F-MNIST 0.1, others 8/255)
-    attack_steps: Optional[int] = None  # method default (10)
-    step_size: Optional[float] = None  # eps / 4
+    eps: Optional[float] = opt(None, "L-inf radius (dataset default: F-MNIST 0.1, others 8/255)", lo=0, hi=1)
+    attack_steps: Optional[int] = opt(None, "training attack steps (method default: 10)", lo=0, hi=10_000)
+    step_size: Optional[float] = opt(None, "training attack step (default eps/4)", lo=0, lo_open=True, hi=1)
     # data
-    limit_train: Optional[int] = None
-    val_size: int = 1000
-    val_attack: str = "pgd20"
-    augment: Optional[str] = None  # dataset default
+    limit_train: Optional[int] = opt(None, "train on the first N training examples only", lo=2)
+    val_size: int = opt(1000, "held-out training examples for model selection", lo=0)
+    val_attack: str = opt("pgd20", "attack of the per-epoch validation")
+    augment: Optional[str] = opt(None, "augmentation (dataset default)", choices=("none", "flip", "crop+flip"))
     # runtime
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
-    channels_last: str = "auto"
-    compile: bool = False
-    sync_bn: bool = True  # SyncBatchNorm under DDP (a DDP run then equals a 1-process run)
-    out: Optional[str] = None
-    tensorboard: bool = False
+    seed: int = opt(0, "random seed", lo=0, hi=2**63 - 1)
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N", runtime=True)
+    amp: str = opt("auto", "bf16 autocast (auto: on CUDA)", choices=("auto", "bf16", "off"))
+    channels_last: str = opt("auto", "channels-last memory format", choices=("auto", "on", "off"), runtime=True)
+    compile: bool = opt(False, "torch.compile the model", runtime=True)
+    sync_bn: bool = opt(True, "SyncBatchNorm under DDP (a DDP run then equals a 1-process run)")
+    out: Optional[str] = opt(None, "run folder", runtime=True)
+    tensorboard: bool = opt(False, "also log to TensorBoard", runtime=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def runtime_keys(cls) -> frozenset[str]:
+        """Keys that say how a run executes, not what it computes (they may change on resume)."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime"))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -72,7 +95,8 @@ class TrainConfig:
         unknown = set(d) - set(fields)
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}")
-        return cls(**{k: _typed(k, v, fields[k].type) for k, v in d.items()})
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _typed(k, v, hints[k]) for k, v in d.items()})
 
     def milestone_epochs(self) -> list[float]:
         """The step schedule's milestones in epochs (all values < 1 are fractions of --epochs)."""
@@ -81,64 +105,87 @@ class TrainConfig:
         return list(self.milestones)
 
     def validate(self) -> "TrainConfig":
-        if self.epochs < 1:
-            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        """Check every field against its declared rule, then the rules between fields."""
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
         fractions = [0 < m < 1 for m in self.milestones]
         if any(not (m > 0 and math.isfinite(m)) for m in self.milestones) or (any(fractions) and not all(fractions)):
             raise ConfigError(f"--milestones must be epochs (>= 1) or all fractions in (0, 1), got {self.milestones}")
-        if not 0 <= self.warmup_epochs < self.epochs:
+        if not self.warmup_epochs < self.epochs:
             raise ConfigError(f"--warmup-epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
-        if self.eps is not None and not self.eps >= 0:
-            raise ConfigError(f"--eps must be >= 0, got {self.eps}")
-        if self.step_size is not None and not self.step_size > 0:
-            raise ConfigError(f"--step-size must be > 0, got {self.step_size}")
-        if self.attack_steps is not None and self.attack_steps < 0:
-            raise ConfigError(f"--attack-steps must be >= 0, got {self.attack_steps}")
-        if self.limit_train is not None and self.limit_train < 2:
-            raise ConfigError(f"--limit-train must be >= 2, got {self.limit_train}")
-        if self.val_size < 0:
-            raise ConfigError(f"--val-size must be >= 0, got {self.val_size}")
-        if self.schedule not in ("step", "cosine", "onecycle", "constant"):
-            raise ConfigError(f"--schedule must be step, cosine, onecycle or constant, got {self.schedule!r}")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ConfigError(f"--amp must be auto, bf16 or off, got {self.amp!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.swa_start is not None and not 1 <= self.swa_start <= self.epochs:
+        if self.swa_start is not None and not self.swa_start <= self.epochs:
             raise ConfigError(f"--swa-start must be in [1, epochs={self.epochs}], got {self.swa_start} "
                               f"(--swa-start 0 turns SWA off)")
         return self
 
 
-_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _typed(key: str, value: Any, annotation: str) -> Any:
-    """``value`` if it fits the field's annotation (ints pass as floats), else a one-line ConfigError."""
-    ann = str(annotation).replace("Optional[", "").rstrip("]")
+def _check_field(f: dataclasses.Field, value: Any) -> None:
+    """One field against its metadata: finite numbers within range, strings among the choices."""
+    m = f.metadata
     if value is None:
-        if "Optional" in str(annotation):
+        return
+    if m.get("choices") and value not in m["choices"]:
+        raise ConfigError(f"{_flag(f.name)} must be one of {', '.join(m['choices'])}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise ConfigError(f"{_flag(f.name)} must be a finite number, got {value!r}")
+    lo, hi = m.get("lo"), m.get("hi")
+    if (lo is not None and (value < lo or (m["lo_open"] and value == lo))) or (
+            hi is not None and (value > hi or (m["hi_open"] and value == hi))):
+        if hi is None:
+            rule = f"{'>' if m['lo_open'] else '>='} {lo:g}"
+        elif lo is None:
+            rule = f"{'<' if m['hi_open'] else '<='} {hi:g}"
+        else:
+            rule = f"in {'(' if m['lo_open'] else '['}{lo:g}, {hi:g}{')' if m['hi_open'] else ']'}"
+        raise ConfigError(f"{_flag(f.name)} must be {rule}, got {value!r}")
+
+
+def _typed(key: str, value: Any, hint: Any) -> Any:
+    """``value`` if it fits the field's type hint (ints pass as floats), else a one-line ConfigError."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    if value is None:
+        if optional:
             return None
         raise ConfigError(f"config key {key!r} must not be empty")
-    if ann.startswith("list"):
+    origin = typing.get_origin(hint) or hint
+    if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                   for v in value):
             raise ConfigError(f"config key {key!r}: expected a list of numbers, got {value!r}")
         return [float(v) for v in value]
-    if ann.startswith("dict"):
+    if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
         return dict(value)
-    want = _SCALARS.get(ann)
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
-        raise ConfigError(f"config key {key!r}: expected {ann}, got {type(value).__name__} {value!r}")
+    if origin in (int, float, str, bool) and (not isinstance(value, origin) or (origin is int and isinstance(value, bool))):
+        raise ConfigError(f"config key {key!r}: expected {origin.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key that appears twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.YAMLError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def preset_names() -> list[str]:
@@ -159,7 +206,7 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
             raise ConfigError(f"unknown preset {name_or_path!r}; choose one of: {', '.join(preset_names())}")
         text = res.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"preset {name_or_path}: not valid YAML ({e})".splitlines()[0]) from None
     if not isinstance(data, dict):

@@ -1,4 +1,4 @@
-"""Training objectives as pure functions of logits and labels (SPEC sections 2 and 3).
+"""Training objectives as pure functions of logits and labels (docs/method.md: ARoW and the baselines).
 
 No model calls, no optimiser: each function takes the logits the method computed and
 returns a scalar (the batch mean), trivially checked against a hand computation.
@@ -70,7 +70,7 @@ def arow(
     detach_weight: bool = False,
     weight: str = "arow",
 ) -> Tensor:
-    """The ARoW objective of SPEC section 2, batch mean.
+    """The ARoW objective (docs/method.md#the-arow-objective), batch mean.
 
     ``L = mean_i[ LS_a(f(x_i), y_i) + 2 * lam * KL(p(x_i) || p(x_adv_i)) * (1 - p_y(x_adv_i)) ]``
 

@@ -52,7 +52,13 @@ def _colormap(name: str):
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
+    import io
+
+    from .checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()  # rendered in memory, then written atomically (never through a planted link)
+    fig.savefig(buf, dpi=DPI, format="png")
+    atomic_write_bytes(buf.getvalue(), path)
     log.debug("wrote %s", path)
     return path
 
@@ -273,7 +279,7 @@ def eps_curve(
     [0.0, 0.025, 0.05]
     """
     from . import load_model
-    from .checkpoint import atomic_write_text
+    from .checkpoint import atomic_write_text, dump_json
     from .data import load_dataset
     from .distributed import resolve_device
     from .evaluation import evaluate
@@ -302,7 +308,7 @@ def eps_curve(
     out = {"run": str(run.path), "dataset": dataset, "method": run.config.get("method"), "train_eps": run.eps,
            "attack": attack, "checkpoint": which, "n": len(data), "test_set_size": full, "subset": len(data) < full,
            "points": points}
-    atomic_write_text(json.dumps(out, indent=2) + "\n", run.path / "eps_curve.json")
+    atomic_write_text(dump_json(out) + "\n", run.path / "eps_curve.json")
     return out
 
 

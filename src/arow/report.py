@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from .config import TrainConfig
+
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 DASH = "–"  # an en dash marks a number the run does not have
@@ -30,7 +32,7 @@ DASH = "–"  # an en dash marks a number the run does not have
 ATTACK_LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW", "autoattack": "AutoAttack",
                  "worst_case": "worst case"}
 # Config keys that say where or how a run was executed, not what was trained.
-RUNTIME_KEYS = {"seed", "out", "resolved", "device", "data_dir", "tensorboard", "compile", "channels_last"}
+RUNTIME_KEYS = TrainConfig.runtime_keys() | {"seed", "resolved"}
 
 
 class RunFolderError(ValueError):
@@ -121,9 +123,16 @@ def load_run(path: PathLike) -> Run:
                     metrics.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise RunFolderError(f"{p / 'metrics.jsonl'} line {i}: not JSON ({e})") from e
+                rec = metrics[-1]
+                if not isinstance(rec, dict) or isinstance(rec.get("epoch"), bool) or not isinstance(rec.get("epoch"), int):
+                    raise RunFolderError(f"{p / 'metrics.jsonl'} line {i}: not an epoch record (no integer 'epoch')")
+                # null is how a non-finite number is written (valid JSON): read it as missing
+                metrics[-1] = {k: v for k, v in rec.items() if v is not None}
     ev = _read_json(p / "eval.json") if (p / "eval.json").is_file() else None
-    if ev is not None and "accuracy" not in ev:
-        raise RunFolderError(f"{p / 'eval.json'} has no 'accuracy' key: not written by `arow eval`")
+    if ev is not None and not (isinstance(ev, dict) and isinstance(ev.get("accuracy"), dict)):
+        raise RunFolderError(f"{p / 'eval.json'} has no 'accuracy' mapping: not written by `arow eval`")
+    if ev is not None and not all(isinstance(v, (int, float)) for v in ev["accuracy"].values()):
+        raise RunFolderError(f"{p / 'eval.json'}: 'accuracy' holds values that are not numbers")
     return Run(p, config, metrics, ev)
 
 
@@ -393,6 +402,8 @@ def write_report(paths: Sequence[PathLike], out: Optional[PathLike] = None, fmt:
     rep = build_report(paths)
     path = Path(out) if out is not None else Path(f"report.{fmt}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(rep.markdown() if fmt == "md" else rep.csv())
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(rep.markdown() if fmt == "md" else rep.csv(), path)
     log.debug("wrote %s", path)
     return rep, path

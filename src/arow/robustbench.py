@@ -14,7 +14,6 @@ not the standard one.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -113,8 +112,8 @@ def model_info(ev: dict[str, Any], *, name: Optional[str] = None, link: Optional
 
 def write_model_info(info: dict[str, Any], path: Union[str, Path]) -> Path:
     """Write ``info`` as indented JSON (atomically) and return the path."""
-    from .checkpoint import atomic_write_text
+    from .checkpoint import atomic_write_text, dump_json
 
     path = Path(path)
-    atomic_write_text(json.dumps(info, indent=2) + "\n", path)
+    atomic_write_text(dump_json(info) + "\n", path)
     return path

@@ -1,6 +1,6 @@
 """Stochastic weight averaging (equal weights over epochs) with BatchNorm recalibration.
 
-SPEC section 4: average the weights after every epoch from ``swa_start`` on, and recompute
+As in the paper's recipe: average the weights after every epoch from ``swa_start`` on, and recompute
 BatchNorm statistics on the training data before the averaged model is evaluated. Under DDP
 the model uses SyncBatchNorm, so the recalibration pass already sees global batch statistics.
 """

@@ -8,35 +8,39 @@ summed on the device and read once per epoch (no host synchronisation in the hot
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
 from . import __version__, distributed
 from .attacks import get_attack
-from .checkpoint import (CheckpointError, atomic_save, atomic_write_text, load_checkpoint, plain_state_dict,
-                         rng_state, set_rng_state)
+from .checkpoint import CheckpointError, plain_state_dict, rng_state, set_rng_state
 from .config import ConfigError, TrainConfig
 from .data import DATASETS, Loader, TensorData, load_dataset, train_val_split
 from .evaluation import evaluate
 from .methods import Method, build_method
 from .models import build_model
 from .rng import BatchRNG
+from .runs import RunDir
 from .swa import SWA
 from .threat import ThreatModel
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 #: config keys a resumed run may change (how it runs, not what it computes; epochs extends a run)
-RESUMABLE_CHANGES = frozenset({"epochs", "out", "device", "data_dir", "tensorboard", "compile", "channels_last"})
+RESUMABLE_CHANGES = TrainConfig.runtime_keys() | {"epochs"}
 WEIGHT_BINS = 20  # histogram of ARoW's per-example weight, per epoch
+NONFINITE_CHECK_EVERY = 20  # steps between reads of the device-side "first non-finite loss" record
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became non-finite; the run stopped before saving anything from it."""
 
 
 class Callbacks:
@@ -116,6 +120,7 @@ class Trainer:
                               f"number of processes {self.dist.world_size}")
         self.callbacks = callbacks or Callbacks()
         self.out = Path(cfg.out) if cfg.out else None
+        self.run = RunDir(self.out) if self.out is not None else None
         self.model_spec = model_spec or {"name": type(model).__name__, "custom": True}
         self.threat = threat_for(cfg, cfg.method) if method is None else method.threat
         self.method = method or build_method(cfg.method, self.threat, **cfg.method_args)
@@ -158,7 +163,12 @@ class Trainer:
                 error = str(e)
         distributed.raise_together(error, ConfigError)  # and waits until rank 0 is done with the folder
         if resume:
-            self._resume()
+            try:
+                self._resume()
+            except BaseException:
+                if self.run is not None:
+                    self.run.unlock()
+                raise
             if self.dist.is_main and self.out is not None:
                 self._write_config()
         self.train_model: nn.Module = self.model
@@ -174,17 +184,29 @@ class Trainer:
 
     # ----------------------------------------------------------------- run folder
     def _prepare_out(self, resume: bool) -> None:
-        assert self.out is not None
-        if (self.out / "last.pt").exists() and not resume:
-            raise ConfigError(f"{self.out} already holds a run (last.pt); pass --resume to continue it "
-                              f"or choose another --out (nothing is deleted)")
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not resume:  # a resumed run rewrites it only once its checkpoint has been accepted
-            self._write_config()
+        assert self.run is not None
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file, not a run folder")
+        try:
+            self.run.lock()
+        except OSError as e:
+            raise ConfigError(f"--out {self.out}: cannot write the run folder ({e.strerror or e})") from None
+        try:
+            if self.run.has_checkpoint() and not resume:
+                raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it "
+                                  f"or choose another --out (nothing is deleted)")
+            if not resume:  # a resumed run rewrites it only once its checkpoint has been accepted
+                # a run killed before its first checkpoint saved nothing: start its files afresh
+                self.run.write_metrics([])
+                self.run.clear_diverged()
+                self._write_config()
+        except BaseException:
+            self.run.unlock()
+            raise
 
     def _write_config(self) -> None:
-        assert self.out is not None
-        atomic_write_text(json.dumps(self._resolved_config(), indent=2) + "\n", self.out / "config.json")
+        assert self.run is not None
+        self.run.write_config(self._resolved_config())
 
     def _resolved_config(self) -> dict[str, Any]:
         d = self.cfg.to_dict()
@@ -195,19 +217,33 @@ class Trainer:
         return d
 
     def _resume(self) -> None:
-        if self.out is None:
+        if self.run is None:
             raise ConfigError("--resume needs --out pointing at the run folder to continue")
-        path = self.out / "last.pt"
-        if not path.exists():
-            raise ConfigError(f"--resume: {path} does not exist (nothing to resume)")
-        ckpt = load_checkpoint(path, map_location="cpu")
+        if not self.run.has_checkpoint():
+            diverged = self.run.diverged()
+            hint = (" (the run diverged in its first epoch: start it again without --resume, e.g. with a "
+                    "smaller --lr)") if diverged else ""
+            raise ConfigError(f"--resume: {self.run.file(RunDir.LAST)} does not exist (nothing to resume){hint}")
+        ckpt = self.run.load_resume_state()
+        path = Path(ckpt["path"])
         saved = ckpt.get("config", {})
+        allowed = set(RESUMABLE_CHANGES)
+        diverged = self.run.diverged()
+        if diverged is not None:  # the documented exception: continue a diverged run with a smaller lr
+            allowed.add("lr")
+            if self.cfg.lr >= saved.get("lr", float("inf")):
+                raise ConfigError(f"{self.out} stopped because training diverged ({diverged.get('reason')}); "
+                                  f"resume it with a smaller --lr than {saved.get('lr')}")
         changed = sorted(k for k, v in self.cfg.to_dict().items()
-                         if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v)
+                         if k not in allowed and k in saved and saved[k] != v)
         if changed:
             diffs = ", ".join(f"{k}: {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed)
             raise ConfigError(f"--resume would change the run in {self.out}: {diffs}; resume with its settings "
-                              f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change) or start a new --out")
+                              f"(only {', '.join(sorted(allowed))} may change) or start a new --out")
+        done = int(ckpt["epoch"])
+        if self.cfg.epochs < done:
+            raise ConfigError(f"--resume --epochs {self.cfg.epochs}: {path} has already trained {done} epochs; "
+                              f"--epochs must be at least {done}")
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
@@ -216,12 +252,13 @@ class Trainer:
         if self.swa is not None and ckpt.get("swa") is not None:
             self.swa.load_state_dict(ckpt["swa"])
         set_rng_state(ckpt["rng"])
-        self.start_epoch = ckpt["epoch"]
+        self.start_epoch = done
         self.history = ckpt.get("history", [])
         self.best = ckpt.get("best", self.best)
         if self.dist.is_main:  # drop lines of an epoch that did not reach last.pt before the crash
-            lines = "".join(json.dumps(r) + "\n" for r in self.history)
-            atomic_write_text(lines, self.out / "metrics.jsonl")
+            self.run.write_metrics(self.history)
+            if diverged is not None:
+                self.run.clear_diverged()
         log.info("resumed %s at epoch %d", path, self.start_epoch)
 
     def checkpoint(self, epoch: int) -> dict[str, Any]:
@@ -233,9 +270,17 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        finally:
+            if self.run is not None:
+                self.run.unlock()
+
+    def _fit(self) -> TrainResult:
         cfg = self.cfg
         for epoch in range(self.start_epoch, cfg.epochs):
             record = self.train_epoch(epoch)
+            self._check_finite_weights(epoch)
             if self.swa is not None and epoch + 1 >= cfg.swa_start:
                 self.swa.update(self.model)
             record.update(self.validate())
@@ -251,7 +296,7 @@ class Trainer:
             ck = self.checkpoint(cfg.epochs)
             ck["model"] = plain_state_dict(final)
             ck["final_source"] = "swa" if self.swa is not None and self.swa.n_averaged else "last"
-            atomic_save(ck, self.out / "final.pt")
+            self.run.save_final(ck)
             if self._tb is not None:
                 self._tb.close()
                 self._tb = None
@@ -280,6 +325,7 @@ class Trainer:
         hist = torch.zeros(WEIGHT_BINS, device=dev)
         bins = torch.arange(WEIGHT_BINS, device=dev)
         count, lr_sum = 0, 0.0
+        first_bad = torch.full((), -1, dtype=torch.long, device=dev)
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(self.loader):
             lr = lr_at(cfg, epoch + step / steps)
@@ -290,6 +336,13 @@ class Trainer:
                            total=len(x) * self.dist.world_size)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = self.method(self.train_model, x, y, rng=rng)
+            # The first non-finite loss is recorded on the device and read every few steps (a read
+            # per step would stall a GPU); nothing of an epoch is saved before its end, so the run
+            # stops with every earlier checkpoint intact and names the exact step.
+            bad = ~torch.isfinite(out.loss.detach())
+            first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
+            if (step + 1) % NONFINITE_CHECK_EVERY == 0 or step + 1 == steps:
+                self._check_finite_loss(first_bad, epoch)
             self.opt.zero_grad(set_to_none=True)
             out.loss.backward()
             self.opt.step()
@@ -344,24 +397,47 @@ class Trainer:
                 self._tb.add_scalar(k, v, epoch)
         self._tb.flush()  # a killed run keeps its curves
 
+    def _check_finite_loss(self, first_bad: Tensor, epoch: int) -> None:
+        found = distributed.all_reduce_sum((first_bad >= 0).float())  # every rank stops together
+        if bool(found):
+            step = int(first_bad)
+            self._diverged(epoch, step if step >= 0 else None, "non-finite loss")
+
+    def _check_finite_weights(self, epoch: int) -> None:
+        flags = [torch.isfinite(p.detach()).all() for p in self.model.parameters()]
+        if flags and not bool(torch.stack(flags).all()):
+            self._diverged(epoch, None, "non-finite weights")
+
+    def _diverged(self, epoch: int, step: Optional[int], reason: str) -> None:
+        """Stop: nothing of this epoch is saved; every earlier checkpoint stays as it is."""
+        where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step is not None else "")
+        last = None
+        if self.run is not None and epoch > 0 and self.run.has_checkpoint():
+            last = f"{self.run.file(RunDir.LAST)} (epoch {epoch})"
+        if self.run is not None and self.dist.is_main:
+            self.run.mark_diverged({"epoch": epoch + 1, "step": None if step is None else step + 1,
+                                    "reason": reason, "lr": self.cfg.lr})
+        resume = (f"; the last good checkpoint is {last}: continue it with --resume --out {self.out} "
+                  f"and a smaller --lr" if last else "; no epoch had finished, so nothing was saved")
+        raise TrainingDiverged(f"training diverged at {where} ({reason}){resume}")
+
     def _write_epoch(self, record: dict[str, Any]) -> None:
-        assert self.out is not None
+        assert self.run is not None
         epoch = record["epoch"]
         score = record.get("swa_val_pgd_acc", record.get("val_pgd_acc"))
-        is_best = score is not None and score > self.best["val_pgd_acc"]
+        is_best = score is not None and math.isfinite(score) and score > self.best["val_pgd_acc"]
         if is_best:
             self.best = {"val_pgd_acc": score, "epoch": epoch}
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.run.append_metrics(record)
         if self.cfg.tensorboard:
             self._log_tensorboard(record)
         ckpt = self.checkpoint(epoch)
-        atomic_save(ckpt, self.out / "last.pt")
+        best = None
         if is_best:
             best = dict(ckpt)
             if "swa_val_pgd_acc" in record:
                 best["model"] = plain_state_dict(self.swa.model)
-            atomic_save(best, self.out / "best.pt")
+        self.run.save_epoch(ckpt, best)
 
 
 def _require_tensorboard() -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -103,6 +104,9 @@ _add(
 class TensorData:
     """Images ``x`` (float32 in [0, 1], N x C x H x W) and labels ``y`` (int64, N) in memory.
 
+    Construction checks dtypes and shapes; with ``check=True`` (the default) also the values, as
+    :func:`from_tensors` does. The methods below derive rows of checked data and skip that pass.
+
     >>> d = from_tensors(torch.rand(8, 3, 4, 4), torch.arange(8) % 2)
     >>> len(d.subset(5)), d.num_classes
     (5, 2)
@@ -112,10 +116,12 @@ class TensorData:
     y: torch.Tensor
     num_classes: int
     name: str = "custom"
+    check: bool = field(default=True, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.x.shape[0] != self.y.shape[0]:
-            raise DataError(f"{self.name}: {self.x.shape[0]} images but {self.y.shape[0]} labels")
+        self.num_classes = _check_layout(self.x, self.y, self.num_classes)
+        if self.check:
+            _check_values(self.x, self.y, self.num_classes)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -126,12 +132,12 @@ class TensorData:
 
     def subset(self, n: int) -> "TensorData":
         """The first ``n`` examples (all of them if ``n`` is larger)."""
-        return TensorData(self.x[:n], self.y[:n], self.num_classes, self.name)
+        return TensorData(self.x[:n], self.y[:n], self.num_classes, self.name, check=False)
 
     def index(self, idx: torch.Tensor) -> "TensorData":
         """The examples at positions ``idx`` (a 1-D integer tensor), in that order."""
         idx = idx.to(self.x.device)
-        return TensorData(self.x[idx], self.y[idx], self.num_classes, self.name)
+        return TensorData(self.x[idx], self.y[idx], self.num_classes, self.name, check=False)
 
     def shard(self, rank: int, world_size: int) -> "TensorData":
         """The ``rank``-th of ``world_size`` contiguous, nearly equal parts (e.g. for evaluation)."""
@@ -139,11 +145,11 @@ class TensorData:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         bounds = np.linspace(0, len(self), world_size + 1).round().astype(int)
         lo, hi = int(bounds[rank]), int(bounds[rank + 1])
-        return TensorData(self.x[lo:hi], self.y[lo:hi], self.num_classes, self.name)
+        return TensorData(self.x[lo:hi], self.y[lo:hi], self.num_classes, self.name, check=False)
 
     def to(self, device: Union[str, torch.device]) -> "TensorData":
         """A copy on ``device`` (the same object's tensors if already there)."""
-        return TensorData(self.x.to(device), self.y.to(device), self.num_classes, self.name)
+        return TensorData(self.x.to(device), self.y.to(device), self.num_classes, self.name, check=False)
 
 
 def load_dataset(name: str, root: Optional[Union[str, Path]] = None, split: str = "train") -> TensorData:
@@ -160,7 +166,9 @@ def load_dataset(name: str, root: Optional[Union[str, Path]] = None, split: str 
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     path = Path(root).expanduser() if root is not None else info.default_root
     x, y = info.loader(path, split == "train")
-    data = TensorData(x.to(torch.float32).div_(255.0), y.to(torch.int64), info.num_classes, info.name)
+    # The readers checked the files (uint8 pixels, labels in range): no second pass over the values.
+    data = TensorData(x.to(torch.float32).div_(255.0), y.to(torch.int64), info.num_classes, info.name,
+                      check=False)
     log.info("loaded %s/%s: %d examples of shape %s", name, split, len(data), tuple(data.x.shape[1:]))
     return data
 
@@ -173,43 +181,85 @@ def from_tensors(
 ) -> TensorData:
     """Wrap your own images and labels after validating them.
 
-    ``x``: 4-D (N, C, H, W), either floats in [0, 1] or uint8 (divided by 255).
+    ``x``: 4-D (N, C, H, W) with N >= 1, either finite floats in [0, 1] or uint8 (divided by 255).
     ``y``: 1-D integer labels in ``0..num_classes-1``; ``num_classes`` defaults to ``max(y) + 1``.
+    Anything else raises :class:`DataError` (a ``ValueError``) naming the argument.
 
     >>> d = from_tensors(torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8), [0, 1, 2, 1])
     >>> d.x.dtype, d.num_classes
     (torch.float32, 3)
     """
-    x = torch.as_tensor(x)
-    y = torch.as_tensor(y)
+    x, y = _as_tensor(x, "x"), _as_tensor(y, "y")
     if x.dim() != 4:
-        raise DataError(f"{name}: expected images of shape (N, C, H, W), got {tuple(x.shape)}")
+        raise DataError(f"x: expected images of shape (N, C, H, W), got {tuple(x.shape)}")
+    if len(x) == 0:
+        raise DataError("x: expected at least one example, got none")
     if x.dtype == torch.uint8:
         x = x.to(torch.float32) / 255.0
     elif x.is_floating_point():
-        if not bool(torch.isfinite(x).all()):
-            raise DataError(f"{name}: images contain NaN or inf")
-        if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
-            raise DataError(
-                f"{name}: expected float images in [0, 1], got range "
-                f"{float(x.min()):.4g}..{float(x.max()):.4g} (pass uint8 or divide by 255)"
-            )
+        _check_values(x, None, None)  # before the cast: float64 values outside float32 still count
         x = x.to(torch.float32)
     else:
-        raise DataError(f"{name}: expected float images in [0, 1] or uint8, got {x.dtype}")
-    if y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise DataError(f"{name}: expected {x.shape[0]} labels of shape (N,), got {tuple(y.shape)}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise DataError(f"{name}: expected integer labels, got {y.dtype}")
+        raise DataError(f"x: expected float images in [0, 1] or uint8, got {x.dtype}")
+    _check_label_dtype(y)
     y = y.to(torch.int64)
-    if len(y) == 0:
-        raise DataError(f"{name}: expected at least one example, got none")
-    lo, hi = int(y.min()), int(y.max())
     if num_classes is None:
-        num_classes = hi + 1
-    if lo < 0 or hi >= num_classes:
-        raise DataError(f"{name}: expected labels in 0..{num_classes - 1}, got range {lo}..{hi}")
-    return TensorData(x, y, int(num_classes), name)
+        # at least 1, so that negative labels are reported as such, not as num_classes 0
+        num_classes = max(int(y.max()) + 1, 1) if y.dim() == 1 and len(y) else 1
+    return TensorData(x, y, num_classes, name)
+
+
+def _as_tensor(v: Any, arg: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(v)
+    except (TypeError, ValueError, RuntimeError) as e:  # ragged lists, strings, objects
+        raise DataError(f"{arg}: cannot be read as a tensor ({e})") from e
+
+
+def _check_label_dtype(y: torch.Tensor) -> None:
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise DataError(f"y: expected integer labels, got {y.dtype}")
+
+
+def _check_layout(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> int:
+    """Check dtypes, shapes, devices and ``num_classes`` (metadata only); return ``num_classes``."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise DataError(f"x, y: expected tensors, got {type(x).__name__} and {type(y).__name__}")
+    if x.dim() != 4:
+        raise DataError(f"x: expected images of shape (N, C, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise DataError(f"x: expected float images in [0, 1], got {x.dtype} (from_tensors takes uint8)")
+    _check_label_dtype(y)
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(f"y: expected {x.shape[0]} labels of shape (N,) to match x, got {tuple(y.shape)}")
+    if y.device != x.device:
+        raise DataError(f"y: expected on x's device {x.device}, got {y.device}")
+    if isinstance(num_classes, bool):
+        raise DataError(f"num_classes: expected a positive integer, got {num_classes!r}")
+    try:
+        k = operator.index(num_classes)  # ints and numpy ints; 2.5 or "10" are refused
+    except TypeError:
+        raise DataError(f"num_classes: expected a positive integer, got {num_classes!r}") from None
+    if k < 1:
+        raise DataError(f"num_classes: expected a positive integer, got {k}")
+    return k
+
+
+def _check_values(x: torch.Tensor, y: Optional[torch.Tensor], num_classes: Optional[int]) -> None:
+    """Finite images in [0, 1] and labels in ``0..num_classes-1`` (one pass over each)."""
+    if x.numel():
+        lo, hi = (float(v) for v in torch.aminmax(x.detach()))  # NaN propagates to both
+        if not (0.0 <= lo and hi <= 1.0):  # also False for NaN
+            if not bool(torch.isfinite(x).all()):
+                raise DataError("x: values must be finite (got NaN or inf)")
+            raise DataError(
+                f"x: values must lie in [0, 1] (got min {lo:.4g}, max {hi:.4g}); arow's models take "
+                "[0, 1] inputs and normalise inside (divide 0..255 pixels by 255, or pass uint8)"
+            )
+    if y is not None and y.numel():
+        ylo, yhi = (int(v) for v in torch.aminmax(y))
+        if ylo < 0 or yhi >= num_classes:
+            raise DataError(f"y: expected labels in 0..{num_classes - 1}, got range {ylo}..{yhi}")
 
 
 def train_val_split(data: TensorData, val_size: int, seed: int) -> tuple[TensorData, TensorData]:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import pickle
 import zlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, BinaryIO, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,52 +33,99 @@ _FMNIST_HINT = (
     "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz"
 )
 _IDX_MAGIC = {0x0801: 1, 0x0803: 3}  # uint8 labels, uint8 images -> number of dims
+# The largest real IDX file (F-MNIST's training images) holds 47 MB; a header promising more than
+# this is refused before any payload is decompressed.
+_IDX_MAX_BYTES = 2**31
+_IDX_CHUNK = 1 << 20
 
 
 class DataError(ValueError):
-    """A dataset file is missing, unreadable, truncated or has an unexpected layout."""
+    """A dataset file (or tensors given as data) is missing, unreadable, truncated or malformed."""
 
 
 # ----------------------------------------------------------------------------- IDX (F-MNIST)
 
 
-def read_idx(path: PathLike) -> np.ndarray:
+def read_idx(path: PathLike, shape: Optional[Sequence[Optional[int]]] = None) -> np.ndarray:
     """Read a gzip-compressed or plain IDX file of uint8 labels (0x0801) or images (0x0803).
 
-    >>> read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").shape
+    The header is checked before any payload is read: every dimension >= 1, at most 2 GiB in
+    all, and ``shape`` if given (``None`` matches any size). Then exactly the declared number of
+    bytes is streamed, so a gzip bomb costs no more memory than its header admits.
+
+    >>> read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz", shape=(None,)).shape
     (10000,)
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read IDX file ({e.strerror or e})") from e
-    if raw[:2] == b"\x1f\x8b":
+    with f:
         try:
-            raw = gzip.decompress(raw)
+            gz = f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+            return _read_idx_stream(gzip.GzipFile(fileobj=f, mode="rb") if gz else f, path, shape)
         except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt or truncated gzip stream ({e})") from e
-    if len(raw) < 4:
-        raise DataError(f"{path}: expected an IDX header of at least 4 bytes, got {len(raw)} bytes")
-    magic = int.from_bytes(raw[:4], "big")
+            if gz:
+                raise DataError(f"{path}: corrupt or truncated gzip stream ({e})") from e
+            raise DataError(f"{path}: cannot read IDX file ({e.strerror or e})") from e
+
+
+def _read_upto(f: BinaryIO, n: int) -> bytearray:
+    """``n`` bytes of ``f`` (fewer only where the stream ends), read in bounded chunks."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = f.read(min(_IDX_CHUNK, n - len(buf)))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def _shape_str(shape: Sequence[Optional[int]]) -> str:
+    dims = ["N" if d is None else str(d) for d in shape]
+    return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
+
+
+def _read_idx_stream(f: BinaryIO, path: Path, shape: Optional[Sequence[Optional[int]]]) -> np.ndarray:
+    head = _read_upto(f, 4)
+    if len(head) < 4:
+        raise DataError(f"{path}: expected an IDX header of at least 4 bytes, got {len(head)} bytes")
+    magic = int.from_bytes(head, "big")
     if magic not in _IDX_MAGIC:
         raise DataError(
             f"{path}: bad IDX magic 0x{magic:08x}, expected 0x00000801 (uint8 labels) "
             "or 0x00000803 (uint8 images)"
         )
     ndim = _IDX_MAGIC[magic]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: expected a {header}-byte IDX header, got {len(raw)} bytes")
-    dims = tuple(int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
-    expected = int(np.prod(dims, dtype=np.int64))
-    got = len(raw) - header
-    if got != expected:
+    head += _read_upto(f, 4 * ndim)
+    if len(head) < 4 + 4 * ndim:
+        raise DataError(f"{path}: expected a {4 + 4 * ndim}-byte IDX header, got {len(head)} bytes")
+    dims = tuple(int.from_bytes(head[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
+    if min(dims) < 1:
+        raise DataError(f"{path}: IDX header declares shape {dims}; every dimension must be >= 1")
+    if shape is not None and (
+        len(shape) != ndim or any(want is not None and want != d for want, d in zip(shape, dims))
+    ):
+        raise DataError(f"{path}: IDX header declares shape {dims}, expected {_shape_str(shape)}")
+    expected = math.prod(dims)  # Python ints: absurd dims cannot overflow into a small size
+    if expected > _IDX_MAX_BYTES:
         raise DataError(
-            f"{path}: IDX payload for shape {dims} should be {expected} bytes, got {got} bytes "
-            f"({'truncated' if got < expected else 'trailing data'})"
+            f"{path}: IDX header declares shape {dims} = {expected} bytes, more than the "
+            f"{_IDX_MAX_BYTES} bytes an IDX file may hold"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    payload = _read_upto(f, expected)
+    if len(payload) < expected:
+        raise DataError(
+            f"{path}: IDX payload for shape {dims} should be {expected} bytes, got {len(payload)} "
+            "bytes (truncated)"
+        )
+    if f.read(1):  # one byte is enough to know; a bomb's tail is never decompressed
+        raise DataError(
+            f"{path}: IDX payload for shape {dims} should be {expected} bytes, got more (trailing data)"
+        )
+    return np.frombuffer(payload, dtype=np.uint8).reshape(dims)
 
 
 def _find_idx(root: Path, stem: str) -> Path:
@@ -101,16 +149,11 @@ def load_fashion_mnist(root: Optional[PathLike], train: bool) -> tuple[torch.Ten
         raise DataError(f"Fashion-MNIST folder {root} not found; {_FMNIST_HINT}")
     img_stem, lbl_stem = _FMNIST_FILES[bool(train)]
     img_path, lbl_path = _find_idx(root, img_stem), _find_idx(root, lbl_stem)
-    images, labels = read_idx(img_path), read_idx(lbl_path)
-    if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise DataError(f"{img_path}: expected images of shape (N, 28, 28), got {images.shape}")
-    if labels.ndim != 1:
-        raise DataError(f"{lbl_path}: expected labels of shape (N,), got {labels.shape}")
-    if len(images) != len(labels):
-        raise DataError(f"{lbl_path}: expected {len(images)} labels to match {img_path}, got {len(labels)}")
+    images = read_idx(img_path, shape=(None, 28, 28))
+    labels = read_idx(lbl_path, shape=(len(images),))  # one label per image, checked from the header
     _check_labels(labels, 10, lbl_path)
     log.debug("read %d Fashion-MNIST examples from %s", len(labels), root)
-    x = torch.from_numpy(images.copy()).unsqueeze(1)
+    x = torch.from_numpy(images).unsqueeze(1)  # read_idx's array owns a writable buffer: no copy
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
@@ -126,13 +169,60 @@ def _cifar_layout(num_classes: int, train: bool) -> tuple[str, list[str], bytes]
     raise ValueError(f"num_classes must be 10 or 100 for CIFAR, got {num_classes}")
 
 
+# The globals a CIFAR batch may name: numpy's array and dtype reconstructors. The real files are
+# Python-2 pickles naming numpy.core; batches re-pickled by numpy 2 name numpy._core, and at
+# protocol 5 numpy rebuilds arrays with _frombuffer; CIFAR-format files written by users may
+# hold labels as numpy scalars (``scalar`` builds one from a dtype and raw bytes, nothing else).
+_CIFAR_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+})
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a global outside :data:`_CIFAR_GLOBALS`."""
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """Stands in for ``_codecs.encode``, which Python 3 pickles name for ``bytes`` at protocol 2."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _RefusedGlobal(f"_codecs.encode with {type(text).__name__} and {encoding!r}")
+    return text.encode("latin1")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Rebuilds only what CIFAR batches hold: dict, list, bytes, str, int and numpy arrays.
+
+    Those builtins need no global; any other global is refused when the pickle names it, before
+    anything can call it, so a crafted file cannot run code.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
+        raise _RefusedGlobal(f"{module}.{name}")
+
+
 def _unpickle(path: Path) -> dict:
-    # CIFAR ships as Python pickles; like every CIFAR reader this trusts the file it is given.
+    # CIFAR ships as Python-2 pickles (str keys and pixel strings load as bytes).
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _CifarUnpickler(f, encoding="bytes").load()
     except OSError as e:
         raise DataError(f"{path}: cannot read CIFAR batch ({e.strerror or e})") from e
+    except _RefusedGlobal as e:
+        raise DataError(
+            f"{path}: refused to unpickle global {e}; a CIFAR batch holds only dicts, lists, "
+            "bytes, str, int and numpy arrays"
+        ) from e
     except Exception as e:  # pickle raises many types on bad input (EOFError, UnpicklingError, ...)
         raise DataError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
@@ -175,8 +265,13 @@ def load_cifar(
             raise DataError(
                 f"{path}: expected keys b'data' and {label_key!r}, got {sorted(map(repr, batch))}"
             )
-        data = np.asarray(batch[b"data"])
-        labels = np.asarray(batch[label_key])
+        data = batch[b"data"]
+        if not isinstance(data, np.ndarray):
+            raise DataError(f"{path}: expected b'data' to be a numpy array, got {type(data).__name__}")
+        try:
+            labels = np.asarray(batch[label_key])
+        except ValueError as e:  # e.g. nested lists of uneven length
+            raise DataError(f"{path}: expected {label_key!r} to be a list of ints ({e})") from e
         if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
             raise DataError(f"{path}: expected uint8 data of shape (N, 3072), got {data.dtype} {data.shape}")
         if labels.shape != (data.shape[0],):
@@ -212,25 +307,33 @@ def load_svhn(root: Optional[PathLike], train: bool) -> tuple[torch.Tensor, torc
             "http://ufldl.stanford.edu/housenumbers/ in the --data-dir folder"
         )
     try:
-        mat = scipy.io.loadmat(path)
+        mat = scipy.io.loadmat(path, variable_names=("X", "y"))
     except Exception as e:  # scipy raises ValueError, TypeError, OSError, ... on bad files
         raise DataError(f"{path}: not a readable MATLAB file ({type(e).__name__}: {e})") from e
     if "X" not in mat or "y" not in mat:
         raise DataError(f"{path}: expected variables 'X' and 'y', got {sorted(k for k in mat if not k.startswith('__'))}")
     X, y = np.asarray(mat["X"]), np.asarray(mat["y"])
-    if X.ndim != 4 or X.shape[:3] != (32, 32, 3):
-        raise DataError(f"{path}: expected X of shape (32, 32, 3, N), got {X.shape}")
+    # The real files hold uint8 pixels; anything else (floats in [0, 1], NaN) is not SVHN and would
+    # be silently mangled by a cast.
+    if X.dtype != np.uint8 or X.ndim != 4 or X.shape[:3] != (32, 32, 3):
+        raise DataError(f"{path}: expected uint8 X of shape (32, 32, 3, N), got {X.dtype} {X.shape}")
     n = X.shape[3]
+    if n == 0:
+        raise DataError(f"{path}: expected at least one example, got none")
     if y.size != n or y.ndim not in (1, 2):
         raise DataError(f"{path}: expected y of shape ({n}, 1), got {y.shape}")
-    y = y.reshape(-1).astype(np.int64)
-    if np.any(y < 0) or np.any(y > 10):
-        raise DataError(f"{path}: expected labels in 1..10 (10 = digit 0), got range {y.min()}..{y.max()}")
+    y = y.reshape(-1)
+    if y.dtype.kind == "f":  # MATLAB may store labels as doubles: whole numbers only, never NaN
+        bad = ~((y >= 1) & (y <= 10) & (y == np.round(y)))
+        if bad.any():
+            raise DataError(f"{path}: expected whole-number labels in 1..10, got {y[bad][0]} ({y.dtype})")
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: expected integer labels y in 1..10, got {y.dtype}")
+    y = y.astype(np.int64)
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 1 or hi > 10:
+        raise DataError(f"{path}: expected labels in 1..10 (10 = digit 0), got range {lo}..{hi}")
     y[y == 10] = 0
-    if X.dtype != np.uint8:
-        if np.any(X < 0) or np.any(X > 255):
-            raise DataError(f"{path}: expected X with values in 0..255, got {X.dtype}")
-        X = X.astype(np.uint8)
     x = np.ascontiguousarray(X.transpose(3, 2, 0, 1))  # (H, W, C, N) -> (N, C, H, W)
     log.debug("read %d SVHN examples from %s", n, path)
     return torch.from_numpy(x), torch.from_numpy(y)

@@ -3,7 +3,7 @@
 "Adversarial weight perturbation helps robust generalization" (NeurIPS 2020). Per batch:
 
 1. ``x_adv`` from the inner method's attack, ONCE (the ARoW reference code attacks twice per
-   batch, SPEC section 7; the AWP reference once);
+   batch, see docs/method.md#awp; the AWP reference once);
 2. a proxy copy of the model (allocated once, reloaded every step) in train mode takes one SGD
    step of size 0.01 that INCREASES the inner method's own objective on (x, x_adv): the TRADES
    loss for TRADES-AWP, CE(f(x_adv)) for PGD-AT-AWP, the ARoW loss for ARoW-AWP;
@@ -24,6 +24,7 @@ ranks, so every rank adds the same perturbation.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -44,9 +45,9 @@ EPS = 1e-20  # the reference's guard in ||w|| / (||d|| + EPS)
 
 AWP_HPARAMS: dict[str, Hparam] = {
     "awp_gamma": Hparam(0.005, "AWP: size of the weight perturbation relative to each layer's weight norm "
-                               "(TRADES/ARoW/MART-AWP 0.005, PGD-AT-AWP 0.01)"),
+                               "(TRADES/ARoW/MART-AWP 0.005, PGD-AT-AWP 0.01)", min=0),
     "awp_start": Hparam(None, "AWP: first epoch (1-based) with AWP; default: epoch 10 of 120 scaled to --epochs "
-                              "(the TRADES-AWP and ARoW references), 1 for pgd-at-awp", int),
+                              "(the TRADES-AWP and ARoW references), 1 for pgd-at-awp", int, min=1),
 }
 
 
@@ -165,8 +166,8 @@ def _variant(name: str, inner_name: str, label: str, gamma: float, start: Option
     inner_cls = METHODS.get(inner_name)
     clash = set(inner_cls.hparams) & set(AWP_HPARAMS)
     assert not clash, f"{inner_name} hyper-parameters clash with AWP's: {clash}"
-    hparams = {**inner_cls.hparams, "awp_gamma": Hparam(gamma, AWP_HPARAMS["awp_gamma"].help),
-               "awp_start": Hparam(start, AWP_HPARAMS["awp_start"].help, int)}
+    hparams = {**inner_cls.hparams, "awp_gamma": dataclasses.replace(AWP_HPARAMS["awp_gamma"], default=gamma),
+               "awp_start": dataclasses.replace(AWP_HPARAMS["awp_start"], default=start)}
     doc = f"{label}-AWP: {label} with adversarial weight perturbation (Wu et al. 2020)"
     cls = type(f"{inner_cls.__name__}AWP", (AWP,), {"name": name, "inner_cls": inner_cls, "hparams": hparams,
                                                      "default_steps": inner_cls.default_steps, "__doc__": doc,

@@ -1,4 +1,4 @@
-"""ARoW and the baselines of issue one: natural, PGD-AT, TRADES, MART."""
+"""ARoW and the first baselines: natural training, PGD-AT, TRADES, MART."""
 from __future__ import annotations
 
 from typing import Optional
@@ -57,7 +57,7 @@ class PGDAT(Method):
 class TRADES(Method):
     """TRADES (Zhang et al. 2019): CE(f(x)) + beta KL(p(x) || p(x_adv)); KL-PGD from x + 0.001 N(0,1)."""
 
-    hparams = {"beta": Hparam(6.0, "TRADES: weight of the KL boundary term")}
+    hparams = {"beta": Hparam(6.0, "TRADES: weight of the KL boundary term", min=0)}
 
     def __init__(self, threat, **kwargs):
         super().__init__(threat, **kwargs)
@@ -76,7 +76,7 @@ class TRADES(Method):
 class MART(Method):
     """MART (Wang et al. 2020): BCE(f(x_adv)) + lam KL(p(x)||p(x_adv)) (1 - p_y(x)); CE-PGD."""
 
-    hparams = {"lam": Hparam(6.0, "MART: weight of the KL term (MART: 6.0)")}
+    hparams = {"lam": Hparam(6.0, "MART: weight of the KL term (MART: 6.0)", min=0)}
 
     def attack(self, model, x, y, rng=None) -> Tensor:
         return pgd(model, x, y, self.threat, ce_loss, rng=rng)
@@ -97,10 +97,10 @@ class ARoW(Method):
     """
 
     hparams = {
-        "lam": Hparam(3.5, "ARoW: the paper's lambda (reference code's --lamb = 2*lam); MART: 6.0"),
-        "smoothing": Hparam(0.2, "ARoW: label smoothing alpha of the natural term"),
+        "lam": Hparam(3.5, "ARoW: the paper's lambda (reference code's --lamb = 2*lam); MART: 6.0", min=0),
+        "smoothing": Hparam(0.2, "ARoW: label smoothing alpha of the natural term", min=0),
         "detach_weight": Hparam(False, "ARoW ablation: stop the gradient through 1 - p_y(x_adv)", bool),
-        "weight": Hparam("arow", "ARoW: 'arow' weights by 1 - p_y(x_adv); 'cow' (ablation) by p_y(x)", str),
+        "weight": Hparam("arow", "ARoW: 'arow' weights by 1 - p_y(x_adv); 'cow' (ablation) by p_y(x)", str, choices=("arow", "cow")),
     }
 
     def __init__(self, threat, **kwargs):

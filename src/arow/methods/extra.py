@@ -1,4 +1,4 @@
-"""The remaining baselines of SPEC section 3: GAIR-AT, FAT and HAT (AWP wraps methods in awp.py).
+"""The remaining baselines (docs/method.md#baselines): GAIR-AT, FAT and HAT (AWP wraps methods in awp.py).
 
 Their reference schedules are given for 120 epochs (GAIR-AT reweights from epoch 50, FAT raises
 tau at epochs 50 and 90); we keep the same FRACTIONS of whatever ``--epochs`` a run uses.
@@ -6,6 +6,7 @@ tau at epochs 50 and 90); we keep the same FRACTIONS of whatever ``--epochs`` a 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Union
 
@@ -77,7 +78,7 @@ class GAIRAT(Method):
     hparams = {
         "gair_lambda": Hparam(-1.0, "GAIR-AT: Lambda of the weight (1 + tanh(Lambda + 5 (1 - 2 kappa/K))) / 2"),
         "gair_start": Hparam(None, "GAIR-AT: first epoch (1-based) with reweighting; default: epoch 50 of 120, "
-                                   "scaled to --epochs", int),
+                                   "scaled to --epochs", int, min=1),
     }
 
     def __init__(self, threat: ThreatModel, **kwargs) -> None:
@@ -165,14 +166,14 @@ class FAT(Method):
     1 up to epoch 90, 2 after; scaled to --epochs). ``fat_tau`` fixes tau instead (the ARoW
     reference code uses tau = 5, omega = 0). Deviations: the examples keep their order (the
     reference regroups them by when they stopped; the loss is the same mean), and nothing
-    assumes 3x32x32 inputs (SPEC section 7). Logs ``attack_steps``, the mean steps taken.
+    assumes 3x32x32 inputs (the reference does). Logs ``attack_steps``, the mean steps taken.
     """
 
     name = "fat"
     hparams = {
         "fat_tau": Hparam(None, "FAT: steps an example may still take after it is misclassified; default: "
-                                "the reference's dynamic tau 0 -> 1 -> 2 (epochs 50, 90 of 120)", int),
-        "fat_omega": Hparam(0.001, "FAT: std of the Gaussian noise added to every attack step (FAT: 0.001)"),
+                                "the reference's dynamic tau 0 -> 1 -> 2 (epochs 50, 90 of 120)", int, min=0),
+        "fat_omega": Hparam(0.001, "FAT: std of the Gaussian noise added to every attack step (FAT: 0.001)", min=0),
     }
 
     def __init__(self, threat: ThreatModel, **kwargs) -> None:
@@ -214,15 +215,15 @@ def helper_points(x: Tensor, x_adv: Tensor, h: float = 2.0) -> Tensor:
 
 def load_helper(helper: Union[str, Path, nn.Module]) -> nn.Module:
     """HAT's helper: a frozen, eval-mode model from a run folder / checkpoint (or a module as is)."""
-    from .. import load_model
+    from .. import model_from_checkpoint
     from ..checkpoint import CheckpointError, load_checkpoint
 
     if isinstance(helper, nn.Module):
         model = helper
     else:
         try:
-            ckpt = load_checkpoint(helper)
-            model = load_model(helper)
+            ckpt = load_checkpoint(helper)  # read once, without running code from the file
+            model = model_from_checkpoint(ckpt)
         except CheckpointError as e:
             raise CheckpointError(f"HAT --helper: {e}") from None
         trained_with = (ckpt.get("config") or {}).get("method")
@@ -244,19 +245,20 @@ class HAT(TRADES):
     separately, normally trained model on x_adv (``helper``: a run folder of
     ``arow train --method natural``; frozen, eval mode, moved to the input's device). h = 2.
     beta = 2.5 is the HAT paper's CIFAR-10 setting (its README: ``--beta 2.5 --gamma 0.5``);
-    gamma = 0.25 follows the ARoW reference code (SPEC), not HAT's 0.5. Deviation from both
-    reference codes: the helper input is clamped to [0, 1], as an image must be (SPEC section 7).
+    gamma = 0.25 follows the ARoW reference code, not HAT's 0.5. Deviation from both
+    reference codes: the helper input is clamped to [0, 1], as an image must be (docs/method.md#hat).
     The KL term is our TRADES one, ``log(q + 1e-12)`` as in the ARoW reference.
     The attack returns ``(x_adv, helper labels)`` so AWP can reuse it without a second helper call.
     """
 
     name = "hat"
     hparams = {
-        "beta": Hparam(2.5, "TRADES / HAT: weight beta of the KL term (TRADES 6.0; HAT 2.5, its CIFAR-10 setting)"),
-        "hat_gamma": Hparam(0.25, "HAT: weight of the helper loss (0.25 as the ARoW reference; the HAT paper: 0.5)"),
-        "hat_h": Hparam(2.0, "HAT: helper examples are x + h (x_adv - x), clamped to [0, 1]"),
+        "beta": Hparam(2.5, "TRADES / HAT: weight beta of the KL term (TRADES 6.0; HAT 2.5, its CIFAR-10 setting)", min=0),
+        "hat_gamma": Hparam(0.25, "HAT: weight of the helper loss (0.25 as the ARoW reference; the HAT paper: 0.5)", min=0),
+        "hat_h": Hparam(2.0, "HAT: helper examples are x + h (x_adv - x), clamped to [0, 1]", min=0),
         "helper": Hparam(None, "HAT: run folder or checkpoint of a normally trained model (arow train --method "
-                               "natural) whose predictions on x_adv label the helper examples", str),
+                               "natural) whose predictions on x_adv label the helper examples", str,
+                         accepts=(nn.Module, os.PathLike)),
     }
 
     def __init__(self, threat: ThreatModel, **kwargs) -> None:

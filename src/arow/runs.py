@@ -1,0 +1,213 @@
+"""The run folder: the one place that knows its file names and how each is read and written.
+
+A run folder (``arow train --out DIR``) holds:
+
+==================  =========================================================================
+``config.json``     the resolved config (replays the run: ``arow train --config DIR/config.json``)
+``metrics.jsonl``   one JSON object per epoch
+``last.pt``         the full resumable state after the latest epoch (optimiser, RNG, SWA/EMA)
+``last.prev.pt``    the state one epoch earlier: the fallback when ``last.pt`` is damaged
+``best.pt``         the epoch selected on the held-out validation split
+``final.pt``        the model the run reports (the last epoch, or the SWA average)
+``eval.json``       the full-test-set evaluation of ``final.pt`` (subsets go to ``eval_n<N>.json``)
+``eval_state/``     the progress of an interrupted evaluation
+``diverged.json``   written when training stopped on a non-finite loss or weight
+``.lock``           held (``flock``) by the process that trains into the folder: pid and host
+==================  =========================================================================
+
+Writes are atomic (temporary file, fsync, rename) and never follow a symlink planted in the folder.
+The epoch's files are written best first, then last: a kill between the two leaves ``last.pt`` one
+epoch behind, so a resumed run redoes that epoch and rewrites ``best.pt`` identically.
+
+>>> run = RunDir("runs/fmnist-arow")           # doctest: +SKIP
+>>> run.checkpoint("best")                     # doctest: +SKIP
+PosixPath('runs/fmnist-arow/best.pt')
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .checkpoint import (CheckpointError, append_line, atomic_save, atomic_write_text, dump_json, load_checkpoint,
+                         remove_stale_tmp)
+
+log = logging.getLogger(__name__)
+PathLike = Union[str, os.PathLike]
+
+
+class RunLockedError(ValueError):
+    """Another live process holds the run folder."""
+
+
+class RunDir:
+    """A run folder and every file in it."""
+
+    CONFIG, METRICS, LAST, PREV, BEST, FINAL = ("config.json", "metrics.jsonl", "last.pt", "last.prev.pt",
+                                                "best.pt", "final.pt")
+    EVAL, EVAL_STATE, DIVERGED, LOCK, ROBUSTBENCH = ("eval.json", "eval_state", "diverged.json", ".lock",
+                                                     "robustbench.json")
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        self._lock_fd: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # ----------------------------------------------------------------- state of the folder
+    def has_checkpoint(self) -> bool:
+        return any(self.file(n).is_file() for n in (self.LAST, self.PREV, self.FINAL))
+
+    def checkpoint(self, which: str = "final") -> Path:
+        """The file of ``final`` (falls back to ``last`` while the run is unfinished), ``best`` or ``last``."""
+        if which not in ("final", "best", "last"):
+            raise ValueError(f"which must be final, best or last, got {which!r}")
+        p = self.file(f"{which}.pt")
+        if p.is_file():
+            return p
+        if which == "final" and self.file(self.LAST).is_file():
+            return self.file(self.LAST)
+        raise CheckpointError(f"{self.path}: no {which}.pt in this run folder")
+
+    # ----------------------------------------------------------------- lock
+    def lock(self) -> None:
+        """Take the folder for this process, or fail with one line naming the holder.
+
+        The lock is an ``flock`` on ``.lock``: the kernel releases it when its process dies, so a
+        killed run never leaves a folder locked; the file's pid and host only name the holder.
+        """
+        if self._lock_fd is not None:
+            return
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = self.file(self.LOCK)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunLockedError(f"{self.path} is in use by {holder}; wait for it to finish or choose "
+                                     f"another --out") from None
+            raise
+        previous = os.pread(fd, 512, 0).decode(errors="replace").strip()
+        if previous:
+            log.info("taking over the lock of %s left by a run that is no longer alive (%s)", self.path, previous)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        self._lock_fd = fd
+        remove_stale_tmp(self.path)  # ours now: temporary files in it are leftovers of a killed write
+
+    def unlock(self) -> None:
+        if self._lock_fd is None:
+            return
+        import fcntl
+
+        try:
+            os.ftruncate(self._lock_fd, 0)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ----------------------------------------------------------------- config and metrics
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_text(dump_json(config) + "\n", self.file(self.CONFIG))
+
+    def read_config(self) -> dict[str, Any]:
+        return _read_json(self.file(self.CONFIG))
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        append_line(self.file(self.METRICS), dump_json(record, None))
+
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` by ``records`` (a resumed run drops lines of unsaved epochs)."""
+        atomic_write_text("".join(dump_json(r, None) + "\n" for r in records), self.file(self.METRICS))
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_epoch(self, ckpt: dict[str, Any], best: Optional[dict[str, Any]] = None) -> None:
+        """The epoch's checkpoints: ``best.pt`` (if it improved) before ``last.pt``; the old
+        ``last.pt`` is kept as ``last.prev.pt``."""
+        if best is not None:
+            atomic_save(best, self.file(self.BEST))
+        last = self.file(self.LAST)
+        if last.is_file() and not last.is_symlink():
+            os.replace(last, self.file(self.PREV))
+        atomic_save(ckpt, last)
+
+    def save_final(self, ckpt: dict[str, Any]) -> None:
+        atomic_save(ckpt, self.file(self.FINAL))
+
+    def load_resume_state(self) -> dict[str, Any]:
+        """The newest readable resumable state: ``last.pt``, else ``last.prev.pt`` (saying so)."""
+        last, prev = self.file(self.LAST), self.file(self.PREV)
+        problem = f"{last} does not exist"
+        if last.is_file():
+            try:
+                return load_checkpoint(last)
+            except CheckpointError as e:
+                if "refused" in str(e):
+                    raise
+                problem = str(e)
+        if prev.is_file():
+            ckpt = load_checkpoint(prev)
+            log.warning("%s; resuming from the previous checkpoint %s (epoch %s)", problem, prev.name,
+                        ckpt.get("epoch"))
+            return ckpt
+        if last.is_file():
+            raise CheckpointError(f"{problem}, and there is no earlier checkpoint to resume from")
+        raise CheckpointError(f"--resume: {last} does not exist (nothing to resume)")
+
+    # ----------------------------------------------------------------- divergence
+    def mark_diverged(self, info: dict[str, Any]) -> None:
+        atomic_write_text(dump_json(info) + "\n", self.file(self.DIVERGED))
+
+    def diverged(self) -> Optional[dict[str, Any]]:
+        p = self.file(self.DIVERGED)
+        return _read_json(p) if p.is_file() else None
+
+    def clear_diverged(self) -> None:
+        self.file(self.DIVERGED).unlink(missing_ok=True)
+
+    # ----------------------------------------------------------------- evaluation
+    def eval_path(self, which: str = "final", n: Optional[int] = None, full: Optional[int] = None) -> Path:
+        """Where an evaluation of checkpoint ``which`` is written: ``eval.json`` holds the final model
+        on the full test set only; a subset of ``n`` images goes to ``eval_n<N>.json``."""
+        stem = "eval" if which == "final" else f"eval_{which}"
+        if n is not None and full is not None and n < full:
+            stem += f"_n{n}"
+        return self.file(stem + ".json")
+
+
+def check_writable(path: PathLike, what: str = "output") -> Path:
+    """Fail now, with one line, if a file cannot be written at ``path`` (before hours of work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file name")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot create its folder ({e.strerror or e})") from None
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{what} {path} is not writable")
+    return path
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
