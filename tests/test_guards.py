@@ -2,10 +2,13 @@
 
 Models: a small MLP trained for a few hundred steps on Fashion-MNIST (honest), and wrappers
 around it that misbehave in one way each; plus hand-built models on synthetic data where a
-linear rule on the mean brightness is robust by construction.
+linear rule on the mean brightness is robust by construction. Two wrappers are built to pass
+the guards of a naive evaluation: one reverses the input gradient for a fixed 60% of the
+examples, one masks its gradients everywhere except near the first 200 test images.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -13,7 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arow.guards import GUARD_NAMES, run_guards, tripped
+from arow.attacks import pgd
+from arow.guards import GUARD_NAMES, run_guards, subset_digest, tripped
+from arow.threat import ThreatModel
 
 EPS = 0.1
 
@@ -34,11 +39,11 @@ class MLP(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def fmnist():
+def fmnist_1000():
     from arow.data import load_dataset
 
     train = load_dataset("fashion-mnist", split="train").subset(4000)
-    test = load_dataset("fashion-mnist", split="test").subset(200)
+    test = load_dataset("fashion-mnist", split="test").subset(1000)
     torch.manual_seed(0)
     model = MLP()
     opt = torch.optim.Adam(model.parameters(), 2e-3)
@@ -50,6 +55,12 @@ def fmnist():
         loss.backward()
         opt.step()
     return model.eval(), test.x, test.y
+
+
+@pytest.fixture(scope="module")
+def fmnist(fmnist_1000):
+    model, x, y = fmnist_1000
+    return model, x[:200], y[:200]
 
 
 def verdicts(model, x, y, **kw) -> dict[str, bool]:
@@ -190,9 +201,11 @@ def test_zero_gradients_trip_gradients_and_large_eps(fmnist):
 
 def test_misleading_gradients_trip_black_box_and_large_eps(fmnist):
     model, x, y = fmnist
-    v = verdicts(Misleading(model), x, y, only=["gradients", "large-eps", "black-box"])
+    v = verdicts(Misleading(model), x, y,
+                 only=["gradients", "gradient-direction", "large-eps", "transfer", "black-box"])
     assert v["gradients"], "the gradients are finite and non-zero"
     assert not v["large-eps"] and not v["black-box"]
+    assert not v["gradient-direction"] and not v["transfer"], "they point the wrong way"
 
 
 class Adaptive(nn.Module):
@@ -224,6 +237,189 @@ def test_stronger_attack_leaving_more_robust_examples_trips_more_steps():
     assert not r.passed and r.value > 0.5, r.message
 
 
+# --------------------------------------------------------------------------- overstated on purpose
+class _FlipWhere(torch.autograd.Function):
+    """Identity forward; the backward pass reverses the gradient of the examples in ``mask``."""
+
+    @staticmethod
+    def forward(ctx, x, mask):
+        ctx.save_for_backward(mask)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask.view(-1, *[1] * (g.dim() - 1)), -g, g), None
+
+
+def hashed(x: torch.Tensor, frac: float) -> torch.Tensor:
+    """A fixed ``frac`` of the examples, chosen by a hash of each input's bytes."""
+    return torch.tensor([int(hashlib.sha256(v.numpy().tobytes()).hexdigest(), 16) % 1000 < 1000 * frac
+                         for v in x])
+
+
+class ReversedNear(nn.Module):
+    """Honest forward; the input gradient is reversed near the reference inputs marked in ``flip``.
+
+    Near: the nearest reference lies within L2 distance 4. An eps = 0.1 L-inf ball on 28x28
+    images reaches 2.8, while PGD's random start at eps 0.5 lies about 6 away: the large-eps
+    guard meets the honest model, and PGD at eps 0.1 walks away from adversarial examples.
+    """
+
+    def __init__(self, m: nn.Module, ref: torch.Tensor, flip: torch.Tensor, radius: float = 4.0) -> None:
+        super().__init__()
+        self.m, self.ref, self.flip, self.radius = m, ref.flatten(1), flip, radius
+
+    def forward(self, x):
+        with torch.no_grad():
+            d, i = torch.cdist(x.flatten(1), self.ref).min(1)
+        return self.m(_FlipWhere.apply(x, (d <= self.radius) & self.flip[i]))
+
+
+def pgd_accuracy(model, x, y) -> float:
+    x_adv = pgd(model, x, y, ThreatModel(eps=EPS, steps=10), keep_best=True)
+    with torch.no_grad():
+        return float((model(x_adv).argmax(1) == y).float().mean())
+
+
+def test_gradient_reversed_for_60_percent_trips_gradient_direction_and_transfer(fmnist):
+    model, x, y = fmnist
+    flip = hashed(x, 0.6)
+    assert 0.5 < float(flip.float().mean()) < 0.7
+    cheat = ReversedNear(model, x, flip)
+    assert pgd_accuracy(cheat, x, y) > pgd_accuracy(model, x, y) + 0.2, "PGD overstates its robustness"
+    by = {r.name: r for r in run_guards(cheat, x, y, eps=EPS, n=200)}
+    assert not by["gradient-direction"].passed and by["gradient-direction"].value > 0.4, by["gradient-direction"]
+    assert "wrong way" in by["gradient-direction"].message
+    assert not by["transfer"].passed and "overstated" in by["transfer"].message
+    assert not by["black-box"].passed
+    # the gradients are finite and non-zero and a huge eps still works: the older checks see nothing
+    for name in ("finite", "eval-mode", "input-range", "gradients", "large-eps", "more-steps"):
+        assert by[name].passed, by[name].message
+
+
+def test_model_honest_only_near_the_first_test_images_is_caught_by_the_random_subset(fmnist_1000):
+    model, x, y = fmnist_1000
+    cheat = ReversedNear(model, x, torch.arange(len(x)) >= 200)
+    first = run_guards(cheat, x[:200], y[:200], eps=EPS, n=200)  # the first 200: where it is honest
+    assert first.subset["indices"] == list(range(200))
+    assert tripped(first) == [], [r.message for r in tripped(first)]
+    drawn = run_guards(cheat, x, y, eps=EPS, n=200, seed=0,
+                       only=["gradients", "gradient-direction", "transfer", "black-box"])
+    assert drawn.subset["total"] == 1000 and sum(i >= 200 for i in drawn.subset["indices"]) > 120
+    assert {r.name for r in tripped(drawn)} == {"gradient-direction", "transfer", "black-box"}
+
+
+def test_subset_is_drawn_with_the_seed_and_recorded():
+    x, y = brightness_data()
+
+    def run(**kw):
+        return run_guards(Brightness(), x, y, eps=EPS, only=["finite"], **kw)
+
+    a, b, c = run(n=50, seed=0), run(n=50, seed=0), run(n=50, seed=1)
+    s = a.subset
+    assert s == b.subset and s["indices"] != c.subset["indices"]
+    assert s["seed"] == 0 and s["n"] == 50 and s["total"] == 200
+    assert s["indices"] == sorted(set(s["indices"])) and s["indices"] != list(range(50))
+    assert s["sha256"] == subset_digest(s["indices"])
+    assert s["sha256"] == hashlib.sha256(",".join(map(str, s["indices"])).encode()).hexdigest()
+    json.dumps(s)
+    fresh = run(n=50, seed=None)
+    assert isinstance(fresh.subset["seed"], int) and run(n=50, seed=fresh.subset["seed"]).subset == fresh.subset
+    assert run(n=500).subset["indices"] == list(range(200)), "n >= the set: every example, in order"
+
+
+def test_confident_honest_model_passes_gradient_direction():
+    x, y = brightness_data()  # logit margins 45-75: the cross-entropy rounds to 0 even in float64
+    by = {r.name: r for r in run_guards(Brightness(scale=150.0), x, y, eps=EPS,
+                                        only=["gradients", "gradient-direction"])}
+    assert by["gradients"].passed and by["gradient-direction"].passed, by["gradient-direction"].message
+    assert by["gradient-direction"].value == 0.0 and "0 of 200" in by["gradient-direction"].message
+
+class NaNWhere(nn.Module):
+    """NaN logits for the brightest third of the inputs; honest elsewhere."""
+
+    def __init__(self, m: nn.Module, cutoff: float) -> None:
+        super().__init__()
+        self.m, self.cutoff = m, cutoff
+
+    def forward(self, x):
+        out = self.m(x)
+        return torch.where((x.flatten(1).mean(1) > self.cutoff)[:, None], float("nan"), out)
+
+
+class NaNOffTheData(nn.Module):
+    """Finite on the data (multiples of 1/255), NaN as soon as an input is perturbed."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        off = ((x * 255 - (x * 255).round()).abs() > 1e-3).flatten(1).any(1)
+        return torch.where(off[:, None], float("inf"), self.m(x))
+
+
+def test_nan_outputs_are_reported_as_non_finite_not_as_noise_or_masking(fmnist):
+    model, x, y = fmnist
+    cutoff = float(x.flatten(1).mean(1).quantile(0.67))
+    by = {r.name: r for r in run_guards(NaNWhere(model, cutoff), x, y, eps=EPS,
+                                        only=["finite", "eval-mode", "gradients", "gradient-direction"])}
+    assert not by["finite"].passed and "NaN/inf" in by["finite"].message and 0.2 < by["finite"].value < 0.5
+    assert by["eval-mode"].passed and by["gradients"].passed and by["gradient-direction"].passed
+    r = run_guards(NaNOffTheData(model), x, y, eps=EPS, only=["finite"])[0]
+    assert not r.passed and r.value == 1.0 and "within eps" in r.message
+    assert run_guards(model, x, y, eps=EPS, only=["finite"])[0].passed
+
+
+class Scrambled(nn.Module):
+    """Honest forward; the input gradient is replaced by noise (finite, non-zero, useless)."""
+
+    class _Noise(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.randn_like(g) * g.abs().mean()
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(self._Noise.apply(x))
+
+
+def test_transfer_from_a_given_surrogate(fmnist):
+    model, x, y = fmnist
+    r = run_guards(Scrambled(model), x, y, eps=EPS, only=["transfer"], surrogate=model)[0]
+    assert not r.passed and "surrogate" in r.message and r.value > 0.3
+    bx, by = brightness_data()
+    r = run_guards(Brightness(), bx, by, eps=EPS, only=["transfer"], surrogate=Brightness(scale=5.0))[0]
+    assert r.passed and r.value == 0.0 and "surrogate" in r.message
+
+
+def test_honest_small_models_pass_the_direction_and_transfer_guards(fmnist_small, trained_model):
+    from arow.models import build_model
+
+    xtr, ytr, x, y = fmnist_small
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    opt = torch.optim.SGD(linear.parameters(), lr=0.5)
+    for _ in range(50):
+        loss = F.cross_entropy(linear(xtr), ytr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    models = {"small-cnn, random weights": build_model("small-cnn", num_classes=10, in_channels=1, image_size=28),
+              "BatchNorm CNN, trained": trained_model, "linear, trained": linear.eval()}
+    for name, m in models.items():
+        results = run_guards(m, x, y, eps=EPS, n=200, only=["finite", "gradients", "gradient-direction", "transfer"])
+        assert tripped(results) == [], (name, [r.message for r in tripped(results)])
+
+
 # --------------------------------------------------------------------------- hygiene
 def test_guards_leave_model_and_rng_alone(fmnist):
     model, x, y = fmnist
@@ -233,12 +429,13 @@ def test_guards_leave_model_and_rng_alone(fmnist):
     torch.manual_seed(7)
     expected = torch.rand(2)
     torch.manual_seed(7)
-    a = run_guards(model, x, y, eps=EPS, n=60, only=["more-steps", "black-box"])
+    a = run_guards(model, x, y, eps=EPS, n=60)
     assert torch.equal(torch.rand(2), expected)
     assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    b = run_guards(model, x, y, eps=EPS, n=60, only=["more-steps", "black-box"])
+    b = run_guards(model, x, y, eps=EPS, n=60)
     assert [r.value for r in a] == [r.value for r in b], "seeded: the same verdicts twice"
+    assert a.subset == b.subset
     model.eval()
 
 
@@ -277,14 +474,15 @@ def test_cli_exits_3_when_a_guard_trips(tmp_path, capsys):
     assert main(args) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("arow: error: robustness guard") and "'gradients'" in err[0]
-    out = json.loads((run / "eval.json").read_text())
+    assert not (run / "eval.json").exists(), "a subset never writes the full-test-set file"
+    out = json.loads((run / "eval_n40.json").read_text())
     assert any(g["name"] == "gradients" and not g["passed"] for g in out["guards"]) and "accuracy" not in out
     assert main(args + ["--allow-guard-failures"]) == 0
-    out = json.loads((run / "eval.json").read_text())
+    out = json.loads((run / "eval_n40.json").read_text())
     assert "clean" in out["accuracy"] and out["subset"] is True and "subset" in out["warning"]
     assert "likely overstated" in capsys.readouterr().out
     assert main(args + ["--no-guards"]) == 0
-    assert json.loads((run / "eval.json").read_text())["guards"] == []
+    assert json.loads((run / "eval_n40.json").read_text())["guards"] == []
 
 
 def test_cli_autoattack_writes_robustbench_json(tmp_path, capsys):
@@ -295,7 +493,7 @@ def test_cli_autoattack_writes_robustbench_json(tmp_path, capsys):
     args = ["eval", str(run), "--attacks", "clean,autoattack", "--n", "30", "--guards-n", "30",
             "--device", "cpu", "--robustbench", str(rb)]
     assert main(args) == 0
-    out = json.loads((run / "eval.json").read_text())
+    out = json.loads((run / "eval_n30.json").read_text())
     assert out["attack_settings"]["autoattack"]["version"] == "standard"
     assert out["attack_settings"]["autoattack"]["seed"] == 0 and len(out["guards"]) == len(GUARD_NAMES)
     info = json.loads(rb.read_text())
