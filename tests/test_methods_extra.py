@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from arow import losses
 from arow.config import TrainConfig
 from arow.data import from_tensors
-from arow.methods import AWP, METHODS, build_method
+from arow.attacks.fat import fat_pgd
+from arow.methods import AWP, METHODS, Passes, build_method
 from arow.methods.awp import PROXY_LR, perturbed_weights
-from arow.methods.extra import fat_pgd, gair_attack, helper_points
+from arow.methods.gair_at import gair_attack
+from arow.methods.hat import helper_points
 from arow.threat import ThreatModel
 from arow.training import Trainer
 
@@ -263,13 +265,13 @@ def test_awp_attacks_once_per_batch_in_the_trainer():
 def test_awp_wraps_any_method_and_rejects_foreign_hparams():
     threat = ThreatModel(eps=0.1, steps=2)
     wrapped = AWP(threat, inner=build_method("gair-at", threat), awp_gamma=0.01)
-    assert wrapped.config["gair_lambda"] == -1.0 and wrapped.awp_gamma == 0.01
+    assert wrapped.config["gair_lambda"] == -1.0 and wrapped.hp.awp_gamma == 0.01
     with pytest.raises(ValueError, match="beta"):
         AWP(threat, inner=build_method("gair-at", threat), beta=1.0)
     with pytest.raises(ValueError, match="no hyper-parameter"):
         build_method("trades-awp", threat, lam=1.0)
-    assert build_method("pgd-at-awp", threat).awp_gamma == 0.01
-    assert build_method("trades-awp", threat).awp_gamma == 0.005
+    assert build_method("pgd-at-awp", threat).hp.awp_gamma == 0.01
+    assert build_method("trades-awp", threat).hp.awp_gamma == 0.005
 
 
 # --------------------------------------------------------------------------- all of them train
@@ -294,9 +296,9 @@ def test_new_method_trains_one_step(name, helper_run):
     torch.manual_seed(0)
     from arow.models import build_model
 
-    hp = {"helper": str(helper_run)} if name == "hat" else {}
-    if name.endswith("-awp"):
-        hp["awp_start"] = 1
+    cls = METHODS.get(name)
+    # the class's own test settings; a hyper-parameter that takes a model (HAT's helper) gets the trained one
+    hp = {**cls.test_settings, **{k: str(helper_run) for k, h in cls.hparams.items() if nn.Module in h.accepts}}
     method = build_method(name, ThreatModel(eps=0.1, steps=2), **hp)
     model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=16)
     w0 = [p.detach().clone() for p in model.parameters()]
@@ -327,3 +329,40 @@ def test_cli_flags_reach_the_new_methods():
     assert cfg.method_args == {"fat_tau": 2}
     with pytest.raises(ValueError, match="--fat-tau"):
         parse("--method", "trades", "--fat-tau", "2")
+
+
+# --------------------------------------------------------------------------- every method's facts
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_carries_its_facts(name):
+    cls = METHODS.get(name)
+    assert cls.name == name and cls.__doc__
+    assert isinstance(cls.passes, Passes), f"{name}: declare passes = Passes(...) on the class"
+    if cls.paper is None:  # only the non-adversarial baseline has no paper
+        assert name == "natural" and cls.url is None
+    else:
+        assert " 20" in cls.paper and cls.url.startswith("https://"), name
+    assert set(cls.test_settings) <= set(cls.hparams)
+    for k, v in cls.test_settings.items():
+        assert cls.hparams[k].check(k, v) == v
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if n != "hat"])
+def test_hyper_parameters_are_a_frozen_typed_dataclass(name):
+    import dataclasses
+    import typing
+
+    method = build_method(name, ThreatModel(eps=0.1, steps=2))
+    hp = method.hp
+    own = method.own_hparams if isinstance(method, AWP) else method.hparams
+    assert dataclasses.is_dataclass(hp) and [f.name for f in dataclasses.fields(hp)] == list(own)
+    for f in dataclasses.fields(hp):
+        h, value = own[f.name], getattr(hp, f.name)
+        assert value == h.default and getattr(method, f.name) == value  # read-only alias
+        assert f.type is h.type or h.type in typing.get_args(f.type)
+        assert method.config[f.name] == value
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(hp, f.name, value)
+        with pytest.raises(AttributeError, match="fixed when the method is built"):
+            setattr(method, f.name, value)
+    with pytest.raises(AttributeError):
+        method.no_such_hyper_parameter

@@ -1,9 +1,9 @@
 """What one training step costs, counted: model passes per method, and no host reads per step.
 
-Every registered method runs one step under forward hooks (see :func:`arow.bench.count_passes`)
-and must match :data:`arow.bench.PASS_TABLE`, which docs/performance.md shows; the doc table is
-parsed and compared too, so the three cannot drift apart. A method without a row fails here:
-add its row to both.
+Every registered method runs one step under forward hooks (``count_passes`` in tests/passes.py)
+and must match the ``passes`` its class declares (which ``PASS_TABLE`` there gathers);
+docs/performance.md shows them, and its table is parsed and compared too, so they cannot drift
+apart. A method without ``passes`` or without a doc row fails here: add both.
 """
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from arow.bench import PASS_TABLE, Passes, count_passes, documented_passes, reference_cost
 from arow.config import TrainConfig
 from arow.data import TensorData
-from arow.methods import METHODS, build_method
+from arow.methods import METHODS, Passes, build_method
 from arow.rng import BatchRNG
 from arow.threat import ThreatModel
 from arow.training import Trainer
+
+from passes import PASS_TABLE, count_passes, documented_passes, reference_cost
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 K = 3
@@ -51,22 +52,28 @@ class Helper(nn.Module):
 
 
 def _method(name: str):
-    kwargs = {"helper": Helper()} if name == "hat" else {}
-    method = build_method(name, ThreatModel(eps=0.1, steps=K), **kwargs)
-    method.set_epoch(0, 1)  # AWP variants: active from the first epoch of a 1-epoch run
-    return method, kwargs.get("helper")
+    """The method built with its class's ``test_settings``; a hyper-parameter that takes a model
+    (HAT's helper) gets a :class:`Helper`, returned too so its forwards count as helper passes."""
+    cls = METHODS.get(name)
+    helper = Helper()
+    models = {k: helper for k, h in cls.hparams.items() if nn.Module in h.accepts}
+    method = build_method(name, ThreatModel(eps=0.1, steps=K), **cls.test_settings, **models)
+    method.set_epoch(0, 1)  # the trainer's first epoch (AWP / GAIR-AT: on from epoch 1 in test_settings)
+    return method, helper if models else None
 
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_counted_passes_match_the_documented_table(name):
-    if name not in PASS_TABLE:
-        pytest.fail(f"method {name!r} has no documented pass count: add a row to arow.bench.PASS_TABLE "
-                    f"and to the table in docs/performance.md")
+    declared = METHODS.get(name).passes
+    if declared is None:
+        pytest.fail(f"method {name!r} has no documented pass count: give its class `passes = Passes(...)` "
+                    f"and add its row to the table in docs/performance.md")
     torch.manual_seed(0)
     method, helper = _method(name)
     x, y = torch.rand(B, 1, 8, 8), torch.randint(0, 5, (B,))
     c = count_passes(method, Net(), x, y, helper=helper, rng=BatchRNG(0))
-    want = documented_passes(name, K)
+    want = declared.for_steps(K)
+    assert want == documented_passes(name, K) == PASS_TABLE[name].for_steps(K)
     assert (c.target, c.attack, c.train, c.helper) == (want.target, want.attack, want.train, want.helper)
     assert c.backward == 1  # the trainer's loss.backward(), exactly once
     assert c.train_no_grad == 0  # no train-mode forward is wasted
@@ -111,10 +118,16 @@ def _linear(expr: str) -> tuple[int, int]:
     return a, int(m.group(2) or 0)
 
 
+def test_pass_table_is_read_from_the_method_classes():
+    assert dict(PASS_TABLE) == {name: METHODS.get(name).passes for name in METHODS.names()}
+
+
 def test_doc_table_is_the_code_table():
     rows = _doc_rows()
-    assert set(rows) == set(PASS_TABLE)
-    for name, (t, a, tr, h) in PASS_TABLE.items():
+    assert set(rows) == set(METHODS.names())
+    for name in METHODS.names():
+        p = METHODS.get(name).passes
+        t, a, tr, h = p.target, p.attack, p.train, p.helper
         target, attack, train, helper, cost = rows[name][:5]
         assert _linear(target) == (0, t) and _linear(attack) == (a, 0), name
         assert _linear(train) == (0, tr) and _linear(helper) == (0, h), name

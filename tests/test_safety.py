@@ -2,7 +2,6 @@
 import json
 import os
 import pickle
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -99,7 +98,7 @@ def test_every_entry_point_refuses_a_payload(tmp_path, run_folder):
     import shutil
 
     import arow as arow_pkg
-    from arow.methods.extra import load_helper
+    from arow.methods.hat import load_helper
 
     marker = tmp_path / "PWNED"
     evil = tmp_path / "evil.pt"
@@ -324,12 +323,21 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path, fm
     out = tmp_path / "run"
     from arow.models import build_model
 
+    from arow.callbacks import Callbacks
+
+    class SecondWriter(Callbacks):  # while the first run trains, a second one tries the same folder
+        refused = None
+
+        def on_epoch_end(self, record):
+            with pytest.raises(RunLockedError, match=rf"in use by pid {os.getpid()} on ") as e:
+                second = build_model("small-cnn", num_classes=10, in_channels=1, image_size=28)
+                Trainer(_cfg(out, epochs=1), second, data, val, model_spec=_spec(), resume=True).fit()
+            SecondWriter.refused = str(e.value)
+
     torch.manual_seed(1)
     model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=28)
-    first = Trainer(_cfg(out, epochs=1), model, data, val, model_spec=_spec())  # holds the folder until fit() ends
-    with pytest.raises(RunLockedError, match=rf"in use by pid {os.getpid()} on "):
-        Trainer(_cfg(out, epochs=1), tiny_cnn(), data, val)
-    first.fit()
+    Trainer(_cfg(out, epochs=1), model, data, val, model_spec=_spec(), callbacks=[SecondWriter()]).fit()
+    assert SecondWriter.refused is not None
     # a lock file left by a killed process (its flock died with it) is taken over
     (out / ".lock").write_text("pid 999999 on elsewhere since yesterday\n")
     _train(_cfg(out, epochs=2), data, val, resume=True)
@@ -383,6 +391,8 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, fmni
     (["--momentum", "nan"], "--momentum must be a finite number"),
     (["--lam", "nan"], "lam must be a finite number"),
     (["--resume", "--preset", "fmnist-arow"], "--preset cannot be combined with --resume"),
+    (["--val-attack", "pgd99999999999999999999"], "steps must be in [1, 10000]"),
+    (["--eval-attacks", "clean,pgd20r5000"], "restarts must be in [1, 1000]"),
 ])
 def test_bad_numbers_are_refused_before_training(tmp_path, flags, needle):
     r = arow("train", "--limit-train", "100", "--val-size", "20", "--out", str(tmp_path / "o"), *flags)
@@ -466,3 +476,9 @@ def test_eval_checks_its_output_before_evaluating_and_keeps_subsets_apart(tmp_pa
     r = arow("eval", str(out), "--attacks", "clean", "--n", "20", "--no-guards")
     assert r.returncode == 0, r.stderr
     assert (out / "eval_n20.json").is_file() and not (out / "eval.json").exists()
+
+
+def test_validation_with_clean_accuracy_only(tmp_path, fmnist_small):
+    data, val = _small(fmnist_small)
+    res = _train(_cfg(tmp_path / "run", epochs=1, val_attack="clean"), data, val)
+    assert res.history[0]["val_pgd_acc"] == res.history[0]["val_clean_acc"]

@@ -175,16 +175,10 @@ def resolve_checkpoint(path: PathLike, which: str = "final") -> Path:
     >>> resolve_checkpoint("runs/x/best.pt")
     PosixPath('runs/x/best.pt')
     """
+    from .runs import RunDir
+
     p = Path(path)
-    if not p.is_dir():
-        return p
-    if which not in ("final", "best", "last"):
-        raise ValueError(f"which must be final, best or last, got {which!r}")
-    if (p / f"{which}.pt").is_file():
-        return p / f"{which}.pt"
-    if which == "final" and (p / "last.pt").is_file():
-        return p / "last.pt"
-    raise CheckpointError(f"{p}: no {which}.pt in this run folder")
+    return RunDir(p).checkpoint(which) if p.is_dir() else p
 
 
 def _legacy_numpy_globals() -> list[Any]:
@@ -243,14 +237,7 @@ def load_checkpoint(path: PathLike, map_location: Optional[str] = "cpu") -> dict
     >>> sorted(ckpt["model_spec"])[:3]              # doctest: +SKIP
     ['dataset', 'image_size', 'in_channels']
     """
-    path = Path(path)
-    if path.is_dir():
-        for name in ("final.pt", "last.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise CheckpointError(f"{path}: no final.pt or last.pt in this run folder")
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     if path.suffix == ".safetensors":

@@ -7,6 +7,8 @@ True
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
 import typing
 from dataclasses import dataclass, field
@@ -16,20 +18,23 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+log = logging.getLogger(__name__)
+
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message says which and why."""
 
 
-def opt(default: Any = None, help: str = "", *, lo: Optional[float] = None, hi: Optional[float] = None,
+def opt(group: str, default: Any = None, help: str = "", *, lo: Optional[float] = None, hi: Optional[float] = None,
         lo_open: bool = False, hi_open: bool = False, choices: Optional[Sequence[str]] = None,
         runtime: bool = False, factory: Any = None) -> Any:
-    """A config field with its rule, declared once: help text, range, choices, and whether it is
-    runtime-only (how a run executes, not what it computes: may change on ``--resume``).
+    """A config field with its rule, declared once: its group of ``arow train --help``, help text,
+    range, choices, and whether it is runtime-only (how a run executes, not what it computes: it
+    may change on ``--resume``).
 
     Numbers must be finite and within ``lo``/``hi`` (``lo_open``/``hi_open`` exclude the bound).
     """
-    meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
+    meta = {"help": help, "group": group, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
             "choices": tuple(choices) if choices else None, "runtime": runtime}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -39,46 +44,50 @@ def opt(default: Any = None, help: str = "", *, lo: Optional[float] = None, hi: 
 @dataclass
 class TrainConfig:
     # what to train
-    method: str = opt("arow", "training method")
-    method_args: dict[str, Any] = opt(help="the method's hyper-parameters", factory=dict)
-    dataset: str = opt("fashion-mnist", "data set")
-    data_dir: Optional[str] = opt(None, "folder with the dataset files", runtime=True)
-    model: str = opt("small-cnn", "architecture")
-    normalize: bool = opt(False, "normalisation layer in the model (the paper trains on [0, 1] inputs)")
+    method: str = opt("method", "arow", "training method")
+    method_args: dict[str, Any] = opt("method", help="the method's hyper-parameters", factory=dict)
+    dataset: str = opt("data", "fashion-mnist", "data set")
+    data_dir: Optional[str] = opt("data", None, "folder with the dataset files", runtime=True)
+    model: str = opt("model", "small-cnn", "architecture")
+    normalize: bool = opt("model", False, "a normalisation layer in the model (default: [0, 1] inputs as is)")
     # optimisation
     # The defaults are the embedded Fashion-MNIST recipe that `make demo` runs on a 2-core CPU
     # within 15 minutes (2 epochs at ~200 img/s); the paper's CIFAR recipes are presets.
-    epochs: int = opt(2, "training epochs", lo=1)
-    batch_size: int = opt(128, "GLOBAL batch (split across torchrun processes)", lo=1)
-    lr: float = opt(0.1, "peak learning rate", lo=0, lo_open=True, hi=100)
-    momentum: float = opt(0.9, "SGD momentum", lo=0, hi=1, hi_open=True)
-    nesterov: bool = opt(False, "Nesterov momentum")
-    weight_decay: float = opt(5e-4, "SGD weight decay", lo=0, hi=1)
-    schedule: str = opt("onecycle", "learning-rate schedule (onecycle: linear warm-up, then linear decay to 0)",
+    epochs: int = opt("optimisation", 2, "training epochs", lo=1)
+    batch_size: int = opt("optimisation", 128, "GLOBAL batch (split across torchrun processes)", lo=1)
+    lr: float = opt("optimisation", 0.1, "peak learning rate", lo=0, lo_open=True, hi=100)
+    momentum: float = opt("optimisation", 0.9, "SGD momentum", lo=0, hi=1, hi_open=True)
+    nesterov: bool = opt("optimisation", False, "Nesterov momentum")
+    weight_decay: float = opt("optimisation", 5e-4, "SGD weight decay", lo=0, hi=1)
+    schedule: str = opt("optimisation", "onecycle",
+                        "learning-rate schedule (onecycle: linear warm-up, then linear decay to 0)",
                         choices=("step", "cosine", "onecycle", "constant"))
-    milestones: list[float] = opt(help="step schedule: epochs, or all fractions < 1 of --epochs",
+    milestones: list[float] = opt("optimisation", help="step schedule: epochs, or all fractions < 1 of --epochs",
                                   factory=lambda: [0.5, 0.83])
-    gamma: float = opt(0.1, "step schedule: learning-rate factor at each milestone", lo=0, lo_open=True, hi=1)
-    warmup_epochs: float = opt(0.15, "linear learning-rate warm-up, in epochs", lo=0)
-    swa_start: Optional[int] = opt(None, "1-based epoch from which weights are averaged (SWA)", lo=1)
+    gamma: float = opt("optimisation", 0.1, "step schedule: learning-rate factor at each milestone",
+                       lo=0, lo_open=True, hi=1)
+    warmup_epochs: float = opt("optimisation", 0.15, "linear learning-rate warm-up, in epochs", lo=0)
+    swa_start: Optional[int] = opt("optimisation", None, "1-based epoch from which weights are averaged (SWA)", lo=1)
     # threat model of the training attack
-    eps: Optional[float] = opt(None, "L-inf radius (dataset default: F-MNIST 0.1, others 8/255)", lo=0, hi=1)
-    attack_steps: Optional[int] = opt(None, "training attack steps (method default: 10)", lo=0, hi=10_000)
-    step_size: Optional[float] = opt(None, "training attack step (default eps/4)", lo=0, lo_open=True, hi=1)
+    eps: Optional[float] = opt("attack", None, "L-inf radius (dataset default: F-MNIST 0.1, others 8/255)", lo=0, hi=1)
+    attack_steps: Optional[int] = opt("attack", None, "training attack steps (method default: 10)", lo=0, hi=10_000)
+    step_size: Optional[float] = opt("attack", None, "training attack step (default eps/4)", lo=0, lo_open=True, hi=1)
     # data
-    limit_train: Optional[int] = opt(None, "train on the first N training examples only", lo=2)
-    val_size: int = opt(1000, "held-out training examples for model selection", lo=0)
-    val_attack: str = opt("pgd20", "attack of the per-epoch validation")
-    augment: Optional[str] = opt(None, "augmentation (dataset default)", choices=("none", "flip", "crop+flip"))
+    limit_train: Optional[int] = opt("data", None, "train on the first N training examples only", lo=2)
+    val_size: int = opt("evaluation", 1000, "held-out training examples for model selection", lo=0)
+    val_attack: str = opt("evaluation", "pgd20", "attack of the per-epoch validation")
+    augment: Optional[str] = opt("data", None, "augmentation (dataset default)",
+                                 choices=("none", "flip", "crop+flip"))
     # runtime
-    seed: int = opt(0, "random seed", lo=0, hi=2**63 - 1)
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N", runtime=True)
-    amp: str = opt("auto", "bf16 autocast (auto: on CUDA)", choices=("auto", "bf16", "off"))
-    channels_last: str = opt("auto", "channels-last memory format", choices=("auto", "on", "off"), runtime=True)
-    compile: bool = opt(False, "torch.compile the model", runtime=True)
-    sync_bn: bool = opt(True, "SyncBatchNorm under DDP (a DDP run then equals a 1-process run)")
-    out: Optional[str] = opt(None, "run folder", runtime=True)
-    tensorboard: bool = opt(False, "also log to TensorBoard", runtime=True)
+    seed: int = opt("runtime", 0, "random seed", lo=0, hi=2**63 - 1)
+    device: str = opt("runtime", "auto", "auto | cpu | cuda | cuda:N", runtime=True)
+    amp: str = opt("runtime", "auto", "bf16 autocast (auto: on CUDA)", choices=("auto", "bf16", "off"))
+    channels_last: str = opt("runtime", "auto", "channels-last memory format", choices=("auto", "on", "off"),
+                             runtime=True)
+    compile: bool = opt("runtime", False, "torch.compile the model", runtime=True)
+    sync_bn: bool = opt("runtime", True, "SyncBatchNorm under DDP (a DDP run then equals a 1-process run)")
+    out: Optional[str] = opt("runtime", None, "run folder", runtime=True)
+    tensorboard: bool = opt("runtime", False, "also log to TensorBoard", runtime=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,6 +106,19 @@ class TrainConfig:
             raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}")
         hints = typing.get_type_hints(cls)
         return cls(**{k: _typed(k, v, hints[k]) for k, v in d.items()})
+
+    def resolve(self) -> "TrainConfig":
+        """The config with the data set's defaults filled in where a field is unset (augmentation),
+        checked. Idempotent; the Trainer and :func:`arow.pipelines.train_run` both train on this.
+
+        >>> TrainConfig(dataset="cifar10").resolve().augment
+        'crop+flip'
+        """
+        from .data import DATASETS
+
+        if self.augment is None and self.dataset in DATASETS:
+            return dataclasses.replace(self, augment=DATASETS.get(self.dataset).augmentation).validate()
+        return self.validate()
 
     def milestone_epochs(self) -> list[float]:
         """The step schedule's milestones in epochs (all values < 1 are fractions of --epochs)."""
@@ -170,7 +192,8 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
         return dict(value)
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if origin in (int, float, str, bool) and (not isinstance(value, origin) or (origin is int and isinstance(value, bool))):
+    wrong = not isinstance(value, origin) or (origin is int and isinstance(value, bool))
+    if origin in (int, float, str, bool) and wrong:
         raise ConfigError(f"config key {key!r}: expected {origin.__name__}, got {type(value).__name__} {value!r}")
     return value
 
@@ -196,6 +219,18 @@ def preset_names() -> list[str]:
 def load_preset(name_or_path: str) -> dict[str, Any]:
     """The settings of a preset by name (``arow list``) or of a YAML file by path."""
     path = Path(name_or_path)
+    if path.suffix == ".json":  # a run's config.json replays the run
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        data.pop("resolved", None)  # what the run derived, recorded for reading, not a setting
+        TrainConfig.from_dict(data)
+        return data
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"preset file {path} does not exist")
@@ -214,3 +249,87 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     data.pop("description", None)
     TrainConfig.from_dict({k: v for k, v in data.items()})  # reject unknown keys early
     return data
+
+
+# --------------------------------------------------------------------------- resolution
+def method_flags() -> dict[str, dict[str, str]]:
+    """Each method hyper-parameter flag (dest name) -> {method: hyper-parameter} it sets.
+
+    A name two methods use with different meanings gets the method's prefix (``--arow-lam``,
+    ``--mart-lam``, ``--trades-beta``, ``--hat-beta``); the plain name (``--lam``, ``--beta``) stays
+    as a shorthand for the chosen method's. AWP variants take their inner method's flags.
+    """
+    from .methods import METHODS
+
+    def base(name: str) -> str:
+        inner = getattr(METHODS.get(name), "inner_cls", None)
+        return inner.name if inner is not None else name
+
+    meanings: dict[str, set[str]] = {}  # hyper-parameter name -> the help texts of its methods
+    for name in METHODS.names():
+        for k, h in METHODS.get(name).hparams.items():
+            meanings.setdefault(k, set()).add(h.help)
+    table: dict[str, dict[str, str]] = {}
+    for name in METHODS.names():
+        for k in METHODS.get(name).hparams:
+            table.setdefault(k, {})[name] = k
+            if len(meanings[k]) > 1:  # one name, several meanings: the method's prefix tells them apart
+                table.setdefault(f"{base(name).replace('-', '_')}_{k}", {})[name] = k
+    return table
+
+
+def resolve_config(overrides: dict[str, Any], method_overrides: Optional[dict[str, Any]] = None, *,
+                   preset: Optional[str] = None, resume: bool = False) -> TrainConfig:
+    """The one place a training config is put together, in this order of precedence (last wins):
+    the defaults, a preset (or a run's ``config.json``), the saved config of the run being resumed,
+    the flags given now (``overrides``: config fields; ``method_overrides``: hyper-parameter
+    flags by dest name, see :func:`method_flags`). Dataset defaults are filled by
+    :meth:`TrainConfig.resolve`; ``out`` defaults to ``runs/<dataset>-<method>-<model>-s<seed>``.
+
+    >>> resolve_config({"method": "trades"}, {"beta": 3.0}).method_args
+    {'beta': 3.0}
+    """
+    from .methods import METHODS
+
+    if resume and preset:
+        raise ConfigError("--preset cannot be combined with --resume: a resumed run continues with the config "
+                          "saved in its folder (flags given with --resume may only change how it runs)")
+    base: dict[str, Any] = load_preset(preset) if preset else {}
+    if resume and overrides.get("out"):
+        from .runs import RunDir
+
+        run = RunDir(overrides["out"])
+        if run.has_checkpoint():  # the resumed run's own experiment is the base; the Trainer refuses changes
+            base = dict(run.load_resume_state()["config"])
+    base.update({k: v for k, v in overrides.items() if v is not None and k != "method_args"})
+    method = base.get("method", "arow")
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS.names())}")
+    allowed = METHODS.get(method).hparams
+    given = base.get("method_args") or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"method_args must be a mapping of hyper-parameters, got {given!r}")
+    table = method_flags()
+    unknown = sorted(set(given) - {k for m in table.values() for k in m.values()})
+    if unknown:
+        raise ConfigError(f"method_args: unknown hyper-parameter(s) {', '.join(unknown)} (no method takes them; "
+                          f"{method} takes: {', '.join(allowed) or 'none'})")
+    margs = {k: v for k, v in given.items() if k in allowed}
+    dropped = set(given) - set(margs)
+    if dropped:  # a preset written for another method: its hyper-parameters do not carry over
+        log.info("ignoring the preset's %s: not hyper-parameters of %s", ", ".join(sorted(dropped)), method)
+    for dest, value in (method_overrides or {}).items():
+        if value is None:
+            continue
+        if method not in table.get(dest, {}):
+            takes = sorted({"--" + d.replace("_", "-") for d, m in table.items() if method in m})
+            raise ConfigError(f"--{dest.replace('_', '-')} does not apply to method {method!r} "
+                              f"(it takes: {', '.join(takes) or 'none'})")
+        margs[table[dest][method]] = value
+    base["method_args"] = margs
+    if base.get("swa_start") == 0:  # --swa-start 0 turns off a preset's SWA
+        base["swa_start"] = None
+    cfg = TrainConfig.from_dict(base)
+    if cfg.out is None:
+        cfg.out = f"runs/{cfg.dataset}-{cfg.method}-{cfg.model}-s{cfg.seed}"
+    return cfg.resolve()

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from .report import ATTACK_LABELS, Run, format_eps, load_run
+from .runs import RunDir
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -153,7 +154,7 @@ def plot_curves(run_dir: PathLike) -> Optional[Path]:
     for ax in (ax_loss, ax_acc, ax_lr, ax_4):
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(f"Training curves: {_protocol(run)}", fontsize=11)
-    return _save(fig, run.path / "curves.png")
+    return _save(fig, RunDir(run.path).file(RunDir.CURVES))
 
 
 # --------------------------------------------------------------------------- per-class accuracy
@@ -193,7 +194,7 @@ def plot_per_class(run_dir: PathLike) -> Optional[Path]:
     ax.legend(fontsize=8, ncols=len(names), loc="upper left")
     n = f"{ev.get('n')} of {ev.get('test_set_size')} test images" + (" (SUBSET)" if ev.get("subset") else "")
     ax.set_title(f"Per-class accuracy: {_protocol(run)}\n{n}", fontsize=10)
-    return _save(fig, run.path / "per_class.png")
+    return _save(fig, RunDir(run.path).file(RunDir.PER_CLASS))
 
 
 # --------------------------------------------------------------------------- the weight distribution
@@ -255,7 +256,7 @@ def plot_weights(run_dir: PathLike) -> Optional[Path]:
     leg = ax_share.legend(fontsize=8, loc="lower left", title=f"weight > 0.5 <=> {what}", title_fontsize=8)
     leg.get_title().set_color("#444444")
     fig.suptitle(f"Per-example weight over training: {_protocol(run)}", fontsize=11)
-    return _save(fig, run.path / "weights.png")
+    return _save(fig, RunDir(run.path).file(RunDir.WEIGHTS))
 
 
 # --------------------------------------------------------------------------- robustness vs eps
@@ -308,7 +309,7 @@ def eps_curve(
     out = {"run": str(run.path), "dataset": dataset, "method": run.config.get("method"), "train_eps": run.eps,
            "attack": attack, "checkpoint": which, "n": len(data), "test_set_size": full, "subset": len(data) < full,
            "points": points}
-    atomic_write_text(dump_json(out) + "\n", run.path / "eps_curve.json")
+    atomic_write_text(dump_json(out) + "\n", RunDir(run.path).file(RunDir.EPS_CURVE))
     return out
 
 
@@ -319,7 +320,7 @@ def plot_eps_curve(run_dir: PathLike) -> Path:
     PosixPath('runs/fmnist-arow-s0/eps_curve.png')
     """
     run = load_run(run_dir)
-    path = run.path / "eps_curve.json"
+    path = RunDir(run.path).file(RunDir.EPS_CURVE)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; compute it with `arow plot {run.path} --eps-curve`")
     d = json.loads(path.read_text())
@@ -340,7 +341,7 @@ def plot_eps_curve(run_dir: PathLike) -> Path:
     n = f"{d['n']} of {d['test_set_size']} test images" + (" (SUBSET)" if d.get("subset") else "")
     ax.set_title(f"Robust accuracy vs eps: {_protocol(run, 'trained at eps')}\n"
                  f"{attack} (CE, step eps/4, random start) on {n}, {d['checkpoint']} checkpoint", fontsize=9)
-    return _save(fig, run.path / "eps_curve.png")
+    return _save(fig, RunDir(run.path).file(RunDir.EPS_CURVE_PNG))
 
 
 def plot_run(run_dir: PathLike) -> list[Path]:
@@ -351,6 +352,6 @@ def plot_run(run_dir: PathLike) -> list[Path]:
     """
     run = load_run(run_dir)
     out = [plot_curves(run.path), plot_per_class(run.path), plot_weights(run.path)]
-    if (run.path / "eps_curve.json").is_file():
+    if (RunDir(run.path).file(RunDir.EPS_CURVE)).is_file():
         out.append(plot_eps_curve(run.path))
     return [p for p in out if p is not None]

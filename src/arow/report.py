@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from .config import TrainConfig
+from .runs import RunDir, RunFolderError  # noqa: F401  (RunFolderError: part of this module's API)
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -33,10 +34,6 @@ ATTACK_LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW"
                  "worst_case": "worst case"}
 # Config keys that say where or how a run was executed, not what was trained.
 RUNTIME_KEYS = TrainConfig.runtime_keys() | {"seed", "resolved"}
-
-
-class RunFolderError(ValueError):
-    """A path given to the report is not an arow run folder (or its files are unreadable)."""
 
 
 @dataclass
@@ -93,13 +90,6 @@ class Run:
         return json.dumps(key, sort_keys=True, default=str)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunFolderError(f"{path}: unreadable ({e})") from e
-
-
 def load_run(path: PathLike) -> Run:
     """Read a run folder (``config.json``, ``metrics.jsonl``, ``eval.json`` if present).
 
@@ -107,33 +97,8 @@ def load_run(path: PathLike) -> Run:
     >>> run.best_epoch()  # doctest: +SKIP
     (9, 0.7123)
     """
-    p = Path(path)
-    if not p.is_dir():
-        raise RunFolderError(f"{p} is not a run folder (no such directory)")
-    if not (p / "config.json").is_file():
-        raise RunFolderError(f"{p} is not an arow run folder (no config.json); pass the folder `arow train --out` wrote")
-    config = _read_json(p / "config.json")
-    if not isinstance(config, dict) or "method" not in config:
-        raise RunFolderError(f"{p / 'config.json'} is not an arow run config (no 'method' key)")
-    metrics: list[dict[str, Any]] = []
-    if (p / "metrics.jsonl").is_file():
-        for i, line in enumerate((p / "metrics.jsonl").read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    metrics.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise RunFolderError(f"{p / 'metrics.jsonl'} line {i}: not JSON ({e})") from e
-                rec = metrics[-1]
-                if not isinstance(rec, dict) or isinstance(rec.get("epoch"), bool) or not isinstance(rec.get("epoch"), int):
-                    raise RunFolderError(f"{p / 'metrics.jsonl'} line {i}: not an epoch record (no integer 'epoch')")
-                # null is how a non-finite number is written (valid JSON): read it as missing
-                metrics[-1] = {k: v for k, v in rec.items() if v is not None}
-    ev = _read_json(p / "eval.json") if (p / "eval.json").is_file() else None
-    if ev is not None and not (isinstance(ev, dict) and isinstance(ev.get("accuracy"), dict)):
-        raise RunFolderError(f"{p / 'eval.json'} has no 'accuracy' mapping: not written by `arow eval`")
-    if ev is not None and not all(isinstance(v, (int, float)) for v in ev["accuracy"].values()):
-        raise RunFolderError(f"{p / 'eval.json'}: 'accuracy' holds values that are not numbers")
-    return Run(p, config, metrics, ev)
+    run = RunDir(path)
+    return Run(run.path, run.read_config(), run.read_metrics(), run.read_eval())
 
 
 # --------------------------------------------------------------------------- aggregation

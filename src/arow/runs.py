@@ -45,6 +45,10 @@ class RunLockedError(ValueError):
     """Another live process holds the run folder."""
 
 
+class RunFolderError(ValueError):
+    """A path is not an arow run folder, or one of its files is unreadable or malformed."""
+
+
 class RunDir:
     """A run folder and every file in it."""
 
@@ -52,6 +56,8 @@ class RunDir:
                                                 "best.pt", "final.pt")
     EVAL, EVAL_STATE, DIVERGED, LOCK, ROBUSTBENCH = ("eval.json", "eval_state", "diverged.json", ".lock",
                                                      "robustbench.json")
+    CURVES, PER_CLASS, WEIGHTS, EPS_CURVE, EPS_CURVE_PNG, TENSORBOARD = (
+        "curves.png", "per_class.png", "weights.png", "eps_curve.json", "eps_curve.png", "tensorboard")
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
@@ -127,7 +133,51 @@ class RunDir:
         atomic_write_text(dump_json(config) + "\n", self.file(self.CONFIG))
 
     def read_config(self) -> dict[str, Any]:
-        return _read_json(self.file(self.CONFIG))
+        """``config.json``, checked to be an arow run config."""
+        if not self.path.is_dir():
+            raise RunFolderError(f"{self.path} is not a run folder (no such directory)")
+        path = self.file(self.CONFIG)
+        if not path.is_file():
+            raise RunFolderError(f"{self.path} is not an arow run folder (no config.json); pass the folder "
+                                 f"`arow train --out` wrote")
+        config = _read_json(path)
+        if not isinstance(config, dict) or "method" not in config:
+            raise RunFolderError(f"{path} is not an arow run config (no 'method' key)")
+        return config
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The epoch records of ``metrics.jsonl`` (null, a non-finite number, reads as missing)."""
+        path, records = self.file(self.METRICS), []
+        if not path.is_file():
+            return records
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RunFolderError(f"{path} line {i}: not JSON ({e})") from None
+            epoch = rec.get("epoch") if isinstance(rec, dict) else None
+            if isinstance(epoch, bool) or not isinstance(epoch, int):
+                raise RunFolderError(f"{path} line {i}: not an epoch record (no integer 'epoch')")
+            records.append({k: v for k, v in rec.items() if v is not None})
+        return records
+
+    def read_eval(self, name: Optional[str] = None) -> Optional[dict[str, Any]]:
+        """An evaluation written by ``arow eval`` (default ``eval.json``), None if there is none."""
+        path = self.file(name or self.EVAL)
+        if not path.is_file():
+            return None
+        ev = _read_json(path)
+        if not (isinstance(ev, dict) and isinstance(ev.get("accuracy"), dict)):
+            raise RunFolderError(f"{path} has no 'accuracy' mapping: not written by `arow eval`")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ev["accuracy"].values()):
+            raise RunFolderError(f"{path}: 'accuracy' holds values that are not numbers")
+        return ev
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        atomic_write_text(dump_json(obj) + "\n", self.file(name))
+        return self.file(name)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_line(self.file(self.METRICS), dump_json(record, None))
@@ -210,4 +260,4 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+        raise RunFolderError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None

@@ -17,11 +17,12 @@ import torch.nn as nn
 from ..registry import Registry
 from ..threat import ThreatModel
 from .base import AttackLoss, ce_loss, cw_loss, frozen_eval, kl_loss, unwrap
+from .fat import fat_pgd
 from .pgd import pgd
 
 Tensor = torch.Tensor
 
-__all__ = ["ATTACKS", "Attack", "get_attack", "pgd", "frozen_eval", "unwrap", "ce_loss", "cw_loss",
+__all__ = ["ATTACKS", "Attack", "get_attack", "pgd", "fat_pgd", "frozen_eval", "unwrap", "ce_loss", "cw_loss",
            "kl_loss", "AttackLoss"]
 
 
@@ -75,6 +76,7 @@ def _cw(eps: float, steps: int = 30, restarts: int = 1, name: Optional[str] = No
                                                             keep_best=True), desc)
 
 
+MAX_STEPS, MAX_RESTARTS = 10_000, 1_000  # far beyond any published evaluation; a typo must not hang a run
 _PATTERN = re.compile(r"^(pgd|cw)(\d+)?(?:r(\d+))?$")
 
 
@@ -93,12 +95,12 @@ def get_attack(name: str, eps: float, **kwargs) -> Attack:
         kw = {"name": name}
         if steps:
             kw["steps"] = int(steps)
-            if kw["steps"] < 1:
-                raise ValueError(f"attack {name!r}: needs at least one step")
+            if not 1 <= kw["steps"] <= MAX_STEPS:
+                raise ValueError(f"attack {name!r}: steps must be in [1, {MAX_STEPS}]")
         if restarts:
             kw["restarts"] = int(restarts)
-            if kw["restarts"] < 1:
-                raise ValueError(f"attack {name!r}: needs at least one restart")
+            if not 1 <= kw["restarts"] <= MAX_RESTARTS:
+                raise ValueError(f"attack {name!r}: restarts must be in [1, {MAX_RESTARTS}]")
         return factory(eps, **kw, **kwargs)
     if name in ATTACKS and "<" not in name:
         return ATTACKS.get(name)(eps, **kwargs)

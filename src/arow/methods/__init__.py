@@ -1,17 +1,31 @@
-"""Training methods by name. ``build_method("arow", threat, lam=3.5)``."""
+"""Training methods by name. ``build_method("arow", threat, lam=3.5)``.
+
+One module per method (``natural``, ``pgd_at``, ``trades``, ``mart``, ``arow``, ``gair_at``, ``fat``,
+``hat``, ``awp``); each registers its class with :data:`METHODS` when imported, and this package
+imports every module in its folder except the support modules below. A new method is therefore one
+file here plus one test; its class carries its facts (``hparams``, ``paper``, ``url``, ``passes``,
+``test_settings``; see :mod:`arow.methods.base`).
+"""
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from ..threat import ThreatModel
-from . import core  # noqa: F401  (registers natural, pgd-at, trades, mart, arow)
-from . import extra  # noqa: F401  (registers gair-at, fat, hat)
-from . import awp  # noqa: F401  (registers pgd-at-awp, trades-awp, mart-awp, arow-awp)
-from .awp import AWP
-from .base import Hparam, Method, MethodOutput
+from .base import Hparam, Method, MethodOutput, Passes
 from .registry import METHODS
 
-__all__ = ["METHODS", "Method", "MethodOutput", "Hparam", "build_method", "AWP"]
+#: modules of this package that define no method
+SUPPORT_MODULES = frozenset({"base", "registry", "common", "extra"})
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in SUPPORT_MODULES:
+        importlib.import_module(f"{__name__}.{_module}")
+
+from .awp import AWP  # noqa: E402
+
+__all__ = ["METHODS", "Method", "MethodOutput", "Hparam", "Passes", "build_method", "AWP"]
 
 
 def build_method(name: str, threat: ThreatModel, **hparams: Any) -> Method:
@@ -19,11 +33,11 @@ def build_method(name: str, threat: ThreatModel, **hparams: Any) -> Method:
 
     AWP variants are methods of their own (``trades-awp``, ``arow-awp``, ...) taking the inner
     method's hyper-parameters plus ``awp_gamma``/``awp_start``; ``AWP(threat, inner=m)`` wraps any
-    other method ``m``.
+    other method ``m``. The values are in ``method.hp`` (``method.<name>`` reads them too).
 
-    >>> build_method("arow", ThreatModel(eps=0.1)).lam
+    >>> build_method("arow", ThreatModel(eps=0.1)).hp.lam
     3.5
-    >>> build_method("trades-awp", ThreatModel(eps=0.1), beta=3.0).inner.beta
+    >>> build_method("trades-awp", ThreatModel(eps=0.1), beta=3.0).inner.hp.beta
     3.0
     """
     return METHODS.get(name)(threat, **hparams)

@@ -33,9 +33,9 @@ import torch.nn as nn
 from .. import distributed
 from ..attacks import unwrap
 from ..threat import ThreatModel
-from . import core  # noqa: F401  (registers the inner methods)
-from .base import Hparam, Method, MethodOutput
-from .extra import scaled_epoch
+from . import arow, mart, pgd_at, trades  # noqa: F401  (register the inner methods of the variants)
+from .base import Hparam, Method, MethodOutput, params_class
+from .common import scaled_epoch
 from .registry import METHODS
 
 Tensor = torch.Tensor
@@ -67,17 +67,27 @@ def perturbed_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 class AWP(Method):
     """AWP around ``inner`` (Wu et al. 2020); the registered ``<method>-awp`` variants build ``inner``.
 
-    >>> m = AWP(ThreatModel(eps=0.1), inner=core.TRADES(ThreatModel(eps=0.1)), awp_gamma=0.005)
-    >>> m.config["beta"], m.config["awp_gamma"]
-    (6.0, 0.005)
+    ``hp`` holds AWP's own hyper-parameters (``awp_gamma``, ``awp_start``), ``inner.hp`` the inner
+    method's; ``config`` both. ``passes``: the inner method's, with its train forwards doubled
+    (the proxy runs the inner objective once more), for the epochs where AWP is active.
+
+    >>> m = AWP(ThreatModel(eps=0.1), inner=trades.TRADES(ThreatModel(eps=0.1)), awp_gamma=0.005)
+    >>> m.config["beta"], m.config["awp_gamma"], m.hp.awp_gamma
+    (6.0, 0.005, 0.005)
     """
 
     name = "awp"
     hparams = AWP_HPARAMS
+    #: AWP's own hyper-parameters (a variant's ``hparams`` adds its inner method's)
+    own_hparams: ClassVar[dict[str, Hparam]] = AWP_HPARAMS
     inner_cls: ClassVar[Optional[type[Method]]] = None
+    paper = "Wu, Xia, Wang: Adversarial Weight Perturbation Helps Robust Generalization, NeurIPS 2020"
+    url = "https://arxiv.org/abs/2004.05884"
+    passes = None  # depends on the inner method: see the variants
+    test_settings = {"awp_start": 1}  # perturb from the first epoch
 
     def __init__(self, threat: ThreatModel, inner: Optional[Method] = None, **kwargs: Any) -> None:
-        own = {k: kwargs.pop(k) for k in list(kwargs) if k in AWP_HPARAMS}
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k in self.own_hparams}
         if inner is None:
             if self.inner_cls is None:
                 raise ValueError("AWP wraps a method: AWP(threat, inner=build_method('trades', threat))")
@@ -87,21 +97,20 @@ class AWP(Method):
         self.inner = inner
         self.threat = inner.threat
         self.epoch, self.total_epochs = 0, 1
-        for k in AWP_HPARAMS:
-            setattr(self, k, own.get(k, type(self).hparams[k].default))
-        if not self.awp_gamma >= 0:
-            raise ValueError(f"--awp-gamma must be >= 0, got {self.awp_gamma}")
-        self.config = {**inner.config, **{k: getattr(self, k) for k in AWP_HPARAMS}}
+        values = {k: h.check(k, own.get(k, h.default)) for k, h in self.own_hparams.items()}
+        self.config = {**inner.config, **values}
+        self.hp = self.Params(**values)
         self.proxy: Optional[nn.Module] = None
         self._applied: list[tuple[nn.Parameter, Tensor]] = []
 
     @property
     def start_epoch(self) -> int:
-        return self.awp_start if self.awp_start is not None else scaled_epoch(10, self.total_epochs)
+        start = self.hp.awp_start
+        return start if start is not None else scaled_epoch(10, self.total_epochs)
 
     def active(self) -> bool:
         """Whether this epoch (set by :meth:`set_epoch`) perturbs the weights."""
-        return self.awp_gamma > 0 and self.epoch + 1 >= self.start_epoch
+        return self.hp.awp_gamma > 0 and self.epoch + 1 >= self.start_epoch
 
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
         super().set_epoch(epoch, total_epochs)
@@ -155,23 +164,28 @@ class AWP(Method):
             for (_, p), q, g in zip(weights, qs, grads):
                 q.add_(g, alpha=PROXY_LR)  # SGD on -loss: one ascent step
                 d = q - p
-                out.append((p, d * (self.awp_gamma * p.norm() / (d.norm() + EPS))))
+                out.append((p, d * (self.hp.awp_gamma * p.norm() / (d.norm() + EPS))))
         return out
 
     def __repr__(self) -> str:
-        return f"AWP({self.inner!r}, awp_gamma={self.awp_gamma}, awp_start={self.awp_start})"
+        return f"AWP({self.inner!r}, awp_gamma={self.hp.awp_gamma}, awp_start={self.hp.awp_start})"
 
 
 def _variant(name: str, inner_name: str, label: str, gamma: float, start: Optional[int]) -> type[AWP]:
     inner_cls = METHODS.get(inner_name)
     clash = set(inner_cls.hparams) & set(AWP_HPARAMS)
     assert not clash, f"{inner_name} hyper-parameters clash with AWP's: {clash}"
-    hparams = {**inner_cls.hparams, "awp_gamma": dataclasses.replace(AWP_HPARAMS["awp_gamma"], default=gamma),
-               "awp_start": dataclasses.replace(AWP_HPARAMS["awp_start"], default=start)}
+    own = {"awp_gamma": dataclasses.replace(AWP_HPARAMS["awp_gamma"], default=gamma),
+           "awp_start": dataclasses.replace(AWP_HPARAMS["awp_start"], default=start)}
+    inner_passes = inner_cls.passes
+    assert inner_passes is not None, f"{inner_name} declares no passes"
     doc = f"{label}-AWP: {label} with adversarial weight perturbation (Wu et al. 2020)"
-    cls = type(f"{inner_cls.__name__}AWP", (AWP,), {"name": name, "inner_cls": inner_cls, "hparams": hparams,
-                                                     "default_steps": inner_cls.default_steps, "__doc__": doc,
-                                                     "__module__": __name__})
+    qualname = f"{inner_cls.__name__}AWP"
+    cls = type(qualname, (AWP,), {
+        "name": name, "inner_cls": inner_cls, "hparams": {**inner_cls.hparams, **own}, "own_hparams": own,
+        "Params": params_class(qualname, own, __name__), "default_steps": inner_cls.default_steps,
+        "passes": dataclasses.replace(inner_passes, train=2 * inner_passes.train),
+        "test_settings": {**inner_cls.test_settings, **AWP.test_settings}, "__doc__": doc, "__module__": __name__})
     METHODS.register(name, help=f"{doc}, gamma {gamma}")(cls)
     return cls
 

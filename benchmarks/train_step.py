@@ -1,23 +1,27 @@
-"""How fast one training step is, and how much of the machine it uses: ``arow bench``.
+"""Training throughput: our training step against a reference-style baseline, side by side.
 
-For each (model, method) it times, in one run and side by side:
+The library part of ``benchmarks/bench_train.py`` (the script holds the command line). Not part
+of the ``arow`` package: it imports the package (the script puts ``src/`` on the path first, so
+a checkout runs it without installation). For each (model, method) it times, in one run:
 
 - OUR step: :meth:`arow.training.Trainer.train_epoch` itself (data on the device, batched
   augmentation, the attack's clean target computed once, no host synchronisation per step,
   bf16 autocast and fused SGD on CUDA, optional ``torch.compile``);
-- a REFERENCE-style step, written the way the ARoW/TRADES research code is: a per-sample
-  ``Dataset`` (uint8 image -> crop/flip one image at a time -> float tensor) behind a
-  ``DataLoader``, the clean softmax recomputed inside every attack step, ``model.eval()`` /
-  ``model.train()`` toggles, three ``.item()`` calls per step for logging, float32 eager.
+- the COMPARISON BASELINE, :func:`reference_style_step`: NOT arow's training, but a step written
+  the way the ARoW/TRADES research code is: a per-sample ``Dataset`` (uint8 image -> crop/flip
+  one image at a time -> float tensor) behind a ``DataLoader``, the clean softmax recomputed
+  inside every attack step, ``model.eval()`` / ``model.train()`` toggles, three ``.item()``
+  calls per step for logging, float32 eager.
 
 Throughput is images per second; the achieved rate counts the USEFUL floating-point work of
-the algorithm (:data:`PASS_TABLE`: forward = 1x the model's forward FLOPs, an attack step's
-input-gradient backward = 1x since the weights are frozen, a training backward = 2x) for both
-columns, so their ratio is the speed-up; the machine's peak is a large matrix multiply
-(float32 on the CPU, bf16 on CUDA). PGD-20 time is measured on a fixed subset.
+the algorithm (each method class's ``passes``, :class:`arow.methods.Passes`: forward = 1x the
+model's forward FLOPs, an attack step's input-gradient backward = 1x since the weights are
+frozen, a training backward = 2x) for both columns, so their ratio is the speed-up; the
+machine's peak is a large matrix multiply (float32 on the CPU, bf16 on CUDA). PGD-20 time is
+measured on a fixed subset.
 
->>> documented_passes("arow", steps=10).cost     # forward-equivalents per image
-27
+>>> ours_cost("arow", steps=10), reference_style_cost("arow", steps=10)   # forward-equivalents per image
+(27, 36)
 """
 from __future__ import annotations
 
@@ -35,131 +39,37 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arow import distributed
+from arow.attacks import get_attack
+from arow.config import TrainConfig
+from arow.data import Loader, TensorData
+from arow.methods import METHODS, Passes
+from arow.models import MODELS, build_model, model_flops
+from arow.training import Trainer
+
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 
 # --------------------------------------------------------------------------- pass accounting
-@dataclass(frozen=True)
-class Passes:
-    """Model passes of one training step, per image of the batch.
-
-    ``target``: eval-mode forwards with no gradient (the KL attack's clean target p(x));
-    ``attack``: eval-mode forwards each followed by one input-gradient backward (the weights
-    are frozen, so that backward costs about one forward); ``train``: train-mode forwards, each
-    backpropagated to the weights (about two forwards); ``helper``: forwards of another model
-    of the same size (HAT's helper), no gradient.
-    """
-
-    target: int
-    attack: int
-    train: int
-    helper: int = 0
-
-    @property
-    def cost(self) -> int:
-        """Forward-equivalents per image: target + 2 attack + 3 train + helper."""
-        return self.target + 2 * self.attack + 3 * self.train + self.helper
+def ours_cost(method: str, steps: int) -> int:
+    """Forward-equivalents per image of our step: the ``passes`` the method class declares (the
+    table in docs/performance.md; tests/test_passes.py counts them)."""
+    passes = METHODS.get(method).passes
+    if passes is None:
+        raise ValueError(f"method {method!r} has no documented pass count: give its class a `passes` "
+                         f"(arow.methods.Passes)")
+    return passes.for_steps(steps).cost
 
 
-#: method -> (target, attack steps per K, train forwards, helper forwards); docs/performance.md
-#: shows the same table and tests/test_passes.py counts every registered method against it.
-#: AWP rows are for epochs where AWP is active (its proxy adds the inner method's train forwards).
-PASS_TABLE: dict[str, tuple[int, int, int, int]] = {
-    "natural": (0, 0, 1, 0),
-    "pgd-at": (0, 1, 1, 0),
-    "gair-at": (0, 1, 1, 0),
-    "fat": (0, 1, 1, 0),
-    "mart": (0, 1, 2, 0),
-    "trades": (1, 1, 2, 0),
-    "arow": (1, 1, 2, 0),
-    "hat": (1, 1, 3, 1),
-    "pgd-at-awp": (0, 1, 2, 0),
-    "mart-awp": (0, 1, 4, 0),
-    "trades-awp": (1, 1, 4, 0),
-    "arow-awp": (1, 1, 4, 0),
-}
+def reference_style_cost(method: str, steps: int) -> int:
+    """Forward-equivalents per image of :func:`reference_style_step`: its KL attacks (ARoW, TRADES)
+    pay a clean forward in every attack step. (tests/passes.py's ``reference_cost`` is the same.)"""
+    p = METHODS.get(method).passes
+    return Passes(target=steps if method in ("arow", "trades") else 0, attack=p.attack * steps, train=p.train).cost
 
 
-def documented_passes(method: str, steps: int) -> Passes:
-    """The documented pass count of ``method`` with ``steps`` attack steps (K)."""
-    if method not in PASS_TABLE:
-        raise ValueError(f"no documented pass count for method {method!r}; add it to arow.bench.PASS_TABLE "
-                         f"and docs/performance.md")
-    t, a, tr, h = PASS_TABLE[method]
-    return Passes(t, a * steps, tr, h)
-
-
-@dataclass(frozen=True)
-class PassCount(Passes):
-    """What :func:`count_passes` observed: :class:`Passes` plus consistency checks."""
-
-    backward: int = 0  # backward passes that reached the model's parameters (.grad accumulated)
-    train_no_grad: int = 0  # train-mode forwards whose output got no gradient (should be 0)
-    batch_sizes: tuple[int, ...] = ()
-
-
-def count_passes(method: Any, model: nn.Module, x: Tensor, y: Tensor, *, helper: Optional[nn.Module] = None,
-                 rng: Any = None) -> PassCount:
-    """Run one training step of ``method`` as the Trainer does, counting the model's passes.
-
-    Every outermost call of a module of ``type(model)`` counts (AWP's proxy is a copy of the
-    model); calls of ``helper`` count as helper forwards. A forward is an attack pass if its
-    output later receives a gradient in eval mode, a training pass if it does in train mode.
-
-    >>> from arow.methods import build_method
-    >>> from arow.threat import ThreatModel
-    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    >>> c = count_passes(build_method("arow", ThreatModel(0.1, steps=3)), net, torch.rand(2, 1, 2, 2),
-    ...                  torch.tensor([0, 1]))
-    >>> c.target, c.attack, c.train, c.backward
-    (1, 3, 2, 1)
-    """
-    cls, records, depth = type(model), [], [0]
-
-    def pre(m: nn.Module, inp: Any) -> None:
-        depth[0] += 1
-
-    def post(m: nn.Module, inp: Any, out: Any) -> None:
-        depth[0] -= 1
-        if depth[0] != 0 or not isinstance(out, Tensor):
-            return
-        if m is helper:
-            records.append({"kind": "helper", "training": m.training, "grad": False, "n": out.shape[0]})
-        elif type(m) is cls:
-            rec = {"kind": "model", "training": m.training, "grad": False, "n": out.shape[0]}
-            records.append(rec)
-            if out.requires_grad:
-                out.register_hook(lambda g, rec=rec: rec.__setitem__("grad", True))
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    backward = [0]
-    handles = [nn.modules.module.register_module_forward_pre_hook(pre),
-               nn.modules.module.register_module_forward_hook(post)]
-    if params:
-        handles.append(params[0].register_post_accumulate_grad_hook(lambda p: backward.__setitem__(0, backward[0] + 1)))
-    try:
-        model.train()
-        out = method(model, x, y, rng=rng)
-        model.zero_grad(set_to_none=True)
-        out.loss.backward()
-        method.after_step(model)
-    finally:
-        for h in handles:
-            h.remove()
-    mine = [r for r in records if r["kind"] == "model"]
-    return PassCount(
-        target=sum(not r["training"] and not r["grad"] for r in mine),
-        attack=sum(not r["training"] and r["grad"] for r in mine),
-        train=sum(r["training"] and r["grad"] for r in mine),
-        helper=sum(r["kind"] == "helper" for r in records),
-        backward=backward[0],
-        train_no_grad=sum(r["training"] and not r["grad"] for r in mine),
-        batch_sizes=tuple(sorted({r["n"] for r in records})),
-    )
-
-
-# --------------------------------------------------------------------------- the reference-style step
+# --------------------------------------------------------------------------- the comparison baseline
 class PerSampleData(torch.utils.data.Dataset):
     """Images stored as uint8 HWC arrays and augmented one at a time, as torchvision datasets are.
 
@@ -194,9 +104,10 @@ def _kl_rows(logits_adv: Tensor, logits_clean: Tensor) -> Tensor:
     return F.kl_div((adv + 1e-12).log(), nat, reduction="none").sum(dim=1)
 
 
-def reference_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, method: str, eps: float,
-                   steps: int) -> float:
-    """One step the way the research code writes it (ARoW reference: PGD_Linf + ARoW_loss/TRADES_loss).
+def reference_style_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, method: str,
+                         eps: float, steps: int) -> float:
+    """The comparison baseline, not arow's training: one step the way the research code writes it
+    (ARoW reference: PGD_Linf + ARoW_loss/TRADES_loss).
 
     Returns the logged loss (its ``.item()`` calls synchronise with the device every step).
     """
@@ -240,6 +151,7 @@ def reference_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: T
     return logged[2]
 
 
+#: the methods :func:`reference_style_step` implements
 REFERENCE_METHODS = ("arow", "trades", "mart", "pgd-at")
 
 
@@ -312,8 +224,6 @@ def synthetic_uint8(shape: Shape, n: int, seed: int) -> tuple[np.ndarray, np.nda
 
 
 def _build(model: str, shape: Shape, seed: int) -> nn.Module:
-    from .models import build_model
-
     torch.manual_seed(seed)
     return build_model(model, num_classes=10, in_channels=shape.channels, image_size=shape.size)
 
@@ -321,10 +231,6 @@ def _build(model: str, shape: Shape, seed: int) -> nn.Module:
 def time_ours(model: str, method: str, batch: int, iters: int, warmup: int, steps: int, device: torch.device,
               *, compile: bool = False, amp: str = "auto", seed: int = 0) -> float:
     """Seconds for ``iters`` training steps of the Trainer (after ``warmup`` untimed ones)."""
-    from .config import TrainConfig
-    from .data import Loader, TensorData
-    from .training import Trainer
-
     shape = shape_for(model)
     x, y = synthetic_uint8(shape, batch * max(iters, warmup), seed)
     data = TensorData(torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255.0), torch.from_numpy(y), 10)
@@ -344,7 +250,8 @@ def time_ours(model: str, method: str, batch: int, iters: int, warmup: int, step
 
 def time_reference(model: str, method: str, batch: int, iters: int, warmup: int, steps: int,
                    device: torch.device, *, seed: int = 0) -> float:
-    """Seconds for ``iters`` reference-style steps, data loading included (after ``warmup``)."""
+    """Seconds for ``iters`` steps of the baseline, :func:`reference_style_step`, data loading
+    included (after ``warmup``)."""
     shape = shape_for(model)
     x, y = synthetic_uint8(shape, batch * (iters + warmup), seed)
     loader = torch.utils.data.DataLoader(PerSampleData(x, y, shape.augment), batch_size=batch, shuffle=True,
@@ -359,15 +266,13 @@ def time_reference(model: str, method: str, batch: int, iters: int, warmup: int,
         if i == warmup:
             _sync(device)
             t0 = time.perf_counter()
-        reference_step(net, opt, xb.to(device), yb.to(device, non_blocking=True), method, shape.eps, steps)
+        reference_style_step(net, opt, xb.to(device), yb.to(device, non_blocking=True), method, shape.eps, steps)
     _sync(device)
     return time.perf_counter() - t0
 
 
 def time_pgd20(model: str, n: int, device: torch.device, *, batch: int = 500, seed: int = 0) -> float:
     """Seconds for PGD-20 (evaluation settings, fp32) on ``n`` fixed images, all of them attacked."""
-    from .attacks import get_attack
-
     shape = shape_for(model)
     x, y = synthetic_uint8(shape, n, seed)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255.0).to(device)
@@ -392,7 +297,7 @@ class Row:
     steps: int
     ours_img_s: float
     ref_img_s: Optional[float]
-    gflop_per_img: float  # useful work per image (PASS_TABLE cost x forward FLOPs)
+    gflop_per_img: float  # useful work per image (the method's passes cost x forward FLOPs)
     ours_gflops: float
     ref_gflops: Optional[float]
     peak_fraction: float
@@ -444,12 +349,6 @@ def _duration(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def reference_cost(method: str, steps: int) -> int:
-    """Forward-equivalents per image of :func:`reference_step`: KL attacks pay a clean forward per step."""
-    t, a, tr, h = PASS_TABLE[method]
-    return Passes(target=steps if method in ("arow", "trades") else 0, attack=a * steps, train=tr).cost
-
-
 def run(models: Sequence[str] = ("small-cnn", "resnet18", "wrn-34-10"), methods: Sequence[str] = ("arow", "trades"),
         *, device: str = "auto", batch_size: Optional[int] = None, iters: Optional[int] = None,
         warmup: Optional[int] = None, steps: int = 10, pgd_n: Optional[int] = None, reference: bool = True,
@@ -464,15 +363,9 @@ def run(models: Sequence[str] = ("small-cnn", "resnet18", "wrn-34-10"), methods:
     >>> r = run(["small-cnn"], ["arow"], device="cpu", batch_size=4, iters=1, warmup=0, steps=1,
     ...         pgd_n=0)  # doctest: +SKIP
     """
-    from . import distributed
-    from .methods import METHODS
-    from .models import MODELS, model_flops
-
     dev = distributed.resolve_device(device)
     for m in models:
         MODELS.get(m)
-    for m in methods:
-        METHODS.get(m)
     if steps < 0:
         raise ValueError(f"--attack-steps must be >= 0, got {steps}")
     if repeats < 1:
@@ -480,6 +373,8 @@ def run(models: Sequence[str] = ("small-cnn", "resnet18", "wrn-34-10"), methods:
     for name, v in (("--batch-size", batch_size), ("--iters", iters), ("--threads", threads)):
         if v is not None and v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
+    for m in methods:
+        ours_cost(m, steps)  # an unknown method, or one without `passes`, fails before any timing
     if threads is not None:
         torch.set_num_threads(threads)
     peak, peak_what = matmul_peak(dev)
@@ -491,9 +386,7 @@ def run(models: Sequence[str] = ("small-cnn", "resnet18", "wrn-34-10"), methods:
         b, it, wu = batch_size or dflt[0], iters or dflt[1], dflt[2] if warmup is None else warmup
         flops = model_flops(_build(model, shape, seed), (shape.channels, shape.size, shape.size))
         for method in methods:
-            cost = documented_passes(method, steps).cost if method in PASS_TABLE else None
-            if cost is None:
-                raise ValueError(f"method {method!r} has no documented pass count (arow.bench.PASS_TABLE)")
+            cost = ours_cost(method, steps)
             log.info("bench %s / %s: batch %d, %d step(s) timed, best of %d", model, method, b, it, repeats)
             t_ours, t_ref = [], []
             for _ in range(repeats):  # alternate, so both see the same background load
@@ -505,7 +398,7 @@ def run(models: Sequence[str] = ("small-cnn", "resnet18", "wrn-34-10"), methods:
             gflop = cost * flops / 1e9
             row = Row(model, method, b, steps, ours, ref, gflop, ours * gflop, None if ref is None else ref * gflop,
                       ours * gflop / peak, shape.train_images / ours, cost,
-                      reference_cost(method, steps) if ref is not None else None)
+                      reference_style_cost(method, steps) if ref is not None else None)
             rows.append(row)
             if on_row is not None:
                 on_row(f"{model} / {method}: ours {ours:.1f} img/s" + ("" if ref is None else f", reference {ref:.1f} img/s"))
