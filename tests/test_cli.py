@@ -81,7 +81,8 @@ def test_every_preset_is_a_valid_config():
         cfg = TrainConfig.from_dict(load_preset(name)).validate()
         assert cfg.method_args.get("lam") == 3.5 and cfg.method_args.get("smoothing") == 0.2
     paper = TrainConfig.from_dict(load_preset("cifar10-resnet18"))
-    assert (paper.epochs, paper.lr, paper.milestones, paper.swa_start, paper.batch_size) == (120, 0.1, [60, 100], 51, 128)
+    assert (paper.epochs, paper.lr, paper.milestone_epochs(), paper.swa_start, paper.batch_size) == (
+        120, 0.1, [60, 100], 51, 128)
     assert paper.eps == pytest.approx(8 / 255) and paper.weight_decay == 5e-4
     # the embedded default IS the fmnist preset
     demo = TrainConfig.from_dict(load_preset("fmnist-arow"))

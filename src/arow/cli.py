@@ -32,58 +32,6 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-class _Bars:
-    """tqdm progress bars for training epochs and evaluation (stderr; quiet when not a terminal)."""
-
-    def __init__(self) -> None:
-        from tqdm.auto import tqdm
-
-        self.tqdm, self.bar = tqdm, None
-        self.enabled = sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
-
-    def on_fit_start(self, trainer: Any) -> None: ...
-    def on_fit_end(self, result: Any) -> None: ...
-
-    def close(self, error: Optional[BaseException] = None) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def _open(self, total: int, desc: str, unit: str) -> None:
-        self.close()
-        self.bar = self.tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not self.enabled,
-                             dynamic_ncols=True)
-
-    def on_epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        self._open(steps, f"epoch {epoch + 1}/{epochs}", "batch")
-
-    def on_step(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def on_validation_start(self) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str("validating")
-
-    def on_epoch_end(self, r: dict[str, Any]) -> None:
-        self.close()
-        parts = [f"epoch {r['epoch']}", f"loss {r.get('train_loss', float('nan')):.4f}", f"lr {r['lr']:.4g}"]
-        if "train_weight_mean" in r:
-            parts.append(f"weight {r['train_weight_mean']:.3f}")
-        if "val_clean_acc" in r:
-            parts.append(f"validation clean {100 * r['val_clean_acc']:.2f}% robust {100 * r['val_pgd_acc']:.2f}%")
-        if "swa_val_pgd_acc" in r:
-            parts.append(f"SWA validation clean {100 * r['swa_val_clean_acc']:.2f}% "
-                         f"robust {100 * r['swa_val_pgd_acc']:.2f}%")
-        log.info(" | ".join(parts + [f"{r['seconds']:.0f}s"]))
-
-    def eval_progress(self, name: str, done: int, total: int) -> None:
-        if self.bar is None or getattr(self.bar, "_arow_name", None) != name:
-            self._open(total, f"eval {name}", "img")
-            self.bar._arow_name = name
-        self.bar.update(done - self.bar.n)
-
-
 # --------------------------------------------------------------------------- train
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Every config field is a flag, from its declaration (group, help, choices) in TrainConfig."""
@@ -113,10 +61,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", help="recipe name (see `arow list`), YAML file or a run's config.json; flags override it")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt (its saved config)")
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    g = groups["evaluation"]
-    g.add_argument("--eval-attacks", default="clean,pgd20", help="final test-set evaluation ('' to skip)")
-    g.add_argument("--eval-n", type=int, help="evaluate on the first N test examples only")
-    g.add_argument("--no-guards", action="store_true", help="skip the robustness guards of the final evaluation")
     g = groups["method"]
     for dest, owners in sorted(method_flags().items()):
         cls = METHODS.get(next(iter(owners)))
@@ -146,27 +90,26 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .checkpoint import dump_json
     from .data import load_dataset
     from .pipelines import train_run
+    from .progress import Progress
 
     cfg = _config_from_args(a)
     if a.print_config:
         print(dump_json(cfg.to_dict()))
         return 0
-    attacks = [s.strip() for s in a.eval_attacks.split(",") if s.strip()]
+    attacks = [s.strip() for s in cfg.eval_attacks.split(",") if s.strip()]
     for name in attacks:  # a typo must fail now, not after training
         get_attack(name, cfg.eps if cfg.eps is not None else 0.1)
-    if a.eval_n is not None and a.eval_n < 1:
-        raise ValueError(f"--eval-n must be >= 1, got {a.eval_n}")
     # missing or damaged test files must fail now, not after training
     test = load_dataset(cfg.dataset, root=cfg.data_dir, split="test") if attacks else None
-    bars = _Bars()
+    bars = Progress()
     t0 = time.perf_counter()
     log.info("training %s / %s on %s -> %s", cfg.method, cfg.model, cfg.dataset, cfg.out)
     result = train_run(cfg, callbacks=[bars], resume=a.resume, plots=not attacks)
     seconds = time.perf_counter() - t0
     status = 0
     if attacks:  # the same evaluation as `arow eval`, guards included, on the model in memory
-        status = _eval_and_print(cfg.out, attacks, model=result.model, data=test, n=a.eval_n, device=cfg.device,
-                                 guards=not a.no_guards, extra={"train_seconds": seconds})
+        status = _eval_and_print(cfg.out, attacks, model=result.model, data=test, n=cfg.eval_n, device=cfg.device,
+                                 guards=cfg.guards, extra={"train_seconds": seconds})
         if distributed.info().is_main:
             plot_run_safely(Path(cfg.out))  # after eval.json exists: per_class.png needs it
     if distributed.info().is_main:
@@ -179,8 +122,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 def _eval_and_print(source: Any, attacks: list[str], **kw: Any) -> int:
     from . import distributed
     from .pipelines import evaluate_run
+    from .progress import Progress
 
-    bars = _Bars()
+    bars = Progress()
     rep = evaluate_run(source, attacks, progress=bars.eval_progress, **kw)
     bars.close()
     if not distributed.info().is_main:
@@ -366,6 +310,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         stream=sys.stderr)
     signal.signal(signal.SIGTERM, _terminate)  # a kill (SIGTERM) ends like Ctrl-C: message, exit 130
     try:
+        if sys.stderr.isatty():  # log lines go through the progress bar instead of overwriting it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            with logging_redirect_tqdm([log, logging.getLogger()]):
+                return a.func(a)
         return a.func(a)
     except KeyboardInterrupt:
         out = getattr(a, "out", None)

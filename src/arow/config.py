@@ -62,7 +62,8 @@ class TrainConfig:
     schedule: str = opt("optimisation", "onecycle",
                         "learning-rate schedule (onecycle: linear warm-up, then linear decay to 0)",
                         choices=("step", "cosine", "onecycle", "constant"))
-    milestones: list[float] = opt("optimisation", help="step schedule: epochs, or all fractions < 1 of --epochs",
+    milestones: list[float] = opt("optimisation", help="step schedule: epochs, or all fractions < 1 of --epochs "
+                                  "(the presets use fractions, so a shorter --epochs still decays)",
                                   factory=lambda: [0.5, 0.83])
     gamma: float = opt("optimisation", 0.1, "step schedule: learning-rate factor at each milestone",
                        lo=0, lo_open=True, hi=1)
@@ -76,6 +77,11 @@ class TrainConfig:
     limit_train: Optional[int] = opt("data", None, "train on the first N training examples only", lo=2)
     val_size: int = opt("evaluation", 1000, "held-out training examples for model selection", lo=0)
     val_attack: str = opt("evaluation", "pgd20", "attack of the per-epoch validation")
+    eval_attacks: str = opt("evaluation", "clean,pgd20", "attacks of the final test-set evaluation ('' skips it)",
+                            runtime=True)
+    eval_n: Optional[int] = opt("evaluation", None, "final evaluation on the first N test images only", lo=1,
+                                runtime=True)
+    guards: bool = opt("evaluation", True, "robustness guards before the final evaluation", runtime=True)
     augment: Optional[str] = opt("data", None, "augmentation (dataset default)",
                                  choices=("none", "flip", "crop+flip"))
     # runtime
@@ -123,7 +129,7 @@ class TrainConfig:
     def milestone_epochs(self) -> list[float]:
         """The step schedule's milestones in epochs (all values < 1 are fractions of --epochs)."""
         if self.milestones and all(0 < m < 1 for m in self.milestones):
-            return [m * self.epochs for m in self.milestones]
+            return [round(m * self.epochs, 6) for m in self.milestones]  # 5/6 of 120 is epoch 100, exactly
         return list(self.milestones)
 
     def validate(self) -> "TrainConfig":

@@ -1,0 +1,85 @@
+"""Progress for people: tqdm bars on a terminal, a plain line every ``interval`` seconds elsewhere.
+
+Without a terminal (CI, ``nohup``, Slurm logs) a bar would print nothing until it ends, so a long
+epoch or AutoAttack would look hung: there a line like ``epoch 2/10: 150/469 batches (32%), 41s``
+is logged at most every ``interval`` seconds. On a terminal, log lines are written through the bar
+so they never overwrite it. Used by the CLI as a training callback and an evaluation progress hook.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Optional
+
+from .callbacks import Callbacks
+
+log = logging.getLogger("arow")
+
+
+class Progress(Callbacks):
+    """Training callback and evaluation hook that reports progress (rank 0 only)."""
+
+    def __init__(self, interval: float = 30.0, tty: Optional[bool] = None) -> None:
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.quiet = os.environ.get("RANK", "0") != "0"
+        self.interval, self.bar = interval, None
+        self.desc, self.unit, self.total, self.done, self.t0, self.last = "", "", 0, 0, 0.0, 0.0
+
+    def _open(self, total: int, desc: str, unit: str) -> None:
+        self.close()
+        self.desc, self.unit, self.total, self.done = desc, unit, total, 0
+        self.t0 = self.last = time.monotonic()
+        if self.tty and not self.quiet:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+
+    def _advance(self, done: int) -> None:
+        self.done = done
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            return
+        now = time.monotonic()
+        if not self.tty and not self.quiet and now - self.last >= self.interval and self.total:
+            self.last = now
+            log.info("%s: %d/%d %s (%.0f%%), %.0fs", self.desc, done, self.total, self.unit,
+                     100 * done / self.total, now - self.t0)
+
+    def close(self, error: Optional[BaseException] = None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    # training
+    def on_epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self._open(steps, f"epoch {epoch + 1}/{epochs}", "batches")
+
+    def on_step(self, step: int) -> None:
+        self._advance(step + 1)
+
+    def on_validation_start(self) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str("validating")
+        elif not self.tty and not self.quiet:
+            log.info("%s: validating on the held-out training split", self.desc)
+
+    def on_epoch_end(self, r: dict[str, Any]) -> None:
+        self.close()
+        parts = [f"epoch {r['epoch']}", f"loss {r.get('train_loss', float('nan')):.4f}", f"lr {r['lr']:.4g}"]
+        if "train_weight_mean" in r:
+            parts.append(f"weight {r['train_weight_mean']:.3f}")
+        if "val_clean_acc" in r:
+            parts.append(f"validation (held-out training images) clean {100 * r['val_clean_acc']:.2f}% "
+                         f"robust {100 * r['val_pgd_acc']:.2f}%")
+        if "swa_val_pgd_acc" in r:
+            parts.append(f"SWA validation clean {100 * r['swa_val_clean_acc']:.2f}% "
+                         f"robust {100 * r['swa_val_pgd_acc']:.2f}%")
+        log.info(" | ".join(parts + [f"{r['seconds']:.0f}s"]))
+
+    # evaluation: arow.evaluation's progress hook
+    def eval_progress(self, name: str, done: int, total: int) -> None:
+        if self.desc != f"eval {name}" or (self.bar is None and self.tty and not self.quiet):
+            self._open(total, f"eval {name}", "images")
+        self._advance(done)
