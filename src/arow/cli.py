@@ -58,7 +58,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         else:
             g.add_argument(flag, type=kind, choices=registries.get(f.name) or meta["choices"], help=help)
     g = groups["runtime"]
-    g.add_argument("--preset", help="recipe name (see `arow list`), YAML file or a run's config.json; flags override it")
+    g.add_argument("--preset", "--config", help="recipe name (see `arow list`), YAML file, or a run's config.json "
+                   "to replay it; flags override it")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt (its saved config)")
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     g = groups["method"]

@@ -145,7 +145,8 @@ def mart_parts(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, lam: floa
     bce = F.cross_entropy(_f32(logits_adv), y) - torch.log(1.0001 - others.max(dim=1).values).mean()
     w = 1.0 - true_class_prob(logits_clean, y)
     robust = lam * (kl_per_example(logits_clean, logits_adv) * w).mean()
-    return LossParts(bce + robust, {"natural": bce.detach(), "robust": robust.detach(), "weight": w.detach()})
+    # the first term is MART's boosted CE on the ADVERSARIAL example, so it is logged as adv_bce, not natural
+    return LossParts(bce + robust, {"adv_bce": bce.detach(), "robust": robust.detach(), "weight": w.detach()})
 
 
 def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
