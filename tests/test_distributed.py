@@ -166,6 +166,10 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     torch.save({k: v.cpu() for k, v in res.correct.items()}, tmp_path / f"verdicts{rank}.pt")
     (tmp_path / f"report{rank}.json").write_text(json.dumps(report))
     distributed.teardown()
+    # Leave without interpreter finalisation: gloo's worker threads can still hold tensors then,
+    # and destroying them after the interpreter is gone aborts the process (a known PyTorch
+    # shutdown race, seen here as an occasional SIGABRT of a finished worker).
+    os._exit(0)
 
 
 def _free_port() -> int:

@@ -148,6 +148,18 @@ def test_format_eps():
     assert format_eps(0.0) == "0"
 
 
+@pytest.mark.parametrize("eps, text", [(8 / 255, "8/255"), (0.1, "0.1"), (0.2, "0.2"), (0.5, "0.5"),
+                                       (1 / 255, "1/255"), (16 / 255, "16/255"), (1.0, "1")])
+def test_format_eps_has_one_rule_for_tables_and_robustbench(eps, text):
+    """k/255 only where that is how the radius is written: 0.2 is 51/255 but stays 0.2."""
+    from arow import robustbench
+
+    assert format_eps(eps) == text
+    assert robustbench.format_eps(eps) == text
+    assert robustbench.model_info({"accuracy": {"clean": 0.5, "autoattack": 0.25}, "eps": eps, "n": 10,
+                                   "dataset": "cifar10"})["eps"] == text
+
+
 def test_cli_report_prints_table_and_writes_file(tmp_path, capsys):
     runs = [str(make_run(tmp_path, "s0", seed=0)), str(make_run(tmp_path, "s1", seed=1))]
     out = tmp_path / "rep.md"

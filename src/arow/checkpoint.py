@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .modules import unwrap
+
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 #: the tag in a safetensors header that marks an arow model export
@@ -97,6 +99,33 @@ def append_line(path: PathLike, line: str) -> None:
         f.write(line.rstrip("\n") + "\n")
 
 
+def save_keyed(state: dict[str, Any], key: str, path: PathLike) -> None:
+    """Save the progress ``state`` of a resumable computation under ``key`` (what its results
+    depend on) atomically; :func:`load_keyed` gives it back only for the same key."""
+    atomic_save({"key": key, **state}, path)
+
+
+def load_keyed(path: PathLike, key: str, what: str) -> Optional[dict[str, Any]]:
+    """The state :func:`save_keyed` wrote at ``path`` under ``key``, or None when there is none to trust.
+
+    A missing file is None; an unreadable one (torn, foreign) or one saved under another key
+    (another model, data or setting) is None with a warning naming ``what`` it would have been:
+    the caller recomputes rather than trusts it. Plain values only (``weights_only=True``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file: start over rather than trust it
+        log.warning("ignoring unreadable %s %s (%s)", what, path, type(e).__name__)
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        log.warning("ignoring %s %s: it belongs to another model, data or setting", what, path)
+        return None
+    return state
+
+
 def remove_stale_tmp(folder: PathLike) -> list[Path]:
     """Delete the ``.NAME.*.tmp`` files an interrupted atomic write left in ``folder``.
 
@@ -132,14 +161,7 @@ def dump_json(obj: Any, indent: Optional[int] = 2) -> str:
 # --------------------------------------------------------------------------- state
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state of the unwrapped module: no ``module.`` (DDP) or ``_orig_mod.`` (compile) prefixes."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            break
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model, compiled=True).state_dict().items()}
 
 
 def rng_state() -> dict[str, Any]:

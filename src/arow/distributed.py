@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -38,6 +39,22 @@ def info() -> DistInfo:
     return DistInfo()
 
 
+def shard_range(n: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of ``n`` that ``rank`` takes: the ``rank``-th of ``world_size`` contiguous,
+    nearly equal parts (sizes differ by at most one; some may be empty). Defaults: this process.
+
+    >>> [shard_range(10, r, 3) for r in range(3)]
+    [(0, 3), (3, 7), (7, 10)]
+    """
+    d = info()
+    rank = d.rank if rank is None else rank
+    world_size = d.world_size if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    bounds = np.linspace(0, n, world_size + 1).round().astype(int)
+    return int(bounds[rank]), int(bounds[rank + 1])
+
+
 def setup(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes (if any); returns this process's place in it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -51,7 +68,10 @@ def setup(device: str = "auto") -> DistInfo:
 
 
 def teardown() -> None:
+    """Leave the process group. Every rank waits for the others first: a rank that destroys its
+    group while a peer still finishes its last collective makes gloo abort that peer."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -11,7 +11,6 @@ interrupted evaluation continues where it stopped when run again (same model, da
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
@@ -24,7 +23,9 @@ import torch
 import torch.nn as nn
 
 from . import distributed
-from .attacks import Attack, frozen_eval, get_attack, unwrap
+from .attacks import Attack, get_attack, predict, unwrap
+from .checkpoint import load_keyed, save_keyed
+from .rng import private_rng
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -58,14 +59,6 @@ def per_class_accuracy(correct: Tensor, y: Tensor, num_classes: int) -> list[flo
     return [float(h / t) if t > 0 else float("nan") for h, t in zip(hit, total)]
 
 
-def _shard(n: int) -> tuple[int, int]:
-    """This rank's contiguous slice [lo, hi) of n examples."""
-    d = distributed.info()
-    size = -(-n // d.world_size)
-    lo = min(d.rank * size, n)
-    return lo, min(lo + size, n)
-
-
 def _combine(mask: Tensor) -> Tensor:
     """The union over ranks of boolean masks over all n examples (each rank set only its own)."""
     if not distributed.info().enabled:
@@ -75,27 +68,6 @@ def _combine(mask: Tensor) -> Tensor:
 
 def _batch_seed(seed: int, name: str, batch: int) -> int:
     return ((seed * 1_000_003 + zlib.crc32(name.encode())) * 1_000_003 + batch) & 0x7FFF_FFFF_FFFF
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device):
-    """The global RNGs of the CPU and of ``device`` seeded with ``seed``, restored on exit."""
-    cuda = device.type == "cuda"
-    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
-    with torch.random.fork_rng(devices=[index] if cuda else []):
-        torch.random.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.default_generators[index].manual_seed(seed)
-        yield
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
-    """Predicted labels, batched, in eval mode."""
-    net = unwrap(model)
-    with frozen_eval(net):
-        out = [net(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
 
 
 def evaluate(
@@ -141,7 +113,7 @@ def _evaluate(model, x, y, attacks, *, eps, num_classes, batch_size, progress, s
     n = len(x)
     num_classes = num_classes or int(y.max()) + 1
     d = distributed.info()
-    lo, hi = _shard(n)
+    lo, hi = distributed.shard_range(n)
     clean_ok = torch.zeros(n, dtype=torch.bool, device=x.device)
     clean_ok[lo:hi] = predict(model, x[lo:hi], batch_size) == y[lo:hi]
     clean_ok = _combine(clean_ok)
@@ -168,7 +140,7 @@ def _evaluate(model, x, y, attacks, *, eps, num_classes, batch_size, progress, s
                     done += len(idx)
                     continue
                 kw = {"state_path": stage.batch_path(start)} if stage is not None and atk.resumable else {}
-                with _seeded(_batch_seed(seed, atk.name, start // batch_size), x.device):
+                with private_rng(x.device, _batch_seed(seed, atk.name, start // batch_size)):
                     x_adv = atk(model, x[idx], y[idx], **kw)
                 _check_ball(x_adv, x[idx], eps, atk.name)
                 fooled[idx] = predict(model, x_adv, batch_size) != y[idx]
@@ -217,28 +189,19 @@ class _Stage:
         self.tag = re.sub(r"[^A-Za-z0-9_.-]", "_", atk.name) + (f".rank{d.rank}" if d.enabled else "")
         self.folder, self.key, self.done, self.seconds_before = folder, key, set(), 0.0
         self.path = folder / f"{self.tag}.pt"
-        state = None
-        if self.path.is_file():
-            try:
-                state = torch.load(self.path, map_location="cpu", weights_only=True)
-            except Exception as e:  # torn or foreign file: recompute rather than trust it
-                log.warning("ignoring unreadable evaluation state %s (%s)", self.path, type(e).__name__)
-        if isinstance(state, dict) and state.get("key") == key:
+        state = load_keyed(self.path, key, f"{atk.name} evaluation state")
+        if state is not None:
             self.done, self.seconds_before = set(state["done"]), float(state["seconds"])
             fooled.copy_(state["fooled"].to(fooled.device))
             log.info("%s: resuming from %s (%d batch(es) already done)", atk.name, self.path, len(self.done))
-        elif state is not None:
-            log.warning("%s: ignoring %s, saved for another model, data or setting", atk.name, self.path)
 
     def batch_path(self, start: int) -> Path:
         return self.folder / f"{self.tag}.batch{start}.pt"
 
     def save(self, start: int, fooled: Tensor, seconds: float) -> None:
-        from .checkpoint import atomic_save
-
         self.done.add(start)
-        atomic_save({"key": self.key, "done": sorted(self.done), "fooled": fooled.cpu(),
-                     "seconds": self.seconds_before + seconds}, self.path)
+        save_keyed({"done": sorted(self.done), "fooled": fooled.cpu(), "seconds": self.seconds_before + seconds},
+                   self.key, self.path)
         self.batch_path(start).unlink(missing_ok=True)
 
 

@@ -65,8 +65,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed
-from .attacks import ce_loss, cw_loss, frozen_eval, pgd, unwrap
+from .attacks import ce_loss, cw_loss, frozen_eval, pgd, predict, unwrap
 from .attacks.base import AttackLoss
+from .rng import private_rng
 from .threat import ThreatModel
 
 log = logging.getLogger(__name__)
@@ -143,9 +144,9 @@ class GuardContext:
     def n(self) -> int:
         return len(self.x)
 
-    @torch.no_grad()
     def logits(self, x: Tensor) -> Tensor:
-        return torch.cat([self.net(x[i : i + self.batch_size]).float() for i in range(0, len(x), self.batch_size)])
+        # the net is already unwrapped and frozen: run it as it is (eval-mode watches what forward does)
+        return predict(self.net, x, self.batch_size, logits=True, frozen=False)
 
     @property
     def clean_ok(self) -> Tensor:
@@ -224,13 +225,8 @@ def _run(model: nn.Module, x: Tensor, y: Tensor, eps: float, num_classes: Option
               "sha256": subset_digest(idx.tolist())}
     num_classes = num_classes or int(y.max()) + 1
     x, y = x[idx.to(x.device)].detach(), y[idx.to(y.device)].detach()
-    devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()] \
-        if x.device.type == "cuda" else []
     results = GuardResults(subset=subset)
-    with frozen_eval(net), torch.random.fork_rng(devices=devices), _exact_float32():
-        torch.random.default_generator.manual_seed(seed)
-        if devices:
-            torch.cuda.default_generators[devices[0]].manual_seed(seed)
+    with frozen_eval(net), private_rng(x.device, seed), _exact_float32():
         sub = GuardContext(net, x, y, eps, num_classes, batch_size, square_queries, seed,
                            unwrap(surrogate) if surrogate is not None else None)
         for name in names:
@@ -257,6 +253,12 @@ def _exact_float32() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def _verdict(name: str, value: float, limit: float, label: str, problem: str) -> GuardResult:
+    """Passed when ``value <= limit`` (message: ``label``); failed otherwise (``label: problem``)."""
+    failed = value > limit
+    return GuardResult(name, not failed, value, limit, f"{label}: {problem}" if failed else label)
 
 
 def _max_diff(a: Tensor, b: Tensor) -> float:
@@ -442,11 +444,9 @@ def guard_gradient_direction(s: GuardContext, step: float = 0.25, max_wrong: flo
     limit = max(max_wrong, 2.5 / checked) if checked else max_wrong  # a couple of examples is noise
     label = (f"a step of {step:g} eps along the gradient's sign failed to raise the loss for {wrong} of "
              f"{checked} correctly classified examples ({100 * value:.1f}%)")
-    if value > limit:
-        return GuardResult("gradient-direction", False, value, limit,
-                           f"{label}: the gradient points the wrong way, so PGD walks away from adversarial "
-                           f"examples (gradient masking)")
-    return GuardResult("gradient-direction", True, value, limit, label)
+    return _verdict("gradient-direction", value, limit, label,
+                    "the gradient points the wrong way, so PGD walks away from adversarial examples "
+                    "(gradient masking)")
 
 
 def guard_large_eps(s: GuardContext, steps: int = 10, margin: float = 0.1) -> GuardResult:
@@ -472,11 +472,9 @@ def guard_more_steps(s: GuardContext, weak: int = 5, strong: int = 10, restarts:
     tol = 0.03 + 2 / s.n  # different random starts: a few examples either way is noise
     value = a_strong - a_weak
     label = f"PGD-{strong}x{restarts} restarts {100 * a_strong:.1f}% vs PGD-{weak} {100 * a_weak:.1f}%"
-    if value > tol:
-        return GuardResult("more-steps", False, value, tol,
-                           f"{label}: a stronger attack found fewer adversarial examples (randomness, "
-                           f"state or masking inside the model)")
-    return GuardResult("more-steps", True, value, tol, label)
+    return _verdict("more-steps", value, tol, label,
+                    "a stronger attack found fewer adversarial examples (randomness, state or masking inside "
+                    "the model)")
 
 
 def guard_transfer(s: GuardContext, steps: int = 10, tol: float = 0.03) -> GuardResult:
@@ -501,11 +499,9 @@ def guard_transfer(s: GuardContext, steps: int = 10, tol: float = 0.03) -> Guard
     label = (f"sign-checked CW-{steps}{' and PGD-' + str(steps) + ' on the surrogate model' if s.surrogate else ''} "
              f"fooled {100 * value:.1f}% of examples (of {100 * float(robust.float().mean()):.1f}% that white-box "
              f"PGD left robust)")
-    if value > limit:
-        return GuardResult("transfer", False, value, limit,
-                           f"{label}: the model's gradients mislead its own PGD, so the white-box number is "
-                           f"overstated (gradient masking)")
-    return GuardResult("transfer", True, value, limit, label)
+    return _verdict("transfer", value, limit, label,
+                    "the model's gradients mislead its own PGD, so the white-box number is overstated "
+                    "(gradient masking)")
 
 
 def guard_black_box(s: GuardContext, min_gap: float = 0.03) -> GuardResult:
@@ -530,11 +526,8 @@ def guard_black_box(s: GuardContext, min_gap: float = 0.03) -> GuardResult:
     value, limit = broken / s.n, max(min_gap, 3 / s.n)
     label = (f"Square ({s.square_queries} queries) broke {100 * value:.1f}% of examples "
              f"(of {100 * float(robust.float().mean()):.1f}% that PGD left robust)")
-    if value > limit:
-        return GuardResult("black-box", False, value, limit,
-                           f"{label}: a black-box attack beats white-box PGD, so the gradients mislead "
-                           f"(gradient masking)")
-    return GuardResult("black-box", True, value, limit, label)
+    return _verdict("black-box", value, limit, label,
+                    "a black-box attack beats white-box PGD, so the gradients mislead (gradient masking)")
 
 
 GUARDS: dict[str, Callable[[GuardContext], GuardResult]] = {

@@ -178,16 +178,21 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
 
 
 def format_eps(eps: Optional[float]) -> str:
-    """``8/255`` for multiples of 1/255 (how CIFAR budgets are written), else the plain number.
+    """``k/255`` for the radii written that way (8/255: how CIFAR budgets and RobustBench spell
+    them), else the plain number (0.1, 0.3, and 0.2 although it is 51/255); a dash for None.
 
-    >>> format_eps(8 / 255), format_eps(0.1)
-    ('8/255', '0.1')
+    The fraction is shown when ``eps * 255`` is within 1e-6 of a whole ``k >= 1`` and ``k/255``
+    is shorter than ``eps`` written out exactly (``repr``): 8/255 is 0.03137254901960784, while
+    0.2 = 51/255 needs no fraction.
+
+    >>> format_eps(8 / 255), format_eps(0.1), format_eps(0.2), format_eps(1 / 255)
+    ('8/255', '0.1', '0.2', '1/255')
     """
     if eps is None:
         return DASH
-    k = eps * 255
-    if eps > 0 and abs(k - round(k)) < 1e-6 and round(k) != 0 and abs(eps - round(eps, 3)) > 1e-9:
-        return f"{round(k)}/255"
+    k = round(eps * 255) if math.isfinite(eps) else 0
+    if k >= 1 and abs(eps * 255 - k) < 1e-6 and len(f"{k}/255") < len(repr(float(eps))):
+        return f"{k}/255"
     return f"{eps:g}"
 
 

@@ -1,15 +1,44 @@
-"""Random numbers that do not depend on how a batch is sharded across processes.
+"""Random numbers that do not depend on how a batch is sharded across processes, and private ones.
 
 Under torchrun every rank draws the random start for the GLOBAL batch from the same seed
 and keeps its own slice, so an N-process run sees exactly the noise of a 1-process run.
 Drawing N times more uniforms than needed costs nothing next to a forward pass.
+
+Code that must draw from torch's global generators (an attack library, a seeded evaluation)
+without touching the caller's random state runs inside :func:`private_rng`.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
+
+
+@contextlib.contextmanager
+def private_rng(device: torch.device, seed: Optional[int] = None) -> Iterator[None]:
+    """Torch's global generators of the CPU and of ``device`` restored on exit, seeded with ``seed``
+    on entry when one is given.
+
+    On CUDA the current device's generator is restored too (libraries such as pyautoattack reseed
+    it, whatever device the data is on).
+
+    >>> with private_rng(torch.device("cpu"), seed=0):
+    ...     a = torch.rand(2)
+    >>> with private_rng(torch.device("cpu"), seed=0):
+    ...     torch.equal(a, torch.rand(2))
+    True
+    """
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    devices = sorted({index, torch.cuda.current_device()}) if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 @dataclass

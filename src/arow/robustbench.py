@@ -1,9 +1,9 @@
 """Export an evaluation as a RobustBench model-info JSON (``model_info/<dataset>/Linf/<Name>.json``).
 
 RobustBench's files hold strings: accuracies in percent with two decimals, eps as ``"8/255"``
-when it is a multiple of 1/255. We add ``n_test_points``, ``threat_model`` and the AutoAttack
-settings, and mark the entry ``unreliable`` when a guard tripped or the AutoAttack budget was
-not the standard one.
+for the radii written that way (:func:`arow.report.format_eps`: 0.2 stays ``"0.2"``). We add
+``n_test_points``, ``threat_model`` and the AutoAttack settings, and mark the entry ``unreliable``
+when a guard tripped or the AutoAttack budget was not the standard one.
 
 >>> info = model_info({"accuracy": {"clean": 0.8492, "autoattack": 0.5308}, "eps": 8 / 255,
 ...                    "n": 10000, "test_set_size": 10000, "dataset": "cifar10", "method": "trades",
@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Optional, Union
+
+# RobustBench's spelling of eps ("8/255") is the report's
+from .report import format_eps
 
 #: the papers behind the training methods (RobustBench's "name" is the paper title)
 PAPERS: dict[str, dict[str, str]] = {
@@ -38,16 +41,6 @@ PAPERS: dict[str, dict[str, str]] = {
 ARCHITECTURES = {"small-cnn": "SmallCNN (4 conv + 3 fc)", "resnet18": "ResNet-18",
                  "preact-resnet18": "PreActResNet-18", "wrn-34-10": "WideResNet-34-10",
                  "wrn-28-10": "WideResNet-28-10"}
-
-
-def format_eps(eps: float) -> str:
-    """``"8/255"`` when eps is a multiple of 1/255 (RobustBench's spelling), else e.g. ``"0.1"``.
-
-    >>> format_eps(8 / 255), format_eps(0.1)
-    ('8/255', '0.1')
-    """
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:g}"
 
 
 def _pct(fraction: float) -> str:

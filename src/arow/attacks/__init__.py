@@ -16,14 +16,14 @@ import torch.nn as nn
 
 from ..registry import Registry
 from ..threat import ThreatModel
-from .base import AttackLoss, ce_loss, cw_loss, frozen_eval, kl_loss, unwrap
+from .base import AttackLoss, ce_loss, cw_loss, frozen_eval, kl_loss, predict, unwrap
 from .fat import fat_pgd
 from .pgd import pgd
 
 Tensor = torch.Tensor
 
-__all__ = ["ATTACKS", "Attack", "get_attack", "pgd", "fat_pgd", "frozen_eval", "unwrap", "ce_loss", "cw_loss",
-           "kl_loss", "AttackLoss"]
+__all__ = ["ATTACKS", "Attack", "get_attack", "pgd", "fat_pgd", "frozen_eval", "predict", "unwrap", "ce_loss",
+           "cw_loss", "kl_loss", "AttackLoss"]
 
 
 @dataclass
@@ -62,18 +62,20 @@ def _fgsm(eps: float, name: str = "fgsm") -> Attack:
 
 @ATTACKS.register("pgd<K>[r<R>]", help="PGD on cross-entropy, K steps of eps/4, random start, R restarts")
 def _pgd(eps: float, steps: int = 20, restarts: int = 1, name: Optional[str] = None) -> Attack:
-    tm = ThreatModel(eps=eps, steps=steps)
     desc = f"PGD-{steps} (CE, step eps/4, random start, {restarts} restart(s))"
-    return Attack(name or f"pgd{steps}", lambda m, x, y: pgd(m, x, y, tm, ce_loss, restarts=restarts,
-                                                             keep_best=True), desc)
+    return _pgd_search(name or f"pgd{steps}", eps, steps, restarts, ce_loss, desc)
 
 
 @ATTACKS.register("cw<K>[r<R>]", help="CW-inf: PGD on the Carlini-Wagner margin, K steps (cw = cw30)")
 def _cw(eps: float, steps: int = 30, restarts: int = 1, name: Optional[str] = None) -> Attack:
-    tm = ThreatModel(eps=eps, steps=steps)
     desc = f"CW-inf (margin loss, {steps} steps of eps/4, random start, {restarts} restart(s))"
-    return Attack(name or f"cw{steps}", lambda m, x, y: pgd(m, x, y, tm, cw_loss, restarts=restarts,
-                                                            keep_best=True), desc)
+    return _pgd_search(name or f"cw{steps}", eps, steps, restarts, cw_loss, desc)
+
+
+def _pgd_search(name: str, eps: float, steps: int, restarts: int, loss: AttackLoss, desc: str) -> Attack:
+    """PGD on ``loss`` with ``steps`` steps of eps/4 from a random start, the first fooling iterate kept."""
+    tm = ThreatModel(eps=eps, steps=steps)
+    return Attack(name, lambda m, x, y: pgd(m, x, y, tm, loss, restarts=restarts, keep_best=True), desc)
 
 
 MAX_STEPS, MAX_RESTARTS = 10_000, 1_000  # far beyond any published evaluation; a typo must not hang a run

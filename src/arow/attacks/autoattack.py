@@ -32,8 +32,10 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
+from ..checkpoint import load_keyed, save_keyed
+from ..rng import private_rng
 from . import ATTACKS, Attack
-from .base import frozen_eval, unwrap
+from .base import frozen_eval, predict, unwrap
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -219,19 +221,15 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
     x, y = x.detach(), y.detach()
     path = Path(state_path) if state_path is not None else None
     # pyautoattack reseeds the CPU and the *current* CUDA device: keep both as they were
-    devices = sorted({x.device.index if x.device.index is not None else torch.cuda.current_device(),
-                      torch.cuda.current_device()}) if x.device.type == "cuda" else []
-    with frozen_eval(net), torch.random.fork_rng(devices=devices), torch.no_grad():
+    with frozen_eval(net), private_rng(x.device), torch.no_grad():
         num_classes = int(net(x[:1]).shape[1])
         aa = build_autoattack(net, eps, num_classes=num_classes, device=x.device, settings=settings)
         key = digest(net, x, y, float(eps), asdict(settings), pyautoattack_version()) if path is not None else ""
-        state = _load_state(path, key)
+        state = load_keyed(path, key, "AutoAttack state") if path is not None else None
         if state:
             robust = state["robust"].to(x.device)
         else:  # misclassified examples are nobody's success
-            robust = torch.cat([net(x[i : i + settings.batch_size]).argmax(1) == y[i : i + settings.batch_size]
-                                for i in range(0, len(x), settings.batch_size)]) if len(x) else \
-                torch.zeros(0, dtype=torch.bool, device=x.device)
+            robust = predict(net, x, settings.batch_size, frozen=False) == y
         x_adv = state["x_adv"].to(x.device, x.dtype) if state else x.clone()
         broken: dict[str, int] = dict(state["broken"]) if state else {}
         for sub in settings.attacks:
@@ -250,30 +248,10 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
             log.debug("AutoAttack %s: broke %d of %d (robust now %d of %d)", _LABELS[sub], broken[sub],
                      len(idx), int(robust.sum()), len(x))
             if path is not None:
-                _save_state(path, {"key": key, "robust": robust.cpu(), "x_adv": x_adv.cpu(), "broken": broken})
+                save_keyed({"robust": robust.cpu(), "x_adv": x_adv.cpu(), "broken": broken}, key, path)
         _check_square(broken, len(x))
     targets = min(STANDARD_TARGETS, num_classes - 1)
     return x_adv, {"num_classes": num_classes, "n_target_classes": targets, "broken_by": broken}
-
-
-def _load_state(path: Optional[Path], key: str) -> Optional[dict[str, Any]]:
-    if path is None or not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a torn or foreign file: start over rather than trust it
-        log.warning("ignoring unreadable AutoAttack state %s (%s)", path, type(e).__name__)
-        return None
-    if not isinstance(state, dict) or state.get("key") != key:
-        log.warning("ignoring AutoAttack state %s: it belongs to another model, data or setting", path)
-        return None
-    return state
-
-
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    from ..checkpoint import atomic_save
-
-    atomic_save(state, path)
 
 
 def _check_square(broken: dict[str, int], n: int) -> None:

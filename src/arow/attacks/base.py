@@ -9,21 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..losses import cw_margin, kl_per_example
+from ..modules import unwrap
 
 Tensor = torch.Tensor
 #: an attack objective: per-example loss to MAXIMISE, from the logits of x_adv and the labels
 AttackLoss = Callable[[Tensor, Tensor], Tensor]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under a DistributedDataParallel / DataParallel wrapper.
-
-    Attacks run on the unwrapped module: DDP's forward broadcasts buffers, which would put a
-    collective call inside every attack step.
-    """
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 @contextlib.contextmanager
@@ -47,6 +37,31 @@ def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int = 500, *, logits: bool = False,
+            frozen: bool = True) -> Tensor:
+    """Predicted labels of ``model`` on ``x`` (float32 logits with ``logits=True``), in batches, without gradients.
+
+    The model runs unwrapped (:func:`unwrap`) in :func:`frozen_eval`; ``frozen=False`` calls
+    ``model`` as it is, for a caller that already holds it unwrapped and frozen.
+
+    >>> predict(nn.Linear(3, 4), torch.rand(5, 3), batch_size=2).shape
+    torch.Size([5])
+    """
+    if frozen:
+        with frozen_eval(unwrap(model)) as net:
+            return predict(net, x, batch_size, logits=logits, frozen=False)
+
+    def out(xb: Tensor) -> Tensor:
+        z = model(xb)
+        return z.float() if logits else z.argmax(1)
+
+    outs = [out(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    if outs:
+        return torch.cat(outs)
+    return torch.empty((0, 0), device=x.device) if logits else torch.empty(0, dtype=torch.long, device=x.device)
 
 
 def ce_loss(logits: Tensor, y: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
+from ..distributed import shard_range
 from ..registry import Registry
 from .loader import AUGMENTATIONS, Loader, batches, hflip, random_crop
 from .readers import (
@@ -141,10 +142,7 @@ class TensorData:
 
     def shard(self, rank: int, world_size: int) -> "TensorData":
         """The ``rank``-th of ``world_size`` contiguous, nearly equal parts (e.g. for evaluation)."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        bounds = np.linspace(0, len(self), world_size + 1).round().astype(int)
-        lo, hi = int(bounds[rank]), int(bounds[rank + 1])
+        lo, hi = shard_range(len(self), rank, world_size)
         return TensorData(self.x[lo:hi], self.y[lo:hi], self.num_classes, self.name, check=False)
 
     def to(self, device: Union[str, torch.device]) -> "TensorData":

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from ..attacks import unwrap
+from ..modules import unwrap
 from ..threat import ThreatModel
 from . import arow, mart, pgd_at, trades  # noqa: F401  (register the inner methods of the variants)
 from .base import Hparam, Method, MethodOutput, params_class
@@ -49,14 +49,6 @@ AWP_HPARAMS: dict[str, Hparam] = {
     "awp_start": Hparam(None, "AWP: first epoch (1-based) with AWP; default: epoch 10 of 120 scaled to --epochs "
                               "(the TRADES-AWP and ARoW references), 1 for pgd-at-awp", int, min=1),
 }
-
-
-def plain_module(model: nn.Module) -> nn.Module:
-    """The module under DDP / DataParallel and torch.compile wrappers (its parameters are shared)."""
-    model = unwrap(model)
-    while hasattr(model, "_orig_mod"):
-        model = unwrap(model._orig_mod)
-    return model
 
 
 def perturbed_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -122,7 +114,7 @@ class AWP(Method):
     def objective(self, model, x, y, adv) -> MethodOutput:
         self.restore()  # a perturbation left by a call that no optimiser step followed
         if self.active():
-            net = plain_module(model)
+            net = unwrap(model, compiled=True)  # the weights under DDP and compile wrappers
             deltas = self.weight_perturbation(net, x, y, adv)
             with torch.no_grad():
                 for p, d in deltas:

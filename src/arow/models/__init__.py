@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from arow.modules import unwrap
 from arow.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
@@ -103,15 +104,6 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # torch.compile's OptimizedModule and DDP keep the real module one attribute down.
-    for attr in ("_orig_mod", "module"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module):
-            return _unwrap(inner)
-    return model
-
-
 @torch.no_grad()
 def model_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     """Forward FLOPs (2 x multiply-accumulates) of the conv and linear layers for one input.
@@ -126,7 +118,7 @@ def model_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 3:
         shape = (1, *shape)
-    model = _unwrap(model)
+    model = unwrap(model, compiled=True)
     total = 0
 
     def conv_hook(m: nn.modules.conv._ConvNd, _inp: object, out: torch.Tensor) -> None:
