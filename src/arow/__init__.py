@@ -6,12 +6,13 @@
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["__version__", "load_model", "model_from_checkpoint", "train", "evaluate", "Trainer", "TrainConfig", "ThreatModel",
-           "build_model", "build_method", "load_dataset", "from_tensors", "losses"]
+__all__ = ["__version__", "load_model", "model_from_checkpoint", "train", "train_run", "evaluate_run", "evaluate",
+           "Trainer", "TrainConfig", "ThreatModel", "build_model", "build_method", "load_dataset", "from_tensors",
+           "losses"]
 
 
 def load_model(path: Any, *, device: Any = "cpu", which: str = "final") -> "torch.nn.Module":
@@ -56,6 +57,7 @@ def __getattr__(name: str) -> Any:  # lazy: `import arow` stays cheap for the CL
     import importlib
 
     lazy = {"train": ("training", "train"), "Trainer": ("training", "Trainer"), "TrainConfig": ("config", "TrainConfig"),
+            "train_run": ("pipelines", "train_run"), "evaluate_run": ("pipelines", "evaluate_run"),
             "evaluate": ("evaluation", "evaluate"), "ThreatModel": ("threat", "ThreatModel"),
             "build_model": ("models", "build_model"), "build_method": ("methods", "build_method"),
             "load_dataset": ("data", "load_dataset"), "from_tensors": ("data", "from_tensors")}
@@ -76,5 +78,6 @@ if TYPE_CHECKING:
     from .evaluation import evaluate
     from .methods import build_method
     from .models import build_model
+    from .pipelines import evaluate_run, train_run
     from .threat import ThreatModel
     from .training import Trainer, train

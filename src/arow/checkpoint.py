@@ -320,3 +320,12 @@ def convert_checkpoint(src: PathLike, dst: Optional[PathLike] = None) -> Path:
                               f"({str(e).splitlines()[0][:120]})") from None
     atomic_write_bytes(buf.getvalue(), dst)
     return dst
+
+
+def convert_path(path: PathLike) -> list[Path]:
+    """:func:`convert_checkpoint` on a file, or on every ``.pt`` file of a run folder (in place)."""
+    path = Path(path)
+    files = sorted(path.glob("*.pt")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise CheckpointError(f"{path}: no checkpoint file(s) to convert")
+    return [convert_checkpoint(f) for f in files]

@@ -26,12 +26,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
 GROUPS = ("method", "data", "model", "optimisation", "attack", "evaluation", "runtime")
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
-
 # --------------------------------------------------------------------------- train
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Every config field is a flag, from its declaration (group, help, choices) in TrainConfig."""
@@ -131,26 +125,11 @@ def _eval_and_print(source: Any, attacks: list[str], **kw: Any) -> int:
     if not distributed.info().is_main:
         return 3 if rep.error else 0
     if rep.guards:
-        s = getattr(rep.guards, "subset", None) or {}
-        rows = [[g.name, "pass" if g.passed else "FAIL", f"{g.value:.4g}", f"{g.threshold:.4g}", g.message]
-                for g in rep.guards]
-        where = f"{s.get('n')} of {s.get('total')} test images drawn at random (seed {s.get('seed')})" if s else ""
-        print(f"\nrobustness guards on {where}\n" + _table(rows, ["guard", "result", "value", "limit", "what"]))
+        print("\n" + rep.guards_text())
     if rep.error:
         print(f"arow: error: {rep.error}", file=sys.stderr)
         return 3
-    res, info = rep.result, rep.info
-    rows = [[k, f"{100 * v:.2f}%", res.descriptions.get(k, "worst case over all attacks above")]
-            for k, v in res.accuracy.items()]
-    subset = " (SUBSET)" if info["subset"] else ""
-    print(f"\n{info['dataset']} test set, {res.n} of {info['test_set_size']} images{subset}, eps={res.eps:.4g}\n"
-          + _table(rows, ["attack", "accuracy", "what"]))
-    if info["subset"]:
-        print(f"WARNING: {info['warning']}.")
-    if rep.tripped:
-        print("WARNING: robustness guards tripped (see above); these numbers are likely overstated.")
-    if not rep.guards_ran:
-        print("NOTE: the robustness guards did not run (--no-guards).")
+    print("\n" + rep.text())
     print(f"written {rep.path}")
     if rep.robustbench:
         print(f"written {rep.robustbench} (RobustBench model info)")
@@ -177,6 +156,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 def cmd_plot(a: argparse.Namespace) -> int:
     from .plots import eps_curve, plot_run
+    from .report import markdown_table
 
     factors = [float(v) for v in a.eps_factors.split(",") if v.strip()]
     for run in a.runs:
@@ -185,7 +165,7 @@ def cmd_plot(a: argparse.Namespace) -> int:
                           batch_size=a.batch_size)
             rows = [[f"{p['eps']:.4g}", f"{p['factor']:g}", f"{100 * p['accuracy']:.2f}%"] for p in d["points"]]
             print(f"\n{run}: {d['attack']} accuracy vs eps on {d['n']} of {d['test_set_size']} test images"
-                  f"{' (SUBSET)' if d['subset'] else ''}\n" + _table(rows, ["eps", "x train eps", "accuracy"]))
+                  f"{' (SUBSET)' if d['subset'] else ''}\n" + markdown_table(rows, ["eps", "x train eps", "accuracy"]))
         for path in plot_run(run):
             print(f"written {path}")
     return 0
@@ -203,18 +183,13 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    from .checkpoint import convert_checkpoint
+    from .checkpoint import convert_path
 
     if not a.trust_pickle:
         raise ValueError("arow convert reads the file with Python's full unpickler, which runs any code it holds; "
                          "pass --trust-pickle to confirm you trust where the file came from")
-    files = sorted(Path(a.path).glob("*.pt")) if Path(a.path).is_dir() else [Path(a.path)]
-    if not files:
-        raise ValueError(f"{a.path}: no .pt files to convert")
-    for f in files:
-        if not f.is_file():
-            raise ValueError(f"{f}: no such file")
-        print(f"converted {convert_checkpoint(f)} (now loads without unpickling code)")
+    for f in convert_path(a.path):
+        print(f"converted {f} (now loads without unpickling code)")
     return 0
 
 

@@ -84,6 +84,34 @@ class EvalReport:
     def tripped(self) -> list[Any]:
         return [g for g in self.guards if not g.passed]
 
+    def guards_text(self) -> str:
+        """The guards' verdicts as a table, with the subset they ran on."""
+        from .report import markdown_table
+
+        s = getattr(self.guards, "subset", None) or {}
+        rows = [[g.name, "pass" if g.passed else "FAIL", f"{g.value:.4g}", f"{g.threshold:.4g}", g.message]
+                for g in self.guards]
+        where = f"{s.get('n')} of {s.get('total')} test images drawn at random (seed {s.get('seed')})" if s else ""
+        return f"robustness guards on {where}\n" + markdown_table(rows, ["guard", "result", "value", "limit", "what"])
+
+    def text(self) -> str:
+        """The accuracies as a table, with what was evaluated and every warning that applies."""
+        from .report import format_eps, markdown_table
+
+        res, info = self.result, self.info
+        rows = [[k, f"{100 * v:.2f}%", res.descriptions.get(k, "worst case over all attacks above")]
+                for k, v in res.accuracy.items()]
+        lines = [f"{info['dataset']} test set, {res.n} of {info['test_set_size']} images"
+                 f"{' (SUBSET)' if info['subset'] else ''}, eps={format_eps(res.eps)}",
+                 markdown_table(rows, ["attack", "accuracy", "what"])]
+        if info["subset"]:
+            lines.append(f"WARNING: {info['warning']}.")
+        if self.tripped:
+            lines.append("WARNING: robustness guards tripped (see above); these numbers are likely overstated.")
+        if not self.guards_ran:
+            lines.append("NOTE: the robustness guards did not run (--no-guards).")
+        return "\n".join(lines)
+
     def to_json(self) -> dict[str, Any]:
         out = self.result.to_json() if self.result is not None else {}
         out.update(self.info)

@@ -101,6 +101,19 @@ def load_run(path: PathLike) -> Run:
     return Run(run.path, run.read_config(), run.read_metrics(), run.read_eval())
 
 
+def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A Markdown table with aligned columns.
+
+    >>> print(markdown_table([["pgd20", "68.33%"]], ["attack", "accuracy"]))
+    | attack | accuracy |
+    |--------|----------|
+    | pgd20  | 68.33%   |
+    """
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
 # --------------------------------------------------------------------------- aggregation
 @dataclass
 class Stat:
@@ -296,9 +309,6 @@ class Report:
         cols, rows = self.columns(), self.rows()
         if not self._has_notes():  # an empty last column only widens the table
             cols, rows = cols[:-1], [r[:-1] for r in rows]
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-        line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-        sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
         runs = [r for g in self.groups for r in g.runs]
         protocol = sorted({f"{r.config.get('dataset')} at eps={format_eps(r.eps)} (L-inf)" for r in runs})
         notes = [
@@ -313,7 +323,7 @@ class Report:
         if any(r.eval is not None and r.eval.get("subset") for r in runs):
             notes.append("SUBSET: evaluated on part of the test set only; not comparable with full-test-set numbers.")
         folders = [f"- {', '.join(str(r.path) for r in g.runs)}" for g in self.groups]
-        return "\n".join(["# arow report", "", line(cols), sep, *map(line, rows), "",
+        return "\n".join(["# arow report", "", markdown_table(rows, cols), "",
                           *[f"- {n}" for n in notes], "", "Run folders, one line per row:", *folders, ""])
 
     def csv(self) -> str:
