@@ -120,12 +120,12 @@ def _eval_and_print(source: Any, attacks: list[str], **kw: Any) -> int:
     from .progress import Progress
 
     bars = Progress()
-    rep = evaluate_run(source, attacks, progress=bars.eval_progress, **kw)
+    main = distributed.info().is_main
+    rep = evaluate_run(source, attacks, progress=bars.eval_progress, **kw,
+                       on_guards=lambda r: print("\n" + r.guards_text(), flush=True) if main else None)
     bars.close()
-    if not distributed.info().is_main:
+    if not main:
         return 3 if rep.error else 0
-    if rep.guards:
-        print("\n" + rep.guards_text())
     if rep.error:
         print(f"arow: error: {rep.error}", file=sys.stderr)
         return 3

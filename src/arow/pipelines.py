@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -153,6 +153,7 @@ def evaluate_run(
     robustbench: Optional[PathLike] = None,
     extra: Optional[dict[str, Any]] = None,
     progress: Optional[Progress] = None,
+    on_guards: Optional[Callable[["EvalReport"], None]] = None,
 ) -> EvalReport:
     """Evaluate the model of ``source`` (run folder, checkpoint, ``.safetensors``) on its test set.
 
@@ -164,6 +165,7 @@ def evaluate_run(
     metadata of ``source``; ``data`` is a test set already loaded. Results go to ``eval.json`` of
     the run folder (full test set, final model), ``eval_<which>.json`` / ``eval_n<N>.json``
     otherwise, or ``json_out``; an interrupted evaluation continues from ``eval_state/``.
+    ``on_guards(report)`` is called as soon as the guards have run.
 
     >>> rep = evaluate_run("runs/fmnist-arow", ["clean", "pgd20"])  # doctest: +SKIP
     >>> rep.accuracy                                               # doctest: +SKIP
@@ -226,6 +228,8 @@ def evaluate_run(
                                    n=min(guards_n, len(data)), batch_size=batch_size, seed=guards_seed)
         report.guards_ran = True
         report.info["guards_subset"] = getattr(report.guards, "subset", None)
+        if on_guards is not None:  # e.g. print the verdicts now, before hours of attacks
+            on_guards(report)
         if report.tripped and not allow_guard_failures:
             bad = report.tripped
             report.error = (f"robustness guard {', '.join(repr(g.name) for g in bad)} tripped: {bad[0].message} "
