@@ -122,6 +122,16 @@ def test_pass_table_is_read_from_the_method_classes():
     assert dict(PASS_TABLE) == {name: METHODS.get(name).passes for name in METHODS.names()}
 
 
+def test_doc_table_is_generated_from_the_classes():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "update_docs.py"), "--check"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr  # run `python scripts/update_docs.py` after changing a class's passes
+
+
 def test_doc_table_is_the_code_table():
     rows = _doc_rows()
     assert set(rows) == set(METHODS.names())

@@ -93,7 +93,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         return 0
     attacks = [s.strip() for s in cfg.eval_attacks.split(",") if s.strip()]
     for name in attacks:  # a typo must fail now, not after training
-        get_attack(name, cfg.eps if cfg.eps is not None else 0.1)
+        get_attack(name, cfg.eps)
     # missing or damaged test files must fail now, not after training
     test = load_dataset(cfg.dataset, root=cfg.data_dir, split="test") if attacks else None
     bars = Progress()

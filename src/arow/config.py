@@ -114,17 +114,27 @@ class TrainConfig:
         return cls(**{k: _typed(k, v, hints[k]) for k, v in d.items()})
 
     def resolve(self) -> "TrainConfig":
-        """The config with the data set's defaults filled in where a field is unset (augmentation),
-        checked. Idempotent; the Trainer and :func:`arow.pipelines.train_run` both train on this.
+        """The config with every default that depends on another setting filled in where the field
+        is unset: the data set's eps and augmentation, the method's attack steps. Checked and
+        idempotent; the Trainer and :func:`arow.pipelines.train_run` both train on exactly this.
 
-        >>> TrainConfig(dataset="cifar10").resolve().augment
-        'crop+flip'
+        >>> cfg = TrainConfig(dataset="cifar10").resolve()
+        >>> cfg.augment, round(cfg.eps * 255), cfg.attack_steps
+        ('crop+flip', 8, 10)
         """
         from .data import DATASETS
+        from .methods import METHODS
 
-        if self.augment is None and self.dataset in DATASETS:
-            return dataclasses.replace(self, augment=DATASETS.get(self.dataset).augmentation).validate()
-        return self.validate()
+        filled: dict[str, Any] = {}
+        if self.dataset in DATASETS:
+            info = DATASETS.get(self.dataset)
+            if self.augment is None:
+                filled["augment"] = info.augmentation
+            if self.eps is None:
+                filled["eps"] = float(info.eps)
+        if self.attack_steps is None and self.method in METHODS:
+            filled["attack_steps"] = METHODS.get(self.method).default_steps
+        return dataclasses.replace(self, **filled).validate() if filled else self.validate()
 
     def milestone_epochs(self) -> list[float]:
         """The step schedule's milestones in epochs (all values < 1 are fractions of --epochs)."""

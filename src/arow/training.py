@@ -22,7 +22,7 @@ from .attacks import get_attack
 from .callbacks import Callbacks, PlotWriter, RunWriter, TensorBoardWriter
 from .checkpoint import CheckpointError, plain_state_dict, rng_state, set_rng_state
 from .config import ConfigError, TrainConfig
-from .data import DATASETS, Loader, TensorData
+from .data import Loader, TensorData
 from .evaluation import evaluate
 from .methods import Method, build_method
 from .rng import BatchRNG
@@ -73,12 +73,12 @@ def lr_at(cfg: TrainConfig, t: float) -> float:
     return cfg.lr * max(1.0 - frac, 0.0)  # onecycle: linear decay after the warm-up
 
 
-def threat_for(cfg: TrainConfig, method_name: str) -> ThreatModel:
-    from .methods import METHODS
-
-    eps = cfg.eps if cfg.eps is not None else DATASETS.get(cfg.dataset).eps
-    steps = cfg.attack_steps if cfg.attack_steps is not None else METHODS.get(method_name).default_steps
-    return ThreatModel(eps=eps, steps=steps, step=cfg.step_size)
+def threat_for(cfg: TrainConfig) -> ThreatModel:
+    """The training attack's threat model of a config (its defaults filled by ``cfg.resolve()``)."""
+    cfg = cfg.resolve()
+    if cfg.eps is None:
+        raise ConfigError(f"--eps is needed: {cfg.dataset!r} is not a known data set with a default eps")
+    return ThreatModel(eps=cfg.eps, steps=cfg.attack_steps, step=cfg.step_size)
 
 
 def _step_seed(seed: int, epoch: int, step: int) -> int:
@@ -126,7 +126,7 @@ class Trainer:
         self.out = Path(cfg.out) if cfg.out else None
         self.run = RunDir(self.out) if self.out is not None else None
         self.model_spec = model_spec or {"name": type(model).__name__, "custom": True}
-        self.threat = threat_for(cfg, cfg.method) if method is None else method.threat
+        self.threat = threat_for(cfg) if method is None else method.threat
         self.method = method or build_method(cfg.method, self.threat, **cfg.method_args)
         self.val_attack = get_attack(cfg.val_attack, self.threat.eps)  # a typo fails now, not after an epoch
         self.amp = use_amp(cfg.amp, self.device)

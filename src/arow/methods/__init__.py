@@ -25,7 +25,7 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
 
 from .awp import AWP  # noqa: E402
 
-__all__ = ["METHODS", "Method", "MethodOutput", "Hparam", "Passes", "build_method", "AWP"]
+__all__ = ["METHODS", "Method", "MethodOutput", "Hparam", "Passes", "build_method", "pass_table", "AWP"]
 
 
 def build_method(name: str, threat: ThreatModel, **hparams: Any) -> Method:
@@ -41,3 +41,26 @@ def build_method(name: str, threat: ThreatModel, **hparams: Any) -> Method:
     3.0
     """
     return METHODS.get(name)(threat, **hparams)
+
+
+def pass_table() -> str:
+    """The Markdown table of every registered method's ``passes`` (docs/performance.md shows it;
+    ``python scripts/update_docs.py`` rewrites it there and a test checks it is current).
+
+    >>> pass_table().splitlines()[0]
+    '| method | target | attack | train | helper | cost |'
+    """
+    def k(a: int) -> str:
+        return "0" if a == 0 else ("K" if a == 1 else f"{a}K")
+
+    def order(name: str) -> tuple:
+        cls = METHODS.get(name)
+        return (hasattr(cls, "inner_cls"), 2 * cls.passes.attack, cls.passes.for_steps(0).cost, name)
+
+    rows = ["| method | target | attack | train | helper | cost |", "|---|---|---|---|---|---|"]
+    for name in sorted(METHODS.names(), key=order):
+        p = METHODS.get(name).passes
+        const = p.target + 3 * p.train + p.helper
+        cost = f"{k(2 * p.attack)}+{const}" if p.attack else str(const)
+        rows.append(f"| {name} | {p.target} | {k(p.attack)} | {p.train} | {p.helper} | {cost} |")
+    return "\n".join(rows)
