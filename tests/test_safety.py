@@ -482,3 +482,21 @@ def test_validation_with_clean_accuracy_only(tmp_path, fmnist_small):
     data, val = _small(fmnist_small)
     res = _train(_cfg(tmp_path / "run", epochs=1, val_attack="clean"), data, val)
     assert res.history[0]["val_pgd_acc"] == res.history[0]["val_clean_acc"]
+
+
+def test_a_run_folder_of_arow_0_1_resumes(tmp_path, run_folder, fmnist_small):
+    """0.1.0 saved numpy's RNG state as an array and left derived defaults unset in the config."""
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(run_folder, out)
+    for name in ("last.pt", "last.prev.pt"):
+        old = torch.load(out / name, weights_only=True)
+        old["rng"]["numpy"] = np.random.get_state()
+        old["config"]["eps"] = None  # 0.1.0 kept a default eps unset (the data set's 0.1 here)
+        for key in ("eval_attacks", "eval_n", "guards"):  # fields 0.1.0 did not have
+            old["config"].pop(key, None)
+        torch.save(old, out / name)
+    data, val = _small(fmnist_small)
+    res = _train(_cfg(out, epochs=3), data, val, resume=True)
+    assert [r["epoch"] for r in res.history] == [1, 2, 3]
