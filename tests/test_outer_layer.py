@@ -199,3 +199,42 @@ def test_evaluate_run_reports_whether_the_guards_ran(tmp_path):
     rep = evaluate_run(out, ["clean"], data=test, n=20, guards=True, guards_n=10, allow_guard_failures=True)
     assert rep.guards_ran and rep.path.name == "eval_n20.json" and len(rep.guards) >= 6
     assert json.loads(rep.path.read_text())["guards_subset"]["n"] == 10
+
+
+# --------------------------------------------------------------------------- mixed precision decision
+@pytest.mark.parametrize("avx512_bf16,amx,expected", [(True, False, True), (False, True, True), (False, False, False)])
+def test_native_bf16_is_asked_of_cpuid(monkeypatch, avx512_bf16, amx, expected):
+    import torch.cpu as tcpu
+
+    from arow import runtime
+
+    monkeypatch.setattr(tcpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(tcpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert runtime.cpu_native_bf16() is expected
+
+
+@pytest.mark.parametrize("flags,expected", [("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
+                                            ("fpu avx512f avx512bw", False)])
+def test_native_bf16_falls_back_to_the_cpuinfo_flags(monkeypatch, tmp_path, flags, expected):
+    import torch.cpu as tcpu
+
+    from arow import runtime
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(tcpu, name, raising=False)
+    real = runtime.Path
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(f"processor : 0\nflags : {flags}\n")
+    monkeypatch.setattr(runtime, "Path", lambda p: fake if p == "/proc/cpuinfo" else real(p))
+    assert runtime.cpu_native_bf16() is expected
+
+
+@pytest.mark.parametrize("native,switch,expected", [(True, True, True), (False, True, False), (True, False, False)])
+def test_amp_auto_on_the_cpu(monkeypatch, native, switch, expected):
+    from arow import runtime
+
+    monkeypatch.setattr(runtime, "cpu_native_bf16", lambda: native)
+    monkeypatch.setattr(runtime, "AUTO_BF16_ON_CPU", switch)
+    assert runtime.use_amp("auto", torch.device("cpu")) is expected
+    assert runtime.use_amp("auto", torch.device("cuda")) is True
+    assert runtime.use_amp("off", torch.device("cuda")) is False and runtime.use_amp("bf16", torch.device("cpu"))

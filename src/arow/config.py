@@ -87,7 +87,8 @@ class TrainConfig:
     # runtime
     seed: int = opt("runtime", 0, "random seed", lo=0, hi=2**63 - 1)
     device: str = opt("runtime", "auto", "auto | cpu | cuda | cuda:N", runtime=True)
-    amp: str = opt("runtime", "auto", "bf16 autocast (auto: on CUDA)", choices=("auto", "bf16", "off"))
+    amp: str = opt("runtime", "auto", "bf16 autocast of training (auto: on CUDA and on CPUs with native bf16)",
+                   choices=("auto", "bf16", "off"))
     channels_last: str = opt("runtime", "auto", "channels-last memory format", choices=("auto", "on", "off"),
                              runtime=True)
     compile: bool = opt("runtime", False, "torch.compile the model", runtime=True)
