@@ -280,7 +280,6 @@ def eps_curve(
     [0.0, 0.025, 0.05]
     """
     from . import load_model
-    from .checkpoint import atomic_write_text, dump_json
     from .data import load_dataset
     from .distributed import resolve_device
     from .evaluation import evaluate
@@ -309,7 +308,7 @@ def eps_curve(
     out = {"run": str(run.path), "dataset": dataset, "method": run.config.get("method"), "train_eps": run.eps,
            "attack": attack, "checkpoint": which, "n": len(data), "test_set_size": full, "subset": len(data) < full,
            "points": points}
-    atomic_write_text(dump_json(out) + "\n", RunDir(run.path).file(RunDir.EPS_CURVE))
+    RunDir(run.path).write_json(RunDir.EPS_CURVE, out)
     return out
 
 
