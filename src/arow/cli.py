@@ -193,6 +193,54 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(a: argparse.Namespace) -> int:
+    import shlex
+
+    from .study import Study, StudySpec, collect
+
+    if a.collect:
+        result = collect(a.collect)
+        print((Path(a.collect) / "results.md").read_text())
+        print(f"written {Path(a.collect) / 'results.md'}, results.csv, results.json"
+              + "".join(f", {Path(p).name}" for p in result.get("plots", [])))
+        return 0
+    data: dict[str, Any] = {}
+    if a.spec:
+        data = StudySpec.load(a.spec).to_dict()
+    flags = {"methods": a.methods, "seeds": a.seeds, "preset": a.preset, "baseline": a.baseline, "aa_n": a.aa_n,
+             "eps_curve_n": a.eps_curve_n, "attacks": a.attacks, "guards": a.guards}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    for item in a.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        import yaml
+
+        data.setdefault("overrides", {})[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    spec = StudySpec.from_dict(data)
+    if a.out is None:
+        raise ValueError("--out FOLDER is required (the study folder; run folders go into FOLDER/cells)")
+    study = Study(a.out, spec)
+    if a.print_commands:
+        study.save()  # so that `arow study --collect` knows the study
+        for cell, steps in study.commands():
+            print(f"# {cell.name}" + ("" if steps else ": finished"))
+            for _, cmd in steps:
+                print(shlex.join(cmd))
+        return 0
+    cells = spec.cells()
+    log.info("study %s: %d runs (%d methods x %d seeds), %d at a time", a.out, len(cells), len(spec.variants),
+             len(spec.seeds), a.jobs)
+    status = study.run(jobs=a.jobs, echo=lambda s: print(s, flush=True))
+    collect(a.out)
+    print((Path(a.out) / "results.md").read_text())
+    failed = [k for k, v in status.items() if v != "done"]
+    if failed:
+        print(f"arow: {len(failed)} run(s) failed: {', '.join(failed)} (see results.md; rerun the command to retry them)",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_list(a: argparse.Namespace) -> int:
     from .attacks import ATTACKS
     from .config import preset_names
@@ -269,6 +317,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-pickle", action="store_true",
                    help="required: reading the old file runs whatever its pickle holds; only for files you trust")
     c.set_defaults(func=cmd_convert)
+    st = sub.add_parser("study", help="train and evaluate methods x seeds alike, then compare them (paired by seed)")
+    st.add_argument("spec", nargs="?", help="study YAML (methods, seeds, preset, overrides, ...); flags override it")
+    st.add_argument("--methods", help="comma-separated methods, e.g. arow,trades,mart,pgd-at (variants: YAML)")
+    st.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
+    st.add_argument("--preset", help="recipe of every run (name, YAML or config.json; default: the embedded one)")
+    st.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run (repeatable)")
+    st.add_argument("--out", help="study folder (run folders go into OUT/cells)")
+    st.add_argument("--baseline", help="method the others are compared against, paired by seed (default trades)")
+    st.add_argument("--attacks", help="full-test-set attacks of every run (default clean,pgd20,cw)")
+    st.add_argument("--aa-n", type=int, help="standard AutoAttack on the first N test images (default 1000; 0 skips)")
+    st.add_argument("--eps-curve-n", type=int, help="PGD-20 against eps on the first N test images (default 1000; "
+                                                    "0 skips)")
+    st.add_argument("--no-guards", dest="guards", action="store_false", default=None,
+                    help="skip the robustness guards of each run's evaluation")
+    st.add_argument("--jobs", type=int, default=1, help="runs at once (one per GPU when several are visible, "
+                                                         "else sharing the CPU threads)")
+    st.add_argument("--print-commands", action="store_true",
+                    help="print the arow commands that finish each run (for a scheduler) instead of running them")
+    st.add_argument("--collect", metavar="DIR", help="only build the comparison of study DIR from its finished runs")
+    st.set_defaults(func=cmd_study)
     ls = sub.add_parser("list", help="list methods, models, datasets, attacks and presets")
     ls.set_defaults(func=cmd_list)
     return p

@@ -354,3 +354,99 @@ def plot_run(run_dir: PathLike) -> list[Path]:
     if (RunDir(run.path).file(RunDir.EPS_CURVE)).is_file():
         out.append(plot_eps_curve(run.path))
     return [p for p in out if p is not None]
+
+
+# --------------------------------------------------------------------------- a study's comparison
+def study_plots(result: dict[str, Any], out_dir: PathLike) -> list[Path]:
+    """The comparison figures of a study (:func:`arow.study.collect`'s result), into ``out_dir``:
+    ``tradeoff.png`` (clean against robust accuracy, one point per run, one colour per method),
+    ``bars.png`` (mean ± sample std per metric), ``per_class.png`` (PGD-20 accuracy per class,
+    mean over seeds) and ``eps_curve.png`` (PGD-20 accuracy against eps, mean over seeds)."""
+    out_dir = Path(out_dir)
+    rows, cells, spec = result["rows"], result["cells"], result["spec"]
+    labels = [r["label"] for r in rows]
+    cmap = _colormap("tab10")
+    colour = {lab: cmap(i % 10) for i, lab in enumerate(labels)}
+    written: list[Path] = []
+    done = [c for c in cells if c["status"] != "failed" and "clean" in c["accuracy"]]
+    if not done:
+        return written
+    dataset = spec.get("preset") or "default preset"
+
+    robust = "autoattack" if spec.get("aa_n") and any("autoattack" in c["accuracy"] for c in done) else "pgd20"
+    fig = _figure(6.5, 5)
+    ax = fig.subplots()
+    for lab in labels:
+        pts = [(100 * c["accuracy"]["clean"], 100 * c["accuracy"][robust]) for c in done
+               if c["label"] == lab and robust in c["accuracy"]]
+        if pts:
+            ax.scatter(*zip(*pts), color=colour[lab], label=lab, s=36, alpha=0.85)
+            mx, my = (sum(p[i] for p in pts) / len(pts) for i in (0, 1))
+            ax.scatter([mx], [my], color=colour[lab], marker="X", s=110, edgecolor="black", linewidth=0.6)
+    rlab = f"AutoAttack, first {spec['aa_n']} test images" if robust == "autoattack" else "PGD-20, full test set"
+    ax.set(xlabel="clean accuracy, full test set (%)", ylabel=f"robust accuracy: {rlab} (%)",
+           title=f"clean vs robust accuracy per run ({dataset}); X = mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out_dir / "tradeoff.png"))
+
+    metrics = [m for m in ("autoattack", "pgd20", "cw", "clean") if any(r["metrics"][m]["n"] for r in rows)]
+    fig = _figure(max(6.0, 1.6 * len(metrics) * max(1, len(labels)) / 2), 4.8)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(labels))
+    for i, r in enumerate(rows):
+        xs, ys, es = [], [], []
+        for j, m in enumerate(metrics):
+            s = r["metrics"][m]
+            if s["mean"] is not None:
+                xs.append(j + (i - (len(labels) - 1) / 2) * width)
+                ys.append(100 * s["mean"])
+                es.append(100 * (s["std"] or 0.0))
+        ax.bar(xs, ys, width, yerr=es, capsize=3, color=colour[r["label"]], label=r["label"])
+    names = {"autoattack": f"AutoAttack\n(first {spec.get('aa_n')})", "pgd20": "PGD-20", "cw": "CW-30",
+             "clean": "clean"}
+    ax.set_xticks(range(len(metrics)), [names[m] for m in metrics])
+    lows = [100 * r["metrics"][m]["mean"] for r in rows for m in metrics if r["metrics"][m]["mean"] is not None]
+    if lows:
+        ax.set_ylim(max(0.0, min(lows) - 8), min(100.0, max(lows) + 4))
+    ax.set(ylabel="accuracy (%)", title="mean ± sample std over seeds")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, ncol=min(4, len(labels)))
+    written.append(_save(fig, out_dir / "bars.png"))
+
+    per_class = {lab: [c["per_class"]["pgd20"] for c in done if c["label"] == lab and "pgd20" in c.get("per_class", {})]
+                 for lab in labels}
+    if any(per_class.values()):
+        k = len(next(v for v in per_class.values() if v)[0])
+        fig = _figure(max(7.0, 0.9 * k), 4.5)
+        ax = fig.subplots()
+        width = 0.8 / max(1, len(labels))
+        for i, lab in enumerate(labels):
+            if per_class[lab]:
+                mean = np.mean(np.array(per_class[lab]), axis=0) * 100
+                ax.bar(np.arange(k) + (i - (len(labels) - 1) / 2) * width, mean, width, color=colour[lab], label=lab)
+        ds = next((c.get("dataset") for c in done if c.get("dataset")), None)
+        names = CLASS_NAMES.get(ds or "", [])
+        ax.set_xticks(range(k), names if len(names) == k else [str(i) for i in range(k)], rotation=30, fontsize=8)
+        ax.set(ylabel="PGD-20 accuracy (%)", title="robust accuracy per class (full test set, mean over seeds)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, ncol=min(4, len(labels)))
+        written.append(_save(fig, out_dir / "per_class.png"))
+
+    curves = {lab: [c["eps_curve"] for c in done if c["label"] == lab and c.get("eps_curve")] for lab in labels}
+    if any(curves.values()):
+        fig = _figure(6.5, 4.8)
+        ax = fig.subplots()
+        for lab in labels:
+            if curves[lab]:
+                eps = [p[0] for p in curves[lab][0]]
+                acc = np.mean(np.array([[p[1] for p in cv] for cv in curves[lab]]), axis=0) * 100
+                ax.plot(eps, acc, marker="o", markersize=3, color=colour[lab], label=lab)
+        ax.axvline(next(c["eps"] for c in done if c.get("eps") is not None), color=C_OTHER, lw=1, ls="-.",
+                   label="training eps")
+        ax.set(xlabel="L-inf eps", ylabel="PGD-20 accuracy (%)", ylim=(0, 100),
+               title=f"robust accuracy against eps (first {spec.get('eps_curve_n')} test images, mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out_dir / "eps_curve.png"))
+    return written
