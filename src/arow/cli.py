@@ -368,7 +368,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             hint = (f"; continue with --resume --out {out}" if RunDir(out).has_checkpoint() else
                     "; no epoch had finished, so nothing was saved: run the same command again")
         else:
-            hint = "; run the same command again to continue where it stopped" if a.command == "eval" else ""
+            hint = ("; run the same command again to continue where it stopped" if a.command in ("eval", "study")
+                    else "")
         print(f"arow: interrupted{hint}", file=sys.stderr)
         return 130
     except RuntimeError as e:

@@ -318,8 +318,15 @@ def resolve_config(overrides: dict[str, Any], method_overrides: Optional[dict[st
         run = RunDir(overrides["out"])
         if run.has_checkpoint():  # the resumed run's own experiment is the base; the Trainer refuses changes
             base = dict(run.load_resume_state()["config"])
+    preset_method = base.get("method", "arow")
     base.update({k: v for k, v in overrides.items() if v is not None and k != "method_args"})
     method = base.get("method", "arow")
+    if method != preset_method and base.get("method_args"):
+        # a preset's hyper-parameters belong to its method, even where another method has a namesake
+        # (fmnist-arow's smoothing 0.2 must not turn --method trades into label-smoothed TRADES)
+        log.info("ignoring the preset's method_args %s: they are %s's, not %s's", base["method_args"],
+                 preset_method, method)
+        base["method_args"] = {}
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS.names())}")
     allowed = METHODS.get(method).hparams

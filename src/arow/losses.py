@@ -114,18 +114,22 @@ def arow_parts(
     return LossParts(natural + robust, {"natural": natural.detach(), "robust": robust.detach(), "weight": w.detach()})
 
 
-def trades(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: float = 6.0) -> Tensor:
+def trades(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: float = 6.0, smoothing: float = 0.0) -> Tensor:
     """TRADES (Zhang et al. 2019): ``CE(f(x), y) + beta * mean KL(p(x) || p(x_adv))``.
+
+    ``smoothing`` > 0 replaces the CE by label-smoothed CE (an ablation: ARoW's natural term with
+    TRADES's unweighted KL, separating what the smoothing buys from what the weighting buys).
 
     >>> z, y = torch.randn(4, 10), torch.randint(0, 10, (4,))
     >>> torch.allclose(trades(z, z, y), F.cross_entropy(z, y))
     True
     """
-    return trades_parts(logits_clean, logits_adv, y, beta=beta).loss
+    return trades_parts(logits_clean, logits_adv, y, beta=beta, smoothing=smoothing).loss
 
 
-def trades_parts(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: float = 6.0) -> LossParts:
-    natural = F.cross_entropy(_f32(logits_clean), y)
+def trades_parts(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: float = 6.0,
+                 smoothing: float = 0.0) -> LossParts:
+    natural = smooth_cross_entropy(logits_clean, y, smoothing)
     robust = beta * kl_per_example(logits_clean, logits_adv).mean()
     return LossParts(natural + robust, {"natural": natural.detach(), "robust": robust.detach()})
 

@@ -77,13 +77,15 @@ class StudyError(ValueError):
 class Variant:
     """One row of the study: a method plus overrides, under its own label.
 
-    ``method_args`` are the method's hyper-parameters, ``overrides`` any other config fields.
+    ``method_args`` are the method's hyper-parameters, ``overrides`` any other config fields;
+    ``aa=False`` skips the AutoAttack step for this row (e.g. ablations on a slow machine).
     """
 
     label: str
     method: str
     method_args: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
+    aa: bool = True
 
     @staticmethod
     def parse(item: Union[str, dict[str, Any]]) -> "Variant":
@@ -91,15 +93,16 @@ class Variant:
             return Variant(label=item, method=item)
         if not isinstance(item, dict) or "method" not in item:
             raise StudyError(f"a study method is a name or a mapping with 'method' (and optional 'label', "
-                             f"'method_args', 'overrides'), got {item!r}")
-        unknown = set(item) - {"method", "label", "method_args", "overrides"}
+                             f"'method_args', 'overrides', 'aa'), got {item!r}")
+        unknown = set(item) - {"method", "label", "method_args", "overrides", "aa"}
         if unknown:
             raise StudyError(f"unknown key(s) {sorted(unknown)} in study method {item!r}")
         for key in ("method_args", "overrides"):
             if not isinstance(item.get(key, {}), dict):
                 raise StudyError(f"{key} of study method {item!r} must be a mapping")
         return Variant(label=str(item.get("label", item["method"])), method=str(item["method"]),
-                       method_args=dict(item.get("method_args") or {}), overrides=dict(item.get("overrides") or {}))
+                       method_args=dict(item.get("method_args") or {}), overrides=dict(item.get("overrides") or {}),
+                       aa=bool(item.get("aa", True)))
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,7 @@ def cell_steps(spec: StudySpec, cell: Cell, cell_dir: Path, arow: Sequence[str])
                                     *_config_flags({**spec.overrides, **cell.variant.overrides}),
                                     "--seed", str(cell.seed), "--eval-attacks", spec.attacks, *guards,
                                     "--out", str(cell_dir)]))
-    if spec.aa_n and not _has_aa(run, spec):
+    if spec.aa_n and cell.variant.aa and not _has_aa(run, spec):
         steps.append(("autoattack", [*arow, "eval", str(cell_dir), "--attacks", "clean,autoattack",
                                      "--n", str(spec.aa_n), "--no-guards"]))
     if spec.eps_curve_n and not _has_eps_curve(run, spec):
@@ -381,21 +384,21 @@ class Study:
                 echo(f"[{cell.name}] {what} done in {time.perf_counter() - t0:.0f}s")
             status[cell.name] = "done"
 
+        pool = ThreadPoolExecutor(max_workers=jobs)
         try:
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                futures = [pool.submit(run_cell, i, c, s) for i, (c, s) in enumerate(todo)]
-                for f in futures:
-                    while not f.done():
-                        time.sleep(0.2)
-                    f.result()
-        except KeyboardInterrupt:
+            futures = [pool.submit(run_cell, i, c, s) for i, (c, s) in enumerate(todo)]
+            for f in futures:
+                while not f.done():
+                    time.sleep(0.2)
+                f.result()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the running commands, which save and exit
             stopping.set()
             with lock:
                 for p in procs:
-                    p.send_signal(signal.SIGTERM)  # each arow command saves and exits cleanly on SIGTERM
-            for p in list(procs):
-                p.wait()
+                    p.send_signal(signal.SIGTERM)
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
+        pool.shutdown(wait=True)
         return status
 
 
@@ -488,7 +491,7 @@ def _cell_result(study: Study, cell: Cell) -> dict[str, Any]:
     aa = _read(run.file(_aa_file(spec.aa_n))) if spec.aa_n else None
     if aa and "autoattack" in aa.get("accuracy", {}):
         r["accuracy"]["autoattack"] = aa["accuracy"]["autoattack"]
-    elif spec.aa_n and r["status"] == "done":
+    elif spec.aa_n and cell.variant.aa and r["status"] == "done":
         r["status"] = "unfinished"
     curve = _read(run.file("eps_curve.json")) if spec.eps_curve_n else None
     if curve and curve.get("n") == spec.eps_curve_n:
