@@ -373,8 +373,10 @@ def study_plots(result: dict[str, Any], out_dir: PathLike) -> list[Path]:
         return written
     dataset = spec.get("preset") or "default preset"
 
-    robust = "autoattack" if spec.get("aa_n") and any("autoattack" in c["accuracy"] for c in done) else "pgd20"
-    fig = _figure(6.5, 5)
+    robust = next((m for m in result["metrics"] if m != "clean" and any(m in c["accuracy"] for c in done)), None)
+    fig = _figure(6.5, 5) if robust else None
+    if fig is None:
+        return written
     ax = fig.subplots()
     for lab in labels:
         pts = [(100 * c["accuracy"]["clean"], 100 * c["accuracy"][robust]) for c in done
@@ -383,14 +385,15 @@ def study_plots(result: dict[str, Any], out_dir: PathLike) -> list[Path]:
             ax.scatter(*zip(*pts), color=colour[lab], label=lab, s=36, alpha=0.85)
             mx, my = (sum(p[i] for p in pts) / len(pts) for i in (0, 1))
             ax.scatter([mx], [my], color=colour[lab], marker="X", s=110, edgecolor="black", linewidth=0.6)
-    rlab = f"AutoAttack, first {spec['aa_n']} test images" if robust == "autoattack" else "PGD-20, full test set"
+    rlab = (f"AutoAttack, first {spec['aa_n']} test images" if robust == "autoattack" else
+            f"{ATTACK_LABELS.get(robust, robust)}, full test set")
     ax.set(xlabel="clean accuracy, full test set (%)", ylabel=f"robust accuracy: {rlab} (%)",
            title=f"clean vs robust accuracy per run ({dataset}); X = mean over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     written.append(_save(fig, out_dir / "tradeoff.png"))
 
-    metrics = [m for m in ("autoattack", "pgd20", "cw", "clean") if any(r["metrics"][m]["n"] for r in rows)]
+    metrics = [m for m in result["metrics"] if any(r["metrics"][m]["n"] for r in rows)]
     fig = _figure(max(6.0, 1.6 * len(metrics) * max(1, len(labels)) / 2), 4.8)
     ax = fig.subplots()
     width = 0.8 / max(1, len(labels))
@@ -405,7 +408,7 @@ def study_plots(result: dict[str, Any], out_dir: PathLike) -> list[Path]:
         ax.bar(xs, ys, width, yerr=es, capsize=3, color=colour[r["label"]], label=r["label"])
     names = {"autoattack": f"AutoAttack\n(first {spec.get('aa_n')})", "pgd20": "PGD-20", "cw": "CW-30",
              "clean": "clean"}
-    ax.set_xticks(range(len(metrics)), [names[m] for m in metrics])
+    ax.set_xticks(range(len(metrics)), [names.get(m, m) for m in metrics])
     lows = [100 * r["metrics"][m]["mean"] for r in rows for m in metrics if r["metrics"][m]["mean"] is not None]
     if lows:
         ax.set_ylim(max(0.0, min(lows) - 8), min(100.0, max(lows) + 4))
@@ -414,7 +417,8 @@ def study_plots(result: dict[str, Any], out_dir: PathLike) -> list[Path]:
     ax.legend(fontsize=8, ncol=min(4, len(labels)))
     written.append(_save(fig, out_dir / "bars.png"))
 
-    per_class = {lab: [c["per_class"]["pgd20"] for c in done if c["label"] == lab and "pgd20" in c.get("per_class", {})]
+    attack = next((m for m in result["metrics"] if m not in ("clean", "autoattack")), "clean")
+    per_class = {lab: [c["per_class"][attack] for c in done if c["label"] == lab and attack in c.get("per_class", {})]
                  for lab in labels}
     if any(per_class.values()):
         k = len(next(v for v in per_class.values() if v)[0])
@@ -428,7 +432,8 @@ def study_plots(result: dict[str, Any], out_dir: PathLike) -> list[Path]:
         ds = next((c.get("dataset") for c in done if c.get("dataset")), None)
         names = CLASS_NAMES.get(ds or "", [])
         ax.set_xticks(range(k), names if len(names) == k else [str(i) for i in range(k)], rotation=30, fontsize=8)
-        ax.set(ylabel="PGD-20 accuracy (%)", title="robust accuracy per class (full test set, mean over seeds)")
+        ax.set(ylabel=f"{ATTACK_LABELS.get(attack, attack)} accuracy (%)",
+               title="accuracy per class (full test set, mean over seeds)")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8, ncol=min(4, len(labels)))
         written.append(_save(fig, out_dir / "per_class.png"))

@@ -50,9 +50,14 @@ PathLike = Union[str, os.PathLike]
 STUDY_FILE = "study.json"
 FAILED_FILE = "study_failed.json"
 LOG_FILE = "study.log"
-#: headline first: AutoAttack, then PGD-20, CW-30, clean accuracy
-METRICS = ("autoattack", "pgd20", "cw", "clean")
-METRIC_LABELS = {"autoattack": "AutoAttack", "pgd20": "PGD-20", "cw": "CW-30", "clean": "clean"}
+METRIC_LABELS = {"autoattack": "AutoAttack", "pgd20": "PGD-20", "cw": "CW-30", "fgsm": "FGSM", "clean": "clean"}
+
+
+def metric_names(spec: Union["StudySpec", dict[str, Any]]) -> list[str]:
+    """The study's columns, headline first: AutoAttack, the other attacks in order, clean accuracy last."""
+    aa_n, attacks = (spec["aa_n"], spec["attacks"]) if isinstance(spec, dict) else (spec.aa_n, spec.attacks)
+    names = [a.strip() for a in attacks.split(",") if a.strip()]
+    return (["autoattack"] if aa_n else []) + [a for a in names if a != "clean"] + (["clean"] if "clean" in names else [])
 
 # Two-sided 95% quantiles of Student's t distribution, t_{0.975, df}, df = 1..30 (standard tables).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -478,7 +483,7 @@ def _cell_result(study: Study, cell: Cell) -> dict[str, Any]:
     e = _read(run.file("eval.json"))
     if e and _has_eval(run, spec):
         for k, v in e["accuracy"].items():
-            if k in METRICS:
+            if k in metric_names(spec):
                 r["accuracy"][k] = v
         r["per_class"] = e.get("per_class", {})
         r["test_set_size"] = e.get("test_set_size")
@@ -515,25 +520,26 @@ def collect(path: PathLike, *, plots: bool = True) -> dict[str, Any]:
     by_label: dict[str, list[dict[str, Any]]] = {v.label: [] for v in spec.variants}
     for r in cells:
         by_label[r["label"]].append(r)
+    metrics_ = metric_names(spec)
     rows = []
     for v in spec.variants:
         done = [r for r in by_label[v.label] if r["status"] != "failed"]
         row: dict[str, Any] = {"label": v.label, "method": v.method, "method_args": v.method_args,
                                "overrides": v.overrides, "metrics": {}, "paired": {}}
-        for m in METRICS + ("seconds_per_epoch",):
-            vals = {r["seed"]: (r["accuracy"].get(m) if m in METRICS else r.get(m)) for r in done}
+        for m in metrics_ + ["seconds_per_epoch"]:
+            vals = {r["seed"]: (r["accuracy"].get(m) if m in metrics_ else r.get(m)) for r in done}
             vals = {s: x for s, x in vals.items() if x is not None}
             row["metrics"][m] = {"per_seed": vals, **asdict(summarize(list(vals.values())))}
         rows.append(row)
     base = next(r for r in rows if r["label"] == spec.baseline)
     for row in rows:
-        for m in METRICS:
+        for m in metrics_:
             row["paired"][m] = asdict(paired(row["metrics"][m]["per_seed"], base["metrics"][m]["per_seed"]))
-    result = {"spec": spec.to_dict(), "cells": cells, "rows": rows, "baseline": spec.baseline,
+    result = {"spec": spec.to_dict(), "metrics": metrics_, "cells": cells, "rows": rows, "baseline": spec.baseline,
               "interval": "95% Student-t interval of the mean paired difference over seeds (df = pairs - 1)",
               "written": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write_bytes(dump_json(result).encode(), study.path / "results.json")
-    atomic_write_bytes(_csv(cells).encode(), study.path / "results.csv")
+    atomic_write_bytes(_csv(cells, metrics_).encode(), study.path / "results.csv")
     atomic_write_bytes(markdown(result).encode(), study.path / "results.md")
     if plots:
         from .plots import study_plots
@@ -562,8 +568,8 @@ def markdown(result: dict[str, Any]) -> str:
     n_test = next((c.get("test_set_size") for c in cells if c.get("test_set_size")), None)
     eps = next((c.get("eps") for c in cells if c.get("eps") is not None), None)
     aa_label = f"AutoAttack (first {spec['aa_n']})" if spec["aa_n"] else None
-    metric_cols = [(m, aa_label if m == "autoattack" else f"{METRIC_LABELS[m]} (full test set)")
-                   for m in METRICS if m != "autoattack" or spec["aa_n"]]
+    metric_cols = [(m, aa_label if m == "autoattack" else f"{METRIC_LABELS.get(m, m)} (full test set)")
+                   for m in metric_names(spec)]
     out = [f"# Study results ({result['written']})", ""]
     out.append(f"Preset `{spec['preset'] or 'default'}`"
                + (f" with {spec['overrides']}" if spec["overrides"] else "")
@@ -574,7 +580,7 @@ def markdown(result: dict[str, Any]) -> str:
     out += ["", "## Mean over seeds", ""]
     table = []
     for r in rows:
-        n = max((r["metrics"][m]["n"] for m in METRICS), default=0)
+        n = max((r["metrics"][m]["n"] for m, _ in metric_cols), default=0)
         table.append([r["label"], str(n)] + [_ms(r["metrics"][m]) for m, _ in metric_cols]
                      + [_ms(r["metrics"]["seconds_per_epoch"], 1.0, " s")])
     out.append(markdown_table(table, ["method", "n"] + [lab for _, lab in metric_cols] + ["s / epoch"]))
@@ -613,11 +619,11 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _csv(cells: list[dict[str, Any]]) -> str:
+def _csv(cells: list[dict[str, Any]], metrics: Sequence[str]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["label", "method", "seed", *METRICS, "seconds_per_epoch", "status", "error", "folder"])
+    w.writerow(["label", "method", "seed", *metrics, "seconds_per_epoch", "status", "error", "folder"])
     for c in cells:
-        w.writerow([c["label"], c["method"], c["seed"], *[c["accuracy"].get(m, "") for m in METRICS],
+        w.writerow([c["label"], c["method"], c["seed"], *[c["accuracy"].get(m, "") for m in metrics],
                     c.get("seconds_per_epoch", ""), c["status"], c.get("error", ""), c["folder"]])
     return buf.getvalue()
