@@ -366,3 +366,26 @@ def test_hyper_parameters_are_a_frozen_typed_dataclass(name):
             setattr(method, f.name, value)
     with pytest.raises(AttributeError):
         method.no_such_hyper_parameter
+
+
+@pytest.mark.parametrize("name", ["arow", "trades"])
+def test_attack_loss_ce_is_cross_entropy_pgd(name):
+    """``attack_loss: ce`` (the ARoW authors' CIFAR-100 setting) runs CE-PGD from the method's start."""
+    from arow.attacks import ce_loss, pgd
+    from arow.methods import build_method
+    from arow.rng import BatchRNG
+    from arow.threat import ThreatModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    x, y = torch.rand(5, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1])
+    threat = ThreatModel(eps=0.1, steps=3)
+    ce = build_method(name, threat, attack_loss="ce")
+    kl = build_method(name, threat)
+    start_threat = ce.attack_threat if name == "trades" else threat
+    got = ce.attack(model, x, y, rng=BatchRNG(7))
+    want = pgd(model, x, y, start_threat, ce_loss, rng=BatchRNG(7))
+    assert torch.equal(got, want)
+    assert not torch.equal(kl.attack(model, x, y, rng=BatchRNG(7)), got)
+    with pytest.raises(ValueError, match="attack-loss must be one of kl, ce"):
+        build_method(name, threat, attack_loss="js")

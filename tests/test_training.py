@@ -118,3 +118,53 @@ def test_schedules():
 def test_bad_config_values(bad):
     with pytest.raises(ConfigError):
         TrainConfig(**bad).validate()
+
+
+# --------------------------------------------------------------------------- EMA of the weights
+def test_ema_equals_a_hand_computed_average_over_three_steps():
+    from arow.swa import EMA
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    ema, warm = EMA(net, 0.9), EMA(net, 0.9, warmup=True, bn="copy")
+    expect = [p.detach().clone() for p in net.parameters()]
+    expect_w = [p.detach().clone() for p in net.parameters()]
+    for t in range(3):
+        opt.zero_grad()
+        net(torch.randn(8, 4)).pow(2).sum().backward()
+        opt.step()
+        ema.update(net)
+        warm.update(net)
+        dw = min(0.9, (1 + t) / (10 + t))  # 0.1, 2/11, 3/12
+        for e, ew, p in zip(expect, expect_w, net.parameters()):
+            e.mul_(0.9).add_(0.1 * p.detach())
+            ew.mul_(dw).add_((1 - dw) * p.detach())
+    for e, ew, a, aw in zip(expect, expect_w, ema.model.parameters(), warm.model.parameters()):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(aw, ew, rtol=1e-6, atol=1e-7)
+    bn, bn_ema, bn_copy = net[1], ema.model[1], warm.model[1]
+    assert torch.equal(bn_copy.running_mean, bn.running_mean)  # copied at every update
+    assert not torch.equal(bn_ema.running_mean, bn.running_mean) and not ema.calibrated  # recomputed before use
+
+
+@pytest.mark.parametrize("crash", [dict(epoch=0), dict(epoch=1, step=1)], ids=["after-epoch-1", "mid-epoch-2"])
+def test_resume_with_ema_equals_uninterrupted_run(tmp_path, small, crash):
+    data, val = small
+    ref = _run(_cfg(tmp_path / "ref", ema=0.9, ema_warmup=True), data, val)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_cfg(tmp_path / "crash", ema=0.9, ema_warmup=True), data, val, callbacks=Crash(**crash))
+    resumed = _run(_cfg(tmp_path / "crash", ema=0.9, ema_warmup=True), data, val, resume=True)
+    for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    final = torch.load(tmp_path / "crash" / "final.pt", weights_only=True)
+    assert final["final_source"] == "ema"
+    rec = json.loads((tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "ema_val_pgd_acc" in rec and "val_pgd_acc" in rec
+
+
+def test_ema_and_swa_are_exclusive(tmp_path):
+    with pytest.raises(ConfigError, match="choose one"):
+        _cfg(tmp_path, ema=0.99, swa_start=2).validate()
+    with pytest.raises(ConfigError, match="--ema"):
+        _cfg(tmp_path, ema=1.0).validate()

@@ -69,6 +69,14 @@ class TrainConfig:
                        lo=0, lo_open=True, hi=1)
     warmup_epochs: float = opt("optimisation", 0.15, "linear learning-rate warm-up, in epochs", lo=0)
     swa_start: Optional[int] = opt("optimisation", None, "1-based epoch from which weights are averaged (SWA)", lo=1)
+    ema: Optional[float] = opt("optimisation", None, "exponential moving average of the weights with this decay "
+                               "(e.g. 0.995), updated every step and evaluated as the model (validation, best.pt, "
+                               "final.pt); off by default", lo=0, hi=1, lo_open=True, hi_open=True)
+    ema_warmup: bool = opt("optimisation", False, "EMA decay warm-up min(decay, (1+t)/(10+t)) at step t "
+                           "(Gowal et al. 2020)")
+    ema_bn: str = opt("optimisation", "recompute", "BatchNorm statistics of the EMA model: recomputed on the "
+                      "training data before it is evaluated, or copied from the trained model every step",
+                      choices=("recompute", "copy"))
     # threat model of the training attack
     eps: Optional[float] = opt("attack", None, "L-inf radius (dataset default: F-MNIST 0.1, others 8/255)", lo=0, hi=1)
     attack_steps: Optional[int] = opt("attack", None, "training attack steps (method default: 10)", lo=0, hi=10_000)
@@ -157,6 +165,9 @@ class TrainConfig:
         if self.swa_start is not None and not self.swa_start <= self.epochs:
             raise ConfigError(f"--swa-start must be in [1, epochs={self.epochs}], got {self.swa_start} "
                               f"(--swa-start 0 turns SWA off)")
+        if self.ema is not None and self.swa_start is not None:
+            raise ConfigError("--ema and --swa-start both average the weights; choose one (--swa-start 0 turns a "
+                              "preset's SWA off)")
         return self
 
 

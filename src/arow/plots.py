@@ -115,13 +115,15 @@ def plot_curves(run_dir: PathLike) -> Optional[Path]:
                                   ("val_pgd_acc", f"val {val}", C_ROBUST, "-"),
                                   ("swa_val_clean_acc", "SWA val clean", C_CLEAN, "--"),
                                   ("swa_val_pgd_acc", f"SWA val {val}", C_ROBUST, "--"),
+                                  ("ema_val_clean_acc", "EMA val clean", C_CLEAN, "--"),
+                                  ("ema_val_pgd_acc", f"EMA val {val}", C_ROBUST, "--"),
                                   ("train_clean_acc", "train clean", C_CLEAN, ":"),
                                   ("train_adv_acc", "train adversarial (training attack)", C_ROBUST, ":")]:
         if any(key in r for r in m):
             xs = [r["epoch"] for r in m if key in r]
             ys = [100 * r[key] for r in m if key in r]
             lw = 1.0 if key.startswith("train_") else 1.8
-            style = dict(mk, marker="s", markerfacecolor="white") if key.startswith("swa_") and mk else mk
+            style = dict(mk, marker="s", markerfacecolor="white") if key[:4] in ("swa_", "ema_") and mk else mk
             ax_acc.plot(xs, ys, color=color, ls=ls, lw=lw, label=label, **style)
     if best_epoch is not None:
         ax_acc.axvline(best_epoch, color=C_OTHER, lw=1, ls="-.",

@@ -73,9 +73,10 @@ class Progress(Callbacks):
         if "val_clean_acc" in r:
             parts.append(f"validation (held-out training images) clean {100 * r['val_clean_acc']:.2f}% "
                          f"robust {100 * r['val_pgd_acc']:.2f}%")
-        if "swa_val_pgd_acc" in r:
-            parts.append(f"SWA validation clean {100 * r['swa_val_clean_acc']:.2f}% "
-                         f"robust {100 * r['swa_val_pgd_acc']:.2f}%")
+        for pre in ("swa", "ema"):
+            if f"{pre}_val_pgd_acc" in r:
+                parts.append(f"{pre.upper()} validation clean {100 * r[f'{pre}_val_clean_acc']:.2f}% "
+                             f"robust {100 * r[f'{pre}_val_pgd_acc']:.2f}%")
         log.info(" | ".join(parts + [f"{r['seconds']:.0f}s"]))
 
     # evaluation: arow.evaluation's progress hook

@@ -61,18 +61,18 @@ class Run:
         return self.config.get("val_attack", "pgd20")
 
     def final_val(self) -> dict[str, Optional[float]]:
-        """Validation accuracy of the reported model at the last epoch (the SWA model when SWA ran)."""
+        """Validation accuracy of the reported model at the last epoch (the SWA/EMA model when one ran)."""
         if not self.metrics:
             return {"clean": None, "pgd": None}
         last = self.metrics[-1]
-        pre = "swa_" if "swa_val_pgd_acc" in last else ""
+        pre = next((p for p in ("swa_", "ema_") if f"{p}val_pgd_acc" in last), "")
         return {"clean": last.get(f"{pre}val_clean_acc"), "pgd": last.get(f"{pre}val_pgd_acc")}
 
     def best_epoch(self) -> tuple[Optional[int], Optional[float]]:
         """The epoch ``best.pt`` holds: highest validation PGD accuracy, first one on ties (as the Trainer)."""
         best: tuple[Optional[int], Optional[float]] = (None, None)
         for r in self.metrics:
-            score = r.get("swa_val_pgd_acc", r.get("val_pgd_acc"))
+            score = r.get("swa_val_pgd_acc", r.get("ema_val_pgd_acc", r.get("val_pgd_acc")))
             if score is not None and (best[1] is None or score > best[1]):
                 best = (int(r["epoch"]), float(score))
         return best
@@ -174,8 +174,11 @@ class Group:
         done = [len(r.metrics) for r in self.runs]
         if epochs is not None and min(done) < epochs:
             out.append(f"incomplete: {min(done)}/{epochs} epochs")
-        if self.runs and "swa_val_pgd_acc" in (self.first.metrics[-1] if self.first.metrics else {}):
+        last = self.first.metrics[-1] if self.runs and self.first.metrics else {}
+        if "swa_val_pgd_acc" in last:
             out.append("SWA model")
+        if "ema_val_pgd_acc" in last:
+            out.append(f"EMA model (decay {self.first.config.get('ema')})")
         return out
 
 

@@ -68,3 +68,52 @@ class SWA:
         self.model.load_state_dict(state["model"])
         self.n_averaged = state["n_averaged"]
         self.calibrated = state.get("calibrated", False)
+
+
+class EMA(SWA):
+    """An exponential moving average of a model's weights, updated after every optimiser step:
+    ``avg <- d * avg + (1 - d) * w``, starting from the weights at creation.
+
+    ``warmup`` uses the decay ``min(d, (1 + t) / (10 + t))`` at update ``t`` (0-based), as Gowal et
+    al. (2020), so the average forgets the random initial weights quickly. ``bn="copy"`` copies the
+    trained model's BatchNorm statistics at every update (the ARoW authors' semi-supervised script);
+    ``bn="recompute"`` (default) recomputes them for the averaged weights before the average is
+    evaluated, as for SWA: the trained model's running statistics describe its own activations,
+    not those of weights that lag behind it.
+
+    >>> net = nn.Linear(1, 1, bias=False); ema = EMA(net, 0.5)
+    >>> _ = net.weight.data.fill_(ema.model.weight.item() + 2.0); ema.update(net)
+    >>> round(ema.model.weight.item() - (net.weight.item() - 1.0), 6)
+    0.0
+    """
+
+    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = False, bn: str = "recompute") -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        if bn not in ("recompute", "copy"):
+            raise ValueError(f"EMA BatchNorm handling must be 'recompute' or 'copy', got {bn!r}")
+        super().__init__(model)
+        self.decay, self.warmup, self.bn = decay, warmup, bn
+        self.calibrated = True  # the copy of the model: its statistics match its weights
+
+    def decay_at(self, t: int) -> float:
+        return min(self.decay, (1.0 + t) / (10.0 + t)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.decay_at(self.n_averaged)
+        avg = [p for p in self.model.parameters()]
+        cur = [p.detach() for p in model.parameters()]
+        if avg:
+            torch._foreach_lerp_(avg, cur, 1.0 - d)  # avg + (1 - d)(w - avg) = d avg + (1 - d) w
+        if self.bn == "copy":
+            for b_avg, b in zip(self.model.buffers(), model.buffers()):
+                b_avg.copy_(b)
+        self.n_averaged += 1
+        self.calibrated = self.bn == "copy"
+
+    def recalibrate(self, batches: Iterable, amp: bool = False) -> None:
+        if self.bn == "copy":
+            self.calibrated = True
+            return
+        super().recalibrate(batches, amp)

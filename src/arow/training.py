@@ -28,7 +28,7 @@ from .methods import Method, build_method
 from .rng import BatchRNG
 from .runs import RunDir
 from .runtime import prepare_model, use_amp
-from .swa import SWA
+from .swa import EMA, SWA
 from .threat import ThreatModel
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ class Trainer:
                                    weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
                                    **_sgd_kernel(self.device))
         self.swa = SWA(self.model) if cfg.swa_start is not None else None
+        self.ema = EMA(self.model, cfg.ema, warmup=cfg.ema_warmup, bn=cfg.ema_bn) if cfg.ema is not None else None
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.best: dict[str, Any] = {"val_pgd_acc": -1.0, "epoch": None}
@@ -188,22 +189,27 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs, as plain values (loads with ``weights_only=True``)."""
         return {"model": plain_state_dict(self.model), "optimizer": self.opt.state_dict(),
-                "swa": self.swa.state_dict() if self.swa is not None else None, "rng": rng_state(),
+                "swa": self.swa.state_dict() if self.swa is not None else None,
+                "ema": self.ema.state_dict() if self.ema is not None else None, "rng": rng_state(),
                 "epoch": self.epochs_done, "config": self.cfg.to_dict(), "model_spec": self.model_spec,
                 "history": self.history, "best": self.best, "version": __version__,
                 "threat": {"eps": self.threat.eps, "steps": self.threat.steps, "step": self.threat.step_size}}
 
     def best_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
-        """``state`` with the weights model selection picked this epoch (the SWA model if it scored)."""
+        """``state`` with the weights model selection picked this epoch (the SWA/EMA model if it scored)."""
         best = dict(state)
-        if self.swa is not None and "swa_val_pgd_acc" in (self.history[-1] if self.history else {}):
-            best["model"] = plain_state_dict(self.swa.model)
+        last = self.history[-1] if self.history else {}
+        for prefix, avg in (("swa", self.swa), ("ema", self.ema)):
+            if avg is not None and f"{prefix}_val_pgd_acc" in last:
+                best["model"] = plain_state_dict(avg.model)
+                best["model_source"] = prefix
         return best
 
     def final_state_dict(self, final: nn.Module) -> dict[str, Any]:
         state = self.state_dict()
         state["model"] = plain_state_dict(final)
-        state["final_source"] = "swa" if self.swa is not None and self.swa.n_averaged else "last"
+        avg = self._averaged()
+        state["final_source"] = ("swa" if avg is self.swa else "ema") if avg is not None else "last"
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -216,6 +222,8 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         if self.swa is not None and state.get("swa") is not None:
             self.swa.load_state_dict(state["swa"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
         self.start_epoch = int(state["epoch"])
         self.history = list(state.get("history", []))
@@ -293,24 +301,32 @@ class Trainer:
         if self.swa is not None and epoch + 1 >= self.cfg.swa_start:
             self.swa.update(self.model)
         record.update(self.validate())
-        if self.swa is not None and self.swa.n_averaged > 0 and self.val_data is not None:
-            self.swa.recalibrate(self.loader, amp=self.amp)
-            record.update({f"swa_{k}": v for k, v in self.validate(self.swa.model).items()})
+        for prefix, avg in (("swa", self.swa), ("ema", self.ema)):
+            if avg is not None and avg.n_averaged > 0 and self.val_data is not None:
+                avg.recalibrate(self.loader, amp=self.amp)
+                record.update({f"{prefix}_{k}": v for k, v in self.validate(avg.model).items()})
         return record
 
     def _select(self, record: dict[str, Any]) -> None:
         """Model selection on the held-out split: a higher finite robust accuracy is the new best."""
-        score = record.get("swa_val_pgd_acc", record.get("val_pgd_acc"))
+        score = record.get("swa_val_pgd_acc", record.get("ema_val_pgd_acc", record.get("val_pgd_acc")))
         if score is not None and math.isfinite(score) and score > self.best["val_pgd_acc"]:
             self.best = {"val_pgd_acc": score, "epoch": record["epoch"]}
 
     def final_model(self) -> nn.Module:
-        """The model a run reports: the SWA average (BatchNorm recomputed) if SWA ran, else the last."""
-        if self.swa is not None and self.swa.n_averaged > 0:
-            if not self.swa.calibrated:
-                self.swa.recalibrate(self.loader, amp=self.amp)
-            return self.swa.model
+        """The model a run reports: the SWA or EMA average (BatchNorm recomputed) if one ran, else the last."""
+        avg = self._averaged()
+        if avg is not None:
+            if not avg.calibrated:
+                avg.recalibrate(self.loader, amp=self.amp)
+            return avg.model
         return self.model
+
+    def _averaged(self) -> Optional[SWA]:
+        for avg in (self.swa, self.ema):
+            if avg is not None and avg.n_averaged > 0:
+                return avg
+        return None
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, dev = self.cfg, self.device
@@ -348,6 +364,8 @@ class Trainer:
             out.loss.backward()
             self.opt.step()
             self.method.after_step(self.model)
+            if self.ema is not None:
+                self.ema.update(self.model)
             n = len(x)
             count += n
             _acc(sums, "train_loss", out.loss.detach().float() * n)

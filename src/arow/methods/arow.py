@@ -5,7 +5,7 @@ import torch
 
 from .. import losses
 from .base import Hparam, Method, MethodOutput, Passes
-from .common import forward_pair, kl_attack
+from .common import ATTACK_LOSS_HELP, SMOOTHING_HELP, forward_pair, training_attack
 from .registry import METHODS
 
 Tensor = torch.Tensor
@@ -21,9 +21,10 @@ class ARoW(Method):
 
     hparams = {
         "lam": Hparam(3.5, "ARoW: the paper's lambda (the reference code's --lamb is 2*lambda)", min=0),
-        "smoothing": Hparam(0.2, "ARoW: label smoothing alpha of the natural term", min=0),
+        "smoothing": Hparam(0.2, SMOOTHING_HELP, min=0),
         "detach_weight": Hparam(False, "ARoW ablation: stop the gradient through 1 - p_y(x_adv)", bool),
         "weight": Hparam("arow", "ARoW: 'arow' weights by 1 - p_y(x_adv); 'cow' (ablation) by p_y(x)", str, choices=("arow", "cow")),
+        "attack_loss": Hparam("kl", ATTACK_LOSS_HELP, str, choices=("kl", "ce")),
     }
     paper = ("Yang, Kong, Kim: Improving Adversarial Robustness by Putting More Regularizations on Less "
              "Robust Samples, ICML 2023")
@@ -38,7 +39,7 @@ class ARoW(Method):
                           smoothing=self.hp.smoothing, weight=self.hp.weight)
 
     def attack(self, model, x, y, rng=None) -> Tensor:
-        return kl_attack(model, x, y, self.threat, rng)
+        return training_attack(model, x, y, self.threat, rng, self.hp.attack_loss)
 
     def objective(self, model, x, y, x_adv) -> MethodOutput:
         hp = self.hp

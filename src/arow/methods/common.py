@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..attacks import frozen_eval, kl_loss, pgd, unwrap
+from ..attacks import ce_loss, frozen_eval, kl_loss, pgd, unwrap
 from ..rng import BatchRNG
 
 Tensor = torch.Tensor
@@ -19,6 +19,19 @@ def kl_attack(model: nn.Module, x: Tensor, y: Tensor, threat, rng: Optional[Batc
     with frozen_eval(unwrap(model)) as net, torch.no_grad():
         logits_clean = net(x)
     return pgd(model, x, y, threat, kl_loss(logits_clean), rng=rng)
+
+
+SMOOTHING_HELP = ("label smoothing alpha of the natural cross-entropy term (ARoW: 0.2, as its paper; TRADES: 0, "
+                  "as its paper; TRADES with alpha > 0 is an ablation)")
+ATTACK_LOSS_HELP = ("loss the training attack maximises: kl = KL(p(x) || p(x')) (the paper), ce = cross-entropy "
+                    "(the ARoW authors' choice for CIFAR-100, for stability)")
+
+
+def training_attack(model: nn.Module, x: Tensor, y: Tensor, threat, rng: Optional[BatchRNG], loss: str) -> Tensor:
+    """The KL-PGD of TRADES-style methods, or CE-PGD when ``loss == "ce"``."""
+    if loss == "ce":
+        return pgd(model, x, y, threat, ce_loss, rng=rng)
+    return kl_attack(model, x, y, threat, rng)
 
 
 def forward_pair(model: nn.Module, x: Tensor, x_adv: Tensor) -> tuple[Tensor, Tensor]:
