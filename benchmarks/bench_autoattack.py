@@ -1,6 +1,7 @@
 """Time our evaluation cascade ``clean,pgd20,autoattack`` against pyautoattack called directly.
 
-Same model, same test subset, one run, side by side:
+Same model, same test subset, side by side, repeated ``--repeats`` times interleaved (a, b, a, b, ...)
+so that load on a shared machine falls on both alike; medians and per-pair ratios are printed:
 
   (a) ``arow.evaluation.evaluate(model, x, y, ["clean", "pgd20", "autoattack"])``: AutoAttack
       standard runs only on the examples PGD-20 left robust; the number is the worst case over
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,6 +69,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guards-n", type=int, default=200, help="also time the robustness guards (0: skip)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each side (median reported)")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if a.threads:
@@ -84,26 +87,38 @@ def main() -> int:
     test = load_dataset("fashion-mnist", split="test").subset(a.n).to(device)
     x, y = test.x, test.y
 
-    t0 = time.perf_counter()
-    res = evaluate(model, x, y, ["clean", "pgd20", "autoattack"], eps=a.eps, batch_size=a.batch_size)
-    ours_s = time.perf_counter() - t0
-    ours = res.correct["worst_case"].cpu()
-
     from pyautoattack import AutoAttack, __version__
 
-    t0 = time.perf_counter()
-    aa = AutoAttack(model, device=device, eps=a.eps, norm="Linf", seed=0, version="standard")
-    aa.logger.setLevel(logging.WARNING)
-    x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=a.batch_size)
-    with torch.no_grad():
-        theirs = (model(x_adv).argmax(1) == y).cpu()
-    direct_s = time.perf_counter() - t0
+    def run_ours():
+        res = evaluate(model, x, y, ["clean", "pgd20", "autoattack"], eps=a.eps, batch_size=a.batch_size)
+        return res, res.correct["worst_case"].cpu()
+
+    def run_direct():
+        aa = AutoAttack(model, device=device, eps=a.eps, norm="Linf", seed=0, version="standard")
+        aa.logger.setLevel(logging.WARNING)
+        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=a.batch_size)
+        with torch.no_grad():
+            return (model(x_adv).argmax(1) == y).cpu()
+
+    # interleaved (a, b, a, b, ...): load on a shared machine falls on both sides alike
+    ours_t, direct_t = [], []
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        res, ours = run_ours()
+        ours_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        theirs = run_direct()
+        direct_t.append(time.perf_counter() - t0)
+    ours_s, direct_s = statistics.median(ours_t), statistics.median(direct_t)
+    ratios = [d / o for o, d in zip(ours_t, direct_t)]
 
     print(f"model: {source} (ready in {train_s:.0f}s); Fashion-MNIST test[:{a.n}], eps={a.eps}, "
           f"device {device}, {torch.get_num_threads()} CPU thread(s), pyautoattack {__version__}")
     print(f"clean accuracy {100 * res.accuracy['clean']:.2f}%, PGD-20 {100 * res.accuracy['pgd20']:.2f}%")
     rows = [("(a) arow cascade clean,pgd20,autoattack", ours_s, float(ours.float().mean())),
             ("(b) pyautoattack AutoAttack standard", direct_s, float(theirs.float().mean()))]
+    print(f"{a.repeats} interleaved repeats; seconds are medians (each: a {', '.join(f'{t:.1f}' for t in ours_t)}; "
+          f"b {', '.join(f'{t:.1f}' for t in direct_t)})")
     print(f"| {'evaluation':42s} | {'seconds':>8s} | {'robust acc':>10s} |")
     print(f"|{'-' * 44}|{'-' * 10}|{'-' * 12}|")
     for name, s, acc in rows:
@@ -111,7 +126,8 @@ def main() -> int:
     same = torch.equal(ours, theirs)
     print(f"same robust accuracy: {'yes' if rows[0][2] == rows[1][2] else 'no'}; same per-example verdicts: "
           f"{'yes' if same else 'no'} (robust only in (a): {int((ours & ~theirs).sum())}, "
-          f"only in (b): {int((theirs & ~ours).sum())}); speed-up {direct_s / max(ours_s, 1e-9):.2f}x")
+          f"only in (b): {int((theirs & ~ours).sum())}); speed-up (b)/(a) per pair "
+          f"{', '.join(f'{r:.2f}x' for r in ratios)}, median {statistics.median(ratios):.2f}x")
     if a.guards_n:  # what `arow eval` adds before evaluating
         full = load_dataset("fashion-mnist", split="test").subset(a.guards_n).to(device)
         t0 = time.perf_counter()

@@ -32,7 +32,7 @@ def test_threat_model_geometry():
 
 
 @pytest.mark.parametrize("bad", [dict(eps=-0.1), dict(eps=0.1, steps=-1), dict(eps=0.1, step=0.0),
-                                 dict(eps=0.1, norm="l2"), dict(eps=0.1, start="gauss")])
+                                 dict(eps=0.1, norm="l1"), dict(eps=0.1, start="gauss")])
 def test_threat_model_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         ThreatModel(**bad)

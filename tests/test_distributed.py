@@ -68,6 +68,17 @@ def train_cfg(out: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def accum_training(out: Path, grad_accum: int) -> Trainer:
+    """One epoch of a BatchNorm-free net with --grad-accum (micro-batches sum to the full batch)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(216, 4)).double()
+    trainer = Trainer(train_cfg(out, epochs=1, swa_start=None, grad_accum=grad_accum), net, toy_data(128, 0),
+                      plots=False)
+    trainer.fit()
+    return trainer
+
+
 def run_training(out: Path, callbacks: Callbacks | None = None, resume: bool = False) -> Trainer:
     trainer = Trainer(train_cfg(out), bn_net(), toy_data(128, 0), toy_data(40, 1), callbacks=callbacks,
                       resume=resume)
@@ -148,6 +159,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         report["odd_batch"] = str(e)
 
     run_training(tmp_path / "ddp")  # (a) and (d): BatchNorm + SWA, uninterrupted
+    accum_training(tmp_path / "ddp_accum", grad_accum=2)  # (e) 2 micro-batches per rank, no_sync on the first
 
     try:  # the same folder again without --resume: refused on both ranks, nothing overwritten
         Trainer(train_cfg(tmp_path / "ddp"), bn_net(), toy_data(128, 0))
@@ -197,6 +209,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     with one_thread():
         run_training(tmp / "single")
+        accum_training(tmp / "single_accum", grad_accum=1)
         data = toy_data(101, 5)
         torch.save({"model": fit_naturally().state_dict(), "x": data.x, "y": data.y}, tmp / "eval.pt")
     spawn(_worker, tmp)
@@ -261,6 +274,13 @@ def test_resume_under_ddp_equals_the_uninterrupted_run(runs):
     _assert_same_state(_state(runs / "ddp" / "final.pt"), _state(runs / "resumed" / "final.pt"), 0, exact=True)
     _assert_same_state(_state(runs / "ddp" / "last.pt"), _state(runs / "resumed" / "last.pt"), 0, exact=True)
     assert len((runs / "resumed" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_gradient_accumulation_under_ddp_equals_one_process(runs):
+    """(e) 2 ranks x 2 micro-batches, gradients all-reduced once per step: the full batch's weights."""
+    single, ddp = _state(runs / "single_accum" / "last.pt"), _state(runs / "ddp_accum" / "last.pt")
+    _assert_same_state(single, ddp, atol=1e-12)
+    assert json.loads((runs / "ddp_accum" / "config.json").read_text())["grad_accum"] == 2
 
 
 def test_sharded_evaluation_gives_the_unsharded_verdicts(runs):

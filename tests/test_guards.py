@@ -508,3 +508,37 @@ def test_cli_autoattack_writes_robustbench_json(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run), "--attacks", "clean", "--robustbench", str(rb)]) == 2  # refused up front
     assert "needs both clean and autoattack" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- arow.evaluate: guards by default
+def test_arow_evaluate_runs_the_guards_and_refuses_a_masked_model(fmnist):
+    import arow
+    from arow.pipelines import RobustnessGuardError
+
+    model, x, y = fmnist
+    with pytest.raises(RobustnessGuardError, match="allow_guard_failures=True") as e:
+        arow.evaluate(Quantised(model), x, y, ["clean", "pgd20"], eps=EPS)
+    assert {g.name for g in e.value.report.tripped} >= {"gradients", "large-eps"}
+    rep = arow.evaluate(Quantised(model), x, y, ["clean", "pgd20"], eps=EPS, allow_guard_failures=True)
+    assert rep.guards_ran and rep.tripped and "overstated" in rep.text()
+    honest = arow.evaluate(model, x, y, ["clean", "pgd20"], eps=EPS)
+    assert honest.guards_ran and not honest.tripped and honest.accuracy["pgd20"] <= honest.accuracy["clean"]
+    skipped = arow.evaluate(model, x, y, ["clean", "pgd20"], eps=EPS, guards=False)
+    assert not skipped.guards_ran and "did not run" in skipped.text()
+    assert skipped.accuracy == honest.accuracy  # the same seeded attacks, guards or not
+
+
+def test_arow_evaluate_takes_a_dataset_or_a_dataloader(fmnist):
+    import arow
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, x, y = fmnist
+    ref = arow.evaluate(model, x, y, ["clean", "pgd5"], eps=EPS, guards=False).accuracy
+    ds = TensorDataset(x, y)
+    assert arow.evaluate(model, ds, attacks=["clean", "pgd5"], eps=EPS, guards=False).accuracy == ref
+    dl = DataLoader(ds, batch_size=64, shuffle=False)
+    assert arow.evaluate(model, dl, attacks="clean,pgd5", eps=EPS, guards=False).accuracy == ref
+    with pytest.raises(ValueError, match="labels come from the DataLoader"):
+        arow.evaluate(model, dl, y, eps=EPS)
+    with pytest.raises(ValueError, match="expected tensors, a TensorData, a Dataset or a DataLoader"):
+        arow.evaluate(model, 42, eps=EPS)

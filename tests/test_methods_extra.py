@@ -285,7 +285,7 @@ def helper_run(tmp_path_factory):
 
     spec = {"name": "small-cnn", "num_classes": 10, "in_channels": 1, "image_size": 16, "mean": None, "std": None}
     model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=16)
-    cfg = TrainConfig(method="natural", epochs=1, batch_size=32, val_size=0, out=str(out), device="cpu", amp="off")
+    cfg = TrainConfig(method="natural", epochs=1, eps=0.1, batch_size=32, val_size=0, out=str(out), device="cpu", amp="off")
     Trainer(cfg, model, data, model_spec=spec).fit()
     return out
 

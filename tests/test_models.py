@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -17,8 +18,12 @@ from arow.models import (
     wide_resnet,
 )
 
+from conftest import fmnist_available
+
 # (in_channels, image_size, num_classes): Fashion-MNIST-like and CIFAR-100-like.
 SHAPES = [(1, 28, 10), (3, 32, 100)]
+# Too large to build for real in a fast test (267M parameters): checked on the meta device.
+META_ONLY = {"wrn-70-16"}
 
 
 def tiny_models() -> dict[str, nn.Module]:
@@ -41,9 +46,10 @@ def models() -> dict[str, nn.Module]:
 
 def test_registry_lists_the_paper_models() -> None:
     assert {"small-cnn", "resnet18", "preact-resnet18", "wrn-34-10"} <= set(MODELS.names())
+    assert {"wrn-28-10", "wrn-70-16"} <= set(MODELS.names())
 
 
-@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("name", [n for n in MODELS.names() if n not in META_ONLY])
 @pytest.mark.parametrize("in_channels,image_size,num_classes", SHAPES)
 def test_every_model_outputs_logits(
     name: str, in_channels: int, image_size: int, num_classes: int
@@ -248,3 +254,104 @@ def test_models_trace_without_graph_breaks(name: str) -> None:
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- WRN sizes, activation
+def wrn_parameters(depth: int, k: int, num_classes: int = 10, in_channels: int = 3) -> int:
+    """WRN-depth-k's parameters counted by hand: stem, blocks (BN, 3x3 convs, 1x1 shortcut), BN, fc."""
+    n, widths = (depth - 4) // 6, [16, 16 * k, 32 * k, 64 * k]
+    total = in_channels * 16 * 9
+    for c_in, c_out in itertools.pairwise(widths):
+        for i in range(n):
+            a = c_in if i == 0 else c_out
+            total += 2 * a + a * c_out * 9 + 2 * c_out + c_out * c_out * 9 + (a * c_out if a != c_out else 0)
+    return total + 2 * widths[-1] + widths[-1] * num_classes + num_classes
+
+
+@pytest.mark.parametrize(
+    "name,depth,k,reported",
+    [("wrn-28-10", 28, 10, 36.5e6), ("wrn-70-16", 70, 16, 267e6), ("wrn-34-10", 34, 10, 46.2e6)],
+)
+def test_wide_resnets_of_the_generated_data_papers(
+    name: str, depth: int, k: int, reported: float
+) -> None:
+    # On the meta device: shapes and parameters without allocating (WRN-70-16 would take 1 GB).
+    with torch.device("meta"):
+        model = build_model(name, num_classes=10, in_channels=3, image_size=32, activation="silu")
+        out = model(torch.empty(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    assert count_parameters(model) == wrn_parameters(depth, k)
+    assert abs(count_parameters(model) / reported - 1) < 0.005
+    assert sum(isinstance(m, nn.SiLU) for m in model.modules()) == (depth - 4) // 2 + 1
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+
+
+def test_wrn_28_10_counts_36_5m_parameters_for_real() -> None:
+    model = build_model("wrn-28-10", num_classes=10, in_channels=3, image_size=32)
+    assert count_parameters(model) == 36_479_194  # Gowal et al. 2020: 36.5M
+    with torch.no_grad():
+        assert model.eval()(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("name", ["small-cnn", "resnet18", "preact-resnet18", "wrn-10-1"])
+def test_silu_is_used_when_asked(name: str) -> None:
+    def build(activation: str) -> nn.Module:
+        torch.manual_seed(0)
+        if name == "wrn-10-1":
+            return wide_resnet(10, 1, num_classes=10, in_channels=3, image_size=32,
+                               activation=activation)
+        return build_model(name, num_classes=10, in_channels=3, image_size=32,
+                           activation=activation)
+
+    relu, silu = build("relu").eval(), build("silu").eval()
+    assert sum(isinstance(m, nn.SiLU) for m in silu.modules()) > 0
+    assert not any(isinstance(m, nn.ReLU) for m in silu.modules())
+    assert not any(isinstance(m, nn.SiLU) for m in relu.modules())
+    # same weights (an activation holds none), different function
+    silu.load_state_dict(relu.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(relu(x), silu(x))
+        swaps = [(m, key) for m in silu.modules() for key, child in m.named_children()
+                 if isinstance(child, nn.SiLU)]
+        for m, key in swaps:  # swapping the activation back gives the ReLU network exactly
+            setattr(m, key, nn.ReLU())
+        assert torch.equal(relu(x), silu(x))
+
+
+def test_activation_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="unknown activation 'gelu'.*relu, silu"):
+        build_model("resnet18", num_classes=10, in_channels=3, image_size=32, activation="gelu")
+
+    def plain(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, num_classes))
+
+    monkeypatch.setitem(MODELS._items, "plain", plain)
+    assert build_model("plain", num_classes=10, in_channels=1, image_size=8) is not None
+    with pytest.raises(ValueError, match="model 'plain' has no choice of activation"):
+        build_model("plain", num_classes=10, in_channels=1, image_size=8, activation="silu")
+
+
+@pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST not installed")
+def test_checkpoint_keeps_the_activation(tmp_path) -> None:
+    # train_run saves the activation in the model spec; load_model (and `arow eval`) rebuild it.
+    import arow
+    from arow.checkpoint import export_model, load_checkpoint
+    from arow.config import TrainConfig
+    from arow.pipelines import train_run
+
+    cfg = TrainConfig(model="small-cnn", activation="silu", epochs=1, limit_train=64, val_size=0,
+                      batch_size=32, attack_steps=1, warmup_epochs=0, out=str(tmp_path / "run"))
+    result = train_run(cfg, plots=False)
+    assert load_checkpoint(tmp_path / "run")["model_spec"]["activation"] == "silu"
+    export = export_model(load_checkpoint(tmp_path / "run"), tmp_path / "model.safetensors")
+    x = torch.rand(3, 1, 28, 28)
+    for source in (tmp_path / "run", export):
+        model = arow.load_model(source)
+        assert sum(isinstance(m, nn.SiLU) for m in model.modules()) == 6
+        with torch.no_grad():
+            assert torch.allclose(model(x), result.model.cpu()(x))
+    # a checkpoint written before the activation was saved rebuilds as ReLU
+    ckpt = load_checkpoint(tmp_path / "run")
+    del ckpt["model_spec"]["activation"]
+    assert not any(isinstance(m, nn.SiLU) for m in arow.model_from_checkpoint(ckpt).modules())

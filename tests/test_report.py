@@ -241,9 +241,9 @@ def test_tensorboard_writes_event_files_with_the_metrics(tiny_run):
     acc = EventAccumulator(str(tiny_run / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train_loss", "val_pgd_acc", "lr", "train_weight_mean"} <= tags
+    assert {"train/loss", "val/pgd_acc", "lr", "train/weight_mean"} <= tags  # grouped: train/..., val/...
     logged = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[0])
-    assert acc.Scalars("train_loss")[0].value == pytest.approx(logged["train_loss"], rel=1e-6)
+    assert acc.Scalars("train/loss")[0].value == pytest.approx(logged["train_loss"], rel=1e-6)
 
 
 def test_training_writes_its_pngs(tiny_run):
@@ -271,7 +271,7 @@ def test_tensorboard_missing_is_a_clear_error(monkeypatch, tmp_path):
     from arow.training import Trainer
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
-    data = from_tensors(torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+    data = from_tensors(torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)), name="fashion-mnist")
     model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=28)
     cfg = TrainConfig(epochs=1, batch_size=8, eps=0.1, val_size=0, out=str(tmp_path / "r"), tensorboard=True)
     with pytest.raises(ValueError, match=r"needs the tensorboard package: pip install"):

@@ -44,7 +44,8 @@ class Payload:
 
 def _small(fmnist_small):
     xtr, ytr, _, _ = fmnist_small
-    return from_tensors(xtr[:128], ytr[:128]), from_tensors(xtr[1000:1040], ytr[1000:1040])
+    return (from_tensors(xtr[:128], ytr[:128], name="fashion-mnist"),
+            from_tensors(xtr[1000:1040], ytr[1000:1040], name="fashion-mnist"))
 
 
 def _cfg(out, **kw):

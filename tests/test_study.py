@@ -150,7 +150,7 @@ def test_two_methods_two_seeds_end_to_end_then_partial_collect(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert [c["status"] for c in res["cells"]] == ["done"] * 4
     for c in res["cells"]:
-        assert set(c["accuracy"]) == {"clean", "fgsm", "autoattack"}
+        assert set(c["accuracy"]) == {"clean", "fgsm", "autoattack", "val_robust", "val_clean"}
         ev = json.loads((Path(c["folder"]) / "eval.json").read_text())
         assert ev["n"] == 10000 and not ev["subset"]  # the full test set
         aa = json.loads((Path(c["folder"]) / "eval_n10.json").read_text())

@@ -1,4 +1,5 @@
 """The training loop: it learns, writes its run folder, resumes exactly after a crash."""
+import copy
 import json
 
 import pytest
@@ -168,3 +169,93 @@ def test_ema_and_swa_are_exclusive(tmp_path):
         _cfg(tmp_path, ema=0.99, swa_start=2).validate()
     with pytest.raises(ConfigError, match="--ema"):
         _cfg(tmp_path, ema=1.0).validate()
+
+
+def test_user_data_needs_eps_and_runs_are_named_after_the_users_model_and_data(tmp_path):
+    torch.manual_seed(0)
+    data = from_tensors(torch.rand(64, 3, 16, 16), torch.arange(64) % 4, name="my-scans")
+    cfg = TrainConfig(epochs=1, batch_size=32, attack_steps=1, val_size=0, out=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="eps must be given for your own data"):
+        Trainer(cfg, tiny_cnn(in_ch=3, n_cls=4), data)
+    cfg.eps = 4 / 255
+    Trainer(cfg, tiny_cnn(in_ch=3, n_cls=4), data).fit()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["dataset"] == "my-scans" and saved["model"] == "Sequential"
+    assert saved["eps"] == pytest.approx(4 / 255) and saved["augment"] is None
+
+
+# --------------------------------------------------------------------------- optimiser options
+def _trainer(data=None, model=None, **kw):
+    torch.manual_seed(0)
+    data = data or from_tensors(torch.rand(16, 1, 28, 28), torch.arange(16) % 10)
+    base = dict(epochs=1, batch_size=8, eps=0.1, attack_steps=1, val_size=0, device="cpu", out=None)
+    base.update(kw)
+    return Trainer(TrainConfig(**base), model or tiny_cnn(), data, plots=False)
+
+
+def test_nesterov_and_no_bn_decay_reach_sgd():
+    t = _trainer(nesterov=True, no_bn_decay=True, weight_decay=0.01)
+    bn = t.model[1]
+    decay, no_decay = t.opt.param_groups
+    assert all(g["nesterov"] for g in t.opt.param_groups)
+    assert [id(p) for p in no_decay["params"]] == [id(bn.weight), id(bn.bias)] and no_decay["weight_decay"] == 0
+    assert decay["weight_decay"] == 0.01 and len(decay["params"]) == len(list(t.model.parameters())) - 2
+    # a step whose gradients are all zero: only weight decay moves a weight
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    for p in t.model.parameters():
+        p.grad = torch.zeros_like(p)
+    t.opt.step()
+    after = dict(t.model.named_parameters())
+    for name in ("0.weight", "0.bias", "3.weight", "7.weight", "7.bias"):  # conv and linear: decayed
+        assert not torch.equal(after[name], before[name]), name
+    for name in ("1.weight", "1.bias"):  # BatchNorm scale and shift: not decayed
+        assert torch.equal(after[name], before[name]), name
+    default = _trainer()
+    assert len(default.opt.param_groups) == 1 and not default.opt.param_groups[0]["nesterov"]
+
+
+def test_no_bn_decay_follows_the_schedule_and_resumes():
+    kw = dict(no_bn_decay=True, weight_decay=0.01, schedule="cosine", warmup_epochs=0, epochs=2)
+    a = _trainer(**kw)
+    a.train_epoch(0)
+    assert [g["lr"] for g in a.opt.param_groups] == [lr_at(a.cfg, 0.5)] * 2  # the epoch's last step, every group
+    state = copy.deepcopy(a.state_dict())  # the optimiser's state_dict holds live tensors
+    a.train_epoch(1)
+    b = _trainer(**kw)
+    b.load_state_dict(state)
+    assert [g["weight_decay"] for g in b.opt.param_groups] == [0.01, 0.0]
+    b.train_epoch(1)
+    for (k, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(p, q), k
+
+
+@pytest.mark.parametrize("method", ["arow", "pgd-at"])
+def test_grad_accum_gives_the_weights_of_the_full_batch(method):
+    # float64 and no BatchNorm: 4 micro-batches sum to the full batch's gradient, with the same
+    # random starts; 20 examples in batches of 8 end with a short batch (2 micro-batches of 2).
+    from arow.data import TensorData
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorData(torch.rand(20, 1, 28, 28, generator=g, dtype=torch.float64), torch.arange(20) % 10, 10)
+    kw = dict(method=method, lr=0.1, attack_steps=2, augment="flip", amp="off")
+
+    def net():
+        torch.manual_seed(1)
+        return tiny_cnn(bn=False).double()
+
+    full = _trainer(data, net(), **kw)
+    accum = _trainer(data, net(), grad_accum=4, **kw)
+    start = [p.detach().clone() for p in full.model.parameters()]
+    rec_full, rec_accum = full.train_epoch(0), accum.train_epoch(0)
+    for p, q, p0 in zip(full.model.parameters(), accum.model.parameters(), start):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12)
+    assert max((p - p0).abs().max().item() for p, p0 in zip(full.model.parameters(), start)) > 1e-3
+    for key in ("train_loss", "train_adv_acc"):
+        assert rec_full[key] == pytest.approx(rec_accum[key], rel=1e-6), key
+
+
+def test_grad_accum_must_divide_the_batch():
+    with pytest.raises(ConfigError, match="--batch-size 10 must be divisible by --grad-accum 4"):
+        TrainConfig(batch_size=10, grad_accum=4).validate()
+    with pytest.raises(ConfigError, match="--grad-accum must be >= 1"):
+        TrainConfig(grad_accum=0).validate()

@@ -2,11 +2,11 @@
 
 >>> import arow
 >>> model = arow.load_model("runs/fmnist-arow")          # doctest: +SKIP
->>> result = arow.evaluate(model, x, y, ["clean", "pgd20"], eps=0.1)  # doctest: +SKIP
+>>> report = arow.evaluate(model, x, y, ["clean", "pgd20"], eps=0.1)  # guards first  # doctest: +SKIP
 """
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +42,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, device: Any = "cpu") -> "torc
                               f"load_state_dict(arow.checkpoint.load_checkpoint(path)['model'])")
     try:
         model = build_model(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                            image_size=spec["image_size"], mean=spec.get("mean"), std=spec.get("std"))
+                            image_size=spec["image_size"], mean=spec.get("mean"), std=spec.get("std"),
+                            activation=spec.get("activation", "relu"))  # older checkpoints: relu
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: incomplete model spec ({type(e).__name__}: {e})") from None
     try:
@@ -58,7 +59,7 @@ def __getattr__(name: str) -> Any:  # lazy: `import arow` stays cheap for the CL
 
     lazy = {"train": ("training", "train"), "Trainer": ("training", "Trainer"), "TrainConfig": ("config", "TrainConfig"),
             "train_run": ("pipelines", "train_run"), "evaluate_run": ("pipelines", "evaluate_run"),
-            "evaluate": ("evaluation", "evaluate"), "ThreatModel": ("threat", "ThreatModel"),
+            "evaluate": ("pipelines", "evaluate_model"), "ThreatModel": ("threat", "ThreatModel"),
             "build_model": ("models", "build_model"), "build_method": ("methods", "build_method"),
             "load_dataset": ("data", "load_dataset"), "from_tensors": ("data", "from_tensors")}
     if name in lazy:
@@ -75,7 +76,7 @@ if TYPE_CHECKING:
     from . import losses
     from .config import TrainConfig
     from .data import from_tensors, load_dataset
-    from .evaluation import evaluate
+    from .pipelines import evaluate_model as evaluate
     from .methods import build_method
     from .models import build_model
     from .pipelines import evaluate_run, train_run

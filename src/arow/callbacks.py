@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from .config import ConfigError
-from .runs import RunDir
+from .runs import RunDir, RunFolderError
 
 if TYPE_CHECKING:
     from .training import Trainer, TrainResult
@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 class Callbacks:
     """Hooks of :meth:`Trainer.fit`, all optional. ``self.trainer`` is set by ``on_fit_start``.
 
-    Order per epoch: ``on_epoch_start``, ``on_step`` per batch, ``on_validation_start``,
-    ``on_epoch_end`` (the run folder's epoch files are written before the user's hooks see it).
+    Order per epoch: ``on_epoch_start``, ``on_step`` per batch (after ``on_step_record`` on the
+    steps ``--log-every N`` logs), ``on_validation_start``, ``on_epoch_end`` (the run folder's
+    epoch files are written before the user's hooks see it).
     ``close`` runs last, also when the fit ends with an exception (passed as ``error``).
     """
 
@@ -38,6 +39,7 @@ class Callbacks:
 
     def on_epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
     def on_step(self, step: int) -> None: ...
+    def on_step_record(self, record: dict[str, Any]) -> None: ...
     def on_validation_start(self) -> None: ...
     def on_epoch_end(self, record: dict[str, Any]) -> None: ...
     def on_fit_end(self, result: "TrainResult") -> None: ...
@@ -64,9 +66,13 @@ class RunWriter(Callbacks):
             run.unlock()
             raise ConfigError(f"{run.path} already holds a run; pass --resume to continue it "
                               f"or choose another --out (nothing is deleted)")
-        run.write_metrics(trainer.history)  # a fresh run starts empty; a resumed one drops unsaved epochs
+        # a fresh run starts empty; a resumed one drops the lines of unsaved epochs
+        run.write_metrics(trainer.history, _saved_steps(run, trainer.start_epoch) if resumed else ())
         run.clear_diverged()
         run.write_config(trainer.resolved_config())
+
+    def on_step_record(self, record: dict[str, Any]) -> None:
+        self.run.append_metrics(record)
 
     def on_epoch_end(self, record: dict[str, Any]) -> None:
         trainer = self.trainer
@@ -87,26 +93,120 @@ class RunWriter(Callbacks):
 
 
 class TensorBoardWriter(Callbacks):
-    """The scalars of metrics.jsonl, under the same names, to ``DIR/tensorboard``."""
+    """The records of metrics.jsonl to ``DIR/tensorboard``, against the global optimiser step.
+
+    Epoch records (at the epoch's last step): ``train/<part>`` (means over the epoch), ``val/...``
+    (``val/swa_...``, ``val/ema_...`` for the averaged models), ``lr``, ``time/epoch_seconds``,
+    ``progress/epoch`` and the histogram ``train/weight`` of the per-example weight (ARoW, MART).
+    Step records (``--log-every``): ``train_step/<part>`` (means since the previous record),
+    ``train_step/grad_norm`` and ``lr`` at every logged step. When the fit ends, the resolved
+    config's scalar settings and the final validation numbers go to the HParams tab.
+    """
 
     def __init__(self, folder: Path) -> None:
         require_tensorboard()  # fail when the run is set up, not after the first epoch
         self.folder, self.writer = Path(folder), None
 
-    def on_epoch_end(self, record: dict[str, Any]) -> None:
+    def _open(self) -> Any:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.folder))
-        for k, v in record.items():
-            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.writer.add_scalar(k, v, record["epoch"])
-        self.writer.flush()  # a killed run keeps its curves
+        return self.writer
+
+    def _step(self, record: dict[str, Any]) -> int:
+        return int(self.trainer.global_step) if self.trainer is not None else int(record["epoch"])
+
+    def on_step_record(self, record: dict[str, Any]) -> None:
+        w = self._open()
+        for k, v in _scalars(record):
+            if k not in ("step", "epoch_float"):
+                w.add_scalar("lr" if k == "lr" else f"train_step/{k.removeprefix('train_')}", v, record["step"])
+
+    def on_epoch_end(self, record: dict[str, Any]) -> None:
+        w, step = self._open(), self._step(record)
+        step_lr = self.trainer is not None and getattr(self.trainer.cfg, "log_every", 0) > 0
+        for k, v in _scalars(record):
+            if not (k == "lr" and step_lr):  # with step records, ``lr`` is the per-step schedule
+                w.add_scalar(tensorboard_tag(k), v, step)
+        hist = record.get("weight_hist")
+        if hist and sum(hist) > 0:
+            _add_binned_histogram(w, "train/weight", hist, step)
+        w.flush()  # a killed run keeps its curves
+
+    def on_fit_end(self, result: "TrainResult") -> None:
+        if self.trainer is None or not result.history:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        w = self._open()
+        last = result.history[-1]
+        pre = next((p for p in ("swa_", "ema_") if f"{p}val_pgd_acc" in last), "")
+        metrics = {f"hparam/final_{k}": last[f"{pre}{k}"] for k in ("val_clean_acc", "val_pgd_acc")
+                   if isinstance(last.get(f"{pre}{k}"), (int, float))}
+        if self.trainer.best.get("epoch") is not None:
+            metrics["hparam/best_val_pgd_acc"] = float(self.trainer.best["val_pgd_acc"])
+            metrics["hparam/best_epoch"] = float(self.trainer.best["epoch"])
+        exp, ssi, sei = hparams(hparam_values(self.trainer.resolved_config()), metrics)
+        file_writer = w._get_file_writer()  # the run's own event file (add_hparams would open a sub-run)
+        for summary in (exp, ssi, sei):
+            file_writer.add_summary(summary, self.trainer.global_step)
+        for k, v in metrics.items():
+            w.add_scalar(k, v, self.trainer.global_step)
+        w.flush()
 
     def close(self, error: Optional[BaseException] = None) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def tensorboard_tag(key: str) -> str:
+    """The TensorBoard tag of an epoch record's key: ``train_loss`` -> ``train/loss``,
+    ``swa_val_pgd_acc`` -> ``val/swa_pgd_acc``, ``lr`` -> ``lr``."""
+    for prefix, group in (("train_", "train/"), ("val_", "val/"), ("swa_val_", "val/swa_"), ("ema_val_", "val/ema_")):
+        if key.startswith(prefix):
+            return group + key[len(prefix):]
+    return {"lr": "lr", "seconds": "time/epoch_seconds", "epoch": "progress/epoch"}.get(key, f"other/{key}")
+
+
+def hparam_values(config: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config's settings as TensorBoard hyper-parameters: numbers, strings and booleans;
+    the method's hyper-parameters and the derived values as ``method_args.*`` and ``resolved.*``."""
+    out: dict[str, Any] = {}
+
+    def put(key: str, v: Any) -> None:
+        if isinstance(v, (bool, int, float, str)):
+            out[key] = v
+        elif isinstance(v, (list, tuple)):
+            out[key] = ",".join(str(x) for x in v)
+
+    for k, v in config.items():
+        if k not in ("resolved", "method_args"):
+            put(k, v)
+    resolved = config.get("resolved") or {}
+    for k, v in (resolved.get("method_args") or config.get("method_args") or {}).items():
+        put(f"method_args.{k}", v)
+    for k, v in resolved.items():
+        if k != "method_args":
+            put(f"resolved.{k}", v)
+    return out
+
+
+def _scalars(record: dict[str, Any]) -> list[tuple[str, float]]:
+    return [(k, v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _add_binned_histogram(writer: Any, tag: str, counts: list[float], step: int) -> None:
+    """A histogram of values in [0, 1] from the counts of equal bins (bin centres stand for the values)."""
+    n = len(counts)
+    centres = [(i + 0.5) / n for i in range(n)]
+    used = [i for i, c in enumerate(counts) if c > 0]
+    writer.add_histogram_raw(tag, min=used[0] / n, max=(used[-1] + 1) / n, num=sum(counts),
+                             sum=sum(c * x for c, x in zip(counts, centres)),
+                             sum_squares=sum(c * x * x for c, x in zip(counts, centres)),
+                             bucket_limits=[(i + 1) / n for i in range(n)], bucket_counts=list(counts),
+                             global_step=step)
 
 
 class PlotWriter(Callbacks):
@@ -125,6 +225,15 @@ def require_tensorboard() -> None:
     except ImportError as e:
         raise ValueError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' "
                          "in the arow checkout (or pip install tensorboard)") from e
+
+
+def _saved_steps(run: RunDir, epochs: int) -> list[dict[str, Any]]:
+    """The step records of the epochs a resumed run keeps (the first ``epochs``)."""
+    try:
+        return [s for s in run.read_steps() if float(s.get("epoch_float", 0.0)) <= epochs]
+    except RunFolderError as e:
+        log.warning("dropping the step records of %s (%s)", run.path, e)
+        return []
 
 
 def plot_run_safely(out: Path) -> None:

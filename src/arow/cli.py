@@ -1,10 +1,10 @@
 """The ``arow`` command (and ``python -m arow``): it parses flags, calls the library, prints.
 
 ``train`` and ``eval`` are :func:`arow.pipelines.train_run` and :func:`arow.pipelines.evaluate_run`;
-``report``, ``plot``, ``export``, ``convert`` and ``list`` wrap one library function each. Only this
-module configures logging and draws progress bars. Bad input ends with one line on stderr and exit
-status 2, a tripped robustness guard with 3, a diverged run with 4; an interrupted run says how to
-continue.
+``report``, ``plot``, ``export``, ``convert``, ``pseudo-label`` and ``list`` wrap one library function
+each. Only this module configures logging and draws progress bars. Bad input ends with one line on
+stderr and exit status 2, a tripped robustness guard with 3, a diverged run with 4; an interrupted
+run says how to continue.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -47,6 +48,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         g = groups[meta["group"]]
         if kind is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        elif typing.get_origin(hints[f.name]) is list and kind is str:  # e.g. --extra-data A --extra-data B
+            g.add_argument(flag, action="append", metavar="FILE", help=meta["help"])
         elif typing.get_origin(hints[f.name]) is list:
             g.add_argument(flag, type=lambda s: [float(v) for v in s.split(",")], help=help + "; comma-separated")
         else:
@@ -93,7 +96,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         return 0
     attacks = [s.strip() for s in cfg.eval_attacks.split(",") if s.strip()]
     for name in attacks:  # a typo must fail now, not after training
-        get_attack(name, cfg.eps)
+        get_attack(name, cfg.eps, norm=cfg.norm)
     # missing or damaged test files must fail now, not after training
     test = load_dataset(cfg.dataset, root=cfg.data_dir, split="test") if attacks else None
     bars = Progress()
@@ -137,11 +140,54 @@ def _eval_and_print(source: Any, attacks: list[str], **kw: Any) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    from .user_models import is_user_model_file, load_user_model
+
     attacks = [s.strip() for s in a.attacks.split(",")]
-    return _eval_and_print(a.run, attacks, n=a.n, eps=a.eps, which=a.which, dataset=a.dataset, data_dir=a.data_dir,
-                           device=a.device, batch_size=a.batch_size, guards=a.guards, guards_n=a.guards_n,
+    if a.model_factory or (a.run and is_user_model_file(a.run)):
+        return _eval_user_model(a, attacks, load_user_model)
+    if a.run is None:
+        raise ValueError("give a run folder, checkpoint, .safetensors export, TorchScript or .pt2 file, "
+                         "or --model-factory pkg.module:function")
+    if a.weights:
+        raise ValueError("--weights goes with --model-factory pkg.module:function")
+    return _eval_and_print(a.run, attacks, n=a.n, eps=a.eps, norm=a.norm, which=a.which, dataset=a.dataset,
+                           data_dir=a.data_dir, device=a.device, batch_size=a.batch_size, guards=a.guards,
+                           guards_n=a.guards_n,
                            allow_guard_failures=a.allow_guard_failures, resume=a.eval_resume, json_out=a.json,
                            robustbench=a.robustbench)
+
+
+def _eval_user_model(a: argparse.Namespace, attacks: list[str], load_user_model) -> int:
+    from .pipelines import evaluate_user_model
+    from .progress import Progress
+
+    if a.model_factory and a.run:
+        raise ValueError(f"give either a model file ({a.run}) or --model-factory, not both")
+    spec = a.model_factory or a.run
+    model = load_user_model(spec, weights=a.weights)
+    name = (spec.partition(":")[2] if a.model_factory else Path(spec).stem) or "model"
+    bars = Progress()
+    rep = evaluate_user_model(model, a.dataset, attacks, eps=a.eps, norm=a.norm or "linf", name=name, n=a.n,
+                              data_dir=a.data_dir, device=a.device, batch_size=a.batch_size, guards=a.guards,
+                              guards_n=a.guards_n,
+                              allow_guard_failures=a.allow_guard_failures, json_out=a.json,
+                              progress=bars.eval_progress, on_guards=lambda r: print("\n" + r.guards_text(), flush=True))
+    bars.close()
+    if rep.error:
+        print(f"arow: error: {rep.error}", file=sys.stderr)
+        return 3
+    print("\n" + rep.text())
+    print(f"written {rep.path}")
+    return 0
+
+
+def _number(s: str) -> float:
+    """A float, or a fraction such as 8/255."""
+    num, sep, den = s.partition("/")
+    try:
+        return float(num) / float(den) if sep else float(s)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.031 or 8/255, got {s!r}") from None
 
 
 # --------------------------------------------------------------------------- report, plot, export, list
@@ -155,9 +201,16 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_plot(a: argparse.Namespace) -> int:
-    from .plots import eps_curve, plot_run
-    from .report import markdown_table
+    from .plots import check_compare_out, compare_runs, eps_curve, plot_run
+    from .report import load_run, markdown_table
 
+    if len(a.runs) > 1:  # a wrong folder or --out fails before any figure is drawn
+        for run in a.runs:
+            load_run(run)
+        check_compare_out(a.out if a.out is not None else Path.cwd(), a.runs)
+    elif a.out is not None:
+        log.warning("--out is used with two or more run folders (the comparison figures); %s gets its own PNGs",
+                    a.runs[0])
     factors = [float(v) for v in a.eps_factors.split(",") if v.strip()]
     for run in a.runs:
         if a.eps_curve:
@@ -168,6 +221,13 @@ def cmd_plot(a: argparse.Namespace) -> int:
                   f"{' (SUBSET)' if d['subset'] else ''}\n" + markdown_table(rows, ["eps", "x train eps", "accuracy"]))
         for path in plot_run(run):
             print(f"written {path}")
+    if len(a.runs) > 1:
+        out = Path(a.out) if a.out is not None else Path.cwd()
+        paths = compare_runs(a.runs, out)
+        for path in paths:
+            print(f"written {path}")
+        if not paths:
+            print(f"no comparison figure: none of the {len(a.runs)} runs has the data for one (see the log)")
     return 0
 
 
@@ -190,6 +250,20 @@ def cmd_convert(a: argparse.Namespace) -> int:
                          "pass --trust-pickle to confirm you trust where the file came from")
     for f in convert_path(a.path):
         print(f"converted {f} (now loads without unpickling code)")
+    return 0
+
+
+def cmd_pseudo_label(a: argparse.Namespace) -> int:
+    from .pseudo import pseudo_label
+
+    if a.out is None:
+        raise ValueError("--out FILE.npz is required")
+    res = pseudo_label(a.model, a.data, a.out, which=a.which, batch_size=a.batch_size, device=a.device,
+                       data_dir=a.data_dir, exclude_kept=a.exclude_kept)
+    excluded = f" ({res.source['excluded']} labelled ones left out)" if res.source["excluded"] else ""
+    print(f"labelled {len(res.labels)} images of {res.source['data']}{excluded} with {res.source['model']}: "
+          f"mean confidence {float(res.confidence.mean()):.3f}; per class {res.histogram()}")
+    print(f"written {res.path} (train on it with --extra-data {res.path})")
     return 0
 
 
@@ -243,7 +317,7 @@ def cmd_study(a: argparse.Namespace) -> int:
 
 def cmd_list(a: argparse.Namespace) -> int:
     from .attacks import ATTACKS
-    from .config import preset_names
+    from .config import preset_description, preset_names
     from .data import DATASETS
     from .methods import METHODS
     from .models import MODELS
@@ -254,7 +328,9 @@ def cmd_list(a: argparse.Namespace) -> int:
             print(f"  {n:22s} {reg.help(n)}")
     print("presets:")
     for n in preset_names():
-        print(f"  {n}")
+        desc = " ".join(str(preset_description(n)).split())
+        first = re.split(r"(?<!et al)\. (?=[A-Z])|: ", desc)[0]  # the first sentence or clause
+        print(f"  {n:22s} {first if len(first) <= 100 else first[:97].rsplit(' ', 1)[0] + ' ...'}")
     return 0
 
 
@@ -269,12 +345,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(t)
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="evaluate a run folder, checkpoint or .safetensors export on the test set")
-    e.add_argument("run", help="run folder, checkpoint file or .safetensors export")
+    e.add_argument("run", nargs="?", help="run folder, checkpoint, .safetensors export, or your own model as a "
+                   "TorchScript file or exported program (.pt2; then --dataset and --eps are required)")
+    e.add_argument("--model-factory", metavar="PKG.MODULE:FN",
+                   help="your own model: a function returning the nn.Module (inputs in [0, 1], logits out); "
+                        "with --weights, --dataset and --eps")
+    e.add_argument("--weights", help="state dict for --model-factory (.safetensors, or a torch.save file read with "
+                                     "weights_only=True)")
     e.add_argument("--attacks", default="clean,pgd20,cw",
                    help="comma-separated, in order: clean, pgd20, cw, fgsm, autoattack (standard; runs on what "
                         "the attacks before it left robust), apgd-monitor, ...")
     e.add_argument("--n", type=int, help="first N test examples only (default: the full test set)")
-    e.add_argument("--eps", type=float, help="default: the eps the model was trained with")
+    e.add_argument("--eps", type=_number, help="e.g. 0.1 or 8/255 (default: the eps the model was trained with; "
+                                               "with another --norm, that norm's data-set default)")
+    e.add_argument("--norm", choices=["linf", "l2"], help="threat model: linf or l2 (default: the norm the model "
+                                                          "was trained with; L-inf for your own model)")
     e.add_argument("--which", choices=["final", "best", "last"], default="final")
     e.add_argument("--batch-size", type=int, default=500)
     e.add_argument("--device", default="auto")
@@ -296,8 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="file to write (default ./report.md, or ./report.csv with --format csv)")
     r.add_argument("--format", choices=["md", "csv"], default="md", help="format of the file (terminal: Markdown)")
     r.set_defaults(func=cmd_report)
-    pl = sub.add_parser("plot", help="draw the PNGs of run folders (curves, per-class, weights, eps curve)")
+    pl = sub.add_parser("plot", help="draw the PNGs of run folders (curves, per-class, weights, eps curve); "
+                                     "with several, also figures comparing them")
     pl.add_argument("runs", nargs="+", metavar="DIR", help="run folders")
+    pl.add_argument("--out", metavar="DIR",
+                    help="with two or more run folders: the folder for the comparison figures compare_*.png "
+                         "(default: the current directory; never one of the run folders)")
     pl.add_argument("--eps-curve", action="store_true", help="also run PGD-20 at several eps (-> eps_curve.json/png)")
     pl.add_argument("--n", type=int, default=1000, help="eps curve: first N test examples (default 1000)")
     pl.add_argument("--eps-factors", default="0,0.25,0.5,1,1.5,2,3", help="eps curve: multiples of the training eps")
@@ -337,6 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the arow commands that finish each run (for a scheduler) instead of running them")
     st.add_argument("--collect", metavar="DIR", help="only build the comparison of study DIR from its finished runs")
     st.set_defaults(func=cmd_study)
+    ps = sub.add_parser("pseudo-label", help="label unlabelled images with a trained model (-> .npz for "
+                                             "--extra-data)")
+    ps.add_argument("model", help="run folder, checkpoint file or .safetensors export")
+    ps.add_argument("--data", required=True, help="an .npz (image) or RST pickle (data) file, its labels ignored, "
+                    "or a dataset name with an optional split: fashion-mnist, cifar10:train (default split train)")
+    ps.add_argument("--out", help="the .npz to write (image, label = argmax, confidence = max softmax)")
+    ps.add_argument("--exclude-kept", metavar="RUN_OR_FILE", help="leave out the training images a run folder used "
+                    "as labelled data (its --labels-kept and validation split), or the positions in a .txt/.npy")
+    ps.add_argument("--which", choices=["final", "best", "last"], default="final")
+    ps.add_argument("--batch-size", type=int, default=500)
+    ps.add_argument("--device", default="auto")
+    ps.add_argument("--data-dir")
+    ps.set_defaults(func=cmd_pseudo_label)
     ls = sub.add_parser("list", help="list methods, models, datasets, attacks and presets")
     ls.set_defaults(func=cmd_list)
     return p

@@ -50,6 +50,8 @@ class TrainConfig:
     data_dir: Optional[str] = opt("data", None, "folder with the dataset files", runtime=True)
     model: str = opt("model", "small-cnn", "architecture")
     normalize: bool = opt("model", False, "a normalisation layer in the model (default: [0, 1] inputs as is)")
+    activation: str = opt("model", "relu", "activation of the WideResNets, ResNets and small-cnn (silu: the "
+                          "generated-data papers' WRN-28-10/70-16); saved with the model", choices=("relu", "silu"))
     # optimisation
     # The defaults are the embedded Fashion-MNIST recipe that `make demo` runs on a 2-core CPU
     # within 15 minutes (2 epochs at ~200 img/s); the paper's CIFAR recipes are presets.
@@ -59,6 +61,12 @@ class TrainConfig:
     momentum: float = opt("optimisation", 0.9, "SGD momentum", lo=0, hi=1, hi_open=True)
     nesterov: bool = opt("optimisation", False, "Nesterov momentum")
     weight_decay: float = opt("optimisation", 5e-4, "SGD weight decay", lo=0, hi=1)
+    no_bn_decay: bool = opt("optimisation", False, "no weight decay on BatchNorm parameters: the scale (weight) "
+                            "and shift (bias) of every BatchNorm layer; all other parameters (conv and linear "
+                            "weights, linear biases) keep --weight-decay (the generated-data scripts)")
+    grad_accum: int = opt("optimisation", 1, "gradient accumulation: each step splits the batch into K "
+                          "micro-batches (memory of batch/K) and sums their gradients; equal to the full batch "
+                          "except BatchNorm statistics, which are per micro-batch (docs/method.md)", lo=1)
     schedule: str = opt("optimisation", "onecycle",
                         "learning-rate schedule (onecycle: linear warm-up, then linear decay to 0)",
                         choices=("step", "cosine", "onecycle", "constant"))
@@ -78,7 +86,11 @@ class TrainConfig:
                       "training data before it is evaluated, or copied from the trained model every step",
                       choices=("recompute", "copy"))
     # threat model of the training attack
-    eps: Optional[float] = opt("attack", None, "L-inf radius (dataset default: F-MNIST 0.1, others 8/255)", lo=0, hi=1)
+    norm: str = opt("attack", "linf", "threat model of training and evaluation: linf or l2 (L2 ball, normalised "
+                    "gradient steps)", choices=("linf", "l2"))
+    eps: Optional[float] = opt("attack", None, "radius of the ball in --norm's units (default per data set: L-inf "
+                               "F-MNIST 0.1, others 8/255; L2 F-MNIST 1.5, others 0.5, RobustBench's CIFAR-10 L2)",
+                               lo=0)
     attack_steps: Optional[int] = opt("attack", None, "training attack steps (method default: 10)", lo=0, hi=10_000)
     step_size: Optional[float] = opt("attack", None, "training attack step (default eps/4)", lo=0, lo_open=True, hi=1)
     # data
@@ -92,6 +104,16 @@ class TrainConfig:
     guards: bool = opt("evaluation", True, "robustness guards before the final evaluation", runtime=True)
     augment: Optional[str] = opt("data", None, "augmentation (dataset default)",
                                  choices=("none", "flip", "crop+flip"))
+    extra_data: list[str] = opt("data", help="extra training data: an .npz with image and label or an RST pickle "
+                                "(docs/extra-data.md); repeatable", factory=list)
+    extra_fraction: float = opt("data", 0.7, "fraction of every batch drawn from --extra-data", lo=0, hi=1,
+                                hi_open=True)
+    extra_take: Optional[int] = opt("data", None, "use the first N extra examples only", lo=1)
+    epoch_batches: Optional[int] = opt("data", None, "batches per epoch with --extra-data (default: as many as "
+                                       "without it, ceil(real training examples / batch))", lo=1)
+    labels_kept: Optional[str] = opt("data", None, "keep the labels of N real training examples (balanced over "
+                                     "the classes, by --seed) or of the positions in a .txt/.npy file; the "
+                                     "other real examples are not used")
     # runtime
     seed: int = opt("runtime", 0, "random seed", lo=0, hi=2**63 - 1)
     device: str = opt("runtime", "auto", "auto | cpu | cuda | cuda:N", runtime=True)
@@ -103,6 +125,9 @@ class TrainConfig:
     sync_bn: bool = opt("runtime", True, "SyncBatchNorm under DDP (a DDP run then equals a 1-process run)")
     out: Optional[str] = opt("runtime", None, "run folder", runtime=True)
     tensorboard: bool = opt("runtime", False, "also log to TensorBoard", runtime=True)
+    log_every: int = opt("runtime", 0, "also log a step record (loss and its parts, lr, gradient norm) to "
+                         "metrics.jsonl and TensorBoard every N optimiser steps (0: once per epoch only)",
+                         lo=0, runtime=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,17 +158,33 @@ class TrainConfig:
         """
         from .data import DATASETS
         from .methods import METHODS
+        from .threat import NORMS, default_eps
 
         filled: dict[str, Any] = {}
         if self.dataset in DATASETS:
             info = DATASETS.get(self.dataset)
             if self.augment is None:
                 filled["augment"] = info.augmentation
-            if self.eps is None:
-                filled["eps"] = float(info.eps)
+            if self.eps is None and self.norm in NORMS:
+                filled["eps"] = default_eps(self.dataset, self.norm)
         if self.attack_steps is None and self.method in METHODS:
             filled["attack_steps"] = METHODS.get(self.method).default_steps
         return dataclasses.replace(self, **filled).validate() if filled else self.validate()
+
+    def _check_eps(self) -> None:
+        """eps within its norm's range: [0, 1] for L-inf, [0, sqrt(d)] for L2 (d: the data set's input size)."""
+        from .data import DATASETS
+
+        eps = self.eps
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps):
+            return  # the field's own rule reports it
+        hi: Optional[float] = 1.0
+        if self.norm == "l2":
+            info = DATASETS.get(self.dataset) if self.dataset in DATASETS else None
+            hi = math.sqrt(info.in_channels * info.image_size ** 2) if info is not None else None
+        if eps < 0 or (hi is not None and eps > hi):
+            rule = f"in [0, {hi:.4g}]" if hi is not None else ">= 0"
+            raise ConfigError(f"--eps must be {rule} for --norm {self.norm}, got {eps!r}")
 
     def milestone_epochs(self) -> list[float]:
         """The step schedule's milestones in epochs (all values < 1 are fractions of --epochs)."""
@@ -153,6 +194,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every field against its declared rule, then the rules between fields."""
+        self._check_eps()
         for f in dataclasses.fields(self):
             _check_field(f, getattr(self, f.name))
         fractions = [0 < m < 1 for m in self.milestones]
@@ -160,8 +202,17 @@ class TrainConfig:
             raise ConfigError(f"--milestones must be epochs (>= 1) or all fractions in (0, 1), got {self.milestones}")
         if not self.warmup_epochs < self.epochs:
             raise ConfigError(f"--warmup-epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"--batch-size {self.batch_size} must be divisible by --grad-accum {self.grad_accum} "
+                              f"(micro-batches of equal size)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if not self.extra_data and (self.extra_take is not None or self.epoch_batches is not None):
+            raise ConfigError("--extra-take and --epoch-batches apply to training with --extra-data only")
+        kept = (self.labels_kept or "").strip()
+        if self.labels_kept is not None and not ((kept.isdigit() and int(kept) >= 1)
+                                                 or Path(kept).suffix in (".txt", ".npy")):
+            raise ConfigError(f"--labels-kept must be a number >= 1 or an index file (.txt, .npy), got {kept!r}")
         if self.swa_start is not None and not self.swa_start <= self.epochs:
             raise ConfigError(f"--swa-start must be in [1, epochs={self.epochs}], got {self.swa_start} "
                               f"(--swa-start 0 turns SWA off)")
@@ -209,6 +260,10 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
             return None
         raise ConfigError(f"config key {key!r} must not be empty")
     origin = typing.get_origin(hint) or hint
+    if origin is list and typing.get_args(hint) == (str,):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key {key!r}: expected a list of strings, got {value!r}")
+        return list(value)
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                   for v in value):
@@ -242,6 +297,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def preset_names() -> list[str]:
     files = resources.files("arow") / "presets"
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_description(name: str) -> str:
+    """The ``description`` of a built-in preset (what ``arow list`` shows)."""
+    text = (resources.files("arow") / "presets" / f"{name}.yaml").read_text()
+    return str((yaml.safe_load(text) or {}).get("description", ""))
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
@@ -330,7 +391,14 @@ def resolve_config(overrides: dict[str, Any], method_overrides: Optional[dict[st
         if run.has_checkpoint():  # the resumed run's own experiment is the base; the Trainer refuses changes
             base = dict(run.load_resume_state()["config"])
     preset_method = base.get("method", "arow")
+    preset_norm = base.get("norm", "linf")
     base.update({k: v for k, v in overrides.items() if v is not None and k != "method_args"})
+    if not resume and base.get("norm", "linf") != preset_norm and overrides.get("eps") is None \
+            and base.get("eps") is not None:
+        # a preset's eps is a radius in its own norm (8/255 L-inf): --norm l2 takes the data set's L2 default
+        log.info("ignoring the preset's eps %s: it is an %s radius, not an %s one", base["eps"], preset_norm,
+                 base["norm"])
+        base["eps"] = None
     method = base.get("method", "arow")
     if method != preset_method and base.get("method_args"):
         # a preset's hyper-parameters belong to its method, even where another method has a namesake

@@ -8,6 +8,7 @@ ranks and the verdicts combined; every attack batch draws its random numbers fro
 fixed by ``(seed, attack name, batch number)``, so the verdicts are reproducible and do not
 depend on the number of processes. With ``state_dir`` each finished batch is saved, so an
 interrupted evaluation continues where it stopped when run again (same model, data, settings).
+Every attack searches the same threat model, the L-inf or the L2 ball (``norm``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from . import distributed
 from .attacks import Attack, get_attack, predict, unwrap
 from .checkpoint import load_keyed, save_keyed
 from .rng import private_rng
+from .threat import ThreatModel, check_norm, norm_label
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -46,9 +48,18 @@ class EvalResult:
     num_classes: int
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. AutoAttack version, seed
     seed: int = 0
+    norm: str = "linf"
+
+    @property
+    def threat(self) -> str:
+        """The threat model in words, e.g. ``'L2 eps 0.5'``."""
+        from .report import format_eps
+
+        return f"{norm_label(self.norm)} eps {format_eps(self.eps)}"
 
     def to_json(self) -> dict:
-        return {"n": self.n, "eps": self.eps, "accuracy": self.accuracy, "per_class": self.per_class,
+        return {"n": self.n, "norm": self.norm, "eps": self.eps, "threat_model": self.threat,
+                "accuracy": self.accuracy, "per_class": self.per_class,
                 "seconds": self.seconds, "attacks": self.descriptions, "attack_settings": self.settings,
                 "eval_seed": self.seed}
 
@@ -77,6 +88,7 @@ def evaluate(
     attacks: Sequence[Union[str, Attack]] = ("clean", "pgd20"),
     *,
     eps: float,
+    norm: str = "linf",
     num_classes: Optional[int] = None,
     batch_size: int = 500,
     progress: Optional[Progress] = None,
@@ -84,6 +96,10 @@ def evaluate(
     state_dir: Optional[Union[str, Path]] = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``(x, y)`` (inputs in [0, 1]) under each attack, in order.
+
+    Attacks named by a string are built at radius ``eps`` in the ``norm`` ball (``"linf"`` or
+    ``"l2"``); an :class:`Attack` passed in must search the same norm. Every adversarial example
+    is checked to lie in that ball and in [0, 1].
 
     Attacks run in float32 (no autocast) on batches of ``batch_size`` examples. Their random
     starts come from ``seed``: the same call gives the same verdicts, with any number of
@@ -98,18 +114,23 @@ def evaluate(
     """
     if not eps >= 0:  # also NaN
         raise ValueError(f"eps must be >= 0, got {eps}")
+    check_norm(norm)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     with torch.autocast(x.device.type, enabled=False):  # attacks in float32, whatever the caller's context
-        return _evaluate(model, x, y, attacks, eps=eps, num_classes=num_classes, batch_size=batch_size,
+        return _evaluate(model, x, y, attacks, eps=eps, norm=norm, num_classes=num_classes, batch_size=batch_size,
                          progress=progress, seed=seed, state_dir=state_dir)
 
 
-def _evaluate(model, x, y, attacks, *, eps, num_classes, batch_size, progress, seed, state_dir) -> EvalResult:
-    built = [a if isinstance(a, Attack) else get_attack(a, eps) for a in attacks]
+def _evaluate(model, x, y, attacks, *, eps, norm, num_classes, batch_size, progress, seed, state_dir) -> EvalResult:
+    built = [a if isinstance(a, Attack) else get_attack(a, eps, norm=norm) for a in attacks]
     names = [a.name for a in built]
     if len(set(names)) != len(names):
         raise ValueError(f"attack listed twice: {names}")
+    wrong = [a.name for a in built if getattr(a, "norm", "linf") != norm and a.name != "clean"]
+    if wrong:
+        raise ValueError(f"attack(s) {', '.join(wrong)} search another threat model than norm={norm!r}")
+    ball = ThreatModel(eps=eps, norm=norm)
     n = len(x)
     num_classes = num_classes or int(y.max()) + 1
     d = distributed.info()
@@ -119,7 +140,7 @@ def _evaluate(model, x, y, attacks, *, eps, num_classes, batch_size, progress, s
     clean_ok = _combine(clean_ok)
     robust = clean_ok.clone()  # worst case so far
     correct, seconds = {}, {}
-    key = _run_key(model, x, y, eps, seed, batch_size) if state_dir is not None else ""
+    key = _run_key(model, x, y, eps, seed, batch_size, norm) if state_dir is not None else ""
     for atk in built:
         t0 = time.perf_counter()
         if atk.name == "clean":
@@ -142,7 +163,7 @@ def _evaluate(model, x, y, attacks, *, eps, num_classes, batch_size, progress, s
                 kw = {"state_path": stage.batch_path(start)} if stage is not None and atk.resumable else {}
                 with private_rng(x.device, _batch_seed(seed, atk.name, start // batch_size)):
                     x_adv = atk(model, x[idx], y[idx], **kw)
-                _check_ball(x_adv, x[idx], eps, atk.name)
+                _check_ball(x_adv, x[idx], ball, atk.name)
                 fooled[idx] = predict(model, x_adv, batch_size) != y[idx]
                 done += len(idx)
                 if stage is not None:
@@ -162,7 +183,8 @@ def _evaluate(model, x, y, attacks, *, eps, num_classes, batch_size, progress, s
     per_class = {k: per_class_accuracy(v, y_all, num_classes) for k, v in correct.items()}
     descriptions = {a.name: a.description for a in built}
     settings = {a.name: dict(a.meta) for a in built if getattr(a, "meta", None)}
-    return EvalResult(n, eps, accuracy, per_class, correct, seconds, descriptions, num_classes, settings, seed)
+    return EvalResult(n, eps, accuracy, per_class, correct, seconds, descriptions, num_classes, settings, seed,
+                      norm)
 
 
 def _digest(*items: Any) -> str:
@@ -171,10 +193,11 @@ def _digest(*items: Any) -> str:
     return digest(*items)
 
 
-def _run_key(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int, batch_size: int) -> str:
-    """What a saved verdict depends on besides the attack: weights, data, eps, seed, batching, ranks."""
+def _run_key(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int, batch_size: int,
+             norm: str = "linf") -> str:
+    """What a saved verdict depends on besides the attack: weights, data, norm, eps, seed, batching, ranks."""
     d = distributed.info()
-    return _digest(unwrap(model), x, y, float(eps), seed, batch_size, d.rank, d.world_size)
+    return _digest(unwrap(model), x, y, norm, float(eps), seed, batch_size, d.rank, d.world_size)
 
 
 class _Stage:
@@ -205,11 +228,11 @@ class _Stage:
         self.batch_path(start).unlink(missing_ok=True)
 
 
-def _check_ball(x_adv: Tensor, x: Tensor, eps: float, name: str) -> None:
+def _check_ball(x_adv: Tensor, x: Tensor, ball: ThreatModel, name: str) -> None:
     """An attack that leaves the threat model would report a meaningless number: refuse it."""
     if len(x) == 0:
         return
-    dev, lo, hi = float((x_adv - x).abs().amax()), float(x_adv.min()), float(x_adv.max())
-    if dev > eps + 1e-5 or lo < 0.0 or hi > 1.0:
-        raise RuntimeError(f"attack {name} left the threat model: max |delta| {dev:.4g} (eps {eps}), "
-                           f"range [{lo:.4g}, {hi:.4g}]")
+    dev, lo, hi = float(ball.distance(x_adv, x).max()), float(x_adv.min()), float(x_adv.max())
+    if dev > ball.eps + 1e-5 or lo < 0.0 or hi > 1.0:
+        raise RuntimeError(f"attack {name} left the threat model: max {ball.label} |delta| {dev:.4g} "
+                           f"(eps {ball.eps}), range [{lo:.4g}, {hi:.4g}]")

@@ -11,10 +11,12 @@ et al. 2019, "On evaluating adversarial robustness"; AutoAttack's own flags):
 - ``input-range``: inputs are in [0, 1] and the model is not far better on normalised inputs
   (a model expecting ``(x - mean) / std`` is evaluated with the wrong eps geometry);
 - ``gradients``: input gradients are finite and non-zero for most examples;
-- ``gradient-direction``: a step of eps/4 along the sign of the cross-entropy gradient, from the
-  input and from PGD's random start, raises the loss of nearly every correctly classified
-  example (a gradient can be finite and non-zero and still point the wrong way);
-- ``large-eps``: PGD at a huge radius (>= 0.5 on [0, 1] data) drives accuracy to about chance;
+- ``gradient-direction``: a step of eps/4 along the sign of the cross-entropy gradient (L2: along
+  the normalised gradient), from the input and from PGD's random start, raises the loss of nearly
+  every correctly classified example (a gradient can be finite and non-zero and still point the
+  wrong way);
+- ``large-eps``: PGD at a huge radius (>= 0.5 on [0, 1] data; L2: >= 0.5 sqrt(d), a ball that
+  holds the grey image) drives accuracy to about chance;
 - ``more-steps``: a stronger PGD (more steps and restarts) never leaves more examples standing;
 - ``transfer``: adversarial examples crafted on a surrogate and replayed on the model do not
   fool it where its own white-box PGD failed;
@@ -43,6 +45,10 @@ needs no gradient at all (a scrambled rather than reversed gradient).
 All but Square run in a few dozen forward/backward passes over the subset; each returns a
 :class:`GuardResult`. Guards never change the model (mode, flags and buffers restored).
 
+The threat model. Every guard runs in the norm of the evaluation (``norm="linf"`` or ``"l2"``):
+its attacks search that ball (PGD, the sign-checked surrogate and Square all take the norm), and
+the radii that are not the evaluation's eps are given in that norm's terms (``large-eps``).
+
 >>> results = run_guards(model, x, y, eps=0.1)          # doctest: +SKIP
 >>> [r.name for r in results if not r.passed]           # doctest: +SKIP
 []
@@ -68,7 +74,7 @@ from . import distributed
 from .attacks import ce_loss, cw_loss, frozen_eval, pgd, predict, unwrap
 from .attacks.base import AttackLoss
 from .rng import private_rng
-from .threat import ThreatModel
+from .threat import ThreatModel, check_norm, norm_label
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -133,8 +139,8 @@ class GuardContext:
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, num_classes: int,
                  batch_size: int, square_queries: int, seed: int,
-                 surrogate: Optional[nn.Module] = None) -> None:
-        self.net, self.x, self.y, self.eps = model, x, y, eps
+                 surrogate: Optional[nn.Module] = None, norm: str = "linf") -> None:
+        self.net, self.x, self.y, self.eps, self.norm = model, x, y, eps, norm
         self.num_classes, self.batch_size = num_classes, batch_size
         self.square_queries, self.seed, self.surrogate = square_queries, seed, surrogate
         self._clean: Optional[Tensor] = None
@@ -143,6 +149,10 @@ class GuardContext:
     @property
     def n(self) -> int:
         return len(self.x)
+
+    def threat(self, **kw: Any) -> ThreatModel:
+        """The evaluation's ball (its eps and norm), with ``kw`` changed: ``s.threat(steps=10)``."""
+        return ThreatModel(**{"eps": self.eps, "norm": self.norm, **kw})
 
     def logits(self, x: Tensor) -> Tensor:
         # the net is already unwrapped and frozen: run it as it is (eval-mode watches what forward does)
@@ -167,7 +177,7 @@ class GuardContext:
     def pgd_left_robust(self) -> Tensor:
         """What white-box PGD left robust: shared by the guards that try other attacks on it."""
         if self.whitebox_robust is None:
-            self.whitebox_robust = self.pgd_robust(ThreatModel(eps=self.eps, steps=10), restarts=2)
+            self.whitebox_robust = self.pgd_robust(self.threat(steps=10), restarts=2)
         return self.whitebox_robust
 
 
@@ -177,6 +187,7 @@ def run_guards(
     y: Tensor,
     *,
     eps: float,
+    norm: str = "linf",
     num_classes: Optional[int] = None,
     n: int = 200,
     batch_size: int = 500,
@@ -187,6 +198,7 @@ def run_guards(
 ) -> GuardResults:
     """Run the guards on ``n`` examples of ``(x, y)`` (inputs in [0, 1]) drawn at random with ``seed``.
 
+    ``eps`` and ``norm`` (``"linf"`` or ``"l2"``) are the evaluation's threat model; every guard runs in it.
     ``seed=None`` draws a fresh seed. The result is a list of :class:`GuardResult` whose
     ``subset`` records the draw (store it next to the verdicts). ``surrogate``: an optional
     model on the same device whose PGD examples the ``transfer`` guard replays on ``model``.
@@ -206,11 +218,12 @@ def run_guards(
         raise ValueError(f"the guards need n >= 1 examples, got {n}")
     if not eps > 0:
         raise ValueError(f"the guards need eps > 0, got {eps}")
+    check_norm(norm)
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"the guards need as many labels as inputs (at least one), got {len(x)} and {len(y)}")
     if seed is None:
         seed = secrets.randbits(31)
-    args = (model, x, y, eps, num_classes, n, batch_size, seed, square_queries, names, surrogate)
+    args = (model, x, y, eps, num_classes, n, batch_size, seed, square_queries, names, surrogate, norm)
     if distributed.info().enabled:
         return distributed.broadcast_object(_run(*args) if distributed.info().is_main else None)
     return _run(*args)
@@ -218,7 +231,7 @@ def run_guards(
 
 def _run(model: nn.Module, x: Tensor, y: Tensor, eps: float, num_classes: Optional[int], n: int,
          batch_size: int, seed: int, square_queries: int, names: list[str],
-         surrogate: Optional[nn.Module]) -> GuardResults:
+         surrogate: Optional[nn.Module], norm: str = "linf") -> GuardResults:
     net = unwrap(model)
     idx = draw_subset(len(x), n, seed)
     subset = {"seed": seed, "n": len(idx), "total": len(x), "indices": idx.tolist(),
@@ -228,7 +241,7 @@ def _run(model: nn.Module, x: Tensor, y: Tensor, eps: float, num_classes: Option
     results = GuardResults(subset=subset)
     with frozen_eval(net), private_rng(x.device, seed), _exact_float32():
         sub = GuardContext(net, x, y, eps, num_classes, batch_size, square_queries, seed,
-                           unwrap(surrogate) if surrogate is not None else None)
+                           unwrap(surrogate) if surrogate is not None else None, norm)
         for name in names:
             t0 = time.perf_counter()
             r = GUARDS[name](sub)
@@ -282,7 +295,8 @@ def _ce_order(logits: Tensor, y: Tensor) -> Tensor:
 def _checked_pgd(net: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, loss: AttackLoss) -> Tensor:
     """PGD that trusts the model's gradient only up to its sign, keeping the first fooling iterate.
 
-    Each step tries ``x + a sign(g)`` and ``x - a sign(g)`` and keeps whichever has the higher
+    Each step tries ``x + a d(g)`` and ``x - a d(g)`` (``d``: the threat model's step direction,
+    the sign for L-inf, the normalised gradient for L2) and keeps whichever has the higher
     ``loss`` on the model's forward pass (a backward pass that lies about the direction is ignored).
     """
     x_adv, best = threat.init(x), x.clone()
@@ -311,7 +325,7 @@ def _checked_pgd(net: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, loss
 # --------------------------------------------------------------------------- the guards
 def guard_finite(s: GuardContext) -> GuardResult:
     """Finite logits on the inputs and at a random point of each input's eps-ball."""
-    x_rand = ThreatModel(eps=s.eps).init(s.x)  # where PGD starts
+    x_rand = s.threat().init(s.x)  # where PGD starts
     bad = ~(torch.isfinite(s.logits(s.x)).all(1) & torch.isfinite(s.logits(x_rand)).all(1))
     value = float(bad.float().mean())
     if value > 0:
@@ -409,6 +423,8 @@ def guard_gradients(s: GuardContext, max_zero: float = 0.5) -> GuardResult:
 def guard_gradient_direction(s: GuardContext, step: float = 0.25, max_wrong: float = 0.1) -> GuardResult:
     """A step of ``step * eps`` along sign(grad CE) raises the loss of nearly every correct example.
 
+    In L2 the step goes along the normalised gradient (the step of L2 PGD), ``step * eps`` long.
+
     Checked from the input and from a random point of its eps-ball (where PGD starts); an example
     counts as wrong if either step fails to raise the loss. Steps that clamping to [0, 1] cancels
     entirely, and zero or NaN gradients (the "gradients" guard's finding) are not counted. eps/4
@@ -416,7 +432,7 @@ def guard_gradient_direction(s: GuardContext, step: float = 0.25, max_wrong: flo
     MLP, small CNNs random, trained or adversarially trained) fail on none of their examples, so
     10% leaves room for curvature in larger models while a reversal on 60% is far above it.
     """
-    tm = ThreatModel(eps=s.eps, step=step * s.eps)
+    tm = s.threat(step=step * s.eps)
     idx = s.clean_ok.nonzero().squeeze(1)
     checked, wrong = 0, 0
     for i in range(0, len(idx), s.batch_size):
@@ -431,7 +447,7 @@ def guard_gradient_direction(s: GuardContext, step: float = 0.25, max_wrong: flo
                 (g,) = torch.autograd.grad(ce_loss(logits, yb).sum(), x0, allow_unused=True)
             if g is None:
                 continue
-            x1 = (x0.detach() + tm.step_size * g.sign()).clamp(0, 1)
+            x1 = (x0.detach() + tm.step_size * tm.direction(g)).clamp(0, 1)
             with torch.no_grad():
                 l0, l1 = _ce_order(logits.detach(), yb), _ce_order(s.net(x1).float(), yb)
             usable = (torch.isfinite(g).flatten(1).all(1) & (g != 0).flatten(1).any(1)
@@ -442,7 +458,8 @@ def guard_gradient_direction(s: GuardContext, step: float = 0.25, max_wrong: flo
         wrong += int(bad.sum())
     value = wrong / checked if checked else 0.0
     limit = max(max_wrong, 2.5 / checked) if checked else max_wrong  # a couple of examples is noise
-    label = (f"a step of {step:g} eps along the gradient's sign failed to raise the loss for {wrong} of "
+    along = "the gradient's sign" if s.norm == "linf" else f"the {norm_label(s.norm)}-normalised gradient"
+    label = (f"a step of {step:g} eps along {along} failed to raise the loss for {wrong} of "
              f"{checked} correctly classified examples ({100 * value:.1f}%)")
     return _verdict("gradient-direction", value, limit, label,
                     "the gradient points the wrong way, so PGD walks away from adversarial examples "
@@ -450,21 +467,28 @@ def guard_gradient_direction(s: GuardContext, step: float = 0.25, max_wrong: flo
 
 
 def guard_large_eps(s: GuardContext, steps: int = 10, margin: float = 0.1) -> GuardResult:
-    """PGD at eps >= 0.5 (images can be pushed to grey) must bring accuracy near chance."""
-    big = min(1.0, max(0.5, 4 * s.eps))
-    acc = float(s.pgd_robust(ThreatModel(eps=big, steps=steps)).float().mean())
+    """PGD at eps >= 0.5 (images can be pushed to grey) must bring accuracy near chance.
+
+    In L2 the radius is at least ``0.5 sqrt(d)`` (d: input size), the smallest L2 ball around every
+    input in [0, 1]^d that holds the L-inf ball of 0.5 and so the grey image; at most ``sqrt(d)``.
+    """
+    tm = s.threat()
+    top = tm.max_radius(s.x)  # 1 (L-inf) or sqrt(d) (L2): a ball that holds all of [0, 1]^d
+    big = min(top, max(0.5 * top, 4 * s.eps))
+    acc = float(s.pgd_robust(tm.with_(eps=big, steps=steps)).float().mean())
     limit = 1 / s.num_classes + margin
+    where = f"eps={big:g}" if s.norm == "linf" else f"{norm_label(s.norm)} eps={big:.4g}"
     if acc > limit:
         return GuardResult("large-eps", False, acc, limit,
-                           f"PGD-{steps} at eps={big:g} still leaves {100 * acc:.1f}% accuracy (chance "
+                           f"PGD-{steps} at {where} still leaves {100 * acc:.1f}% accuracy (chance "
                            f"{100 / s.num_classes:.0f}%): the attack is blocked, not the perturbation "
                            f"(gradient masking)")
-    return GuardResult("large-eps", True, acc, limit, f"PGD-{steps} at eps={big:g}: {100 * acc:.1f}% accuracy")
+    return GuardResult("large-eps", True, acc, limit, f"PGD-{steps} at {where}: {100 * acc:.1f}% accuracy")
 
 
 def guard_more_steps(s: GuardContext, weak: int = 5, strong: int = 10, restarts: int = 2) -> GuardResult:
     """PGD with more steps and restarts must not leave more examples robust than a short PGD."""
-    tm = ThreatModel(eps=s.eps, steps=weak)
+    tm = s.threat(steps=weak)
     r_weak = s.pgd_robust(tm)
     r_strong = s.pgd_robust(tm.with_(steps=strong), restarts=restarts)
     s.whitebox_robust = r_weak & r_strong
@@ -485,7 +509,7 @@ def guard_transfer(s: GuardContext, steps: int = 10, tol: float = 0.03) -> Guard
     """
     robust = s.pgd_left_robust()
     idx = robust.nonzero().squeeze(1)
-    tm = ThreatModel(eps=s.eps, steps=steps)
+    tm = s.threat(steps=steps)
     by_checked, by_surrogate = 0, 0
     for i in range(0, len(idx), s.batch_size):
         j = idx[i : i + s.batch_size]
@@ -516,7 +540,10 @@ def guard_black_box(s: GuardContext, min_gap: float = 0.03) -> GuardResult:
     robust = s.pgd_left_robust()
     idx = robust.nonzero().squeeze(1)
     broken = 0
-    square = SquareAttack(s.net, norm="Linf", n_queries=s.square_queries, eps=s.eps, p_init=0.8, n_restarts=1,
+    from .attacks.autoattack import PYAUTOATTACK_NORMS
+
+    square = SquareAttack(s.net, norm=PYAUTOATTACK_NORMS[s.norm], n_queries=s.square_queries, eps=s.eps,
+                          p_init=0.8, n_restarts=1,
                           seed=s.seed, verbose=False, loss="margin", resc_schedule=True, device=s.x.device)
     for i in range(0, len(idx), s.batch_size):
         j = idx[i : i + s.batch_size]

@@ -12,6 +12,7 @@ the run. The command line only parses flags, calls these, and prints.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from .callbacks import Callbacks
 from .checkpoint import atomic_write_text, dump_json, load_checkpoint, resolve_checkpoint
 from .config import TrainConfig
 from .data import DATASETS, TensorData, load_dataset, train_val_split
+from .data.extra import kept_indices, load_extra
 from .evaluation import EvalResult, Progress, evaluate
 from .runs import RunDir, check_writable
 from .training import Trainer, TrainResult
@@ -39,6 +41,8 @@ def train_run(cfg: TrainConfig, *, callbacks: Union[Callbacks, Sequence[Callback
 
     The held-out validation split (``cfg.val_size`` training images, seeded) is what model
     selection uses; the test set is never touched. ``plots`` draws the run's PNGs at the end.
+    ``cfg.labels_kept`` first keeps the labelled real examples (the split is cut from them);
+    ``cfg.extra_data`` is read here and mixed into every batch (docs/extra-data.md).
 
     >>> result = train_run(TrainConfig(method="arow", epochs=1, limit_train=256))  # doctest: +SKIP
     """
@@ -49,18 +53,24 @@ def train_run(cfg: TrainConfig, *, callbacks: Union[Callbacks, Sequence[Callback
     data = load_dataset(cfg.dataset, root=cfg.data_dir, split="train")
     if cfg.limit_train is not None:
         data = data.subset(cfg.limit_train)
+    if cfg.labels_kept is not None:  # the real examples whose labels are dropped are not used at all
+        data = data.index(kept_indices(cfg.labels_kept, data.y, info.num_classes, cfg.seed))
+    extra = load_extra(cfg.extra_data, info.num_classes, (info.image_size, info.image_size, info.in_channels),
+                       take=cfg.extra_take) if cfg.extra_data else None
     val_size = min(cfg.val_size, len(data) // 5)
     train_data, val_data = train_val_split(data, val_size, seed=cfg.seed) if val_size > 0 else (data, None)
     spec = {"name": cfg.model, "num_classes": info.num_classes, "in_channels": info.in_channels,
-            "image_size": info.image_size, "mean": None, "std": None, "dataset": cfg.dataset}
+            "image_size": info.image_size, "mean": None, "std": None, "dataset": cfg.dataset,
+            "activation": cfg.activation}
     if cfg.normalize:
         spec["mean"] = train_data.x.mean(dim=(0, 2, 3)).tolist()
         spec["std"] = train_data.x.std(dim=(0, 2, 3)).tolist()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                        image_size=spec["image_size"], mean=spec["mean"], std=spec["std"])
+                        image_size=spec["image_size"], mean=spec["mean"], std=spec["std"],
+                        activation=spec["activation"])
     return Trainer(cfg, model, train_data, val_data, model_spec=spec, callbacks=callbacks, resume=resume,
-                   plots=plots).fit()
+                   plots=plots, extra=extra).fit()
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -97,12 +107,13 @@ class EvalReport:
     def text(self) -> str:
         """The accuracies as a table, with what was evaluated and every warning that applies."""
         from .report import format_eps, markdown_table
+        from .threat import norm_label
 
         res, info = self.result, self.info
         rows = [[k, f"{100 * v:.2f}%", res.descriptions.get(k, "worst case over all attacks above")]
                 for k, v in res.accuracy.items()]
         lines = [f"{info['dataset']} test set, {res.n} of {info['test_set_size']} images"
-                 f"{' (SUBSET)' if info['subset'] else ''}, eps={format_eps(res.eps)}",
+                 f"{' (SUBSET)' if info['subset'] else ''}, {norm_label(res.norm)} eps={format_eps(res.eps)}",
                  markdown_table(rows, ["attack", "accuracy", "what"])]
         if info["subset"]:
             lines.append(f"WARNING: {info['warning']}.")
@@ -122,13 +133,37 @@ class EvalReport:
         return out
 
 
-def eval_eps(ckpt: dict[str, Any], dataset: str, eps: Optional[float] = None) -> float:
-    """The radius to evaluate at: ``eps`` if given, else the model's training eps, else the dataset's."""
+def trained_norm(ckpt: dict[str, Any]) -> str:
+    """The norm a checkpoint was trained in (``"linf"`` for checkpoints that predate L2)."""
+    return str((ckpt.get("threat") or {}).get("norm") or (ckpt.get("config") or {}).get("norm") or "linf")
+
+
+def eval_norm(ckpt: dict[str, Any], norm: Optional[str] = None) -> str:
+    """The norm to evaluate in: ``norm`` if given, else the one the model was trained in."""
+    from .threat import check_norm
+
+    return check_norm(norm) if norm is not None else trained_norm(ckpt)
+
+
+def eval_eps(ckpt: dict[str, Any], dataset: str, eps: Optional[float] = None, norm: Optional[str] = None) -> float:
+    """The radius to evaluate at: ``eps`` if given, else the model's training eps when ``norm`` is the
+    norm it was trained in, else the data set's default in ``norm`` (L-inf 0.1 or 8/255; L2 1.5 or 0.5)."""
+    from .threat import default_eps
+
+    norm = eval_norm(ckpt, norm)
     if eps is not None:
-        if not eps >= 0 or eps > 1:
-            raise ValueError(f"--eps must be in [0, 1], got {eps}")
+        info = DATASETS.get(dataset)
+        hi = 1.0 if norm == "linf" else math.sqrt(info.in_channels * info.image_size ** 2)
+        if not eps >= 0 or eps > hi:
+            raise ValueError(f"--eps must be in [0, {hi:.4g}] for --norm {norm}, got {eps}")
         return float(eps)
-    return float(ckpt.get("threat", {}).get("eps", DATASETS.get(dataset).eps))
+    trained = (ckpt.get("threat") or {}).get("eps")
+    if trained is not None and norm == trained_norm(ckpt):
+        return float(trained)
+    found = default_eps(dataset, norm)
+    if found is None:
+        raise ValueError(f"no default {norm} eps for data set {dataset!r}: pass --eps")
+    return float(found)
 
 
 def evaluate_run(
@@ -137,6 +172,7 @@ def evaluate_run(
     *,
     n: Optional[int] = None,
     eps: Optional[float] = None,
+    norm: Optional[str] = None,
     which: str = "final",
     model: Optional[nn.Module] = None,
     dataset: Optional[str] = None,
@@ -165,7 +201,9 @@ def evaluate_run(
     metadata of ``source``; ``data`` is a test set already loaded. Results go to ``eval.json`` of
     the run folder (full test set, final model), ``eval_<which>.json`` / ``eval_n<N>.json``
     otherwise, or ``json_out``; an interrupted evaluation continues from ``eval_state/``.
-    ``on_guards(report)`` is called as soon as the guards have run.
+    ``on_guards(report)`` is called as soon as the guards have run. ``norm`` (``"linf"`` or ``"l2"``)
+    defaults to the norm the model was trained in, ``eps`` to its training eps in that norm (else
+    the data set's default in ``norm``).
 
     >>> rep = evaluate_run("runs/fmnist-arow", ["clean", "pgd20"])  # doctest: +SKIP
     >>> rep.accuracy                                               # doctest: +SKIP
@@ -200,8 +238,10 @@ def evaluate_run(
         raise ValueError(f"--dataset {dataset} ({dinfo.in_channels}x{dinfo.image_size}x{dinfo.image_size}, "
                          f"{dinfo.num_classes} classes) does not fit the model in {ckpt_path} "
                          f"({shape[0]}x{shape[1]}x{shape[1]}, {shape[2]} classes)")
-    eps = eval_eps(ckpt, dataset, eps)
-    built = [get_attack(name, eps) for name in attacks]  # a typo fails now, not after the guards
+    norm = eval_norm(ckpt, norm)
+    other_norm = norm if norm != trained_norm(ckpt) else None  # its own file: eval.json stays the trained norm's
+    eps = eval_eps(ckpt, dataset, eps, norm)
+    built = [get_attack(name, eps, norm=norm) for name in attacks]  # a typo fails now, not after the guards
     if data is None:
         data = load_dataset(dataset, root=data_dir or cfg.get("data_dir"), split="test")
     full = len(data)
@@ -209,7 +249,7 @@ def evaluate_run(
         data = data.subset(n)
     run = RunDir(src if src.is_dir() else src.parent)
     tag = which if src.is_dir() else src.stem  # eval.json: the final model on the FULL test set only
-    path = check_writable(json_out if json_out else run.eval_path(tag, len(data), full), "--json")
+    path = check_writable(json_out if json_out else run.eval_path(tag, len(data), full, other_norm), "--json")
     if model is None:
         model = model_from_checkpoint(ckpt, device=dev)
     model = model.to(dev).eval().to(memory_format=torch.channels_last)  # same numbers, 1.3-1.45x on CPU
@@ -221,10 +261,33 @@ def evaluate_run(
         info["warning"] = f"evaluated on a subset ({len(data)} of {full} test images); not a full-test-set number"
     data = data.to(dev)
     report = EvalReport(None, info, path=path)
+    _guarded_evaluate(report, model, data, built, eps=eps, norm=norm, batch_size=batch_size, guards=guards,
+                      guards_n=guards_n, guards_seed=guards_seed, allow_guard_failures=allow_guard_failures,
+                      progress=progress, on_guards=on_guards, state_dir=run.file(RunDir.EVAL_STATE) if resume else None)
+    if report.error:
+        if d.is_main:
+            atomic_write_text(dump_json(report.to_json()) + "\n", path)
+        return report
+    if d.is_main:
+        atomic_write_text(dump_json(report.to_json()) + "\n", path)
+        if {"clean", "autoattack"} <= set(report.accuracy):
+            from .robustbench import model_info, write_model_info
+
+            report.robustbench = write_model_info(model_info(report.to_json()),
+                                                  robustbench or run.file(RunDir.ROBUSTBENCH))
+    return report
+
+
+def _guarded_evaluate(report: EvalReport, model: nn.Module, data: TensorData, attacks: Sequence[Any], *, eps: float,
+                      norm: str = "linf", batch_size: int, guards: bool, guards_n: int, guards_seed: Optional[int],
+                      allow_guard_failures: bool, progress: Optional[Progress] = None,
+                      on_guards: Optional[Callable[["EvalReport"], None]] = None,
+                      state_dir: Optional[Path] = None) -> EvalReport:
+    """The guards (unless ``guards=False``), then the attacks unless a guard tripped: fills ``report``."""
     if guards:  # cheap, so before the evaluation: an untrustworthy model fails fast
         from .guards import run_guards
 
-        report.guards = run_guards(model, data.x, data.y, eps=eps, num_classes=data.num_classes,
+        report.guards = run_guards(model, data.x, data.y, eps=eps, norm=norm, num_classes=data.num_classes,
                                    n=min(guards_n, len(data)), batch_size=batch_size, seed=guards_seed)
         report.guards_ran = True
         report.info["guards_subset"] = getattr(report.guards, "subset", None)
@@ -234,19 +297,130 @@ def evaluate_run(
             bad = report.tripped
             report.error = (f"robustness guard {', '.join(repr(g.name) for g in bad)} tripped: {bad[0].message} "
                             f"(--allow-guard-failures reports the numbers anyway)")
-            if d.is_main:
-                atomic_write_text(dump_json(report.to_json()) + "\n", path)
             return report
     t0 = time.perf_counter()
-    report.result = evaluate(model, data.x, data.y, built, eps=eps, num_classes=data.num_classes,
-                             batch_size=batch_size, progress=progress,
-                             state_dir=run.file(RunDir.EVAL_STATE) if resume else None)
+    report.result = evaluate(model, data.x, data.y, attacks, eps=eps, norm=norm, num_classes=data.num_classes,
+                             batch_size=batch_size, progress=progress, state_dir=state_dir)
     log.debug("evaluation took %.0fs", time.perf_counter() - t0)
+    return report
+
+
+class RobustnessGuardError(ValueError):
+    """A robustness guard tripped: the model's robust accuracy would likely be overstated.
+
+    ``report`` holds the guards' verdicts (:meth:`EvalReport.guards_text`)."""
+
+    def __init__(self, message: str, report: EvalReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def evaluate_model(
+    model: nn.Module,
+    data: Any,
+    y: Any = None,
+    attacks: Sequence[str] = ("clean", "pgd20"),
+    *,
+    eps: float,
+    norm: str = "linf",
+    num_classes: Optional[int] = None,
+    guards: bool = True,
+    guards_n: int = 200,
+    guards_seed: Optional[int] = None,
+    allow_guard_failures: bool = False,
+    batch_size: int = 500,
+    device: Optional[str] = None,
+    progress: Optional[Progress] = None,
+    name: str = "custom",
+) -> EvalReport:
+    """Evaluate any model honestly: the robustness guards, then ``attacks`` in order (``arow.evaluate``).
+
+    ``model`` takes inputs in [0, 1] and returns logits (put normalisation inside it); it runs in
+    eval mode. ``data`` is images with labels ``y``, a :class:`~arow.data.TensorData`, a torch
+    ``Dataset`` or a ``DataLoader`` (see :func:`arow.data.as_data`). The guards (checks against
+    gradient masking and other ways robustness gets overstated) run first on ``guards_n`` examples
+    drawn at random; if one trips, :class:`RobustnessGuardError` is raised unless
+    ``allow_guard_failures`` (then ``report.tripped`` lists them). ``guards=False`` skips them;
+    ``report.guards_ran`` says whether they ran.
+
+    >>> report = arow.evaluate(my_model, test_loader, attacks=["clean", "pgd20", "autoattack"], eps=8/255)  # doctest: +SKIP
+    >>> report.accuracy, report.guards_ran                                                               # doctest: +SKIP
+    ({'clean': 0.83, 'pgd20': 0.51, 'autoattack': 0.47, 'worst_case': 0.47}, True)
+    """
+    from .attacks import get_attack
+    from .data import as_data
+
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if isinstance(attacks, str):
+        attacks = [a.strip() for a in attacks.split(",") if a.strip()]
+    if not attacks:
+        raise ValueError("attacks is empty")
+    if guards and guards_n < 1:
+        raise ValueError(f"guards_n must be >= 1, got {guards_n}")
+    built = [get_attack(a, eps, norm=norm) if isinstance(a, str) else a for a in attacks]
+    td = as_data(data, y, num_classes=num_classes, name=name)
+    dev = torch.device(device) if device else next((p.device for p in model.parameters()), torch.device("cpu"))
+    model = model.to(dev).eval()
+    td = td.to(dev)
+    info: dict[str, Any] = {"dataset": td.name, "test_set_size": len(td), "subset": False,
+                            "model": type(model).__name__}
+    report = _guarded_evaluate(EvalReport(None, info), model, td, built, eps=eps, norm=norm, batch_size=batch_size,
+                               guards=guards, guards_n=guards_n, guards_seed=guards_seed,
+                               allow_guard_failures=allow_guard_failures, progress=progress)
+    if report.error:
+        raise RobustnessGuardError(report.error.replace("--allow-guard-failures", "allow_guard_failures=True"), report)
+    return report
+
+
+def evaluate_user_model(
+    model: nn.Module,
+    dataset: str,
+    attacks: Sequence[str] = ("clean", "pgd20", "cw"),
+    *,
+    eps: float,
+    name: str,
+    norm: str = "linf",
+    n: Optional[int] = None,
+    data_dir: Optional[str] = None,
+    device: str = "auto",
+    batch_size: int = 500,
+    guards: bool = True,
+    guards_n: int = 200,
+    guards_seed: Optional[int] = None,
+    allow_guard_failures: bool = False,
+    json_out: Optional[PathLike] = None,
+    progress: Optional[Progress] = None,
+    on_guards: Optional[Callable[["EvalReport"], None]] = None,
+) -> EvalReport:
+    """``arow eval`` for a model ``arow`` did not build (see :mod:`arow.user_models`): the same
+    guards and attacks as :func:`evaluate_run` on a built-in test set, results in ``json_out``
+    (default ``./eval_<name>.json``, or ``eval_<name>_n<N>.json`` on a subset)."""
+    from . import distributed
+    from .attacks import get_attack
+
+    if dataset not in DATASETS:
+        raise ValueError(f"--dataset is required for your own model (one of: {', '.join(DATASETS.names())})")
+    if eps is None or not eps >= 0:
+        raise ValueError("--eps is required for your own model (e.g. --eps 8/255): its training eps is not known")
+    if n is not None and n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    built = [get_attack(a, eps, norm=norm) for a in attacks]
+    d = distributed.setup(device)
+    dev = distributed.resolve_device(device, d.local_rank)
+    data = load_dataset(dataset, root=data_dir, split="test")
+    full = len(data)
+    if n is not None:
+        data = data.subset(n)
+    path = check_writable(json_out or Path(f"eval_{name}{'' if len(data) == full else f'_n{len(data)}'}.json"), "--json")
+    model = model.to(dev).eval()
+    info: dict[str, Any] = {"dataset": dataset, "test_set_size": full, "subset": len(data) < full, "model": name,
+                            "source": "user model"}
+    if info["subset"]:
+        info["warning"] = f"evaluated on a subset ({len(data)} of {full} test images); not a full-test-set number"
+    report = _guarded_evaluate(EvalReport(None, info, path=path), model, data.to(dev), built, eps=eps, norm=norm,
+                               batch_size=batch_size, guards=guards, guards_n=guards_n, guards_seed=guards_seed,
+                               allow_guard_failures=allow_guard_failures, progress=progress, on_guards=on_guards)
     if d.is_main:
         atomic_write_text(dump_json(report.to_json()) + "\n", path)
-        if {"clean", "autoattack"} <= set(report.accuracy):
-            from .robustbench import model_info, write_model_info
-
-            report.robustbench = write_model_info(model_info(report.to_json()),
-                                                  robustbench or run.file(RunDir.ROBUSTBENCH))
     return report

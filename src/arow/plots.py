@@ -3,7 +3,8 @@
 ``curves.png`` (losses, validation accuracy, learning rate), ``per_class.png`` (test accuracy per
 class from ``eval.json``), ``weights.png`` (how the per-example regularisation weight of ARoW or
 MART is distributed over training) and ``eps_curve.png`` (robust accuracy against the attack
-radius, from :func:`eps_curve`). Figures are drawn with matplotlib's object API on an Agg canvas:
+radius, from :func:`eps_curve`). :func:`compare_runs` draws several runs side by side into a folder
+of its own (``compare_*.png``). Figures are drawn with matplotlib's object API on an Agg canvas:
 no display, and the caller's pyplot state and backend are left alone.
 
 >>> paths = plot_run("runs/fmnist-arow-s0")  # doctest: +SKIP
@@ -64,7 +65,8 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _protocol(run: Run, eps_word: str = "L-inf eps") -> str:
+def _protocol(run: Run, eps_word: Optional[str] = None) -> str:
+    eps_word = eps_word or ("L2 eps" if run.norm == "l2" else "L-inf eps")
     c = run.config
     args = run.resolved.get("method_args") or {}
     hp = ", ".join(f"{k}={v}" for k, v in args.items() if not isinstance(v, bool) and k != "weight")
@@ -76,41 +78,92 @@ def _weight_label(run: Run) -> str:
     method = run.config.get("method")
     if method == "mart":
         return "MART weight 1 - p_y(x) (clean)"
+    if method == "gair-at":
+        return "GAIR-AT weight (normalised to mean 1)"
     if (run.resolved.get("method_args") or {}).get("weight") == "cow":
         return "CoW weight p_y(x) (clean)"
     return "ARoW weight 1 - p_y(x_adv)"
 
 
 # --------------------------------------------------------------------------- training curves
+#: how the loss parts of metrics.jsonl (``train_<part>``) are named in legends
+PART_LABELS = {"natural": "natural (CE on clean inputs)", "adv_bce": "adversarial BCE (MART)",
+               "robust": "robust term", "helper": "helper term (HAT)",
+               "attack_steps": "attack steps (FAT, mean; not a loss)", "kappa": "kappa (GAIR-AT, mean; not a loss)"}
+#: the validation curve model selection reads, in the Trainer's order of precedence
+SELECTION_KEYS = ("swa_val_pgd_acc", "ema_val_pgd_acc", "val_pgd_acc")
+
+
+def part_label(key: str) -> str:
+    """The legend name of a ``train_<part>`` key (``train_adv_bce`` -> ``adversarial BCE (MART)``)."""
+    part = key[len("train_"):] if key.startswith("train_") else key
+    return PART_LABELS.get(part, part)
+
+
+def best_point(run: Run) -> Optional[tuple[int, float, str]]:
+    """Where ``best.pt`` sits on the curves: (epoch, score, the metrics key it was selected on).
+
+    The key is ``swa_val_pgd_acc`` or ``ema_val_pgd_acc`` when the averaged model was validated
+    that epoch (the Trainer then selects on it), else ``val_pgd_acc``.
+    """
+    epoch, score = run.best_epoch()
+    if epoch is None or score is None:
+        return None
+    record = next(r for r in run.metrics if int(r["epoch"]) == epoch)
+    return epoch, score, next(k for k in SELECTION_KEYS if k in record)
+
+
 def plot_curves(run_dir: PathLike) -> Optional[Path]:
     """``curves.png``: loss and its parts, validation accuracy (clean, robust, SWA), learning rate.
+
+    With step records (``--log-every``) the loss, learning rate, weight and gradient norm are drawn
+    per logged step, so a one-epoch run has real curves and the schedule shows its shape.
 
     >>> plot_curves("runs/fmnist-arow-s0")  # doctest: +SKIP
     PosixPath('runs/fmnist-arow-s0/curves.png')
     """
     run = load_run(run_dir)
+    fig = curves_figure(run, RunDir(run.path).read_steps())
+    if fig is None:
+        log.info("%s: no metrics.jsonl yet; no curves.png", run.path)
+        return None
+    return _save(fig, RunDir(run.path).file(RunDir.CURVES))
+
+
+def curves_figure(run: Run, steps: Sequence[dict[str, Any]] = ()) -> Any:
+    """The figure of :func:`plot_curves` (None without epoch records), not yet saved."""
     m = run.metrics
     if not m:
-        log.info("%s: no metrics.jsonl yet; no curves.png", run.path)
         return None
     ep = [r["epoch"] for r in m]
     mk = dict(marker="o", markersize=3) if len(m) <= 30 else {}
     fig = _figure(13, 7.5)
     (ax_loss, ax_acc), (ax_lr, ax_4) = fig.subplots(2, 2)
+    steps = [s for s in steps if "epoch_float" in s]
+    sx = [s["epoch_float"] for s in steps]
+    every = run.config.get("log_every")
+    per = f"mean over {every} steps" if every else "mean since the previous record"
 
-    def series(key: str) -> list[float]:
-        return [r.get(key, math.nan) for r in m]
+    def series(key: str, records: Sequence[dict[str, Any]] = m) -> list[float]:
+        return [r.get(key, math.nan) for r in records]
 
-    ax_loss.plot(ep, series("train_loss"), color="black", lw=2, label="total", **mk)
-    parts = sorted({k for r in m for k in r if k.startswith("train_") and isinstance(r[k], (int, float))}
+    parts = sorted({k for r in [*m, *steps] for k in r if k.startswith("train_") and isinstance(r[k], (int, float))}
                    - {"train_loss", "train_clean_acc", "train_adv_acc", "train_weight_mean"})
-    for k in parts:
-        ax_loss.plot(ep, series(k), label=k[len("train_"):], **mk)
-    ax_loss.set(title="training loss and its parts", xlabel="epoch", ylabel="loss (mean over the epoch)")
+    if steps:  # per logged step as lines, the epoch means as dots of the same colour
+        for k, label, kw in [("train_loss", "total", dict(color="black", lw=1.6))] + \
+                [(k, part_label(k), {}) for k in parts]:
+            (line,) = ax_loss.plot(sx, series(k, steps), label=label, **kw)
+            ax_loss.plot(ep, series(k), ls="none", marker="o", markersize=4, color=line.get_color())
+        ax_loss.plot([], [], ls="none", marker="o", markersize=4, color=C_OTHER, label="epoch means")
+        ax_loss.set(title="training loss and its parts", xlabel="epoch", ylabel=f"loss (step records: {per})")
+    else:
+        ax_loss.plot(ep, series("train_loss"), color="black", lw=2, label="total", **mk)
+        for k in parts:
+            ax_loss.plot(ep, series(k), label=part_label(k), **mk)
+        ax_loss.set(title="training loss and its parts", xlabel="epoch", ylabel="loss (mean over the epoch)")
     ax_loss.legend(fontsize=8)
 
     val = ATTACK_LABELS.get(run.val_attack, run.val_attack)
-    best_epoch, best_score = run.best_epoch()
     for key, label, color, ls in [("val_clean_acc", "val clean", C_CLEAN, "-"),
                                   ("val_pgd_acc", f"val {val}", C_ROBUST, "-"),
                                   ("swa_val_clean_acc", "SWA val clean", C_CLEAN, "--"),
@@ -125,38 +178,66 @@ def plot_curves(run_dir: PathLike) -> Optional[Path]:
             lw = 1.0 if key.startswith("train_") else 1.8
             style = dict(mk, marker="s", markerfacecolor="white") if key[:4] in ("swa_", "ema_") and mk else mk
             ax_acc.plot(xs, ys, color=color, ls=ls, lw=lw, label=label, **style)
-    if best_epoch is not None:
-        ax_acc.axvline(best_epoch, color=C_OTHER, lw=1, ls="-.",
-                       label=f"best.pt: epoch {best_epoch} (val {val} {100 * best_score:.1f}%)")
+    best = best_point(run)
+    if best is not None:  # on the curve it was selected on: the SWA/EMA model's when it was validated
+        best_epoch, best_score, key = best
+        which = {"swa_val_pgd_acc": "SWA val", "ema_val_pgd_acc": "EMA val"}.get(key, "val")
+        ax_acc.axvline(best_epoch, color=C_OTHER, lw=0.8, ls="-.", zorder=1)
+        ax_acc.plot([best_epoch], [100 * best_score], ls="none", marker="*", markersize=13, markerfacecolor="gold",
+                    markeredgecolor="black", zorder=5,
+                    label=f"best.pt: epoch {best_epoch}, selected on {which} {val} ({100 * best_score:.1f}%)")
     ax_acc.set(title="accuracy (val = held-out split of the training set)", xlabel="epoch", ylabel="accuracy (%)",
                ylim=(0, 100))
     # outside the axes: accuracy curves fill any corner of the panel at some point of training
     ax_acc.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     ax_acc.grid(alpha=0.3)
 
-    lr = series("lr")
-    ax_lr.step(ep, lr, where="mid", color="black", **mk)  # "mid": each epoch's value centred on its tick
-    if min(lr) > 0 and max(lr) / min(lr) > 5:
+    stepwise = bool(steps) and any("lr" in s for s in steps)
+    if stepwise:
+        lr = series("lr", steps)
+        ax_lr.plot(sx, lr, color="black", lw=1.4)
+        lr_title = f"learning rate at each step record (every {every} steps)" if every else \
+            "learning rate at each step record"
+    else:
+        lr = series("lr")
+        ax_lr.step(ep, lr, where="mid", color="black", **mk)  # "mid": each epoch's value centred on its tick
+        lr_title = "learning rate per epoch (as in metrics.jsonl)"
+    finite = [v for v in lr if math.isfinite(v)]
+    step_schedule = run.config.get("schedule") == "step"
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 5 and (step_schedule or not stepwise):
         ax_lr.set_yscale("log")  # step schedules drop by 10x: a log axis shows every drop
-        levels = sorted(set(lr))
+        levels = sorted(set(finite))
         if len(levels) <= 6:  # label each level of a step schedule instead of bare powers of ten
             ax_lr.set_yticks(levels, [f"{v:g}" for v in levels])
             ax_lr.minorticks_off()
-    ax_lr.set(title="learning rate per epoch (as in metrics.jsonl)", xlabel="epoch", ylabel="learning rate")
+    ax_lr.set(title=lr_title, xlabel="epoch", ylabel="learning rate")
     ax_lr.grid(alpha=0.3)
 
-    if any("train_weight_mean" in r for r in m):
-        ax_4.plot(ep, series("train_weight_mean"), color="purple", **mk)
-        ax_4.set(title=f"mean {_weight_label(run)}", xlabel="epoch", ylabel="mean weight", ylim=(0, 1))
+    if any("train_weight_mean" in r for r in [*m, *steps]):
+        if any("train_weight_mean" in s for s in steps):
+            ax_4.plot(sx, series("train_weight_mean", steps), color="purple", lw=1.2, label=f"step records ({per})")
+            ax_4.plot(ep, series("train_weight_mean"), ls="none", marker="o", markersize=4, color="purple",
+                      label="epoch means")
+            ax_4.legend(fontsize=8)
+        else:
+            ax_4.plot(ep, series("train_weight_mean"), color="purple", **mk)
+        ax_4.set(title=f"mean {_weight_label(run)}", xlabel="epoch", ylabel="mean weight",
+                 ylim=(0, max([1.0, *(v for v in series("train_weight_mean") if math.isfinite(v))])))
+    elif any("grad_norm" in s for s in steps):
+        ax_4.plot(sx, series("grad_norm", steps), color=C_OTHER, lw=1.2)
+        ax_4.set(title="gradient norm (L2 over all parameters) at each step record", xlabel="epoch",
+                 ylabel="gradient norm")
+        ax_4.set_ylim(bottom=0)
     else:
         ax_4.plot(ep, series("seconds"), color=C_OTHER, **mk)
         ax_4.set(title="time per epoch (training + validation)", xlabel="epoch", ylabel="seconds")
         ax_4.set_ylim(bottom=0)
     ax_4.grid(alpha=0.3)
     for ax in (ax_loss, ax_acc, ax_lr, ax_4):
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if not steps or ax is ax_acc:  # step records fall between the epochs
+            ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(f"Training curves: {_protocol(run)}", fontsize=11)
-    return _save(fig, RunDir(run.path).file(RunDir.CURVES))
+    return fig
 
 
 # --------------------------------------------------------------------------- per-class accuracy
@@ -303,11 +384,13 @@ def eps_curve(
     for f in sorted(set(float(f) for f in factors)):
         e = f * run.eps
         attacks = ["clean"] if e == 0 else ["clean", attack]  # at eps 0 the attack cannot move: clean accuracy
-        res = evaluate(model, data.x, data.y, attacks, eps=e, num_classes=data.num_classes, batch_size=batch_size)
+        res = evaluate(model, data.x, data.y, attacks, eps=e, norm=run.norm, num_classes=data.num_classes,
+                       batch_size=batch_size)
         acc = res.accuracy[attacks[-1]]
         points.append({"factor": f, "eps": e, "accuracy": acc})
         log.info("eps %.4g (%.2g x train eps): %s %.2f%%", e, f, attack, 100 * acc)
-    out = {"run": str(run.path), "dataset": dataset, "method": run.config.get("method"), "train_eps": run.eps,
+    out = {"run": str(run.path), "dataset": dataset, "method": run.config.get("method"), "norm": run.norm,
+           "train_eps": run.eps,
            "attack": attack, "checkpoint": which, "n": len(data), "test_set_size": full, "subset": len(data) < full,
            "points": points}
     RunDir(run.path).write_json(RunDir.EPS_CURVE, out)
@@ -334,7 +417,8 @@ def plot_eps_curve(run_dir: PathLike) -> Path:
     for x, y in zip(xs, ys):
         ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     ax.axvline(d["train_eps"], color=C_OTHER, ls="--", lw=1, label=f"training eps = {format_eps(d['train_eps'])}")
-    ax.set(xlabel="L-inf radius eps of the evaluation attack", ylabel="test accuracy (%)", ylim=(0, 105))
+    ax.set(xlabel=f"{'L2' if d.get('norm') == 'l2' else 'L-inf'} radius eps of the evaluation attack",
+           ylabel="test accuracy (%)", ylim=(0, 105))
     top = ax.secondary_xaxis("top", functions=(lambda e: e / d["train_eps"], lambda f: f * d["train_eps"]))
     top.set_xlabel("eps / training eps")
     ax.grid(alpha=0.3)
@@ -457,3 +541,236 @@ def study_plots(result: dict[str, Any], out_dir: PathLike) -> list[Path]:
         ax.legend(fontsize=8)
         written.append(_save(fig, out_dir / "eps_curve.png"))
     return written
+
+
+# --------------------------------------------------------------------------- runs side by side
+#: robust accuracy a comparison shows: the first of these every compared run has (then any other)
+ROBUST_ORDER = ("autoattack", "worst_case", "pgd20", "cw", "fgsm")
+COMPARE_CURVES, COMPARE_PER_CLASS, COMPARE_WEIGHTS, COMPARE_TRADEOFF = (
+    "compare_curves.png", "compare_per_class.png", "compare_weights.png", "compare_tradeoff.png")
+
+
+def compare_runs(paths: Sequence[PathLike], out_dir: PathLike) -> list[Path]:
+    """Comparison figures of several run folders, written into ``out_dir`` (not one of the runs):
+
+    ``compare_curves.png`` (validation clean and robust accuracy per epoch, one colour per run),
+    ``compare_per_class.png`` (per-class robust test accuracy from each ``eval.json``),
+    ``compare_weights.png`` (the per-example weight's distribution at the last epoch, for the runs
+    that log one) and ``compare_tradeoff.png`` (final clean against robust test accuracy, one point
+    per run). A run without the data a figure needs is left out of it, with a log line and a note
+    in the figure; a figure no run has data for is not written.
+
+    >>> compare_runs(["runs/fmnist-arow-s0", "runs/fmnist-trades-s0"], "figures")  # doctest: +SKIP
+    [PosixPath('figures/compare_curves.png'), ...]
+    """
+    runs = [load_run(p) for p in paths]
+    if not runs:
+        raise ValueError("compare_runs needs at least one run folder")
+    out = check_compare_out(out_dir, paths)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = run_labels(runs)
+    cmap = _colormap("tab10" if len(runs) <= 10 else "tab20")
+    colours = [cmap(i % cmap.N) for i in range(len(runs))]
+    written = []
+    for draw in (_compare_curves, _compare_per_class, _compare_weights, _compare_tradeoff):
+        path = draw(runs, labels, colours, out)
+        if path is not None:
+            written.append(path)
+    return written
+
+
+def check_compare_out(out_dir: PathLike, paths: Sequence[PathLike]) -> Path:
+    """``out_dir`` as a Path, refused (ValueError) if it is a run folder, listed or not, or a file."""
+    out = Path(out_dir)
+    if out.resolve() in {Path(p).resolve() for p in paths} or (out / RunDir.CONFIG).is_file():
+        raise ValueError(f"--out {out} is a run folder; the comparison figures go to a folder of their own "
+                         f"(e.g. --out figures)")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    return out
+
+
+def run_labels(runs: Sequence[Run]) -> list[str]:
+    """Legend names of runs: the folder names, else parent/folder, else method and seed as well."""
+    names = [r.path.name for r in runs]
+    if len(set(names)) < len(names):
+        names = [f"{r.path.parent.name}/{r.path.name}" for r in runs]
+    if len(set(names)) < len(names):
+        names = [f"{n} ({r.config.get('method')}, seed {r.config.get('seed')}) #{i + 1}"
+                 for i, (n, r) in enumerate(zip(names, runs))]
+    return names
+
+
+def _left_out(what: str, labels: Sequence[str]) -> str:
+    return f"\nleft out ({what}): {', '.join(labels)}" if labels else ""
+
+
+def _robust_key(dicts: Sequence[dict[str, Any]]) -> Optional[str]:
+    """The robust accuracy every mapping in ``dicts`` has, in :data:`ROBUST_ORDER` (None if none is common)."""
+    common = set.intersection(*(set(d) for d in dicts)) - {"clean"} if dicts else set()
+    return next((k for k in ROBUST_ORDER if k in common), min(common) if common else None)
+
+
+def _compare_curves(runs: Sequence[Run], labels: Sequence[str], colours: Sequence[Any], out: Path) -> Optional[Path]:
+    from matplotlib.lines import Line2D
+
+    shown = [(r, lab, c) for r, lab, c in zip(runs, labels, colours) if any("val_pgd_acc" in m for m in r.metrics)]
+    missing = [lab for r, lab in zip(runs, labels) if all(r is not s for s, _, _ in shown)]
+    for r, lab in zip(runs, labels):
+        if lab in missing:
+            log.info("%s: no validation records in metrics.jsonl; left out of %s", r.path, COMPARE_CURVES)
+    if not shown:
+        log.info("no run has validation records; no %s", COMPARE_CURVES)
+        return None
+    attacks = {r.val_attack for r, _, _ in shown}
+    val = ATTACK_LABELS.get(next(iter(attacks)), next(iter(attacks))) if len(attacks) == 1 else "robust"
+    fig = _figure(11, 5.5)
+    ax = fig.subplots()
+    averaged = False
+    for r, lab, c in shown:
+        mk = dict(marker="o", markersize=3) if len(r.metrics) <= 30 else {}
+        for key, ls, lw in (("val_pgd_acc", "-", 1.8), ("val_clean_acc", "--", 1.2)):
+            pts = [(rec["epoch"], 100 * rec[key]) for rec in r.metrics if key in rec]
+            if pts:
+                ax.plot(*zip(*pts), color=c, ls=ls, lw=lw, label=lab if key == "val_pgd_acc" else None, **mk)
+        for pre in ("swa_", "ema_"):
+            pts = [(rec["epoch"], 100 * rec[f"{pre}val_pgd_acc"]) for rec in r.metrics if f"{pre}val_pgd_acc" in rec]
+            if pts:
+                averaged = True
+                ax.plot(*zip(*pts), color=c, ls=":", lw=1.6)
+    runs_legend = ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+                            title="run (colour)", title_fontsize=8)
+    ax.add_artist(runs_legend)
+    styles = [Line2D([], [], color="black", ls="-", lw=1.8, label=f"val {val}"),
+              Line2D([], [], color="black", ls="--", lw=1.2, label="val clean")]
+    if averaged:
+        styles.append(Line2D([], [], color="black", ls=":", lw=1.6, label=f"SWA/EMA model val {val}"))
+    ax.legend(handles=styles, fontsize=8, loc="lower left", bbox_to_anchor=(1.02, 0.0), borderaxespad=0,
+              title="line", title_fontsize=8)
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", ylim=(0, 100),
+           title="validation accuracy per epoch (held-out split of each run's training set)"
+                 + _left_out("no validation records", missing))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    return _save(fig, out / COMPARE_CURVES)
+
+
+def _compare_per_class(runs: Sequence[Run], labels: Sequence[str], colours: Sequence[Any],
+                       out: Path) -> Optional[Path]:
+    have, missing = [], []
+    for r, lab, c in zip(runs, labels, colours):
+        pc = (r.eval or {}).get("per_class") or {}
+        if pc:
+            have.append((r, lab, c, pc))
+        else:
+            missing.append(lab)
+            log.info("%s: no eval.json with per-class numbers (run `arow eval` first); left out of %s",
+                     r.path, COMPARE_PER_CLASS)
+    if not have:
+        log.info("no run has per-class numbers; no %s", COMPARE_PER_CLASS)
+        return None
+    n_cls = len(next(iter(have[0][3].values())))
+    other = [lab for _, lab, _, pc in have if len(next(iter(pc.values()))) != n_cls]
+    have = [h for h in have if h[1] not in other]
+    attack = _robust_key([pc for *_, pc in have])
+    fig = _figure(min(max(8.0, 0.35 * n_cls * len(have) + 3), 40), 5.0)
+    ax = fig.subplots()
+    x = np.arange(n_cls)
+    width = 0.8 / len(have)
+    for i, (r, lab, c, pc) in enumerate(have):
+        key = attack or next((k for k in ROBUST_ORDER if k in pc),
+                             min((k for k in pc if k != "clean"), default="clean"))
+        vals = [100 * (v if v is not None else math.nan) for v in pc[key]]
+        acc = (r.eval or {}).get("accuracy", {}).get(key)
+        name = ATTACK_LABELS.get(key, key)
+        label = lab + (f": {name}" if attack is None else "") + (f" ({100 * acc:.1f}% overall)" if acc is not None
+                                                                 else "")
+        ax.bar(x + (i - (len(have) - 1) / 2) * width, vals, width, color=c, label=label)
+    datasets = {str((r.eval or {}).get("dataset") or r.config.get("dataset")) for r, *_ in have}
+    names = CLASS_NAMES.get(next(iter(datasets)), []) if len(datasets) == 1 else []
+    ax.set_xticks(x, names if len(names) == n_cls else [str(i) for i in range(n_cls)],
+                  rotation=30 if n_cls <= 20 else 90, ha="right" if n_cls <= 20 else "center")
+    what = ATTACK_LABELS.get(attack, attack) if attack else "each run's robust"
+    ax.set(xlabel="class", ylabel=f"{what} test accuracy (%)", ylim=(0, 118))
+    ax.set_yticks(range(0, 101, 20))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncols=min(len(have), 4), loc="upper left")
+    ax.set_title(f"per-class {what} accuracy of each run's final model (eval.json)"
+                 + _left_out("no eval.json per-class numbers", missing)
+                 + _left_out(f"not {n_cls} classes", other), fontsize=10)
+    return _save(fig, out / COMPARE_PER_CLASS)
+
+
+def _compare_weights(runs: Sequence[Run], labels: Sequence[str], colours: Sequence[Any],
+                     out: Path) -> Optional[Path]:
+    have, missing = [], []
+    for r, lab, c in zip(runs, labels, colours):
+        last = r.metrics[-1] if r.metrics else {}
+        if last.get("weight_hist"):
+            have.append((r, lab, c, last))
+        else:
+            missing.append(lab)
+            log.info("%s: no per-example weight at its last epoch (method %s); left out of %s", r.path,
+                     r.config.get("method"), COMPARE_WEIGHTS)
+    if not have:
+        log.info("no run logs a per-example weight; no %s", COMPARE_WEIGHTS)
+        return None
+    fig = _figure(10, 5.0)
+    ax = fig.subplots()
+    for r, lab, c, last in have:
+        hist = np.asarray(last["weight_hist"], dtype=float)
+        share = 100 * hist / max(hist.sum(), 1.0)
+        centres = (np.arange(len(hist)) + 0.5) / len(hist)
+        mean = last.get("train_weight_mean")
+        ax.plot(centres, share, color=c, marker="o", markersize=3, lw=1.6,
+                label=f"{lab}: {_weight_label(r)}, epoch {last['epoch']}"
+                      + (f", mean {mean:.2f}" if isinstance(mean, (int, float)) else ""))
+    ax.axvline(0.5, color=C_OTHER, lw=0.8, ls="--")
+    bins = len(have[0][3]["weight_hist"])
+    ax.set(xlabel=f"per-example weight (centres of {bins} bins over [0, 1])", ylabel="% of training examples",
+           xlim=(0, 1), title="distribution of the per-example weight at each run's last epoch"
+                             + _left_out("no per-example weight", missing))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / COMPARE_WEIGHTS)
+
+
+def _compare_tradeoff(runs: Sequence[Run], labels: Sequence[str], colours: Sequence[Any],
+                      out: Path) -> Optional[Path]:
+    have = [(r, lab, c) for r, lab, c in zip(runs, labels, colours)
+            if r.eval is not None and "clean" in r.eval.get("accuracy", {}) and len(r.eval["accuracy"]) > 1]
+    missing = [lab for r, lab in zip(runs, labels) if all(r is not s for s, _, _ in have)]
+    for r, lab in zip(runs, labels):
+        if lab in missing:
+            log.info("%s: no eval.json with clean and robust accuracy (run `arow eval` first); left out of %s",
+                     r.path, COMPARE_TRADEOFF)
+    if not have:
+        log.info("no run has an eval.json; no %s", COMPARE_TRADEOFF)
+        return None
+    attack = _robust_key([r.eval["accuracy"] for r, _, _ in have])
+    fig = _figure(7.5, 5.5)
+    ax = fig.subplots()
+    sizes = {(r.eval.get("n"), r.eval.get("test_set_size")) for r, _, _ in have}
+    for r, lab, c in have:
+        acc = r.eval["accuracy"]
+        key = attack or next((k for k in ROBUST_ORDER if k in acc), min(k for k in acc if k != "clean"))
+        x, y = 100 * acc["clean"], 100 * acc[key]
+        extra = "" if attack else f", {ATTACK_LABELS.get(key, key)}"
+        extra += f", n={r.eval.get('n')}" if len(sizes) > 1 else ""
+        ax.scatter([x], [y], color=c, s=48, edgecolor="black", linewidth=0.5, zorder=3,
+                   label=lab + (f" ({extra[2:]})" if extra else ""))
+        ax.annotate(lab, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    what = ATTACK_LABELS.get(attack, attack) if attack else "robust (each run's first attack)"
+    if len(sizes) == 1:
+        n, full = next(iter(sizes))
+        on = f"{n} of {full} test images" + (" (SUBSET)" if n is not None and full is not None and n < full else "")
+    else:
+        on = "test sets of different sizes (n per run)"
+    ax.set(xlabel="clean test accuracy (%)", ylabel=f"{what} test accuracy (%)")
+    ax.set_title(f"clean vs {what} accuracy of each run's final model (eval.json)\n{on}"
+                 + _left_out("no eval.json", missing), fontsize=10)
+    ax.margins(0.15)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, out / COMPARE_TRADEOFF)

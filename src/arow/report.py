@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence, Union
 
 from .config import TrainConfig
 from .runs import RunDir, RunFolderError  # noqa: F401  (RunFolderError: part of this module's API)
+from .threat import norm_label
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -57,6 +58,13 @@ class Run:
         return None if eps is None else float(eps)
 
     @property
+    def norm(self) -> str:
+        """The threat model of the reported numbers: the evaluation's, else the training's (L-inf before L2 existed)."""
+        if self.eval is not None and self.eval.get("norm"):
+            return str(self.eval["norm"])
+        return str(self.resolved.get("norm") or self.config.get("norm") or "linf")
+
+    @property
     def val_attack(self) -> str:
         return self.config.get("val_attack", "pgd20")
 
@@ -86,6 +94,7 @@ class Run:
                 key[f"resolved.{k}"] = res[k]
         if self.eval is not None:
             key["eval.n"] = self.eval.get("n")
+            key["eval.norm"] = self.eval.get("norm", "linf")
             key["eval.attacks"] = sorted(self.eval.get("accuracy", {}))
         return json.dumps(key, sort_keys=True, default=str)
 
@@ -298,7 +307,8 @@ class Report:
             best_s = DASH if all(e is None for e in epochs) else (
                 ", ".join(DASH if e is None else str(e) for e in epochs) + f" ({best.fmt()})")
             row = [str(r0.config.get("method")), str(r0.config.get("model")), str(r0.config.get("dataset")),
-                   format_eps(r0.eps), ", ".join(str(s) for s in g.seeds), n]
+                   format_eps(r0.eps) + ("" if r0.norm == "linf" else f" ({norm_label(r0.norm)})"),
+                   ", ".join(str(s) for s in g.seeds), n]
             row += [g.attack(a).fmt() for a in self.attacks]
             row += [g.val("clean").fmt(), g.val("pgd").fmt(), best_s]
             if diff:
@@ -313,7 +323,8 @@ class Report:
         if not self._has_notes():  # an empty last column only widens the table
             cols, rows = cols[:-1], [r[:-1] for r in rows]
         runs = [r for g in self.groups for r in g.runs]
-        protocol = sorted({f"{r.config.get('dataset')} at eps={format_eps(r.eps)} (L-inf)" for r in runs})
+        protocol = sorted({f"{r.config.get('dataset')} at eps={format_eps(r.eps)} ({norm_label(r.norm)})"
+                           for r in runs})
         notes = [
             "Test accuracy in %, mean ± sample std (n-1) over the listed seeds; one seed: the number alone.",
             "Runs are pooled when their configs differ only in seed and run folder and they were evaluated "

@@ -1,4 +1,4 @@
-"""Export an evaluation as a RobustBench model-info JSON (``model_info/<dataset>/Linf/<Name>.json``).
+"""Export an evaluation as a RobustBench model-info JSON (``model_info/<dataset>/<Linf|L2>/<Name>.json``).
 
 RobustBench's files hold strings: accuracies in percent with two decimals, eps as ``"8/255"``
 for the radii written that way (:func:`arow.report.format_eps`: 0.2 stays ``"0.2"``). We add
@@ -40,7 +40,7 @@ PAPERS: dict[str, dict[str, str]] = {
 }
 ARCHITECTURES = {"small-cnn": "SmallCNN (4 conv + 3 fc)", "resnet18": "ResNet-18",
                  "preact-resnet18": "PreActResNet-18", "wrn-34-10": "WideResNet-34-10",
-                 "wrn-28-10": "WideResNet-28-10"}
+                 "wrn-28-10": "WideResNet-28-10", "wrn-70-16": "WideResNet-70-16"}
 
 
 def _pct(fraction: float) -> str:
@@ -96,7 +96,7 @@ def model_info(ev: dict[str, Any], *, name: Optional[str] = None, link: Optional
         "footnote": " ".join(notes) or None,
         "unreliable": bool(guards_failed) or not aa.get("standard", False),
         "n_test_points": n,
-        "threat_model": "Linf",
+        "threat_model": "L2" if ev.get("norm") == "l2" else "Linf",  # RobustBench's leaderboards: Linf, L2
         "autoattack_version": aa.get("version"),
         "autoattack_seed": aa.get("seed"),
         "pyautoattack_version": aa.get("pyautoattack_version"),

@@ -4,7 +4,7 @@ A run folder (``arow train --out DIR``) holds:
 
 ==================  =========================================================================
 ``config.json``     the resolved config (replays the run: ``arow train --config DIR/config.json``)
-``metrics.jsonl``   one JSON object per epoch
+``metrics.jsonl``   one JSON object per epoch (and per N steps with ``--log-every N``)
 ``last.pt``         the full resumable state after the latest epoch (optimiser, RNG, SWA/EMA)
 ``last.prev.pt``    the state one epoch earlier: the fallback when ``last.pt`` is damaged
 ``best.pt``         the epoch selected on the held-out validation split
@@ -32,7 +32,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from .checkpoint import (CheckpointError, append_line, atomic_save, atomic_write_text, dump_json, load_checkpoint,
                          remove_stale_tmp)
@@ -146,10 +146,20 @@ class RunDir:
         return config
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """The epoch records of ``metrics.jsonl`` (null, a non-finite number, reads as missing)."""
-        path, records = self.file(self.METRICS), []
+        """The epoch records of ``metrics.jsonl`` (null, a non-finite number, reads as missing).
+
+        Step records (``--log-every``) are left out; :meth:`read_steps` reads them."""
+        return self._read_records()[0]
+
+    def read_steps(self) -> list[dict[str, Any]]:
+        """The step records of ``metrics.jsonl`` (``--log-every N``: ``step``, ``epoch_float``, ``lr``,
+        the training loss and its parts over the last N steps, ``grad_norm``); empty without them."""
+        return self._read_records()[1]
+
+    def _read_records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        path, epochs, steps = self.file(self.METRICS), [], []
         if not path.is_file():
-            return records
+            return epochs, steps
         for i, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -157,11 +167,14 @@ class RunDir:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RunFolderError(f"{path} line {i}: not JSON ({e})") from None
-            epoch = rec.get("epoch") if isinstance(rec, dict) else None
-            if isinstance(epoch, bool) or not isinstance(epoch, int):
-                raise RunFolderError(f"{path} line {i}: not an epoch record (no integer 'epoch')")
-            records.append({k: v for k, v in rec.items() if v is not None})
-        return records
+            if isinstance(rec, dict) and "epoch" not in rec and _is_int(rec.get("step")):
+                steps.append({k: v for k, v in rec.items() if v is not None})
+                continue
+            if not _is_int(rec.get("epoch") if isinstance(rec, dict) else None):
+                raise RunFolderError(f"{path} line {i}: not an epoch record (no integer 'epoch') "
+                                     f"nor a step record (no integer 'step')")
+            epochs.append({k: v for k, v in rec.items() if v is not None})
+        return epochs, steps
 
     def read_eval(self, name: Optional[str] = None) -> Optional[dict[str, Any]]:
         """An evaluation written by ``arow eval`` (default ``eval.json``), None if there is none."""
@@ -182,23 +195,27 @@ class RunDir:
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_line(self.file(self.METRICS), dump_json(record, None))
 
-    def write_metrics(self, records: list[dict[str, Any]]) -> None:
-        """Replace ``metrics.jsonl`` by ``records`` (a resumed run drops lines of unsaved epochs)."""
-        atomic_write_text("".join(dump_json(r, None) + "\n" for r in records), self.file(self.METRICS))
+    def write_metrics(self, records: list[dict[str, Any]], steps: Sequence[dict[str, Any]] = ()) -> None:
+        """Replace ``metrics.jsonl`` by the epoch ``records`` and the step records ``steps``, each
+        step before the end of its epoch (a resumed run drops lines of unsaved epochs)."""
+        merged = sorted([(float(r["epoch"]), 1, i, r) for i, r in enumerate(records)]
+                        + [(float(s.get("epoch_float", 0.0)), 0, i, s) for i, s in enumerate(steps)],
+                        key=lambda t: t[:3])
+        atomic_write_text("".join(dump_json(t[3], None) + "\n" for t in merged), self.file(self.METRICS))
 
     # ----------------------------------------------------------------- checkpoints
     def save_epoch(self, ckpt: dict[str, Any], best: Optional[dict[str, Any]] = None) -> None:
         """The epoch's checkpoints: ``best.pt`` (if it improved) before ``last.pt``; the old
         ``last.pt`` is kept as ``last.prev.pt``."""
         if best is not None:
-            atomic_save(best, self.file(self.BEST))
+            atomic_save(model_only(best), self.file(self.BEST))
         last = self.file(self.LAST)
         if last.is_file() and not last.is_symlink():
             os.replace(last, self.file(self.PREV))
         atomic_save(ckpt, last)
 
     def save_final(self, ckpt: dict[str, Any]) -> None:
-        atomic_save(ckpt, self.file(self.FINAL))
+        atomic_save(model_only(ckpt), self.file(self.FINAL))
 
     def load_resume_state(self) -> dict[str, Any]:
         """The newest readable resumable state: ``last.pt``, else ``last.prev.pt`` (saying so)."""
@@ -232,13 +249,28 @@ class RunDir:
         self.file(self.DIVERGED).unlink(missing_ok=True)
 
     # ----------------------------------------------------------------- evaluation
-    def eval_path(self, which: str = "final", n: Optional[int] = None, full: Optional[int] = None) -> Path:
+    def eval_path(self, which: str = "final", n: Optional[int] = None, full: Optional[int] = None,
+                  norm: Optional[str] = None) -> Path:
         """Where an evaluation of checkpoint ``which`` is written: ``eval.json`` holds the final model
-        on the full test set only; a subset of ``n`` images goes to ``eval_n<N>.json``."""
+        on the full test set only; a subset of ``n`` images goes to ``eval_n<N>.json``; ``norm`` (an
+        evaluation in another norm than the model was trained in) adds ``_<norm>``: ``eval_l2.json``."""
         stem = "eval" if which == "final" else f"eval_{which}"
+        if norm is not None:
+            stem += f"_{norm}"
         if n is not None and full is not None and n < full:
             stem += f"_n{n}"
         return self.file(stem + ".json")
+
+
+#: what best.pt and final.pt keep: what evaluation and export need. Only last.pt holds the optimiser,
+#: SWA/EMA and RNG state that a resumed run needs (for a WRN-34-10 that is 2/3 of the file).
+MODEL_KEYS = ("model", "model_spec", "config", "threat", "epoch", "history", "best", "version", "final_source",
+              "model_source")
+
+
+def model_only(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """``ckpt`` without the training state: weights, model spec, config, threat and history."""
+    return {k: v for k, v in ckpt.items() if k in MODEL_KEYS}
 
 
 def check_writable(path: PathLike, what: str = "output") -> Path:
@@ -254,6 +286,10 @@ def check_writable(path: PathLike, what: str = "output") -> Path:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ValueError(f"{what} {path} is not writable")
     return path
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _read_json(path: Path) -> Any:

@@ -50,7 +50,9 @@ PathLike = Union[str, os.PathLike]
 STUDY_FILE = "study.json"
 FAILED_FILE = "study_failed.json"
 LOG_FILE = "study.log"
-METRIC_LABELS = {"autoattack": "AutoAttack", "pgd20": "PGD-20", "cw": "CW-30", "fgsm": "FGSM", "clean": "clean"}
+#: the reported model's last validation on the held-out training split (never the test set)
+VAL_METRICS = ("val_robust", "val_clean")
+METRIC_LABELS = {"val_robust": "validation robust", "val_clean": "validation clean", "autoattack": "AutoAttack", "pgd20": "PGD-20", "cw": "CW-30", "fgsm": "FGSM", "clean": "clean"}
 
 
 def metric_names(spec: Union["StudySpec", dict[str, Any]]) -> list[str]:
@@ -230,6 +232,9 @@ def _config_flags(overrides: dict[str, Any]) -> list[str]:
             continue
         if isinstance(v, bool):
             out.append(_flag(k) if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+            for x in v:  # list-of-strings flags repeat (--extra-data A --extra-data B)
+                out += [_flag(k), x]
         elif isinstance(v, (list, tuple)):
             out += [_flag(k), ",".join(str(x) for x in v)]
         else:
@@ -502,9 +507,14 @@ def _cell_result(study: Study, cell: Cell) -> dict[str, Any]:
     if curve and curve.get("n") == spec.eps_curve_n:
         r["eps_curve"] = [(p["eps"], p["accuracy"]) for p in curve["points"]]
     metrics = [m for m in run.read_metrics() if "seconds" in m] if run.file("metrics.jsonl").exists() else []
-    if metrics:
+    if metrics and run.file("final.pt").exists():  # a finished training run (not one still going)
         r["seconds_per_epoch"] = sum(m["seconds"] for m in metrics) / len(metrics)
         r["epochs"] = len(metrics)
+        last = metrics[-1]  # the reported model's validation on the held-out training split
+        pre = next((p for p in ("swa_", "ema_") if f"{p}val_pgd_acc" in last), "")
+        for key, name in (("val_pgd_acc", "val_robust"), ("val_clean_acc", "val_clean")):
+            if last.get(pre + key) is not None:
+                r["accuracy"][name] = last[pre + key]
     if failed:
         r["status"] = "failed"
         r["error"] = failed.get("error")
@@ -526,14 +536,14 @@ def collect(path: PathLike, *, plots: bool = True) -> dict[str, Any]:
         done = [r for r in by_label[v.label] if r["status"] != "failed"]
         row: dict[str, Any] = {"label": v.label, "method": v.method, "method_args": v.method_args,
                                "overrides": v.overrides, "metrics": {}, "paired": {}}
-        for m in metrics_ + ["seconds_per_epoch"]:
-            vals = {r["seed"]: (r["accuracy"].get(m) if m in metrics_ else r.get(m)) for r in done}
+        for m in metrics_ + list(VAL_METRICS) + ["seconds_per_epoch"]:
+            vals = {r["seed"]: (r.get(m) if m == "seconds_per_epoch" else r["accuracy"].get(m)) for r in done}
             vals = {s: x for s, x in vals.items() if x is not None}
             row["metrics"][m] = {"per_seed": vals, **asdict(summarize(list(vals.values())))}
         rows.append(row)
     base = next(r for r in rows if r["label"] == spec.baseline)
     for row in rows:
-        for m in metrics_:
+        for m in metrics_ + list(VAL_METRICS):
             row["paired"][m] = asdict(paired(row["metrics"][m]["per_seed"], base["metrics"][m]["per_seed"]))
     result = {"spec": spec.to_dict(), "metrics": metrics_, "cells": cells, "rows": rows, "baseline": spec.baseline,
               "interval": "95% Student-t interval of the mean paired difference over seeds (df = pairs - 1)",
@@ -604,14 +614,32 @@ def markdown(result: dict[str, Any]) -> str:
                             f"won {p['wins']}/{p['n']}")
         table.append(line)
     out.append(markdown_table(table, ["method"] + [lab for _, lab in metric_cols]))
+    out += ["", "## Held-out validation (last epoch)", "",
+            "Accuracy of the reported model on the held-out split of the TRAINING set (the number model "
+            "selection and recipe choices use; never the test set), mean ± sample std over seeds, and the "
+            f"paired difference against `{result['baseline']}`.", ""]
+    table = []
+    for r in rows:
+        line = [r["label"]]
+        for m in VAL_METRICS:
+            line.append(_ms(r["metrics"][m]))
+        for m in VAL_METRICS:
+            p = r["paired"][m]
+            line.append("-" if p["mean"] is None or r["label"] == result["baseline"] else
+                        f"{100 * p['mean']:+.2f}" + ("" if p["low"] is None else
+                                                     f" [{100 * p['low']:+.2f}, {100 * p['high']:+.2f}]"))
+        table.append(line)
+    out.append(markdown_table(table, ["method", "val robust", "val clean", "paired robust", "paired clean"]))
     out += ["", "## Every run", ""]
     table = []
     for c in cells:
         acc = c["accuracy"]
         status = c["status"] if c["status"] != "failed" else f"failed ({c.get('failed_step')}): {c.get('error')}"
         table.append([c["label"], str(c["seed"])] + [_pct(acc.get(m)) for m, _ in metric_cols]
+                     + [_pct(acc.get("val_robust")), _pct(acc.get("val_clean"))]
                      + [f"{c['seconds_per_epoch']:.0f}" if c.get("seconds_per_epoch") else "-", status])
-    out.append(markdown_table(table, ["method", "seed"] + [lab for _, lab in metric_cols] + ["s / epoch", "status"]))
+    out.append(markdown_table(table, ["method", "seed"] + [lab for _, lab in metric_cols]
+                              + ["val robust", "val clean", "s / epoch", "status"]))
     pending = [c for c in cells if c["status"] != "done"]
     if pending:
         out += ["", f"{len(pending)} of {len(cells)} runs are not finished or failed; the statistics above use "
@@ -622,6 +650,7 @@ def markdown(result: dict[str, Any]) -> str:
 def _csv(cells: list[dict[str, Any]], metrics: Sequence[str]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
+    metrics = [*metrics, *VAL_METRICS]
     w.writerow(["label", "method", "seed", *metrics, "seconds_per_epoch", "status", "error", "folder"])
     for c in cells:
         w.writerow([c["label"], c["method"], c["seed"], *[c["accuracy"].get(m, "") for m in metrics],

@@ -1,10 +1,11 @@
-"""The L-inf threat model: the one place that knows the geometry of the eps-ball.
+"""The threat models (L-inf and L2 balls): the one place that knows the geometry of the eps-ball.
 
 Every attack and training method starts, steps, projects and clamps through a
 :class:`ThreatModel`; nobody else re-implements projection.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -12,14 +13,63 @@ import torch
 
 from .rng import BatchRNG
 
+#: the threat models: the L-inf ball (each pixel moves by at most eps) and the L2 ball (the
+#: Euclidean length of the whole perturbation of one example is at most eps)
+NORMS = ("linf", "l2")
+#: how tables and reports write each norm
+NORM_LABELS = {"linf": "L-inf", "l2": "L2"}
+#: the default L2 radius per data set: 0.5 on 32x32 colour images (RobustBench's L2 leaderboard
+#: for CIFAR-10), 1.5 on 28x28 grey images (the usual MNIST-like L2 radius); the L-inf default is
+#: the data set's own ``eps`` (``arow.data.DATASETS``)
+L2_EPS = {"fashion-mnist": 1.5, "cifar10": 0.5, "cifar100": 0.5, "svhn": 0.5}
+
+
+def check_norm(norm: str) -> str:
+    """``norm`` if it names a threat model, else a one-line ValueError."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    return norm
+
+
+def norm_label(norm: str) -> str:
+    """How a table writes the norm: ``'L-inf'`` or ``'L2'``."""
+    return NORM_LABELS[check_norm(norm)]
+
+
+def default_eps(dataset: str, norm: str = "linf") -> Optional[float]:
+    """The data set's default radius in ``norm`` (None for an unknown data set).
+
+    >>> default_eps("cifar10", "l2"), default_eps("fashion-mnist", "linf")
+    (0.5, 0.1)
+    """
+    from .data import DATASETS
+
+    if check_norm(norm) == "l2":
+        return L2_EPS.get(dataset)
+    return float(DATASETS.get(dataset).eps) if dataset in DATASETS else None
+
 
 @dataclass(frozen=True)
 class ThreatModel:
-    """An L-inf ball of radius ``eps`` around inputs in [0, 1], searched by sign-gradient steps.
+    """A ball of radius ``eps`` around inputs in [0, 1] (L-inf or L2), searched by projected gradient steps.
+
+    L-inf (``norm="linf"``): the random start is uniform in the box, a step moves every pixel by
+    the step size along the gradient's sign, projection clips each pixel to ``[x - eps, x + eps]``.
+    L2 (``norm="l2"``): the random start is uniform in the ball (direction ~ N(0, I), radius
+    ``eps * U^(1/d)`` with d the input size of one example), a step moves by the step size along
+    the gradient divided by its L2 norm (per example; a zero gradient does not move), projection
+    rescales ``delta = x_adv - x`` by ``min(1, eps / ||delta||_2)``. Both then clamp to [0, 1]
+    (which only shortens delta, so the result stays in the ball). The start ``"normal"`` is
+    TRADES' ``x + 0.001 N(0, 1)`` in both norms.
+
+    The step size defaults to eps/4 in both norms: with the default 10 steps that is
+    2.5 eps / steps, the step of Madry et al.'s ``robustness`` library for either norm.
 
     >>> tm = ThreatModel(eps=0.1, steps=10)      # step defaults to eps / 4
     >>> tm.step_size
     0.025
+    >>> ThreatModel(eps=0.5, norm="l2").step_size
+    0.125
     """
 
     eps: float
@@ -29,8 +79,8 @@ class ThreatModel:
     norm: str = "linf"
 
     def __post_init__(self) -> None:
-        if self.norm != "linf":
-            raise ValueError(f"only the L-inf threat model is implemented, got norm={self.norm!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got norm={self.norm!r}")
         if not (self.eps >= 0):
             raise ValueError(f"eps must be >= 0, got {self.eps}")
         if self.steps < 0:
@@ -44,6 +94,11 @@ class ThreatModel:
     def step_size(self) -> float:
         return self.step if self.step is not None else self.eps / 4
 
+    @property
+    def label(self) -> str:
+        """``'L-inf'`` or ``'L2'``."""
+        return NORM_LABELS[self.norm]
+
     def with_(self, **changes) -> "ThreatModel":
         """A copy with some fields changed: ``tm.with_(steps=20)``."""
         return replace(self, **changes)
@@ -56,17 +111,65 @@ class ThreatModel:
         if self.start == "normal":
             n = rng.randn_like(x) if rng is not None else torch.randn_like(x)
             return self.project(x + 0.001 * n, x)
+        if self.norm == "l2":
+            n = rng.randn_like(x) if rng is not None else torch.randn_like(x)
+            first = x.new_empty(len(x))
+            u = rng.rand_like(first) if rng is not None else torch.rand_like(first)
+            d = x[0].numel() if len(x) else 1
+            radius = self.eps * u.pow(1.0 / d)
+            delta = n * (radius / _norms(n).clamp_min(1e-12)).view(_expand(x))
+            return self.project(x + delta, x)
         u = rng.rand_like(x) if rng is not None else torch.rand_like(x)
         return self.clamp(x + (2 * u - 1) * self.eps)
 
+    def direction(self, grad: torch.Tensor) -> torch.Tensor:
+        """The unit step of ``grad``: its sign (L-inf), or ``grad / ||grad||_2`` per example (L2; zero stays zero)."""
+        if self.norm == "l2":
+            if grad.numel() == 0:
+                return grad.clone()
+            # divided by its largest entry first: a tiny gradient (1e-30) would underflow in ||grad||^2
+            top = grad.detach().flatten(1).abs().amax(1)
+            g = grad / torch.where(top > 0, top, torch.ones_like(top)).view(_expand(grad))
+            n = _norms(g)
+            return g / torch.where(n > 0, n, torch.ones_like(n)).view(_expand(grad))
+        return grad.sign()
+
     def ascend(self, x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """One sign-gradient ascent step, then projection onto the ball and clamp to [0, 1]."""
-        return self.project(x_adv.detach() + self.step_size * grad.sign(), x)
+        """One ascent step of the step size along :meth:`direction`, then projection and clamp to [0, 1]."""
+        return self.project(x_adv.detach() + self.step_size * self.direction(grad), x)
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The point of the ball around ``x`` for ``x_adv`` (clip, or rescale for L2), clamped to [0, 1]."""
+        if self.norm == "l2":
+            delta = x_adv - x
+            n = _norms(delta)
+            factor = torch.where(n > self.eps, self.eps / torch.where(n > 0, n, torch.ones_like(n)),
+                                 torch.ones_like(n))
+            return self.clamp(x + delta * factor.view(_expand(x)))
         x_adv = torch.min(torch.max(x_adv, x - self.eps), x + self.eps)
         return self.clamp(x_adv)
+
+    def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per example, the ``norm`` length of ``x_adv - x`` (what must stay <= eps)."""
+        delta = (x_adv - x).flatten(1)
+        if self.norm == "l2":
+            return delta.norm(dim=1)
+        return delta.abs().amax(1) if delta.shape[1] else delta.new_zeros(len(delta))
+
+    def max_radius(self, x: torch.Tensor) -> float:
+        """The radius of a ball that holds all of [0, 1]^d around any input: 1 (L-inf), sqrt(d) (L2)."""
+        return math.sqrt(x[0].numel()) if self.norm == "l2" and len(x) else 1.0
 
     @staticmethod
     def clamp(x: torch.Tensor) -> torch.Tensor:
         return x.clamp(0.0, 1.0)
+
+
+def _norms(t: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each example (row of the first dimension), computed in float32 or wider."""
+    flat = t.flatten(1)
+    return flat.float().norm(dim=1).to(t.dtype) if flat.dtype in (torch.float16, torch.bfloat16) else flat.norm(dim=1)
+
+
+def _expand(t: torch.Tensor) -> tuple[int, ...]:
+    return (-1,) + (1,) * (t.dim() - 1)

@@ -7,6 +7,7 @@ summed on the device and read once per epoch (no host synchronisation in the hot
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -22,9 +23,10 @@ from .attacks import get_attack
 from .callbacks import Callbacks, PlotWriter, RunWriter, TensorBoardWriter
 from .checkpoint import CheckpointError, plain_state_dict, rng_state, set_rng_state
 from .config import ConfigError, TrainConfig
-from .data import Loader, TensorData
+from .data import TensorData
+from .data.extra import ExtraData, train_loader
 from .evaluation import evaluate
-from .methods import Method, build_method
+from .methods import Method, MethodOutput, build_method
 from .rng import BatchRNG
 from .runs import RunDir
 from .runtime import prepare_model, use_amp
@@ -78,7 +80,7 @@ def threat_for(cfg: TrainConfig) -> ThreatModel:
     cfg = cfg.resolve()
     if cfg.eps is None:
         raise ConfigError(f"--eps is needed: {cfg.dataset!r} is not a known data set with a default eps")
-    return ThreatModel(eps=cfg.eps, steps=cfg.attack_steps, step=cfg.step_size)
+    return ThreatModel(eps=cfg.eps, steps=cfg.attack_steps, step=cfg.step_size, norm=cfg.norm)
 
 
 def _step_seed(seed: int, epoch: int, step: int) -> int:
@@ -116,32 +118,37 @@ class Trainer:
         callbacks: Union[Callbacks, Sequence[Callbacks], None] = None,
         resume: bool = False,
         plots: bool = True,
+        extra: Optional[ExtraData] = None,
     ) -> None:
-        self.cfg = cfg = cfg.resolve()
+        self.cfg = cfg = _for_user_data(cfg, model, train_data, model_spec, method).resolve()
         self.dist = distributed.setup(cfg.device)
         self.device = distributed.resolve_device(cfg.device, self.dist.local_rank)
         if cfg.batch_size % self.dist.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
                               f"number of processes {self.dist.world_size}")
+        if (cfg.batch_size // self.dist.world_size) % cfg.grad_accum:
+            raise ConfigError(f"--batch-size {cfg.batch_size} gives {cfg.batch_size // self.dist.world_size} per "
+                              f"process, not divisible by --grad-accum {cfg.grad_accum}")
         self.out = Path(cfg.out) if cfg.out else None
         self.run = RunDir(self.out) if self.out is not None else None
         self.model_spec = model_spec or {"name": type(model).__name__, "custom": True}
         self.threat = threat_for(cfg) if method is None else method.threat
         self.method = method or build_method(cfg.method, self.threat, **cfg.method_args)
-        self.val_attack = get_attack(cfg.val_attack, self.threat.eps)  # a typo fails now, not after an epoch
+        self.val_attack = get_attack(cfg.val_attack, self.threat.eps, norm=self.threat.norm)  # a typo fails now
         self.amp = use_amp(cfg.amp, self.device)
         self.train_data = train_data.to(self.device)
         self.val_data = val_data.to(self.device) if val_data is not None and len(val_data) else None
-        self.loader = Loader(self.train_data, cfg.batch_size, shuffle=True, augment=cfg.augment or "none",
-                             seed=cfg.seed, drop_last=False, rank=self.dist.rank, world_size=self.dist.world_size)
+        # a MixedLoader with --extra-data (arow.data.extra), else a Loader of the real data
+        self.loader = train_loader(cfg, self.train_data, extra, rank=self.dist.rank, world_size=self.dist.world_size)
         self.model, self.train_model = prepare_model(model, cfg, self.device, self.dist)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        self.opt = torch.optim.SGD(sgd_param_groups(self.model, cfg.no_bn_decay), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
                                    **_sgd_kernel(self.device))
         self.swa = SWA(self.model) if cfg.swa_start is not None else None
         self.ema = EMA(self.model, cfg.ema, warmup=cfg.ema_warmup, bn=cfg.ema_bn) if cfg.ema is not None else None
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        self.global_step = 0  # optimiser steps taken since the run began (step records, TensorBoard)
         self.best: dict[str, Any] = {"val_pgd_acc": -1.0, "epoch": None}
         error = None
         if self.dist.is_main:  # only rank 0 writes; every rank learns its verdict on the folder
@@ -176,7 +183,7 @@ class Trainer:
     def resolved_config(self) -> dict[str, Any]:
         """The config plus what was derived from it (eps, steps, method arguments, runtime), as saved."""
         d = self.cfg.to_dict()
-        d["resolved"] = {"eps": self.threat.eps, "attack_steps": self.threat.steps,
+        d["resolved"] = {"norm": self.threat.norm, "eps": self.threat.eps, "attack_steps": self.threat.steps,
                          "step_size": self.threat.step_size, "method_args": self.method.config,
                          "world_size": self.dist.world_size, "amp": "bf16" if self.amp else "off",
                          "device": str(self.device), "model_spec": self.model_spec, "version": __version__}
@@ -192,8 +199,9 @@ class Trainer:
                 "swa": self.swa.state_dict() if self.swa is not None else None,
                 "ema": self.ema.state_dict() if self.ema is not None else None, "rng": rng_state(),
                 "epoch": self.epochs_done, "config": self.cfg.to_dict(), "model_spec": self.model_spec,
-                "history": self.history, "best": self.best, "version": __version__,
-                "threat": {"eps": self.threat.eps, "steps": self.threat.steps, "step": self.threat.step_size}}
+                "history": self.history, "best": self.best, "global_step": self.global_step, "version": __version__,
+                "threat": {"norm": self.threat.norm, "eps": self.threat.eps, "steps": self.threat.steps,
+                           "step": self.threat.step_size}}
 
     def best_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` with the weights model selection picked this epoch (the SWA/EMA model if it scored)."""
@@ -228,6 +236,7 @@ class Trainer:
         self.start_epoch = int(state["epoch"])
         self.history = list(state.get("history", []))
         self.best = state.get("best", self.best)
+        self.global_step = int(state.get("global_step", self.start_epoch * len(self.loader)))
         log.info("resumed %s at epoch %d", path, self.start_epoch)
 
     def _resume_state(self) -> dict[str, Any]:
@@ -336,49 +345,52 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_epoch_start(epoch, cfg.epochs, steps)
         self.train_model.train()
-        # Metrics are summed on the device and read once per epoch: nothing in this loop waits
-        # for the GPU (no .item(), no float(tensor), no host-to-device tensor creation).
+        # Metrics are summed on the device and read once per epoch (and on --log-every steps):
+        # nothing else in this loop waits for the GPU (no .item(), no float(tensor), no
+        # host-to-device tensor creation).
         sums: dict[str, Tensor] = {}
         hist = torch.zeros(WEIGHT_BINS, device=dev)
         bins = torch.arange(WEIGHT_BINS, device=dev)
         count, lr_sum = 0, 0.0
         first_bad = torch.full((), -1, dtype=torch.long, device=dev)
+        window: dict[str, Any] = {"count": 0, "totals": {}}  # sums at the previous step record (--log-every)
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(self.loader):
             lr = lr_at(cfg, epoch + step / steps)
             lr_sum += lr
             for g in self.opt.param_groups:
                 g["lr"] = lr
-            rng = BatchRNG(_step_seed(cfg.seed, epoch, step), offset=self.dist.rank * len(x),
-                           total=len(x) * self.dist.world_size)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-                out = self.method(self.train_model, x, y, rng=rng)
+            outs = self._forward_backward(x, y, _step_seed(cfg.seed, epoch, step))
             # The first non-finite loss is recorded on the device and read every few steps (a read
             # per step would stall a GPU); nothing of an epoch is saved before its end, so the run
             # stops with every earlier checkpoint intact and names the exact step.
-            bad = ~torch.isfinite(out.loss.detach())
+            bad = ~torch.isfinite(outs[0][0].loss.detach())
+            for o, _ in outs[1:]:
+                bad = bad | ~torch.isfinite(o.loss.detach())
             first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
             if (step + 1) % NONFINITE_CHECK_EVERY == 0 or step + 1 == steps:
                 self._check_finite_loss(first_bad, epoch)
-            self.opt.zero_grad(set_to_none=True)
-            out.loss.backward()
             self.opt.step()
+            self.global_step += 1
             self.method.after_step(self.model)
             if self.ema is not None:
                 self.ema.update(self.model)
-            n = len(x)
-            count += n
-            _acc(sums, "train_loss", out.loss.detach().float() * n)
-            for k, v in out.parts.items():
-                _acc(sums, f"train_{k}", v.detach().float() * n)
-            if out.logits_clean is not None:
-                _acc(sums, "train_clean_acc", (out.logits_clean.argmax(1) == y).sum().float())
-            if out.logits_adv is not None:
-                _acc(sums, "train_adv_acc", (out.logits_adv.argmax(1) == y).sum().float())
-            if out.weight is not None:
-                _acc(sums, "train_weight_mean", out.weight.detach().float().sum())
-                b = (out.weight.detach().float() * WEIGHT_BINS).long().clamp_(0, WEIGHT_BINS - 1)
-                hist += (b[:, None] == bins).sum(0)  # histc's bins, without its atomics
+            for out, ym in outs:  # per micro-batch (one unless --grad-accum)
+                n = len(ym)
+                count += n
+                _acc(sums, "train_loss", out.loss.detach().float() * n)
+                for k, v in out.parts.items():
+                    _acc(sums, f"train_{k}", v.detach().float() * n)
+                if out.logits_clean is not None:
+                    _acc(sums, "train_clean_acc", (out.logits_clean.argmax(1) == ym).sum().float())
+                if out.logits_adv is not None:
+                    _acc(sums, "train_adv_acc", (out.logits_adv.argmax(1) == ym).sum().float())
+                if out.weight is not None:
+                    _acc(sums, "train_weight_mean", out.weight.detach().float().sum())
+                    b = (out.weight.detach().float() * WEIGHT_BINS).long().clamp_(0, WEIGHT_BINS - 1)
+                    hist += (b[:, None] == bins).sum(0)  # histc's bins, without its atomics
+            if cfg.log_every and self.global_step % cfg.log_every == 0:  # device values read only here
+                self._log_step(epoch + (step + 1) / steps, lr, sums, count, window)
             for cb in self.callbacks:
                 cb.on_step(step)
         keys = sorted(sums)
@@ -387,10 +399,57 @@ class Trainer:
         count *= self.dist.world_size  # the Loader gives every rank the same number of examples
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_sum / max(steps, 1)}  # mean over the epoch's steps
         record.update({k: v / count for k, v in totals.items()})
+        record.update(getattr(self.loader, "epoch_counts", dict)())  # train_real, train_extra with --extra-data
         if out.weight is not None:
             record["weight_hist"] = packed[len(keys):].tolist()
         record["seconds"] = time.perf_counter() - t0
         return record
+
+    def _log_step(self, epoch_float: float, lr: float, sums: dict[str, Tensor], count: int,
+                  window: dict[str, Any]) -> None:
+        """A step record (``--log-every``): means since the previous one and the gradient norm now.
+
+        The one host read of a logging step; every rank takes part (the sums are all-reduced).
+        """
+        keys = sorted(sums)
+        grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.stack(grads).norm() if grads else torch.zeros((), device=self.device)
+        packed = distributed.all_reduce_sum(torch.stack([sums[k] for k in keys]))  # train_loss is always there
+        values = torch.cat([packed, grad_norm.reshape(1)]).tolist()
+        n = max((count - window["count"]) * self.dist.world_size, 1)
+        record: dict[str, Any] = {"step": self.global_step, "epoch_float": epoch_float, "lr": lr}
+        totals = dict(zip(keys, values[:-1]))
+        record.update({k: (v - window["totals"].get(k, 0.0)) / n for k, v in totals.items()})
+        record["grad_norm"] = values[-1]
+        window.update(count=count, totals=totals)
+        for cb in self.callbacks:
+            cb.on_step_record(record)
+
+    def _forward_backward(self, x: Tensor, y: Tensor, seed: int) -> list[tuple[MethodOutput, Tensor]]:
+        """The method's outputs and labels per micro-batch of this rank's batch, gradients summed.
+
+        With ``--grad-accum K`` the batch runs as K micro-batches, each loss scaled by its share of
+        the batch, so the summed gradient is the whole batch's; each micro-batch's attack draws the
+        random start of its own rows of the global batch. Under DDP the gradients are all-reduced
+        once, in the last micro-batch's backward (``no_sync`` before it).
+        """
+        n = len(x)
+        micro = self.cfg.batch_size // (self.dist.world_size * self.cfg.grad_accum)
+        chunks = list(zip(x.split(micro), y.split(micro))) if self.cfg.grad_accum > 1 else [(x, y)]
+        ddp = isinstance(self.train_model, nn.parallel.DistributedDataParallel)
+        outs: list[tuple[MethodOutput, Tensor]] = []
+        self.opt.zero_grad(set_to_none=True)
+        start = self.dist.rank * n  # this rank's first row of the global batch (see Loader)
+        for i, (xm, ym) in enumerate(chunks):
+            rng = BatchRNG(seed, offset=start, total=n * self.dist.world_size)
+            last = i == len(chunks) - 1
+            with self.train_model.no_sync() if ddp and not last else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    out = self.method(self.train_model, xm, ym, rng=rng)
+                (out.loss if len(chunks) == 1 else out.loss * (len(ym) / n)).backward()
+            outs.append((out, ym))
+            start += len(ym)
+        return outs
 
     @torch.no_grad()
     def validate(self, model: Optional[nn.Module] = None) -> dict[str, float]:
@@ -402,7 +461,7 @@ class Trainer:
         with torch.enable_grad():
             attacks = ["clean"] if self.cfg.val_attack == "clean" else ["clean", self.val_attack]
             res = evaluate(model or self.model, self.val_data.x, self.val_data.y, attacks, eps=self.threat.eps,
-                           num_classes=self.val_data.num_classes, seed=self.cfg.seed)
+                           norm=self.threat.norm, num_classes=self.val_data.num_classes, seed=self.cfg.seed)
         return {"val_clean_acc": res.accuracy["clean"], "val_pgd_acc": res.accuracy[self.cfg.val_attack]}
 
     def _check_finite_loss(self, first_bad: Tensor, epoch: int) -> None:
@@ -426,6 +485,24 @@ class Trainer:
             resume = "; no epoch had finished, so nothing was saved"
         info = {"epoch": epoch + 1, "step": None if step is None else step + 1, "reason": reason, "lr": self.cfg.lr}
         raise TrainingDiverged(f"training diverged at {where} ({reason}){resume}", info)
+
+
+def sgd_param_groups(model: nn.Module, no_bn_decay: bool = False) -> list[dict[str, Any]]:
+    """SGD's parameter groups: one, or with ``no_bn_decay`` a second without weight decay holding the
+    weight and bias of every BatchNorm layer (SyncBatchNorm included).
+
+    >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    >>> [len(g["params"]) for g in sgd_param_groups(net, no_bn_decay=True)]
+    [2, 2]
+    """
+    params = list(model.parameters())
+    if not no_bn_decay:
+        return [{"params": params}]
+    bn = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+          for p in m.parameters(recurse=False)}
+    groups = [{"params": [p for p in params if id(p) not in bn]},
+              {"params": [p for p in params if id(p) in bn], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def _sgd_kernel(device: torch.device) -> dict[str, bool]:
@@ -456,6 +533,30 @@ def _resolved_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
         return TrainConfig.from_dict(saved).resolve().to_dict()
     except ValueError:
         return dict(saved)  # compared key by key below; a config no longer valid shows as changed
+
+
+def _for_user_data(cfg: TrainConfig, model: nn.Module, data: TensorData, model_spec: Optional[dict],
+                   method: Optional[Method] = None) -> TrainConfig:
+    """The config of a Trainer given the user's own model or data: named after them, never after
+    the defaults (small-cnn, Fashion-MNIST), and with the eps the user chose (no dataset default)."""
+    import dataclasses
+
+    changes: dict[str, Any] = {}
+    if model_spec is None and cfg.model != type(model).__name__:
+        changes["model"] = type(model).__name__
+    from .data import DATASETS
+
+    name = (model_spec or {}).get("dataset") or data.name  # a model spec may say which data set it is
+    if name not in DATASETS:  # from_tensors / as_data: the user's data, named by them
+        if cfg.eps is None and method is not None:  # a method built by the caller carries its threat model
+            changes["eps"] = method.threat.eps
+        elif cfg.eps is None:
+            raise ConfigError(f"eps must be given for your own data ({name!r}): TrainConfig(eps=...); the "
+                              f"defaults (e.g. L-inf 0.1 on Fashion-MNIST, 8/255 on CIFAR) belong to the built-in "
+                              f"data sets")
+        if cfg.dataset != name:
+            changes["dataset"] = name
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def _as_list(callbacks: Union[Callbacks, Sequence[Callbacks], None]) -> list[Callbacks]:

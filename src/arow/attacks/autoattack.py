@@ -10,6 +10,9 @@ Two registered attacks:
 - ``apgd-monitor``: APGD-CE + APGD-T only, with AutoAttack's settings for those two. A cheap
   monitor, NOT AutoAttack; its description says so.
 
+Both run in the L-inf ball or, with ``norm="l2"``, in the L2 ball (pyautoattack's ``norm="L2"``;
+its standard version uses the same four attacks and budgets for both norms).
+
 Why we do not use pyautoattack's own resume (``state_path`` of ``run_standard_evaluation``):
 in version 0.2.0 it cannot resume. The state file stores the set of attacks as ``str(set)``,
 so reading it back always fails the "different set of attacks" check, and the resume branch
@@ -34,6 +37,7 @@ import torch.nn as nn
 
 from ..checkpoint import load_keyed, save_keyed
 from ..rng import private_rng
+from ..threat import check_norm
 from . import ATTACKS, Attack
 from .base import frozen_eval, predict, unwrap
 
@@ -42,9 +46,11 @@ Tensor = torch.Tensor
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 MONITOR_ATTACKS = ("apgd-ce", "apgd-t")
-#: AutoAttack's standard budget (pyautoattack's ``_set_version('standard')`` for L-inf)
+#: AutoAttack's standard budget (pyautoattack's ``_set_version('standard')`` for L-inf and L2)
 STANDARD_N_ITER, STANDARD_TARGETS, STANDARD_SQUARE_QUERIES = 100, 9, 5000
 _LABELS = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
+#: pyautoattack's spelling of our norms
+PYAUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
 
 
 def pyautoattack_version() -> str:
@@ -86,6 +92,7 @@ class AutoAttackSettings:
 
     ``n_iter`` (APGD and FAB iterations) and ``square_queries`` exist for fast tests only:
     setting them makes the run NON-STANDARD, and every description and record says so.
+    ``norm``: the threat model, ``"linf"`` or ``"l2"`` (both standard).
     """
 
     attacks: tuple[str, ...] = STANDARD_ATTACKS
@@ -93,8 +100,10 @@ class AutoAttackSettings:
     n_iter: Optional[int] = None
     square_queries: Optional[int] = None
     batch_size: int = 500
+    norm: str = "linf"
 
     def __post_init__(self) -> None:
+        check_norm(self.norm)
         unknown = set(self.attacks) - set(STANDARD_ATTACKS)
         if unknown or not self.attacks:
             raise ValueError(f"AutoAttack sub-attacks must be among {STANDARD_ATTACKS}, got {self.attacks}")
@@ -119,7 +128,8 @@ class AutoAttackSettings:
 def build_autoattack(model: nn.Module, eps: float, *, num_classes: int = 10,
                      device: Union[str, torch.device] = "cpu",
                      settings: AutoAttackSettings = AutoAttackSettings()):
-    """A configured ``pyautoattack.AutoAttack`` (L-inf) for a model with ``num_classes`` outputs.
+    """A configured ``pyautoattack.AutoAttack`` for a model with ``num_classes`` outputs, in the
+    norm of ``settings`` (``norm="Linf"`` or ``"L2"`` to pyautoattack).
 
     Targeted attacks use ``min(9, num_classes - 1)`` target classes (9 is all there is for 10
     classes; pyautoattack would index past the logits with more). Fewer than 4 classes is
@@ -140,8 +150,8 @@ def build_autoattack(model: nn.Module, eps: float, *, num_classes: int = 10,
     level = aa_log.level
     aa_log.setLevel(max(level, logging.WARNING))
     try:
-        aa = AutoAttack(model, device=device, eps=float(eps), norm="Linf", seed=settings.seed,
-                        version=settings.version, **kw)
+        aa = AutoAttack(model, device=device, eps=float(eps), norm=PYAUTOATTACK_NORMS[settings.norm],
+                        seed=settings.seed, version=settings.version, **kw)
     finally:
         aa_log.setLevel(level)
     if settings.version == "custom":  # the monitor: the standard settings of its two attacks
@@ -184,6 +194,8 @@ def describe(settings: AutoAttackSettings, *, n_targets: int = STANDARD_TARGETS)
             else "custom subset of AutoAttack's attacks (NOT AutoAttack)"
     else:
         head = "AutoAttack standard"
+    if settings.norm != "linf":
+        head = f"{head}, {PYAUTOATTACK_NORMS[settings.norm]}"
     if settings.n_iter is not None or settings.square_queries is not None:
         head = f"NON-STANDARD budget, not comparable with AutoAttack numbers ({head} attacks, changed budget)"
     note = "" if n_targets == STANDARD_TARGETS else f"; {n_targets} targets = all other classes (standard uses 9)"
@@ -194,7 +206,7 @@ def settings_record(settings: AutoAttackSettings, *, n_targets: int = STANDARD_T
     """What eval.json records about an AutoAttack run."""
     return {"implementation": "pyautoattack", "pyautoattack_version": pyautoattack_version(),
             "version": settings.version, "standard": settings.standard and n_targets == STANDARD_TARGETS,
-            "seed": settings.seed, "norm": "Linf", "attacks": list(settings.attacks),
+            "seed": settings.seed, "norm": PYAUTOATTACK_NORMS[settings.norm], "attacks": list(settings.attacks),
             "n_target_classes": n_targets, "apgd_n_iter": settings.n_iter or STANDARD_N_ITER,
             "fab_n_iter": settings.n_iter or STANDARD_N_ITER,
             "square_n_queries": settings.square_queries or STANDARD_SQUARE_QUERIES}
@@ -215,6 +227,9 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
     >>> fast = AutoAttackSettings(n_iter=2, square_queries=5)
     >>> x_adv, info = run_autoattack(m, x, y, 0.1, settings=fast)
     >>> bool((x_adv - x).abs().max() <= 0.1 + 1e-6)
+    True
+    >>> x_adv, _ = run_autoattack(m, x, y, 0.5, settings=AutoAttackSettings(n_iter=2, square_queries=5, norm="l2"))
+    >>> bool((x_adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5)
     True
     """
     net = unwrap(model)
@@ -263,8 +278,8 @@ def _check_square(broken: dict[str, int], n: int) -> None:
 
 def get_autoattack(eps: float, *, attacks: tuple[str, ...] = STANDARD_ATTACKS, seed: int = 0,
                    n_iter: Optional[int] = None, square_queries: Optional[int] = None,
-                   batch_size: int = 500, name: Optional[str] = None) -> Attack:
-    """An :class:`Attack` running AutoAttack (standard unless told otherwise) on any batch.
+                   batch_size: int = 500, name: Optional[str] = None, norm: str = "linf") -> Attack:
+    """An :class:`Attack` running AutoAttack (standard unless told otherwise) on any batch, in ``norm``.
 
     Its ``meta`` holds the settings eval.json records; ``run`` accepts ``state_path=`` to resume.
 
@@ -274,10 +289,10 @@ def get_autoattack(eps: float, *, attacks: tuple[str, ...] = STANDARD_ATTACKS, s
     """
     if not eps > 0:  # pyautoattack divides by eps; eps 0 would fail only when the attack runs
         raise ValueError(f"AutoAttack needs eps > 0, got {eps}")
-    settings = AutoAttackSettings(tuple(attacks), seed, n_iter, square_queries, batch_size)
+    settings = AutoAttackSettings(tuple(attacks), seed, n_iter, square_queries, batch_size, norm)
     name = name or ("autoattack" if settings.version == "standard" else "apgd-monitor")
     atk = Attack(name, lambda m, x, y: x, describe(settings), cascade=True, resumable=True,
-                 meta=settings_record(settings))
+                 meta=settings_record(settings), norm=norm)
 
     def run(model: nn.Module, x: Tensor, y: Tensor, state_path: Optional[Union[str, Path]] = None) -> Tensor:
         x_adv, info = run_autoattack(model, x, y, eps, settings=settings, state_path=state_path)
@@ -293,10 +308,10 @@ def get_autoattack(eps: float, *, attacks: tuple[str, ...] = STANDARD_ATTACKS, s
 
 @ATTACKS.register("autoattack", help="AutoAttack standard via pyautoattack (APGD-CE, APGD-T, FAB-T, "
                                      "Square 5000), seed 0; runs on examples still robust (cascade)")
-def _autoattack(eps: float, name: str = "autoattack", **kwargs: Any) -> Attack:
-    return get_autoattack(eps, name=name, **kwargs)
+def _autoattack(eps: float, name: str = "autoattack", norm: str = "linf", **kwargs: Any) -> Attack:
+    return get_autoattack(eps, name=name, norm=norm, **kwargs)
 
 
 @ATTACKS.register("apgd-monitor", help="APGD-CE+APGD-T monitor (NOT AutoAttack): a cheap check, cascade")
-def _apgd_monitor(eps: float, name: str = "apgd-monitor", **kwargs: Any) -> Attack:
-    return get_autoattack(eps, attacks=MONITOR_ATTACKS, name=name, **kwargs)
+def _apgd_monitor(eps: float, name: str = "apgd-monitor", norm: str = "linf", **kwargs: Any) -> Attack:
+    return get_autoattack(eps, attacks=MONITOR_ATTACKS, name=name, norm=norm, **kwargs)

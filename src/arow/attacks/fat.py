@@ -21,7 +21,8 @@ def fat_pgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, tau:
     budget ``tau``; a misclassified example with no budget left stops, and its current iterate
     is returned unchanged from then on. So an example first misclassified at iterate m (the start
     is iterate 0) takes ``min(m + tau, K)`` steps when it stays misclassified. Each step adds
-    ``omega * N(0, 1)`` noise to the sign step before projection (FAT's ``omega``). Model in eval
+    ``omega * N(0, 1)`` noise to the step before projection (FAT's ``omega``); the step is the
+    threat model's (sign for L-inf, L2-normalised gradient for L2). Model in eval
     mode with frozen weights; any input shape. Every step runs the whole batch (fixed shapes, no
     host synchronisation) where the reference shrinks it; the stopped examples just stay put.
 
@@ -49,7 +50,7 @@ def fat_pgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, tau:
             budget = budget - (wrong & ~stop).long()
             active = active & ~stop
             (grad,) = torch.autograd.grad(ce_loss(logits, y).sum(), x_adv)
-            moved = x_adv.detach() + threat.step_size * grad.sign()
+            moved = x_adv.detach() + threat.step_size * threat.direction(grad)
             if omega > 0:  # drawn for the whole batch every step: the stream never depends on who stopped
                 moved = moved + omega * (rng.randn_like(x) if rng is not None else torch.randn_like(x))
             x_adv = torch.where(active.view(expand), threat.project(moved, x), x_adv.detach())

@@ -26,7 +26,8 @@ def pgd(
     rng: Optional[BatchRNG] = None,
     on_step: Optional[StepCallback] = None,
 ) -> Tensor:
-    """Maximise ``loss`` over the ball with ``threat.steps`` sign-gradient steps.
+    """Maximise ``loss`` over the ball with ``threat.steps`` steps (sign of the gradient for L-inf,
+    the L2-normalised gradient for L2: :meth:`ThreatModel.ascend`).
 
     The model runs in eval mode with frozen parameters (restored afterwards); the returned
     ``x_adv`` is detached, inside the eps-ball and in [0, 1]. With ``keep_best`` (evaluation)

@@ -33,6 +33,7 @@ from .readers import (
 )
 
 __all__ = [
+    "as_data",
     "AUGMENTATIONS",
     "DATASETS",
     "DataError",
@@ -205,6 +206,56 @@ def from_tensors(
         # at least 1, so that negative labels are reported as such, not as num_classes 0
         num_classes = max(int(y.max()) + 1, 1) if y.dim() == 1 and len(y) else 1
     return TensorData(x, y, num_classes, name)
+
+
+def as_data(data: Any, y: Any = None, *, num_classes: Optional[int] = None, name: str = "custom",
+            batch_size: int = 500) -> TensorData:
+    """Your data in any common form, as a checked :class:`TensorData`.
+
+    ``data`` is a :class:`TensorData`; images (tensor or array, with labels ``y``); a torch
+    ``Dataset`` of ``(image, label)`` pairs; or a ``DataLoader`` (or any iterable) of ``(images,
+    labels)`` batches. Datasets and loaders are read once into memory (inputs must already be in
+    [0, 1]: put any normalisation inside the model).
+
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> ds = TensorDataset(torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    >>> len(as_data(ds)), len(as_data(DataLoader(ds, batch_size=4))), as_data(ds).num_classes
+    (6, 6, 3)
+    """
+    from torch.utils.data import DataLoader, Dataset
+
+    if isinstance(data, TensorData):
+        if y is not None:
+            raise DataError("y: labels are part of the TensorData given; do not pass y too")
+        return data
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        if y is None:
+            raise DataError("y: labels are required with image tensors (pass a Dataset or DataLoader otherwise)")
+        return from_tensors(data, y, num_classes=num_classes, name=name)
+    if y is not None:
+        raise DataError(f"y: labels come from the {type(data).__name__} itself; do not pass y too")
+    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+        try:
+            data = DataLoader(data, batch_size=batch_size, shuffle=False)
+        except TypeError as e:
+            raise DataError(f"data: cannot batch the {type(data).__name__} ({e})") from None
+    xs, ys = [], []
+    try:
+        for batch in data:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise DataError(f"data: expected (images, labels) batches, got {type(batch).__name__}")
+            xs.append(_as_tensor(batch[0], "x").detach().cpu())
+            ys.append(_as_tensor(batch[1], "y").detach().cpu().reshape(-1))
+    except TypeError as e:
+        raise DataError(f"data: expected tensors, a TensorData, a Dataset or a DataLoader, got "
+                        f"{type(data).__name__} ({e})") from None
+    if not xs:
+        raise DataError("data: the dataset or loader yielded no examples")
+    try:
+        x, yy = torch.cat(xs), torch.cat(ys)
+    except RuntimeError as e:
+        raise DataError(f"data: batches of different shapes ({str(e).splitlines()[0]})") from None
+    return from_tensors(x, yy, num_classes=num_classes, name=name)
 
 
 def _as_tensor(v: Any, arg: str) -> torch.Tensor:

@@ -11,6 +11,7 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -22,9 +23,24 @@ from arow.modules import unwrap
 from arow.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
-"""``factory(*, num_classes, in_channels, image_size) -> nn.Module``; ValueError on bad sizes."""
+"""``factory(*, num_classes, in_channels, image_size[, activation]) -> nn.Module``; ValueError on bad
+sizes. A factory that takes ``activation`` gets the name (``relu``, ``silu``) from :func:`build_model`."""
 
 MODELS: Registry[ModelFactory] = Registry("model")
+
+#: the activations the WideResNets, ResNets and the small CNN can use (``--activation``)
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU}
+
+
+def make_activation(name: str = "relu") -> nn.Module:
+    """A new activation module by name: ``relu`` or ``silu`` (Swish, as in Gowal et al. 2020).
+
+    >>> make_activation("silu")
+    SiLU()
+    """
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
 
 
 class Normalize(nn.Module):
@@ -65,11 +81,13 @@ def build_model(
     image_size: int,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    activation: str = "relu",
 ) -> nn.Module:
     """Build the registered model ``name`` for square images of ``image_size`` pixels.
 
     Without ``mean``/``std`` the model sees raw [0, 1] inputs (the paper's setting). With them the
-    result is ``nn.Sequential(normalize=Normalize(mean, std), net=<model>)``.
+    result is ``nn.Sequential(normalize=Normalize(mean, std), net=<model>)``. ``activation``
+    (``relu`` or ``silu``) goes to factories that take an ``activation`` keyword.
 
     >>> build_model("resnet18", num_classes=10, in_channels=3, image_size=32,
     ...             mean=[0.5] * 3, std=[0.25] * 3)[0]
@@ -84,7 +102,14 @@ def build_model(
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
-    net = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
+    kwargs: dict[str, object] = {}
+    if "activation" in inspect.signature(factory).parameters:
+        kwargs["activation"] = activation
+    elif activation != "relu":
+        raise ValueError(f"model {name!r} has no choice of activation (it takes relu only)")
+    net = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
     if mean is None or std is None:
         return net
     if len(mean) != in_channels or len(std) != in_channels:
@@ -160,6 +185,7 @@ from arow.models.small_cnn import SmallCNN  # noqa: E402
 from arow.models.wrn import WideResNet, wide_resnet  # noqa: E402
 
 __all__ = [
+    "ACTIVATIONS",
     "MODELS",
     "ModelFactory",
     "Normalize",
@@ -169,6 +195,7 @@ __all__ = [
     "WideResNet",
     "build_model",
     "count_parameters",
+    "make_activation",
     "model_flops",
     "wide_resnet",
 ]

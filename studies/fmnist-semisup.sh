@@ -1,0 +1,10 @@
+#!/bin/sh
+# Run from the repository root. 1) a normally trained small CNN on the 4,000 kept training labels
+# (the other 1,000 kept ones are its validation split); 2) pseudo-labels for every other training
+# image; 3) the study (ARoW on the 5,000 labels alone, and with the pseudo-labelled images).
+set -e
+arow train --method natural --labels-kept studies/fmnist-kept5000.npy --epochs 15 --eval-attacks clean \
+    --no-guards --out studies/fmnist-teacher
+arow pseudo-label studies/fmnist-teacher --data fashion-mnist:train --exclude-kept studies/fmnist-kept5000.npy \
+    --out studies/fmnist-pseudo.npz
+arow study studies/fmnist-semisup.yaml --out studies/fmnist-semisup "$@"
