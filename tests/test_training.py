@@ -259,3 +259,46 @@ def test_grad_accum_must_divide_the_batch():
         TrainConfig(batch_size=10, grad_accum=4).validate()
     with pytest.raises(ConfigError, match="--grad-accum must be >= 1"):
         TrainConfig(grad_accum=0).validate()
+
+
+def test_bf16_training_step_keeps_losses_in_float32_and_evaluation_in_float32(small):
+    """--amp bf16 on the CPU: the network runs in bf16 inside the step, every loss is float32, and
+    the validation attacks run without autocast."""
+    data, val = small
+    seen: dict[str, set] = {"train": set(), "val": set(), "loss": set()}
+    phase = {"now": "train"}
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_cnn()
+
+        def forward(self, x):
+            out = self.net(x)
+            seen[phase["now"]].add(out.dtype)
+            return out
+
+    class Phase(Callbacks):
+        def on_validation_start(self):
+            phase["now"] = "val"
+
+        def on_epoch_start(self, epoch, epochs, steps):
+            phase["now"] = "train"
+
+    torch.manual_seed(0)
+    cfg = _cfg(None, epochs=1, amp="bf16")
+    cfg.out = None
+    trainer = Trainer(cfg, Spy(), data, val, callbacks=[Phase()])
+    objective = trainer.method.objective
+
+    def spy_objective(*args, **kwargs):
+        out = objective(*args, **kwargs)
+        seen["loss"].add(out.loss.dtype)
+        seen["loss"].update(v.dtype for v in out.parts.values())
+        return out
+
+    trainer.method.objective = spy_objective
+    trainer.fit()
+    assert trainer.amp and seen["train"] == {torch.bfloat16}
+    assert seen["loss"] == {torch.float32}
+    assert seen["val"] == {torch.float32}
