@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     b.add_argument("--no-reference", action="store_true", help="time our step only")
     b.add_argument("--compile", action="store_true", help="torch.compile the model in our step")
-    b.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto", help="our step (auto: bf16 on CUDA)")
+    b.add_argument("--amp", default="auto", help="our step's precision: auto (bf16 on CUDA and native-bf16 CPUs), "
+                   "off (float32), bf16, or a list timed side by side, e.g. off,bf16")
     b.add_argument("--device", default="auto")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", help="also write the results to this JSON file")

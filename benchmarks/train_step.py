@@ -45,6 +45,7 @@ from arow.config import TrainConfig
 from arow.data import Loader, TensorData
 from arow.methods import METHODS, Passes
 from arow.models import MODELS, build_model, model_flops
+from arow.runtime import use_amp
 from arow.training import Trainer
 
 log = logging.getLogger(__name__)
@@ -197,12 +198,14 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
-def matmul_peak(device: torch.device, n: Optional[int] = None, reps: int = 10) -> tuple[float, str]:
-    """Best measured GFLOP/s of an n x n matrix multiply: float32 on the CPU, bf16 on CUDA.
+def matmul_peak(device: torch.device, n: Optional[int] = None, reps: int = 10,
+                dtype: Optional[torch.dtype] = None) -> tuple[float, str]:
+    """Best measured GFLOP/s of an n x n matrix multiply in ``dtype`` (default: float32 on the
+    CPU, bf16 on CUDA).
 
     The best of ``reps``: on a machine shared with other jobs, the least disturbed one.
     """
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     n = n or (8192 if device.type == "cuda" else 2048)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
@@ -304,6 +307,8 @@ class Row:
     epoch_s: float  # est. one epoch of the dataset the shape stands for, at our rate
     ours_cost: int
     ref_cost: Optional[int]
+    amp: str = "auto"  # our step's precision: off (float32) or bf16 autocast
+    precision: str = "float32"
 
 
 @dataclass
@@ -322,17 +327,20 @@ class BenchResult:
     def markdown(self) -> str:
         """The tables docs/performance.md shows."""
         f = lambda v, fmt: "n/a" if v is None else _num(v)  # noqa: E731
-        head = ["model", "method", "batch", "K", "ours img/s", "reference img/s", "speed-up",
+        head = ["model", "method", "precision", "batch", "K", "ours img/s", "reference img/s", "speed-up",
                 "ours GFLOP/s", "reference GFLOP/s", "% of peak", "est. epoch (ours)", "passes ours/ref"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
             speed = None if r.ref_img_s is None else r.ours_img_s / r.ref_img_s
-            cells = [r.model, r.method, str(r.batch), str(r.steps), f(r.ours_img_s, ".1f"), f(r.ref_img_s, ".1f"),
+            cells = [r.model, r.method, r.precision, str(r.batch), str(r.steps), f(r.ours_img_s, ".1f"), f(r.ref_img_s, ".1f"),
                      "n/a" if speed is None else f"{speed:.2f}x", f(r.ours_gflops, ".1f"), f(r.ref_gflops, ".1f"),
                      f"{100 * r.peak_fraction:.1f}%", _duration(r.epoch_s),
                      f"{r.ours_cost}/{'n/a' if r.ref_cost is None else r.ref_cost}"]
             lines.append("| " + " | ".join(cells) + " |")
-        out = [f"Device: {self.device}; peak {self.peak_gflops:.1f} GFLOP/s ({self.peak_what}).", "", *lines]
+        peaks = "; ".join(f"{k} {v:.1f} GFLOP/s" for k, v in self.meta.get("peaks", {}).items())
+        out = [f"Device: {self.device}; peak {self.peak_gflops:.1f} GFLOP/s ({self.peak_what})"
+               + (f"; matmul peaks by precision: {peaks} (% of peak: against the row's own precision)" if peaks else "")
+               + ".", "", *lines]
         if self.pgd20:
             out += ["", "| model | PGD-20 images | seconds | img/s |", "|---|---|---|---|"]
             out += [f"| {p['model']} | {p['n']} | {p['seconds']:.2f} | {_num(p['n'] / p['seconds'])} |"
@@ -377,7 +385,11 @@ def run(models: Sequence[str] = ("small-cnn", "resnet18", "wrn-34-10"), methods:
         ours_cost(m, steps)  # an unknown method, or one without `passes`, fails before any timing
     if threads is not None:
         torch.set_num_threads(threads)
+    precisions = [p.strip() for p in amp.split(",") if p.strip()]
+    if not precisions or any(p not in ("auto", "off", "bf16") for p in precisions):
+        raise ValueError(f"--amp takes auto, off, bf16 or a comma-separated list of them, got {amp!r}")
     peak, peak_what = matmul_peak(dev)
+    peaks = {"float32": matmul_peak(dev, dtype=torch.float32)[0], "bf16": matmul_peak(dev, dtype=torch.bfloat16)[0]}
     rows: list[Row] = []
     pgd: list[dict[str, Any]] = []
     for model in models:
@@ -388,31 +400,37 @@ def run(models: Sequence[str] = ("small-cnn", "resnet18", "wrn-34-10"), methods:
         for method in methods:
             cost = ours_cost(method, steps)
             log.info("bench %s / %s: batch %d, %d step(s) timed, best of %d", model, method, b, it, repeats)
-            t_ours, t_ref = [], []
-            for _ in range(repeats):  # alternate, so both see the same background load
-                t_ours.append(time_ours(model, method, b, it, wu, steps, dev, compile=compile, amp=amp, seed=seed))
+            t_ours: dict[str, list[float]] = {p: [] for p in precisions}
+            t_ref: list[float] = []
+            for _ in range(repeats):  # alternate, so every side sees the same background load
+                for p in precisions:
+                    t_ours[p].append(time_ours(model, method, b, it, wu, steps, dev, compile=compile, amp=p, seed=seed))
                 if reference and method in REFERENCE_METHODS:
                     t_ref.append(time_reference(model, method, b, it, wu, steps, dev, seed=seed))
-            ours = b * it / min(t_ours)
             ref = b * it / min(t_ref) if t_ref else None
             gflop = cost * flops / 1e9
-            row = Row(model, method, b, steps, ours, ref, gflop, ours * gflop, None if ref is None else ref * gflop,
-                      ours * gflop / peak, shape.train_images / ours, cost,
-                      reference_style_cost(method, steps) if ref is not None else None)
-            rows.append(row)
-            if on_row is not None:
-                on_row(f"{model} / {method}: ours {ours:.1f} img/s" + ("" if ref is None else f", reference {ref:.1f} img/s"))
+            for p in precisions:
+                ours = b * it / min(t_ours[p])
+                prec = "bf16" if use_amp(p, dev) else "float32"
+                row = Row(model, method, b, steps, ours, ref, gflop, ours * gflop,
+                          None if ref is None else ref * gflop, ours * gflop / peaks[prec], shape.train_images / ours,
+                          cost, reference_style_cost(method, steps) if ref is not None else None, p, prec)
+                rows.append(row)
+                if on_row is not None:
+                    on_row(f"{model} / {method} / {prec}: ours {ours:.1f} img/s"
+                           + ("" if ref is None else f", reference {ref:.1f} img/s"))
         n = dflt[3] if pgd_n is None else pgd_n
         if n > 0:
             seconds = min(time_pgd20(model, n, dev, seed=seed) for _ in range(repeats))
             pgd.append({"model": model, "n": n, "seconds": seconds})
-    peak_end = matmul_peak(dev)[0]  # again at the end: the peak is the better of the two
-    if peak_end > peak:
-        for r in rows:
-            r.peak_fraction = r.ours_gflops / peak_end
-        peak = peak_end
+    peak_end = matmul_peak(dev)[0]  # again at the end: each peak is the better of the two
+    peak = max(peak, peak_end)
+    for prec, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16)):
+        peaks[prec] = max(peaks[prec], matmul_peak(dev, dtype=dtype)[0])
+    for r in rows:
+        r.peak_fraction = r.ours_gflops / peaks[r.precision]
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "torch": torch.__version__, "device_type": dev.type, "threads": torch.get_num_threads(),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "compile": compile, "amp": amp, "steps": steps, "repeats": repeats}
+            "compile": compile, "amp": amp, "steps": steps, "repeats": repeats, "peaks": peaks}
     return BenchResult(device_name(dev), peak, peak_what, rows, pgd, meta)
