@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .loader import AUGMENTATIONS, hflip, random_crop
+from .loader import check_loader_args, hflip, random_crop
 from .readers import DataError, _CifarUnpickler, _RefusedGlobal
 
 if TYPE_CHECKING:
@@ -468,13 +468,7 @@ class MixedLoader:
         world_size: int = 1,
         pad: int = 4,
     ) -> None:
-        if augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-        if batch_size <= 0 or batch_size % world_size:
-            raise ValueError(f"the global batch size {batch_size} must be a positive multiple of the number of "
-                             f"processes {world_size}")
+        check_loader_args(batch_size, augment=augment, rank=rank, world_size=world_size)
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"--extra-fraction must be in [0, 1), got {fraction}")
         if len(data) == 0 or len(extra) == 0:

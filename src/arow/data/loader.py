@@ -77,6 +77,18 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, dtype=np.uint64)[0])
 
 
+def check_loader_args(batch_size: int, *, augment: str, rank: int, world_size: int) -> None:
+    """The arguments every training loader shares: a known augmentation, a valid rank, and a
+    global batch that splits evenly over the processes (one-line ValueErrors)."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    if batch_size <= 0 or batch_size % world_size:
+        raise ValueError(f"the global batch size {batch_size} must be a positive multiple of the number of "
+                         f"processes {world_size}")
+
+
 class Loader:
     """Shuffled, augmented batches of an in-memory :class:`TensorData` for one DDP rank.
 
@@ -113,15 +125,7 @@ class Loader:
         world_size: int = 1,
         pad: int = 4,
     ) -> None:
-        if augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-        if batch_size <= 0 or batch_size % world_size:
-            raise ValueError(
-                f"the global batch size {batch_size} must be a positive multiple of the number of "
-                f"processes {world_size}"
-            )
+        check_loader_args(batch_size, augment=augment, rank=rank, world_size=world_size)
         if pad < 0:
             raise ValueError(f"pad must be >= 0, got {pad}")
         if seed < 0:
