@@ -345,7 +345,11 @@ class Study:
         return [(c, cell_steps(self.spec, c, self.cell_dir(c), arow)) for c in self.spec.cells()]
 
     def run(self, *, jobs: int = 1, echo: Callable[[str], None] = print) -> dict[str, str]:
-        """Run every unfinished cell (``jobs`` at a time); returns {cell: 'done' | 'failed: ...'}."""
+        """Run every unfinished cell (``jobs`` at a time); returns {cell: 'done' | 'failed: ...'}.
+
+        ``echo`` gets one line per step started and finished, stamped with the local time."""
+        say = echo
+        echo = lambda line: say(f"{time.strftime('%H:%M:%S')} {line}")  # noqa: E731
         if jobs < 1:
             raise StudyError(f"--jobs must be >= 1, got {jobs}")
         self.save()
