@@ -278,20 +278,9 @@ def cmd_study(a: argparse.Namespace) -> int:
         print(f"written {Path(a.collect) / 'results.md'}, results.csv, results.json"
               + "".join(f", {Path(p).name}" for p in result.get("plots", [])))
         return 0
-    data: dict[str, Any] = {}
-    if a.spec:
-        data = StudySpec.load(a.spec).to_dict()
     flags = {"methods": a.methods, "seeds": a.seeds, "preset": a.preset, "baseline": a.baseline, "aa_n": a.aa_n,
              "eps_curve_n": a.eps_curve_n, "attacks": a.attacks, "guards": a.guards}
-    data.update({k: v for k, v in flags.items() if v is not None})
-    for item in a.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-        import yaml
-
-        data.setdefault("overrides", {})[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    spec = StudySpec.from_dict(data)
+    spec = StudySpec.resolve(a.spec, flags, a.set or [])
     if a.out is None:
         raise ValueError("--out FOLDER is required (the study folder; run folders go into FOLDER/cells)")
     study = Study(a.out, spec)

@@ -175,6 +175,19 @@ class StudySpec:
         data.pop("name", None)
         return StudySpec.from_dict(data)
 
+    @staticmethod
+    def resolve(path: Optional[PathLike], flags: dict[str, Any], sets: Sequence[str] = ()) -> "StudySpec":
+        """A study file (optional), then the flags given (None: not given), then ``KEY=VALUE``
+        config overrides for every cell (``--set``; values read as YAML)."""
+        data = StudySpec.load(path).to_dict() if path else {}
+        data.update({k: v for k, v in flags.items() if v is not None})
+        for item in sets:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise StudyError(f"--set takes KEY=VALUE, got {item!r}")
+            data.setdefault("overrides", {})[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        return StudySpec.from_dict(data)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["methods"] = d.pop("variants")
