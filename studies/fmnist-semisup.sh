@@ -3,7 +3,7 @@
 # (the other 1,000 kept ones are its validation split); 2) pseudo-labels for every other training
 # image; 3) the study (ARoW on the 5,000 labels alone, and with the pseudo-labelled images).
 set -e
-arow train --method natural --labels-kept studies/fmnist-kept5000.npy --epochs 15 --eval-attacks clean \
+arow train --method natural --labels-kept studies/fmnist-kept5000.npy --epochs 15 --val-attack clean --eval-attacks clean \
     --no-guards --out studies/fmnist-teacher
 arow pseudo-label studies/fmnist-teacher --data fashion-mnist:train --exclude-kept studies/fmnist-kept5000.npy \
     --out studies/fmnist-pseudo.npz

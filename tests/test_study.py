@@ -151,9 +151,10 @@ def test_two_methods_two_seeds_end_to_end_then_partial_collect(tmp_path):
     assert [c["status"] for c in res["cells"]] == ["done"] * 4
     for c in res["cells"]:
         assert set(c["accuracy"]) == {"clean", "fgsm", "autoattack", "val_robust", "val_clean"}
-        ev = json.loads((Path(c["folder"]) / "eval.json").read_text())
+        assert c["folder"] == f"cells/{c['label']}-s{c['seed']}"  # relative: the study folder can move
+        ev = json.loads((out / c["folder"] / "eval.json").read_text())
         assert ev["n"] == 10000 and not ev["subset"]  # the full test set
-        aa = json.loads((Path(c["folder"]) / "eval_n10.json").read_text())
+        aa = json.loads((out / c["folder"] / "eval_n10.json").read_text())
         assert c["accuracy"]["autoattack"] == aa["accuracy"]["autoattack"]
         assert c["accuracy"]["clean"] == ev["accuracy"]["clean"]
     arow_row = next(r for r in res["rows"] if r["label"] == "arow")

@@ -500,7 +500,7 @@ def _cell_result(study: Study, cell: Cell) -> dict[str, Any]:
     run = RunDir(study.cell_dir(cell))
     spec = study.spec
     r: dict[str, Any] = {"label": cell.variant.label, "method": cell.variant.method, "seed": cell.seed,
-                         "folder": str(run.path), "status": "missing", "accuracy": {}}
+                         "folder": str(run.path.relative_to(study.path)), "status": "missing", "accuracy": {}}
     failed = _read(run.file(FAILED_FILE))
     e = _read(run.file("eval.json"))
     if e and _has_eval(run, spec):
