@@ -176,6 +176,14 @@ def test_two_methods_two_seeds_end_to_end_then_partial_collect(tmp_path):
     assert trades["metrics"]["clean"]["n"] == 1
     assert next(c for c in res["cells"] if c["label"] == "trades" and c["seed"] == 1)["status"] == "unfinished"
     assert "not finished or failed" in (out / "results.md").read_text()
+    # the same runs against another baseline row, next to the study's own results
+    r = arow("study", "--collect", str(out), "--baseline", "arow")
+    assert r.returncode == 0, r.stderr
+    vs = json.loads((out / "results_vs_arow.json").read_text())
+    assert vs["baseline"] == "arow" and json.loads((out / "results.json").read_text())["baseline"] == "trades"
+    assert "Paired difference against `arow`" in (out / "results_vs_arow.md").read_text()
+    r = arow("study", "--collect", str(out), "--baseline", "nope")
+    assert r.returncode == 2 and "not a row" in r.stderr
 
 
 @needs_fmnist

@@ -273,9 +273,9 @@ def cmd_study(a: argparse.Namespace) -> int:
     from .study import Study, StudySpec, collect
 
     if a.collect:
-        result = collect(a.collect)
-        print((Path(a.collect) / "results.md").read_text())
-        print(f"written {Path(a.collect) / 'results.md'}, results.csv, results.json"
+        result = collect(a.collect, baseline=a.baseline)
+        print((Path(a.collect) / result["files"][0]).read_text())
+        print(f"written {Path(a.collect) / result['files'][0]}, " + ", ".join(result["files"][1:])
               + "".join(f", {Path(p).name}" for p in result.get("plots", [])))
         return 0
     flags = {"methods": a.methods, "seeds": a.seeds, "preset": a.preset, "baseline": a.baseline, "aa_n": a.aa_n,
@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--preset", help="recipe of every run (name, YAML or config.json; default: the embedded one)")
     st.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run (repeatable)")
     st.add_argument("--out", help="study folder (run folders go into OUT/cells)")
-    st.add_argument("--baseline", help="method the others are compared against, paired by seed (default trades)")
+    st.add_argument("--baseline", help="method the others are compared against, paired by seed (default trades; "
+                                       "with --collect: another row, written to results_vs_<row>.*)")
     st.add_argument("--attacks", help="full-test-set attacks of every run (default clean,pgd20,cw)")
     st.add_argument("--aa-n", type=int, help="standard AutoAttack on the first N test images (default 1000; 0 skips)")
     st.add_argument("--eps-curve-n", type=int, help="PGD-20 against eps on the first N test images (default 1000; "

@@ -539,10 +539,20 @@ def _cell_result(study: Study, cell: Cell) -> dict[str, Any]:
     return r
 
 
-def collect(path: PathLike, *, plots: bool = True) -> dict[str, Any]:
-    """Build the comparison from whatever cells have finished; writes results.md/.csv/.json (+ PNGs)."""
+def collect(path: PathLike, *, plots: bool = True, baseline: Optional[str] = None) -> dict[str, Any]:
+    """Build the comparison from whatever cells have finished; writes results.md/.csv/.json (+ PNGs).
+
+    ``baseline`` compares against another row than the study's own baseline; those results go to
+    ``results_vs_<baseline>.md/.csv/.json`` (no PNGs), next to the study's own."""
     study = Study(path)
     spec = study.spec
+    stem = "results"
+    if baseline is not None and baseline != spec.baseline:
+        if baseline not in [v.label for v in spec.variants]:
+            raise StudyError(f"--baseline {baseline!r} is not a row of {study.path} "
+                             f"({', '.join(v.label for v in spec.variants)})")
+        spec = StudySpec(**{**spec.__dict__, "baseline": baseline})
+        stem, plots = f"results_vs_{baseline}", False
     cells = [_cell_result(study, c) for c in spec.cells()]
     by_label: dict[str, list[dict[str, Any]]] = {v.label: [] for v in spec.variants}
     for r in cells:
@@ -565,9 +575,10 @@ def collect(path: PathLike, *, plots: bool = True) -> dict[str, Any]:
     result = {"spec": spec.to_dict(), "metrics": metrics_, "cells": cells, "rows": rows, "baseline": spec.baseline,
               "interval": "95% Student-t interval of the mean paired difference over seeds (df = pairs - 1)",
               "written": time.strftime("%Y-%m-%d %H:%M:%S")}
-    atomic_write_bytes(dump_json(result).encode(), study.path / "results.json")
-    atomic_write_bytes(_csv(cells, metrics_).encode(), study.path / "results.csv")
-    atomic_write_bytes(markdown(result).encode(), study.path / "results.md")
+    atomic_write_bytes(dump_json(result).encode(), study.path / f"{stem}.json")
+    atomic_write_bytes(_csv(cells, metrics_).encode(), study.path / f"{stem}.csv")
+    atomic_write_bytes(markdown(result).encode(), study.path / f"{stem}.md")
+    result["files"] = [f"{stem}.md", f"{stem}.csv", f"{stem}.json"]
     if plots:
         from .plots import study_plots
 
