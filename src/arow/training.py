@@ -364,9 +364,7 @@ class Trainer:
             # The first non-finite loss is recorded on the device and read every few steps (a read
             # per step would stall a GPU); nothing of an epoch is saved before its end, so the run
             # stops with every earlier checkpoint intact and names the exact step.
-            bad = ~torch.isfinite(outs[0][0].loss.detach())
-            for o, _ in outs[1:]:
-                bad = bad | ~torch.isfinite(o.loss.detach())
+            bad = ~torch.stack([torch.isfinite(o.loss.detach()) for o, _ in outs]).all()  # any micro-batch
             first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
             if (step + 1) % NONFINITE_CHECK_EVERY == 0 or step + 1 == steps:
                 self._check_finite_loss(first_bad, epoch)
