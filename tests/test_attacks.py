@@ -146,3 +146,24 @@ def test_unknown_or_bad_attack_names(name):
 def test_negative_eps_rejected():
     with pytest.raises(ValueError):
         get_attack("pgd20", -0.1)
+
+
+def test_pgd_and_cw_verdicts_do_not_depend_on_the_batch_size(trained_model, fmnist_small):
+    """Each example's random start is its own (seed, attack, index): batching changes no verdict.
+    float64, so that no rounding difference between batch shapes can flip a sign-gradient step."""
+    x, y = fmnist_small[2][:120].double(), fmnist_small[3][:120]
+    model = copy.deepcopy(trained_model).double()
+    runs = [evaluate(model, x, y, ["clean", "pgd5r2", "cw5"], eps=EPS, batch_size=b) for b in (7, 50, 120)]
+    for r in runs[1:]:
+        for name in ("pgd5r2", "cw5", "worst_case"):
+            assert torch.equal(r.correct[name], runs[0].correct[name]), name
+    # the start really is random and seeded: another seed gives other starts, hence other examples
+    from arow.rng import ExampleRNG
+
+    idx = torch.arange(5)
+    a, b = ExampleRNG(0, idx).rand_like(x[:5]), ExampleRNG(1, idx).rand_like(x[:5])
+    assert a.dtype == torch.float64 and not torch.equal(a, b)
+    rng = ExampleRNG(0, idx)
+    assert not torch.equal(rng.rand_like(x[:5]), rng.rand_like(x[:5]))  # a restart draws new noise
+    with pytest.raises(ValueError, match="rows of noise"):
+        ExampleRNG(0, idx).rand_like(x[:4])

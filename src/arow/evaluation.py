@@ -4,9 +4,11 @@ Cheap white-box attacks (FGSM, PGD, CW) each run on every example the model clas
 correctly, so their numbers are the ones papers report; a ``cascade`` attack (AutoAttack)
 runs only on the examples still robust after all attacks before it. The worst case per
 example over all attacks is always reported too. Under torchrun the work is sharded across
-ranks and the verdicts combined; every attack batch draws its random numbers from a seed
-fixed by ``(seed, attack name, batch number)``, so the verdicts are reproducible and do not
-depend on the number of processes. With ``state_dir`` each finished batch is saved, so an
+ranks and the verdicts combined. PGD and CW draw each example's random start from a generator
+seeded by ``(seed, attack name, example index)``, so their verdicts do not depend on the batch
+size or the number of processes; other attacks (AutoAttack) draw from the global generator,
+seeded per batch by ``(seed, attack name, batch number)``: reproducible for a given batch size,
+and for any number of processes. With ``state_dir`` each finished batch is saved, so an
 interrupted evaluation continues where it stopped when run again (same model, data, settings).
 Every attack searches the same threat model, the L-inf or the L2 ball (``norm``).
 """
@@ -26,7 +28,7 @@ import torch.nn as nn
 from . import distributed
 from .attacks import Attack, get_attack, predict, unwrap
 from .checkpoint import load_keyed, save_keyed
-from .rng import private_rng
+from .rng import ExampleRNG, private_rng
 from .threat import ThreatModel, check_norm, norm_label
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,10 @@ def _combine(mask: Tensor) -> Tensor:
     if not distributed.info().enabled:
         return mask
     return distributed.all_reduce_sum(mask.to(torch.int32)) > 0
+
+
+#: part of the resume key: state saved by arow <= 0.3.0 (PGD's random start drawn per batch) is not reused
+_RNG_SCHEME = "per-example-start-1"
 
 
 def _batch_seed(seed: int, name: str, batch: int) -> int:
@@ -160,7 +166,11 @@ def _evaluate(model, x, y, attacks, *, eps, norm, num_classes, batch_size, progr
                 if stage is not None and start in stage.done:  # finished before an interruption
                     done += len(idx)
                     continue
-                kw = {"state_path": stage.batch_path(start)} if stage is not None and atk.resumable else {}
+                kw: dict[str, Any] = {}
+                if stage is not None and atk.resumable:
+                    kw["state_path"] = stage.batch_path(start)
+                if atk.per_example_rng:
+                    kw["rng"] = ExampleRNG(_batch_seed(seed, atk.name, 0), idx)
                 with private_rng(x.device, _batch_seed(seed, atk.name, start // batch_size)):
                     x_adv = atk(model, x[idx], y[idx], **kw)
                 _check_ball(x_adv, x[idx], ball, atk.name)
@@ -197,7 +207,7 @@ def _run_key(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int, batc
              norm: str = "linf") -> str:
     """What a saved verdict depends on besides the attack: weights, data, norm, eps, seed, batching, ranks."""
     d = distributed.info()
-    return _digest(unwrap(model), x, y, norm, float(eps), seed, batch_size, d.rank, d.world_size)
+    return _digest(unwrap(model), x, y, norm, float(eps), seed, batch_size, d.rank, d.world_size, _RNG_SCHEME)
 
 
 class _Stage:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -78,3 +78,43 @@ class BatchRNG:
             raise ValueError(f"slice [{self.offset}, {self.offset + n}) exceeds global batch {total}")
         u = fn((total, *x.shape[1:]), generator=self._gen(x.device), device=x.device, dtype=x.dtype)
         return u[self.offset : self.offset + n]
+
+
+class ExampleRNG:
+    """Noise drawn per example: row ``i`` comes from its own generator, seeded by ``seed`` and the
+    example's position ``index[i]`` in the data set.
+
+    An example's random start then depends on neither the batch it falls in nor the batch size,
+    the number of processes or the examples an earlier attack removed, so evaluation verdicts
+    do not change with ``batch_size``. Each generator continues where it stopped, so a second
+    draw (another restart) gives new noise. Noise is drawn on the CPU and moved to ``x``'s device.
+
+    >>> a = ExampleRNG(0, torch.tensor([3, 7])).rand_like(torch.zeros(2, 4))
+    >>> b = ExampleRNG(0, torch.tensor([7])).rand_like(torch.zeros(1, 4))
+    >>> torch.equal(a[1], b[0])
+    True
+    """
+
+    def __init__(self, seed: int, index: torch.Tensor) -> None:
+        self._gens = [torch.Generator().manual_seed(((seed & 0x7FFF_FFFF) * 1_000_003 + i) & 0x7FFF_FFFF_FFFF)
+                      for i in index.tolist()]
+
+    def rand_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Uniform [0, 1) noise shaped like ``x``, one generator per row."""
+        return self._draw(torch.rand, x)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like ``x``, one generator per row."""
+        return self._draw(torch.randn, x)
+
+    def _draw(self, fn, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != len(self._gens):
+            raise ValueError(f"{x.shape[0]} rows of noise asked of an ExampleRNG for {len(self._gens)} examples")
+        if not self._gens:
+            return torch.empty_like(x)
+        rows = [fn(tuple(x.shape[1:]), generator=g, dtype=x.dtype) for g in self._gens]
+        return torch.stack(rows).to(x.device)
+
+
+#: what an attack's random start may draw from (``None``: torch's global generator)
+NoiseSource = Union[BatchRNG, ExampleRNG]

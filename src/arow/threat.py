@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .rng import BatchRNG
+from .rng import NoiseSource
 
 #: the threat models: the L-inf ball (each pixel moves by at most eps) and the L2 ball (the
 #: Euclidean length of the whole perturbation of one example is at most eps)
@@ -103,7 +103,7 @@ class ThreatModel:
         """A copy with some fields changed: ``tm.with_(steps=20)``."""
         return replace(self, **changes)
 
-    def init(self, x: torch.Tensor, rng: Optional[BatchRNG] = None) -> torch.Tensor:
+    def init(self, x: torch.Tensor, rng: Optional[NoiseSource] = None) -> torch.Tensor:
         """The attack's starting point: uniform in the ball, TRADES' ``x + 0.001 N(0, 1)``, or ``x``."""
         x = x.detach()
         if self.start == "none" or self.eps == 0:

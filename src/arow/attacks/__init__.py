@@ -36,7 +36,9 @@ class Attack:
     ``cascade``: evaluation runs it only on examples still robust after the attacks before it
     (AutoAttack). ``resumable``: ``run`` takes ``state_path=`` and continues from that file.
     ``meta``: settings worth recording next to its number (version, seed, ...). ``norm``: the
-    threat model it searches (``"linf"`` or ``"l2"``).
+    threat model it searches (``"linf"`` or ``"l2"``). ``per_example_rng``: ``run`` takes ``rng=``
+    (an :class:`arow.rng.ExampleRNG`) for its random start, which evaluation passes so that an
+    example's verdict does not depend on the batch it was attacked in.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Attack:
     resumable: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     norm: str = "linf"
+    per_example_rng: bool = False
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, **kwargs: Any) -> Tensor:
         return self.run(model, x, y, **kwargs)
@@ -90,7 +93,8 @@ def _pgd_search(name: str, eps: float, steps: int, restarts: int, loss: AttackLo
                 norm: str = "linf") -> Attack:
     """PGD on ``loss`` with ``steps`` steps of eps/4 from a random start, the first fooling iterate kept."""
     tm = ThreatModel(eps=eps, steps=steps, norm=norm)
-    return Attack(name, lambda m, x, y: pgd(m, x, y, tm, loss, restarts=restarts, keep_best=True), desc, norm=norm)
+    return Attack(name, lambda m, x, y, rng=None: pgd(m, x, y, tm, loss, restarts=restarts, keep_best=True, rng=rng),
+                  desc, norm=norm, per_example_rng=True)
 
 
 MAX_STEPS, MAX_RESTARTS = 10_000, 1_000  # far beyond any published evaluation; a typo must not hang a run

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..rng import BatchRNG
+from ..rng import NoiseSource
 from ..threat import ThreatModel
 from .base import AttackLoss, ce_loss, frozen_eval, unwrap
 
@@ -23,7 +23,7 @@ def pgd(
     *,
     restarts: int = 1,
     keep_best: bool = False,
-    rng: Optional[BatchRNG] = None,
+    rng: Optional[NoiseSource] = None,
     on_step: Optional[StepCallback] = None,
 ) -> Tensor:
     """Maximise ``loss`` over the ball with ``threat.steps`` steps (sign of the gradient for L-inf,
