@@ -12,8 +12,16 @@ so that load on a shared machine falls on both alike; medians and per-pair ratio
 The two robust accuracies need not be identical: (a) adds PGD-20's successes and runs
 AutoAttack's random restarts on other batches. The table says how many examples differ.
 
+``--breakdown`` then runs :func:`arow.attacks.autoattack.run_autoattack` once on the examples
+PGD-20 left robust and prints, per sub-attack, the examples it ran on, broke, its seconds and
+the cost model's passes per example (:func:`cost_model`), so one sees whether the time goes
+where the cost model says. ``--breakdown-only`` skips the side-by-side timing (and the guards).
+``--aa-n-iter`` / ``--aa-square-queries`` shrink the breakdown's budget for smoke runs only:
+the breakdown is then labelled NON-STANDARD.
+
     python benchmarks/bench_autoattack.py --n 200                 # trains a small CNN briefly
     python benchmarks/bench_autoattack.py --ckpt runs/fmnist-arow --n 1000 --device cuda
+    python benchmarks/bench_autoattack.py --ckpt runs/fmnist-arow --n 500 --breakdown-only --threads 1
 """
 from __future__ import annotations
 
@@ -31,6 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from arow import load_model  # noqa: E402
 from arow.attacks import ce_loss, pgd  # noqa: E402
+from arow.attacks.autoattack import (  # noqa: E402
+    AutoAttackSettings,
+    describe,
+    run_autoattack,
+    settings_record,
+)
 from arow.data import load_dataset  # noqa: E402
 from arow.evaluation import evaluate  # noqa: E402
 from arow.guards import run_guards  # noqa: E402
@@ -57,7 +71,96 @@ def train_small_cnn(steps: int, eps: float, attack_steps: int, device: torch.dev
     return model.eval()
 
 
-def main() -> int:
+#: sub-attack -> its label in the breakdown table
+LABELS = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
+
+
+def cost_model(record: dict) -> dict[str, dict[str, int]]:
+    """Model passes per attacked example of each sub-attack, read from ``settings_record(...)``.
+
+    ``fb``: forwards each followed by an input-gradient backward (weights frozen: about two
+    forwards); ``f``: forwards alone. Upper bounds: later target classes (APGD-T, FAB-T) run only
+    on the examples earlier ones left robust, and Square stops querying an example once broken.
+    Small constants are left out (the clean forward of each call, APGD's gradient at the start
+    point, FAB's two forwards per target before its loop, the final checks). What pyautoattack
+    0.2.0 does per iteration:
+
+    - APGD-CE, APGD-T: one forward + backward of the loss per iteration, per restart (1) and, for
+      APGD-T, per target class;
+    - FAB-T (targeted): one forward + one backward of the logit difference to the target
+      (``get_diff_logits_grads_batch_targeted``), then one forward to check the new point
+      (``_get_predicted_label``): 1 F+B + 1 F per iteration and target class;
+    - Square: one forward per query of each example not yet broken (``margin_and_loss``).
+
+    >>> cm = cost_model({"apgd_n_iter": 100, "fab_n_iter": 100, "n_target_classes": 9, "square_n_queries": 5000})
+    >>> cm["apgd-t"], cm["fab-t"], cm["square"]
+    ({'fb': 900, 'f': 0}, {'fb': 900, 'f': 900}, {'fb': 0, 'f': 5000})
+    """
+    it, fab, t, q = record["apgd_n_iter"], record["fab_n_iter"], record["n_target_classes"], record["square_n_queries"]
+    return {"apgd-ce": {"fb": it, "f": 0}, "apgd-t": {"fb": t * it, "f": 0},
+            "fab-t": {"fb": t * fab, "f": t * fab}, "square": {"fb": 0, "f": q}}
+
+
+def breakdown(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+              settings: AutoAttackSettings) -> tuple[list[list[str]], dict, dict]:
+    """Run AutoAttack once on ``(x, y)``; per sub-attack: attacked, broken, seconds and the cost model.
+
+    Returns the table rows, ``run_autoattack``'s info and the settings record (with the targets
+    the model's classes allow).
+    """
+    _, info = run_autoattack(model, x, y, eps, settings=settings, timing=True)
+    record = settings_record(settings, n_targets=info["n_target_classes"])
+    cost = cost_model(record)
+    rows = []
+    for sub in settings.attacks:
+        n, s = info["attacked_by"].get(sub, 0), info["seconds_by"].get(sub, float("nan"))
+        fb, f = cost[sub]["fb"], cost[sub]["f"]
+        passes, fwd_eq = fb + f, 2 * fb + f
+        kind = " + ".join(p for p in (f"{fb} F+B" if fb else "", f"{f} F" if f else "") if p)
+        rows.append([LABELS[sub], str(n), str(info["broken_by"].get(sub, 0)), f"{s:.2f}",
+                     f"{1e3 * s / n:.1f}" if n else "-", kind, str(fwd_eq),
+                     _per(s, n * passes, 1e6), _per(s, n * fwd_eq, 1e6)])
+    return rows, info, record
+
+
+def _per(seconds: float, count: int, scale: float) -> str:
+    return f"{scale * seconds / count:.1f}" if count else "-"
+
+
+BREAKDOWN_HEADER = ["sub-attack", "attacked", "broken", "seconds", "ms / example", "passes / example (model)",
+                    "fwd-eq / example", "us / pass", "us / fwd-eq"]
+
+
+def markdown(rows: list[list[str]], header: list[str]) -> str:
+    """A Markdown table with padded columns."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |" for cells in [header, *rows]]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def print_breakdown(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, robust: torch.Tensor, a) -> None:
+    settings = AutoAttackSettings(batch_size=a.batch_size, n_iter=a.aa_n_iter, square_queries=a.aa_square_queries)
+    xr, yr = x[robust.to(x.device)], y[robust.to(x.device)]
+    print(f"\nAutoAttack breakdown: run_autoattack once on the {len(xr)} of {len(x)} images PGD-20 left robust "
+          f"(batch {a.batch_size}, {torch.get_num_threads()} CPU thread(s))")
+    if not len(xr):
+        print("nothing to attack: PGD-20 broke every example")
+        return
+    rows, info, record = breakdown(model, xr, yr, a.eps, settings)
+    print(describe(settings, n_targets=record["n_target_classes"]))
+    if not settings.standard:
+        print("NON-STANDARD budget (--aa-n-iter / --aa-square-queries): for smoke runs only")
+    print(markdown(rows, BREAKDOWN_HEADER))
+    total = sum(info["seconds_by"].values())
+    print(f"total {total:.1f}s; robust after AutoAttack: {len(xr) - sum(info['broken_by'].values())} of {len(xr)}. "
+          "passes / example: F+B = forward + input-gradient backward (weights frozen, ~2 forwards), F = forward "
+          "only; upper bounds (later targets run only on examples still robust, Square stops at the first "
+          "success), small constants left out. us / pass = seconds / (attacked x passes); similar values across "
+          "rows mean the time goes where the cost model says.")
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", help="arow run folder or checkpoint (default: train a small CNN briefly)")
     p.add_argument("--n", type=int, default=200, help="first N test images (default 200)")
@@ -70,7 +173,13 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guards-n", type=int, default=200, help="also time the robustness guards (0: skip)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each side (median reported)")
-    a = p.parse_args()
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each AutoAttack sub-attack on the PGD-20-robust examples, against the cost model")
+    p.add_argument("--breakdown-only", action="store_true",
+                   help="only the breakdown (no side-by-side timing, no guards)")
+    p.add_argument("--aa-n-iter", type=int, help="breakdown only, NON-STANDARD: APGD/FAB iterations (smoke runs)")
+    p.add_argument("--aa-square-queries", type=int, help="breakdown only, NON-STANDARD: Square queries (smoke runs)")
+    a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -86,6 +195,13 @@ def main() -> int:
     train_s = time.perf_counter() - t0
     test = load_dataset("fashion-mnist", split="test").subset(a.n).to(device)
     x, y = test.x, test.y
+
+    if a.breakdown_only:
+        res = evaluate(model, x, y, ["clean", "pgd20"], eps=a.eps, batch_size=a.batch_size)
+        print(f"model: {source} (ready in {train_s:.0f}s); Fashion-MNIST test[:{a.n}], eps={a.eps}, device {device}; "
+              f"clean accuracy {100 * res.accuracy['clean']:.2f}%, PGD-20 {100 * res.accuracy['pgd20']:.2f}%")
+        print_breakdown(model, x, y, res.correct["pgd20"], a)
+        return 0
 
     from pyautoattack import AutoAttack, __version__
 
@@ -128,6 +244,8 @@ def main() -> int:
           f"{'yes' if same else 'no'} (robust only in (a): {int((ours & ~theirs).sum())}, "
           f"only in (b): {int((theirs & ~ours).sum())}); speed-up (b)/(a) per pair "
           f"{', '.join(f'{r:.2f}x' for r in ratios)}, median {statistics.median(ratios):.2f}x")
+    if a.breakdown:
+        print_breakdown(model, x, y, res.correct["pgd20"], a)
     if a.guards_n:  # what `arow eval` adds before evaluating
         full = load_dataset("fashion-mnist", split="test").subset(a.guards_n).to(device)
         t0 = time.perf_counter()

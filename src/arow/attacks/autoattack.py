@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -214,14 +215,24 @@ def settings_record(settings: AutoAttackSettings, *, n_targets: int = STANDARD_T
 
 def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
                    settings: AutoAttackSettings = AutoAttackSettings(),
-                   state_path: Optional[Union[str, Path]] = None) -> tuple[Tensor, dict[str, Any]]:
+                   state_path: Optional[Union[str, Path]] = None,
+                   timing: bool = False) -> tuple[Tensor, dict[str, Any]]:
     """Adversarial examples from AutoAttack, and a record: classes, targets, examples broken per sub-attack.
+
+    The record (``info``) holds ``num_classes``, ``n_target_classes``, ``broken_by`` (sub-attack:
+    examples it broke) and ``attacked_by`` (sub-attack: examples it was run on, those still
+    robust); with ``timing=True`` also ``seconds_by`` (sub-attack: wall seconds), left out by
+    default so that the record stays a deterministic function of the inputs. A sub-attack
+    skipped on resume reports the numbers its state file kept; a state file written before
+    these were recorded has none, and the sub-attack is then absent from ``attacked_by`` and
+    ``seconds_by``. Timing changes nothing else (examples, verdicts, seeding).
 
     The model runs in eval mode with frozen parameters (restored after), on ``x``'s device.
     pyautoattack reseeds the global RNG; ours is restored on exit. With ``state_path`` the
     run saves its progress after each sub-attack and continues from there when called again
     with the same model, data and settings (a mismatching state file is ignored).
 
+    >>> _ = torch.manual_seed(0)  # Square-L2 of pyautoattack can divide by zero on some 4x4 images
     >>> m = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
     >>> x = torch.rand(4, 1, 4, 4); y = m(x).argmax(1)
     >>> fast = AutoAttackSettings(n_iter=2, square_queries=5)
@@ -247,12 +258,17 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
             robust = predict(net, x, settings.batch_size, frozen=False) == y
         x_adv = state["x_adv"].to(x.device, x.dtype) if state else x.clone()
         broken: dict[str, int] = dict(state["broken"]) if state else {}
+        # timing record; state files written before it existed lack these keys
+        attacked: dict[str, int] = dict(state.get("attacked", {})) if state else {}
+        seconds: dict[str, float] = dict(state.get("seconds", {})) if state else {}
         for sub in settings.attacks:
             if sub in broken:
                 log.debug("AutoAttack %s: already done (state %s)", _LABELS[sub], path)
                 continue
+            t0 = time.perf_counter()
             idx = robust.nonzero().squeeze(1)
             broken[sub] = 0
+            attacked[sub] = len(idx)
             if len(idx):
                 aa.attacks_to_run = [sub]  # one sub-attack on the still-robust examples, as AA's loop does
                 adv_sub, _ = aa.run_standard_evaluation(x[idx], y[idx], batch_size=settings.batch_size)
@@ -260,13 +276,18 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
                 x_adv[idx[fooled]] = adv_sub[fooled]
                 robust[idx[fooled]] = False
                 broken[sub] = int(fooled.sum())
+            seconds[sub] = time.perf_counter() - t0
             log.debug("AutoAttack %s: broke %d of %d (robust now %d of %d)", _LABELS[sub], broken[sub],
                      len(idx), int(robust.sum()), len(x))
             if path is not None:
-                save_keyed({"robust": robust.cpu(), "x_adv": x_adv.cpu(), "broken": broken}, key, path)
+                save_keyed({"robust": robust.cpu(), "x_adv": x_adv.cpu(), "broken": broken,
+                            "attacked": attacked, "seconds": seconds}, key, path)
         _check_square(broken, len(x))
     targets = min(STANDARD_TARGETS, num_classes - 1)
-    return x_adv, {"num_classes": num_classes, "n_target_classes": targets, "broken_by": broken}
+    info = {"num_classes": num_classes, "n_target_classes": targets, "broken_by": broken, "attacked_by": attacked}
+    if timing:
+        info["seconds_by"] = seconds
+    return x_adv, info
 
 
 def _check_square(broken: dict[str, int], n: int) -> None:
