@@ -171,3 +171,59 @@ def test_bad_preset_values_are_one_line_errors(tmp_path):
         f.write_text(text + "\n")
         r = arow("train", "--preset", str(f), "--out", str(tmp_path / "o"))
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (text, r.stderr)
+
+
+def test_model_loading_subcommands_share_their_flags():
+    from arow.cli import build_parser
+
+    p = build_parser()
+    for argv in (["eval", "RUN"], ["plot", "RUN"], ["pseudo-label", "RUN", "--data", "D"]):
+        a = vars(p.parse_args(argv))
+        assert (a["which"], a["batch_size"], a["device"], a["data_dir"]) == ("final", 500, "auto", None), argv
+    assert p.parse_args(["export", "RUN", "--which", "best"]).which == "best"
+    assert "eps curve: checkpoint" in p._subparsers._group_actions[0].choices["plot"].format_help()
+
+
+def test_eval_printing_and_exit_status(capsys):
+    from types import SimpleNamespace
+
+    from arow.cli import _eval_and_print
+
+    def fake(source, attacks, *, progress, on_guards, error=None, robustbench=None):
+        rep = SimpleNamespace(error=error, path=Path("r/eval.json"), robustbench=robustbench,
+                              text=lambda: "TABLE", guards_text=lambda: "GUARDS")
+        on_guards(rep)
+        return rep
+
+    assert _eval_and_print(fake, "r", ["clean"], robustbench=Path("r/rb.json")) == 0
+    out = capsys.readouterr().out
+    assert out.index("GUARDS") < out.index("TABLE") and "written r/eval.json" in out and "written r/rb.json" in out
+    assert _eval_and_print(fake, "r", ["clean"], error="a guard tripped") == 3
+    cap = capsys.readouterr()
+    assert cap.err.strip() == "arow: error: a guard tripped" and "TABLE" not in cap.out
+
+
+def test_eps_curve_table_and_study_commands(tmp_path):
+    from arow.plots import eps_curve_table
+    from arow.study import Study, StudySpec, study_commands
+
+    curve = {"attack": "pgd20", "n": 40, "test_set_size": 10000, "subset": True,
+             "points": [{"eps": 0.0, "factor": 0.0, "accuracy": 0.9}, {"eps": 0.1, "factor": 1.0, "accuracy": 0.5}]}
+    text = eps_curve_table(curve)
+    assert text.splitlines()[0] == "pgd20 accuracy vs eps on 40 of 10000 test images (SUBSET)"
+    assert "x train eps" in text and "50.00%" in text
+    spec = StudySpec.from_dict({"methods": ["arow", "trades"], "seeds": [0]})
+    lines = study_commands(tmp_path / "s", spec).splitlines()
+    assert (tmp_path / "s" / "study.json").is_file()  # saved, for --collect
+    assert [ln for ln in lines if ln.startswith("#")] == ["# arow-s0", "# trades-s0"]
+    assert len(lines) == 2 + sum(len(steps) for _, steps in Study(tmp_path / "s").commands())
+
+
+def test_preset_summary_is_the_first_sentence_on_one_line():
+    from arow.config import preset_description, preset_names, preset_summary
+
+    for n in preset_names():
+        s = preset_summary(n)
+        assert len(s) <= 100 and " ".join(preset_description(n).split()).startswith(s.removesuffix(" ...")), n
+        short = preset_summary(n, width=30)
+        assert len(short) <= 30 and (short == s or short.endswith(" ...")), n

@@ -11,7 +11,7 @@ from arow.data import from_tensors
 from arow.runs import RunDir, RunFolderError
 from arow.training import Trainer
 
-from conftest import tiny_cnn
+from conftest import fmnist_available, tiny_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -238,3 +238,50 @@ def test_amp_auto_on_the_cpu(monkeypatch, native, switch, expected):
     assert runtime.use_amp("auto", torch.device("cpu")) is expected
     assert runtime.use_amp("auto", torch.device("cuda")) is True
     assert runtime.use_amp("off", torch.device("cuda")) is False and runtime.use_amp("bf16", torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- what the CLI calls
+def test_method_flag_help_points_shorthands_to_the_prefixed_flags():
+    from arow.config import method_flag_help
+
+    table = method_flag_help()
+    assert list(table) == sorted(method_flags())
+    assert table["lam"] == (float, "shorthand for the chosen method's lam (see the prefixed flags)")
+    assert table["trades_beta"] == (float, "TRADES: weight of the KL boundary term")
+    assert table["detach_weight"][0] is bool
+
+
+def test_evaluate_source_picks_the_pipeline_and_checks_its_flags(tmp_path):
+    from arow.pipelines import evaluate_source
+    from arow.user_models import user_model_name
+
+    with pytest.raises(ValueError, match="give a run folder"):
+        evaluate_source(None)
+    with pytest.raises(ValueError, match="not both"):
+        evaluate_source(tmp_path / "m.pt2", model_factory="mynets:mlp")
+    with pytest.raises(ValueError, match="--weights goes with --model-factory"):
+        evaluate_source(tmp_path, weights=tmp_path / "w.pt")
+    assert user_model_name("mynets:mlp") == "mlp" and user_model_name(tmp_path / "exported.pt2") == "exported"
+
+
+@pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST not installed")
+def test_train_and_evaluate_is_arow_train(tmp_path):
+    import dataclasses
+
+    from arow.pipelines import train_and_evaluate
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(epochs=1, limit_train=100, val_size=20, batch_size=50, attack_steps=1, eval_n=40,
+                      eval_attacks="clean,pgd2", guards=False, out=str(out))
+    with pytest.raises((ValueError, KeyError), match="pgdx"):  # a typo fails before training
+        train_and_evaluate(dataclasses.replace(cfg, eval_attacks="clean,pgdx"))
+    with pytest.raises(ValueError, match="set out"):
+        train_and_evaluate(dataclasses.replace(cfg, out=None))
+    assert not out.exists()
+    seen = []
+    run = train_and_evaluate(cfg, progress=lambda *a: seen.append(a))
+    assert run.is_main and len(run.train.history) == 1 and run.seconds > 0 and seen
+    rep = run.evaluation
+    assert rep.path == out / "eval_n40.json" and set(rep.accuracy) == {"clean", "pgd2", "worst_case"}
+    assert json.loads(rep.path.read_text())["train_seconds"] == pytest.approx(run.seconds)
+    assert (out / "curves.png").is_file()  # drawn after the evaluation

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -300,9 +301,17 @@ def preset_names() -> list[str]:
 
 
 def preset_description(name: str) -> str:
-    """The ``description`` of a built-in preset (what ``arow list`` shows)."""
+    """The ``description`` of a built-in preset (``arow list`` shows :func:`preset_summary`)."""
     text = (resources.files("arow") / "presets" / f"{name}.yaml").read_text()
     return str((yaml.safe_load(text) or {}).get("description", ""))
+
+
+def preset_summary(name: str, width: int = 100) -> str:
+    """The first sentence (or clause) of a built-in preset's description on one line, cut at a word
+    boundary with `` ...`` when longer than ``width`` characters (what ``arow list`` shows)."""
+    desc = " ".join(preset_description(name).split())
+    first = re.split(r"(?<!et al)\. (?=[A-Z])|: ", desc)[0]
+    return first if len(first) <= width else first[:width - 3].rsplit(" ", 1)[0] + " ..."
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
@@ -365,6 +374,22 @@ def method_flags() -> dict[str, dict[str, str]]:
             if len(meanings[k]) > 1:  # one name, several meanings: the method's prefix tells them apart
                 table.setdefault(f"{base(name).replace('-', '_')}_{k}", {})[name] = k
     return table
+
+
+def method_flag_help() -> dict[str, tuple[type, str]]:
+    """Each method hyper-parameter flag (dest name, sorted) -> (type, help) for ``arow train --help``:
+    the hyper-parameter's own help, or for a shorthand whose methods mean different things by it, a
+    pointer to the prefixed flags."""
+    from .methods import METHODS
+
+    out: dict[str, tuple[type, str]] = {}
+    for dest, owners in sorted(method_flags().items()):
+        first = next(iter(owners))
+        h = METHODS.get(first).hparams[owners[first]]
+        shorthand = len({METHODS.get(m).hparams[k].help for m, k in owners.items()}) > 1
+        out[dest] = (h.type, f"shorthand for the chosen method's {dest} (see the prefixed flags)" if shorthand
+                     else h.help)
+    return out
 
 
 def resolve_config(overrides: dict[str, Any], method_overrides: Optional[dict[str, Any]] = None, *,

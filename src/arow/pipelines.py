@@ -3,7 +3,9 @@
 :func:`train_run` trains from a config alone (data, split, model, method, run folder);
 :func:`evaluate_run` evaluates a run folder, checkpoint, safetensors export or an in-memory model
 on a test set the way ``arow eval`` does: guards first, then the attacks, results written next to
-the run. The command line only parses flags, calls these, and prints.
+the run. :func:`train_and_evaluate` is all of ``arow train`` (training, then that evaluation),
+:func:`evaluate_source` all of ``arow eval`` (a run, or your own model through
+:func:`evaluate_user_model`). The command line only parses flags, calls these, and prints.
 
 >>> result = train_run(TrainConfig(epochs=1, limit_train=256, out="runs/quick"))   # doctest: +SKIP
 >>> report = evaluate_run("runs/quick", ["clean", "pgd20"], n=500)                 # doctest: +SKIP
@@ -73,6 +75,48 @@ def train_run(cfg: TrainConfig, *, callbacks: Union[Callbacks, Sequence[Callback
                    plots=plots, extra=extra).fit()
 
 
+def train_and_evaluate(cfg: TrainConfig, *, callbacks: Union[Callbacks, Sequence[Callbacks], None] = None,
+                       resume: bool = False, progress: Optional[Progress] = None,
+                       on_guards: Optional[Callable[[EvalReport], None]] = None) -> TrainReport:
+    """``arow train``: :func:`train_run`, then the evaluation of ``arow eval`` (guards included, see
+    :func:`evaluate_run`) of the model in memory with ``cfg.eval_attacks`` on ``cfg.eval_n`` test images.
+
+    The attack names and the test set are checked before training, so a typo or a missing test file
+    fails now, not after training. The run's PNGs are drawn after ``eval.json`` exists (the per-class
+    plot needs it), by rank 0 only; under torchrun the process group is left at the end.
+    ``progress`` and ``on_guards`` go to the evaluation. ``cfg.eval_attacks=""`` skips it.
+
+    >>> run = train_and_evaluate(TrainConfig(epochs=1, limit_train=256, out="runs/quick"))  # doctest: +SKIP
+    >>> run.evaluation.accuracy                                                             # doctest: +SKIP
+    """
+    from . import distributed
+    from .attacks import get_attack
+    from .callbacks import plot_run_safely
+
+    cfg = cfg.resolve()
+    attacks = [s.strip() for s in cfg.eval_attacks.split(",") if s.strip()]
+    if attacks and cfg.out is None:
+        raise ValueError("the final evaluation is written to the run folder: set out (or eval_attacks='')")
+    for name in attacks:  # a typo must fail now, not after training
+        get_attack(name, cfg.eps, norm=cfg.norm)
+    # missing or damaged test files must fail now, not after training
+    test = load_dataset(cfg.dataset, root=cfg.data_dir, split="test") if attacks else None
+    t0 = time.perf_counter()
+    log.info("training %s / %s on %s -> %s", cfg.method, cfg.model, cfg.dataset, cfg.out)
+    result = train_run(cfg, callbacks=callbacks, resume=resume, plots=not attacks)
+    seconds = time.perf_counter() - t0
+    is_main = distributed.info().is_main
+    report = None
+    if attacks:  # the same evaluation as `arow eval`, guards included, on the model in memory
+        report = evaluate_run(cfg.out, attacks, model=result.model, data=test, n=cfg.eval_n, device=cfg.device,
+                              guards=cfg.guards, extra={"train_seconds": seconds}, progress=progress,
+                              on_guards=on_guards)
+        if is_main:
+            plot_run_safely(Path(cfg.out))  # after eval.json exists: per_class.png needs it
+    distributed.teardown()
+    return TrainReport(result, report, seconds, is_main)
+
+
 # --------------------------------------------------------------------------- evaluation
 @dataclass
 class EvalReport:
@@ -131,6 +175,16 @@ class EvalReport:
         if self.error:
             out["error"] = self.error
         return out
+
+
+@dataclass
+class TrainReport:
+    """What ``arow train`` reports (:func:`train_and_evaluate`)."""
+
+    train: TrainResult
+    evaluation: Optional[EvalReport]  # None when ``cfg.eval_attacks`` is empty
+    seconds: float  # the training's, without the evaluation
+    is_main: bool = True  # rank 0 of a torchrun group, or a single process: the one that reports
 
 
 def trained_norm(ckpt: dict[str, Any]) -> str:
@@ -373,13 +427,53 @@ def evaluate_model(
     return report
 
 
+def evaluate_source(
+    source: Optional[PathLike],
+    attacks: Sequence[str] = ("clean", "pgd20", "cw"),
+    *,
+    model_factory: Optional[str] = None,
+    weights: Optional[PathLike] = None,
+    norm: Optional[str] = None,
+    which: str = "final",
+    dataset: Optional[str] = None,
+    resume: bool = True,
+    robustbench: Optional[PathLike] = None,
+    **kw: Any,
+) -> EvalReport:
+    """``arow eval``: ``source`` is a run folder, checkpoint or ``.safetensors`` export
+    (:func:`evaluate_run`), or your own model (:func:`evaluate_user_model`): a TorchScript or
+    exported-program file, or ``model_factory`` (``pkg.module:function``, with ``weights``), whose
+    ``norm`` defaults to L-inf and to which ``which``, ``resume`` and ``robustbench`` do not apply.
+    ``kw`` (``n``, ``eps``, ``data_dir``, ``device``, ``batch_size``, the guards' settings,
+    ``json_out``, ``progress``, ``on_guards``) goes to either.
+
+    >>> rep = evaluate_source(None, ["clean", "pgd20"], model_factory="mynets:wrn", weights="wrn.safetensors",
+    ...                       dataset="cifar10", eps=8/255)  # doctest: +SKIP
+    """
+    from .user_models import is_user_model_file
+
+    if model_factory or (source and is_user_model_file(source)):
+        if model_factory and source:
+            raise ValueError(f"give either a model file ({source}) or --model-factory, not both")
+        return evaluate_user_model(model_factory or source, dataset, attacks, weights=weights, norm=norm or "linf",
+                                   **kw)
+    if source is None:
+        raise ValueError("give a run folder, checkpoint, .safetensors export, TorchScript or .pt2 file, "
+                         "or --model-factory pkg.module:function")
+    if weights:
+        raise ValueError("--weights goes with --model-factory pkg.module:function")
+    return evaluate_run(source, attacks, norm=norm, which=which, dataset=dataset, resume=resume,
+                        robustbench=robustbench, **kw)
+
+
 def evaluate_user_model(
-    model: nn.Module,
+    model: Union[nn.Module, PathLike],
     dataset: str,
     attacks: Sequence[str] = ("clean", "pgd20", "cw"),
     *,
     eps: float,
-    name: str,
+    name: Optional[str] = None,
+    weights: Optional[PathLike] = None,
     norm: str = "linf",
     n: Optional[int] = None,
     data_dir: Optional[str] = None,
@@ -395,10 +489,22 @@ def evaluate_user_model(
 ) -> EvalReport:
     """``arow eval`` for a model ``arow`` did not build (see :mod:`arow.user_models`): the same
     guards and attacks as :func:`evaluate_run` on a built-in test set, results in ``json_out``
-    (default ``./eval_<name>.json``, or ``eval_<name>_n<N>.json`` on a subset)."""
+    (default ``./eval_<name>.json``, or ``eval_<name>_n<N>.json`` on a subset).
+
+    ``model`` is an ``nn.Module`` or what :func:`arow.user_models.load_user_model` loads
+    (``pkg.module:function``, a TorchScript or ``.pt2`` file); ``weights`` are loaded into it.
+    ``name`` defaults to the factory's function or the file's stem (the module's class name for a
+    module)."""
     from . import distributed
     from .attacks import get_attack
+    from .user_models import load_user_model, load_weights, user_model_name
 
+    if not isinstance(model, nn.Module):
+        name = name or user_model_name(model)
+        model = load_user_model(model, weights=weights)
+    elif weights is not None:
+        load_weights(model, weights)
+    name = name or type(model).__name__
     if dataset not in DATASETS:
         raise ValueError(f"--dataset is required for your own model (one of: {', '.join(DATASETS.names())})")
     if eps is None or not eps >= 0:
@@ -412,7 +518,8 @@ def evaluate_user_model(
     full = len(data)
     if n is not None:
         data = data.subset(n)
-    path = check_writable(json_out or Path(f"eval_{name}{'' if len(data) == full else f'_n{len(data)}'}.json"), "--json")
+    stem = f"eval_{name}" if len(data) == full else f"eval_{name}_n{len(data)}"
+    path = check_writable(json_out or Path(f"{stem}.json"), "--json")
     model = model.to(dev).eval()
     info: dict[str, Any] = {"dataset": dataset, "test_set_size": full, "subset": len(data) < full, "model": name,
                             "source": "user model"}

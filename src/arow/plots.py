@@ -16,7 +16,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -397,6 +397,15 @@ def eps_curve(
     return out
 
 
+def eps_curve_table(curve: dict[str, Any]) -> str:
+    """The result of :func:`eps_curve` as text: a title line, then a Markdown table of the points."""
+    from .report import markdown_table
+
+    rows = [[f"{p['eps']:.4g}", f"{p['factor']:g}", f"{100 * p['accuracy']:.2f}%"] for p in curve["points"]]
+    return (f"{curve['attack']} accuracy vs eps on {curve['n']} of {curve['test_set_size']} test images"
+            f"{' (SUBSET)' if curve['subset'] else ''}\n" + markdown_table(rows, ["eps", "x train eps", "accuracy"]))
+
+
 def plot_eps_curve(run_dir: PathLike) -> Path:
     """``eps_curve.png`` from the run's ``eps_curve.json`` (see :func:`eps_curve`).
 
@@ -576,6 +585,35 @@ def compare_runs(paths: Sequence[PathLike], out_dir: PathLike) -> list[Path]:
         path = draw(runs, labels, colours, out)
         if path is not None:
             written.append(path)
+    return written
+
+
+def plot_runs(runs: Sequence[PathLike], out_dir: Optional[PathLike] = None, *,
+              eps_curve_args: Optional[dict[str, Any]] = None, echo: Callable[[str], None] = print) -> list[Path]:
+    """``arow plot``: every run's PNGs (:func:`plot_run`), each run's eps curve first when ``eps_curve_args``
+    (for :func:`eps_curve`) are given, then with two or more runs the comparison figures (:func:`compare_runs`)
+    in ``out_dir`` (default: the current directory). A wrong run folder or ``out_dir`` fails before any figure
+    is drawn. ``echo`` gets each eps-curve table and one line per file written; returns the files."""
+    out = Path(out_dir) if out_dir is not None else Path.cwd()
+    if len(runs) > 1:
+        for run in runs:
+            load_run(run)
+        check_compare_out(out, runs)
+    written: list[Path] = []
+    for run in runs:
+        if eps_curve_args is not None:
+            echo(f"\n{run}: " + eps_curve_table(eps_curve(run, **eps_curve_args)))
+        paths = plot_run(run)
+        for path in paths:
+            echo(f"written {path}")
+        written += paths
+    if len(runs) > 1:
+        paths = compare_runs(runs, out)
+        for path in paths:
+            echo(f"written {path}")
+        if not paths:
+            echo(f"no comparison figure: none of the {len(runs)} runs has the data for one (see the log)")
+        written += paths
     return written
 
 

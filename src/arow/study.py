@@ -429,6 +429,30 @@ class Study:
         return status
 
 
+def study_commands(path: PathLike, spec: StudySpec) -> str:
+    """The ``arow`` commands that finish each cell, as a shell script (for a scheduler); saves the
+    study first, so that ``arow study --collect`` knows it."""
+    study = Study(path, spec)
+    study.save()
+    lines = []
+    for cell, steps in study.commands():
+        lines.append(f"# {cell.name}" + ("" if steps else ": finished"))
+        lines += [shlex.join(cmd) for _, cmd in steps]
+    return "\n".join(lines)
+
+
+def run_study(path: PathLike, spec: StudySpec, *, jobs: int = 1,
+              echo: Callable[[str], None] = print) -> tuple[list[str], str]:
+    """Run every unfinished cell of the study in ``path`` (:meth:`Study.run`), then build the comparison
+    (:func:`collect`); returns the names of the cells that failed and the text of ``results.md``."""
+    study = Study(path, spec)
+    log.info("study %s: %d runs (%d methods x %d seeds), %d at a time", path, len(spec.cells()),
+             len(spec.variants), len(spec.seeds), jobs)
+    status = study.run(jobs=jobs, echo=echo)
+    collect(path)
+    return [k for k, v in status.items() if v != "done"], (Path(path) / "results.md").read_text()
+
+
 def _check_compatible(old: StudySpec, new: StudySpec, path: Path) -> None:
     """A study may grow (more seeds, more methods); what it measured may not change under it."""
     for key in ("preset", "overrides", "attacks", "aa_n", "eps_curve_n", "guards"):

@@ -55,6 +55,17 @@ def is_factory(spec: str) -> bool:
     return bool(sep and mod and fn.isidentifier() and not Path(spec).exists())
 
 
+def user_model_name(spec: PathLike) -> str:
+    """The name a user model's results go under: the function of ``pkg.module:function``, else the
+    file's stem (``eval_<name>.json``).
+
+    >>> user_model_name("mypkg.nets:wrn"), user_model_name("exports/model.pt2")
+    ('wrn', 'model')
+    """
+    spec = str(spec)
+    return (spec.partition(":")[2] if is_factory(spec) else Path(spec).stem) or "model"
+
+
 def load_user_model(spec: PathLike, *, weights: Optional[PathLike] = None, device: Any = "cpu") -> nn.Module:
     """Build or load a model from ``spec``: ``pkg.module:function`` (called with no arguments; then
     ``weights`` is loaded into it), a TorchScript file or an exported program (``.pt2``)."""
