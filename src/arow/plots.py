@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from .evaluation import EVAL_BATCH_SIZE
 from .report import ATTACK_LABELS, Run, format_eps, load_run
 from .runs import RunDir
 
@@ -352,7 +353,7 @@ def eps_curve(
     which: str = "final",
     device: str = "auto",
     data_dir: Optional[str] = None,
-    batch_size: int = 500,
+    batch_size: int = EVAL_BATCH_SIZE,
 ) -> dict[str, Any]:
     """Robust accuracy at ``factors`` times the training eps on the first ``n`` test images (None: all).
 
@@ -483,7 +484,7 @@ def study_plots(result: dict[str, Any], out_dir: PathLike) -> list[Path]:
     rlab = (f"AutoAttack, first {spec['aa_n']} test images" if robust == "autoattack" else
             f"{ATTACK_LABELS.get(robust, robust)}, full test set")
     ax.set(xlabel="clean accuracy, full test set (%)", ylabel=f"robust accuracy: {rlab} (%)",
-           title=f"clean vs robust accuracy per run ({dataset}); X = mean over seeds")
+           title=f"clean vs robust accuracy per run ({dataset})\nX = mean over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     written.append(_save(fig, out_dir / "tradeoff.png"))

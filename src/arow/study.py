@@ -636,9 +636,10 @@ def markdown(result: dict[str, Any]) -> str:
     out.append(f"Preset `{spec['preset'] or 'default'}`"
                + (f" with {spec['overrides']}" if spec["overrides"] else "")
                + f"; seeds {spec['seeds']}; eps {eps}; test set of {n_test} images. Accuracy in %, "
-               "mean ± sample std over the seeds that finished (n). AutoAttack is the standard version "
-               f"on the first {spec['aa_n']} test images (the same images for every run); PGD-20, CW-30 and "
-               "clean accuracy are on the full test set.")
+               "mean ± sample std over the seeds that finished (n). "
+               + (f"AutoAttack is the standard version on the first {spec['aa_n']} test images (the same images "
+                  "for every run); the other attacks and clean accuracy are on the full test set." if spec["aa_n"]
+                  else "AutoAttack was not run; the attacks and clean accuracy are on the full test set."))
     out += ["", "## Mean over seeds", ""]
     table = []
     for r in rows:
