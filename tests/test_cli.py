@@ -84,11 +84,18 @@ def test_every_preset_is_a_valid_config():
     assert (paper.epochs, paper.lr, paper.milestone_epochs(), paper.swa_start, paper.batch_size) == (
         120, 0.1, [60, 100], 51, 128)
     assert paper.eps == pytest.approx(8 / 255) and paper.weight_decay == 5e-4
-    # the embedded default IS the fmnist preset
-    demo = TrainConfig.from_dict(load_preset("fmnist-arow"))
-    default = TrainConfig()
-    for k in ("epochs", "lr", "schedule", "warmup_epochs", "batch_size", "dataset", "model", "method"):
-        assert getattr(demo, k) == getattr(default, k), k
+    # the embedded default IS the fmnist preset: `arow train` with no flags resolves to the same config
+    from arow.config import resolve_config
+
+    demo = resolve_config({}, preset="fmnist-arow").to_dict()
+    default = resolve_config({}).to_dict()
+    # the preset names ARoW's paper values; with no flags they are the method's defaults
+    assert demo.pop("method_args") == {"lam": 3.5, "smoothing": 0.2} and default.pop("method_args") == {}
+    from arow.methods import METHODS
+
+    assert demo == default and all(METHODS.get("arow").hparams[k].default == v for k, v in (("lam", 3.5),
+                                                                                             ("smoothing", 0.2)))
+    assert (default["epochs"], default["lr"], default["batch_size"], default["attack_steps"]) == (7, 0.1, 128, 10)
 
 
 def _write_cifar(root: Path, n: int = 40) -> None:
@@ -179,7 +186,7 @@ def test_model_loading_subcommands_share_their_flags():
     p = build_parser()
     for argv in (["eval", "RUN"], ["plot", "RUN"], ["pseudo-label", "RUN", "--data", "D"]):
         a = vars(p.parse_args(argv))
-        assert (a["which"], a["batch_size"], a["device"], a["data_dir"]) == ("final", 500, "auto", None), argv
+        assert (a["which"], a["batch_size"], a["device"], a["data_dir"]) == ("final", 100, "auto", None), argv
     assert p.parse_args(["export", "RUN", "--which", "best"]).which == "best"
     assert "eps curve: checkpoint" in p._subparsers._group_actions[0].choices["plot"].format_help()
 

@@ -233,7 +233,8 @@ def test_stronger_attack_leaving_more_robust_examples_trips_more_steps():
     x[:, 0, 0, 0] = 0.5 + 0.03 * (2 * y - 1)  # the fragile rule's pixel: flippable within eps
     # forward passes before the switch: clean predictions (1), PGD-5 (5 steps + 1 final check),
     # its verdict (1); the stronger PGD-10 x 2 restarts then meets the robust rule
-    r = run_guards(Adaptive(switch_after=8), x, y, eps=EPS, only=["more-steps"])[0]
+    # (all examples in one batch: the count of forward passes above assumes it)
+    r = run_guards(Adaptive(switch_after=8), x, y, eps=EPS, only=["more-steps"], batch_size=len(x))[0]
     assert not r.passed and r.value > 0.5, r.message
 
 

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from . import distributed
 from .attacks import ce_loss, cw_loss, frozen_eval, pgd, predict, unwrap
 from .attacks.base import AttackLoss
+from .evaluation import EVAL_BATCH_SIZE
 from .rng import private_rng
 from .threat import ThreatModel, check_norm, norm_label
 
@@ -190,7 +191,7 @@ def run_guards(
     norm: str = "linf",
     num_classes: Optional[int] = None,
     n: int = 200,
-    batch_size: int = 500,
+    batch_size: int = EVAL_BATCH_SIZE,
     seed: Optional[int] = 0,
     square_queries: int = 250,
     only: Optional[Sequence[str]] = None,

@@ -28,7 +28,7 @@ from .checkpoint import atomic_write_text, dump_json, load_checkpoint, resolve_c
 from .config import TrainConfig
 from .data import DATASETS, TensorData, load_dataset, train_val_split
 from .data.extra import kept_indices, load_extra
-from .evaluation import EvalResult, Progress, evaluate
+from .evaluation import EVAL_BATCH_SIZE, EvalResult, Progress, evaluate
 from .runs import RunDir, check_writable
 from .training import Trainer, TrainResult
 
@@ -233,7 +233,7 @@ def evaluate_run(
     data: Optional[TensorData] = None,
     data_dir: Optional[str] = None,
     device: str = "auto",
-    batch_size: int = 500,
+    batch_size: int = EVAL_BATCH_SIZE,
     guards: bool = True,
     guards_n: int = 200,
     guards_seed: Optional[int] = None,
@@ -382,7 +382,7 @@ def evaluate_model(
     guards_n: int = 200,
     guards_seed: Optional[int] = None,
     allow_guard_failures: bool = False,
-    batch_size: int = 500,
+    batch_size: int = EVAL_BATCH_SIZE,
     device: Optional[str] = None,
     progress: Optional[Progress] = None,
     name: str = "custom",
@@ -478,7 +478,7 @@ def evaluate_user_model(
     n: Optional[int] = None,
     data_dir: Optional[str] = None,
     device: str = "auto",
-    batch_size: int = 500,
+    batch_size: int = EVAL_BATCH_SIZE,
     guards: bool = True,
     guards_n: int = 200,
     guards_seed: Optional[int] = None,
