@@ -161,6 +161,7 @@ def _evaluate(model, x, y, attacks, *, eps, norm, num_classes, batch_size, progr
             todo = base.nonzero().squeeze(1)
             fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
             starts = range(0, len(todo), batch_size)
+            example_seed = _batch_seed(seed, atk.name, 0)  # one per attack: each example's start is its own
             mine = list(starts)[d.rank :: d.world_size]  # round robin: equal work per rank
             total, done = sum(min(batch_size, len(todo) - s) for s in mine), 0
             stage = _Stage(Path(state_dir), atk, _digest(key, atk.name, atk.description, todo), fooled) \
@@ -174,7 +175,7 @@ def _evaluate(model, x, y, attacks, *, eps, norm, num_classes, batch_size, progr
                 if stage is not None and atk.resumable:
                     kw["state_path"] = stage.batch_path(start)
                 if atk.per_example_rng:
-                    kw["rng"] = ExampleRNG(_batch_seed(seed, atk.name, 0), idx)
+                    kw["rng"] = ExampleRNG(example_seed, idx)
                 with private_rng(x.device, _batch_seed(seed, atk.name, start // batch_size)):
                     x_adv = atk(model, x[idx], y[idx], **kw)
                 _check_ball(x_adv, x[idx], ball, atk.name)
