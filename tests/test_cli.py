@@ -184,28 +184,39 @@ def test_model_loading_subcommands_share_their_flags():
     from arow.cli import build_parser
 
     p = build_parser()
-    for argv in (["eval", "RUN"], ["plot", "RUN"], ["pseudo-label", "RUN", "--data", "D"]):
+    for argv in (["eval", "RUN"], ["plot", "RUN"], ["pseudo-label", "RUN", "--data", "D", "--out", "O"]):
         a = vars(p.parse_args(argv))
         assert (a["which"], a["batch_size"], a["device"], a["data_dir"]) == ("final", 100, "auto", None), argv
-    assert p.parse_args(["export", "RUN", "--which", "best"]).which == "best"
-    assert "eps curve: checkpoint" in p._subparsers._group_actions[0].choices["plot"].format_help()
+    assert p.parse_args(["export", "RUN", "--out", "O", "--which", "best"]).which == "best"
+    plot_help = p._subparsers._group_actions[0].choices["plot"].format_help()
+    assert "eps curve (with --eps-curve):\n  --n N" in plot_help
 
 
-def test_eval_printing_and_exit_status(capsys):
+def test_eval_printing_and_exit_status(capsys, monkeypatch):
+    import functools
     from types import SimpleNamespace
 
-    from arow.cli import _eval_and_print
+    import arow.pipelines
+    from arow.cli import main
 
-    def fake(source, attacks, *, progress, on_guards, error=None, robustbench=None):
-        rep = SimpleNamespace(error=error, path=Path("r/eval.json"), robustbench=robustbench,
-                              text=lambda: "TABLE", guards_text=lambda: "GUARDS")
-        on_guards(rep)
-        return rep
+    real = arow.pipelines.evaluate_source
 
-    assert _eval_and_print(fake, "r", ["clean"], robustbench=Path("r/rb.json")) == 0
+    def fake_with(error=None, robustbench=None):
+        @functools.wraps(real)  # the flags come from the real signature
+        def fake(source, attacks, *, progress, on_guards, **kw):
+            assert (source, attacks, kw["n"]) == ("r", ["clean"], 7)
+            rep = SimpleNamespace(error=error, path=Path("r/eval.json"), robustbench=robustbench,
+                                  text=lambda: "TABLE", guards_text=lambda: "GUARDS")
+            on_guards(rep)
+            return rep
+        return fake
+
+    monkeypatch.setattr(arow.pipelines, "evaluate_source", fake_with(robustbench=Path("r/rb.json")))
+    assert main(["eval", "r", "--attacks", "clean", "--n", "7"]) == 0
     out = capsys.readouterr().out
     assert out.index("GUARDS") < out.index("TABLE") and "written r/eval.json" in out and "written r/rb.json" in out
-    assert _eval_and_print(fake, "r", ["clean"], error="a guard tripped") == 3
+    monkeypatch.setattr(arow.pipelines, "evaluate_source", fake_with(error="a guard tripped"))
+    assert main(["eval", "r", "--attacks", "clean", "--n", "7"]) == 3
     cap = capsys.readouterr()
     assert cap.err.strip() == "arow: error: a guard tripped" and "TABLE" not in cap.out
 

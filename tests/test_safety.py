@@ -132,7 +132,9 @@ def test_a_checkpoint_of_arow_0_1_still_loads_and_converts(tmp_path, run_folder)
     torch.save(old, tmp_path / "old.pt")
     assert load_checkpoint(tmp_path / "old.pt")["epoch"] == 2  # numpy arrays allowed, nothing else
     # an explicit conversion rewrites it as plain values
-    convert_checkpoint(tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="trust-pickle"):  # the API, too, needs the explicit consent
+        convert_checkpoint(tmp_path / "old.pt")
+    convert_checkpoint(tmp_path / "old.pt", trust_pickle=True)
     new = torch.load(tmp_path / "old.pt", weights_only=True)
     assert isinstance(new["rng"]["numpy"], dict)
     assert torch.equal(new["rng"]["numpy"]["keys"], torch.from_numpy(old["rng"]["numpy"][1].astype(np.int64)))

@@ -22,7 +22,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -190,12 +190,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- reading
-def resolve_checkpoint(path: PathLike, which: str = "final") -> Path:
+def resolve_checkpoint(path: PathLike, which: Literal["final", "best", "last"] = "final") -> Path:
     """The checkpoint file a run folder's ``which`` names (``final`` falls back to ``last.pt`` while
     a run is unfinished); a file path is returned as it is.
 
     >>> resolve_checkpoint("runs/x/best.pt")
     PosixPath('runs/x/best.pt')
+
+    Args:
+        path: run folder or checkpoint file
+        which: the run's checkpoint: final, best (by validation) or last
     """
     from .runs import RunDir
 
@@ -293,12 +297,14 @@ def export_model(ckpt: dict[str, Any], out: PathLike) -> Path:
     return out
 
 
-def convert_checkpoint(src: PathLike, dst: Optional[PathLike] = None) -> Path:
+def convert_checkpoint(src: PathLike, dst: Optional[PathLike] = None, *, trust_pickle: bool = False) -> Path:
     """Rewrite a checkpoint that needs the full (unsafe) unpickler as one that loads safely.
 
-    ONLY for files whose source you trust: reading ``src`` runs whatever its pickle says. The
-    result holds the same entries as plain values (numpy RNG state as tensors).
+    ONLY for files whose source you trust: reading ``src`` runs whatever its pickle says, so
+    ``trust_pickle=True`` must say you do. The result holds the same entries as plain values (numpy
+    RNG state as tensors).
     """
+    _check_trust(trust_pickle)
     src = Path(src)
     dst = Path(dst) if dst is not None else src
     ckpt = torch.load(src, map_location="cpu", weights_only=False)  # the user vouched for this file
@@ -322,10 +328,22 @@ def convert_checkpoint(src: PathLike, dst: Optional[PathLike] = None) -> Path:
     return dst
 
 
-def convert_path(path: PathLike) -> list[Path]:
-    """:func:`convert_checkpoint` on a file, or on every ``.pt`` file of a run folder (in place)."""
+def _check_trust(trust_pickle: bool) -> None:
+    if not trust_pickle:
+        raise CheckpointError("converting reads the file with Python's full unpickler, which runs any code it "
+                              "holds; pass --trust-pickle (trust_pickle=True) to confirm you trust where it came from")
+
+
+def convert_path(path: PathLike, *, trust_pickle: bool = False) -> list[Path]:
+    """:func:`convert_checkpoint` on a file, or on every ``.pt`` file of a run folder (in place).
+
+    Args:
+        path: checkpoint file or run folder (every .pt in it), rewritten in place
+        trust_pickle: required: reading the old file runs whatever its pickle holds; only for files you trust
+    """
+    _check_trust(trust_pickle)
     path = Path(path)
     files = sorted(path.glob("*.pt")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
         raise CheckpointError(f"{path}: no checkpoint file(s) to convert")
-    return [convert_checkpoint(f) for f in files]
+    return [convert_checkpoint(f, trust_pickle=True) for f in files]

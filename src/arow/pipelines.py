@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -433,25 +433,64 @@ def evaluate_source(
     *,
     model_factory: Optional[str] = None,
     weights: Optional[PathLike] = None,
-    norm: Optional[str] = None,
-    which: str = "final",
+    n: Optional[int] = None,
+    eps: Optional[float] = None,
+    norm: Optional[Literal["linf", "l2"]] = None,
+    which: Literal["final", "best", "last"] = "final",
     dataset: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    device: str = "auto",
+    batch_size: int = EVAL_BATCH_SIZE,
+    guards: bool = True,
+    guards_n: int = 200,
+    guards_seed: Optional[int] = None,
+    allow_guard_failures: bool = False,
     resume: bool = True,
+    json_out: Optional[PathLike] = None,
     robustbench: Optional[PathLike] = None,
-    **kw: Any,
+    progress: Optional[Progress] = None,
+    on_guards: Optional[Callable[["EvalReport"], None]] = None,
 ) -> EvalReport:
-    """``arow eval``: ``source`` is a run folder, checkpoint or ``.safetensors`` export
-    (:func:`evaluate_run`), or your own model (:func:`evaluate_user_model`): a TorchScript or
-    exported-program file, or ``model_factory`` (``pkg.module:function``, with ``weights``), whose
-    ``norm`` defaults to L-inf and to which ``which``, ``resume`` and ``robustbench`` do not apply.
-    ``kw`` (``n``, ``eps``, ``data_dir``, ``device``, ``batch_size``, the guards' settings,
-    ``json_out``, ``progress``, ``on_guards``) goes to either.
+    """``arow eval``: evaluate a run's model (:func:`evaluate_run`) or your own (:func:`evaluate_user_model`;
+    ``which``, ``resume`` and ``robustbench`` do not apply to it).
 
     >>> rep = evaluate_source(None, ["clean", "pgd20"], model_factory="mynets:wrn", weights="wrn.safetensors",
     ...                       dataset="cifar10", eps=8/255)  # doctest: +SKIP
+
+    Args:
+        source: run folder, checkpoint, .safetensors export, or your own model as a TorchScript file or
+            exported program (.pt2; then ``dataset`` and ``eps`` are required)
+        attacks: the attacks, in order: clean, pgd20, cw, fgsm, autoattack (standard; runs on what the
+            attacks before it left robust), apgd-monitor, ... (`arow list`)
+        model_factory: your own model: a function ``pkg.module:function`` returning the nn.Module
+            (inputs in [0, 1], logits out); with ``weights``, ``dataset`` and ``eps``
+        weights: state dict for ``model_factory`` (.safetensors, or a torch.save file read with
+            weights_only=True)
+        n: first N test examples only (default: the full test set)
+        eps: e.g. 0.1 or 8/255 (default: the eps the model was trained with; with another ``norm``,
+            that norm's data-set default)
+        norm: threat model (default: the norm the model was trained with; L-inf for your own model)
+        which: the run's checkpoint: final, best (by validation) or last
+        dataset: default: the dataset the model was trained on
+        data_dir: folder with the dataset files
+        device: auto, cpu, cuda, cuda:1, ...
+        batch_size: examples per attack batch; the verdicts of PGD and CW do not depend on it, and 100
+            was the fastest measured on a CPU
+        guards: run the checks against overstated robustness first (when skipped, the results say so)
+        guards_n: test images the guards use
+        guards_seed: which random test images the guards use (default: drawn, and recorded)
+        allow_guard_failures: report the numbers even when a guard trips (default: stop with an error)
+        resume: continue an interrupted evaluation from DIR/eval_state instead of recomputing everything
+        json_out: where to write the results (default DIR/eval.json; DIR/eval_n<N>.json with ``n``)
+        robustbench: RobustBench model-info JSON (default DIR/robustbench.json whenever autoattack ran)
+        progress: progress callback of the attacks (see :mod:`arow.progress`)
+        on_guards: called with the report as soon as the guards have run
     """
     from .user_models import is_user_model_file
 
+    kw: dict[str, Any] = dict(n=n, eps=eps, data_dir=data_dir, device=device, batch_size=batch_size, guards=guards,
+                              guards_n=guards_n, guards_seed=guards_seed, allow_guard_failures=allow_guard_failures,
+                              json_out=json_out, progress=progress, on_guards=on_guards)
     if model_factory or (source and is_user_model_file(source)):
         if model_factory and source:
             raise ValueError(f"give either a model file ({source}) or --model-factory, not both")

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
 
@@ -350,7 +350,7 @@ def eps_curve(
     n: Optional[int] = 1000,
     factors: Sequence[float] = EPS_FACTORS,
     attack: str = "pgd20",
-    which: str = "final",
+    which: Literal["final", "best", "last"] = "final",
     device: str = "auto",
     data_dir: Optional[str] = None,
     batch_size: int = EVAL_BATCH_SIZE,
@@ -362,6 +362,16 @@ def eps_curve(
     >>> curve = eps_curve("runs/fmnist-arow-s0", n=500)  # doctest: +SKIP
     >>> [p["eps"] for p in curve["points"]][:3]  # doctest: +SKIP
     [0.0, 0.025, 0.05]
+
+    Args:
+        run_dir: the run folder
+        n: first N test examples
+        factors: multiples of the training eps
+        attack: the attack at each eps
+        which: the run's checkpoint: final, best (by validation) or last
+        device: auto, cpu, cuda, cuda:1, ...
+        data_dir: folder with the dataset files (default: the run's)
+        batch_size: examples per attack batch; the verdicts of PGD do not depend on it
     """
     from . import load_model
     from .data import load_dataset
@@ -594,7 +604,18 @@ def plot_runs(runs: Sequence[PathLike], out_dir: Optional[PathLike] = None, *,
     """``arow plot``: every run's PNGs (:func:`plot_run`), each run's eps curve first when ``eps_curve_args``
     (for :func:`eps_curve`) are given, then with two or more runs the comparison figures (:func:`compare_runs`)
     in ``out_dir`` (default: the current directory). A wrong run folder or ``out_dir`` fails before any figure
-    is drawn. ``echo`` gets each eps-curve table and one line per file written; returns the files."""
+    is drawn. ``echo`` gets each eps-curve table and one line per file written; returns the files.
+
+    Args:
+        runs: run folders
+        out_dir: with two or more run folders: the folder for the comparison figures compare_*.png
+            (default: the current directory; never one of the run folders)
+        eps_curve_args: keyword arguments of :func:`eps_curve`
+        echo: where the tables and the names of the files written go
+    """
+    if len(runs) == 1 and out_dir is not None:
+        log.warning("--out is used with two or more run folders (the comparison figures); %s gets its own PNGs",
+                    runs[0])
     out = Path(out_dir) if out_dir is not None else Path.cwd()
     if len(runs) > 1:
         for run in runs:

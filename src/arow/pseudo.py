@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from .data import DATASETS, DataError, load_dataset
 from .data.extra import labelled_positions, read_extra
+from .evaluation import EVAL_BATCH_SIZE
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -52,6 +53,13 @@ class PseudoLabels:
     def histogram(self) -> list[int]:
         """Images per predicted class."""
         return np.bincount(self.labels, minlength=int(self.source.get("num_classes", 0))).tolist()
+
+    def summary(self) -> str:
+        """One line: which images were labelled by which model, the mean confidence, images per class."""
+        excluded = f" ({self.source['excluded']} labelled ones left out)" if self.source.get("excluded") else ""
+        return (f"labelled {len(self.labels)} images of {self.source.get('data')}{excluded} with "
+                f"{self.source.get('model')}: mean confidence {float(self.confidence.mean()):.3f}; "
+                f"per class {self.histogram()}")
 
 
 @torch.no_grad()
@@ -132,14 +140,27 @@ def unlabelled_images(data: str, *, num_classes: int, image_shape: tuple[int, in
     return images, {"data": str(data), "excluded": 0, "num_classes": num_classes}
 
 
-def pseudo_label(model_source: PathLike, data: str, out: Optional[PathLike] = None, *, which: str = "final",
-                 batch_size: int = 500, device: str = "auto", data_dir: Optional[str] = None,
+def pseudo_label(model_source: PathLike, data: str, out: Optional[PathLike] = None, *,
+                 which: Literal["final", "best", "last"] = "final", batch_size: int = EVAL_BATCH_SIZE,
+                 device: str = "auto", data_dir: Optional[str] = None,
                  exclude_kept: Optional[PathLike] = None) -> PseudoLabels:
-    """Label the images of ``data`` with the model of ``model_source`` (run folder, checkpoint or
-    ``.safetensors`` export) and write them to ``out`` (an ``.npz`` that ``--extra-data`` reads).
+    """Label the images of ``data`` with the model of ``model_source`` and write them to ``out`` (an
+    ``.npz`` that ``--extra-data`` reads).
 
     See :func:`unlabelled_images` for ``data`` and ``exclude_kept``. The output holds the images as
     uint8, so it needs their size on disk; the input, when memory-mapped, is read in batches.
+
+    Args:
+        model_source: run folder, checkpoint file or .safetensors export
+        data: an .npz (image) or RST pickle (data) file, its labels ignored, or a dataset name with an
+            optional split: fashion-mnist, cifar10:train (default split train)
+        out: the .npz to write (image, label = argmax, confidence = max softmax)
+        which: the run's checkpoint: final, best (by validation) or last
+        batch_size: images per forward pass
+        device: auto, cpu, cuda, cuda:1, ...
+        data_dir: folder with the dataset files
+        exclude_kept: leave out the training images a run folder used as labelled data (its
+            --labels-kept and validation split), or the positions in a .txt/.npy
     """
     from . import distributed, model_from_checkpoint
     from .checkpoint import load_checkpoint, resolve_checkpoint

@@ -20,7 +20,7 @@ import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 from .config import TrainConfig
 from .runs import RunDir, RunFolderError  # noqa: F401  (RunFolderError: part of this module's API)
@@ -386,10 +386,16 @@ def build_report(paths: Sequence[PathLike]) -> Report:
     return Report(group_runs(runs))
 
 
-def write_report(paths: Sequence[PathLike], out: Optional[PathLike] = None, fmt: str = "md") -> tuple[Report, Path]:
-    """Build the report and write it as ``fmt`` (md or csv) to ``out`` (default ./report.md or ./report.csv).
+def write_report(paths: Sequence[PathLike], out: Optional[PathLike] = None,
+                 fmt: Literal["md", "csv"] = "md") -> tuple[Report, Path]:
+    """Build the report of the run folders ``paths`` and write it to ``out``.
 
     >>> rep, path = write_report(["runs/a-s0", "runs/a-s1"], "report.md")  # doctest: +SKIP
+
+    Args:
+        paths: run folders
+        out: file to write (default ./report.md, or ./report.csv with ``fmt`` csv)
+        fmt: format of the file (the terminal gets Markdown)
     """
     if fmt not in ("md", "csv"):
         raise ValueError(f"--format must be md or csv, got {fmt!r}")

@@ -126,15 +126,20 @@ class Cell:
 class StudySpec:
     """What a study trains and how it scores it (``arow study STUDY.yaml`` or flags)."""
 
-    variants: list[Variant]
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    preset: Optional[str] = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    baseline: str = "trades"
-    attacks: str = "clean,pgd20,cw"
-    aa_n: int = 1000
-    eps_curve_n: int = 1000
-    guards: bool = True
+    variants: list[Variant] = field(metadata={"flag": "methods", "comma": True, "help": "methods, e.g. arow,trades,"
+                                             "mart,pgd-at (variants with their own settings: in the YAML)"})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "the seeds of every method"})
+    preset: Optional[str] = field(default=None, metadata={
+        "help": "recipe of every run (name, YAML or config.json; default: the embedded one)"})
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={"help": "config overrides of every run"})
+    baseline: str = field(default="trades", metadata={
+        "help": "method the others are compared against, paired by seed (with --collect: another row, written "
+                "to results_vs_<row>.*)"})
+    attacks: str = field(default="clean,pgd20,cw", metadata={"help": "full-test-set attacks of every run"})
+    aa_n: int = field(default=1000, metadata={"help": "standard AutoAttack on the first N test images (0 skips)"})
+    eps_curve_n: int = field(default=1000, metadata={"help": "PGD-20 against eps on the first N test images "
+                                                             "(0 skips)"})
+    guards: bool = field(default=True, metadata={"help": "run the robustness guards before each run's evaluation"})
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "StudySpec":
@@ -444,7 +449,14 @@ def study_commands(path: PathLike, spec: StudySpec) -> str:
 def run_study(path: PathLike, spec: StudySpec, *, jobs: int = 1,
               echo: Callable[[str], None] = print) -> tuple[list[str], str]:
     """Run every unfinished cell of the study in ``path`` (:meth:`Study.run`), then build the comparison
-    (:func:`collect`); returns the names of the cells that failed and the text of ``results.md``."""
+    (:func:`collect`); returns the names of the cells that failed and the text of ``results.md``.
+
+    Args:
+        path: study folder (run folders go into PATH/cells)
+        spec: what the study trains and how it scores it
+        jobs: runs at once (one per GPU when several are visible, else sharing the CPU threads)
+        echo: where the progress lines go
+    """
     study = Study(path, spec)
     log.info("study %s: %d runs (%d methods x %d seeds), %d at a time", path, len(spec.cells()),
              len(spec.variants), len(spec.seeds), jobs)
