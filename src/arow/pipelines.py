@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from . import __version__
 from .callbacks import Callbacks
 from .checkpoint import atomic_write_text, dump_json, load_checkpoint, resolve_checkpoint
 from .config import TrainConfig
@@ -172,6 +173,7 @@ class EvalReport:
         out.update(self.info)
         out["guards"] = [g.to_json() for g in self.guards]
         out["guards_ran"] = self.guards_ran
+        out["arow_version"] = __version__  # which code evaluated (its attacks' random starts, for one)
         if self.error:
             out["error"] = self.error
         return out
