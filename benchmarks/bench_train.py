@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = argparse.ArgumentParser(description="training images/s and GFLOP/s: our step vs a reference-style step")
     b.add_argument("--models", default="small-cnn,resnet18,wrn-34-10", help="comma-separated model names")
     b.add_argument("--methods", default="arow,trades", help="comma-separated training methods")
-    b.add_argument("--batch-size", type=int, help="batch for every model (default: per model and device)")
+    b.add_argument("--batch-size", help="batch for every model (default: per model and device), or a comma-separated "
+                   "list timed side by side, e.g. 64,128,256 (same number of images each unless --iters)")
     b.add_argument("--iters", type=int, help="timed training steps (default: per model and device)")
     b.add_argument("--warmup", type=int, help="untimed steps first (default: per model and device)")
     b.add_argument("--attack-steps", type=int, default=10, help="K, the training attack's steps (10)")
@@ -52,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     split = lambda v: [s.strip() for s in v.split(",") if s.strip()]  # noqa: E731
     try:
-        res = train_step.run(split(a.models), split(a.methods), device=a.device, batch_size=a.batch_size,
+        if a.batch_size and not all(v.isdigit() for v in split(a.batch_size)):
+            raise ValueError(f"--batch-size takes whole numbers, e.g. 128 or 64,128,256; got {a.batch_size!r}")
+        sizes = [int(v) for v in split(a.batch_size)] if a.batch_size else None
+        res = train_step.run(split(a.models), split(a.methods), device=a.device, batch_size=sizes,
                              iters=a.iters, warmup=a.warmup, steps=a.attack_steps, pgd_n=a.pgd_n,
                              reference=not a.no_reference, compile=a.compile, amp=a.amp, seed=a.seed,
                              repeats=a.repeats, threads=a.threads, on_row=log.info)

@@ -32,7 +32,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -358,7 +358,7 @@ def _duration(s: float) -> str:
 
 
 def run(models: Sequence[str] = ("small-cnn", "resnet18", "wrn-34-10"), methods: Sequence[str] = ("arow", "trades"),
-        *, device: str = "auto", batch_size: Optional[int] = None, iters: Optional[int] = None,
+        *, device: str = "auto", batch_size: Union[int, Sequence[int], None] = None, iters: Optional[int] = None,
         warmup: Optional[int] = None, steps: int = 10, pgd_n: Optional[int] = None, reference: bool = True,
         compile: bool = False, amp: str = "auto", seed: int = 0, repeats: int = 1, threads: Optional[int] = None,
         on_row: Optional[Callable[[str], None]] = None) -> BenchResult:
@@ -366,7 +366,9 @@ def run(models: Sequence[str] = ("small-cnn", "resnet18", "wrn-34-10"), methods:
 
     ``repeats`` > 1 alternates ours / reference that many times and keeps each one's best time
     (the fair summary on a machine shared with other jobs); ``threads`` sets
-    ``torch.set_num_threads`` for the whole process first.
+    ``torch.set_num_threads`` for the whole process first. Several ``batch_size`` values are timed
+    side by side in the same alternation; without ``iters``, each runs the number of steps that
+    gives the default batch's number of images.
 
     >>> r = run(["small-cnn"], ["arow"], device="cpu", batch_size=4, iters=1, warmup=0, steps=1,
     ...         pgd_n=0)  # doctest: +SKIP
@@ -378,7 +380,8 @@ def run(models: Sequence[str] = ("small-cnn", "resnet18", "wrn-34-10"), methods:
         raise ValueError(f"--attack-steps must be >= 0, got {steps}")
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
-    for name, v in (("--batch-size", batch_size), ("--iters", iters), ("--threads", threads)):
+    sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size or [])
+    for name, v in [*(("--batch-size", b) for b in sizes), ("--iters", iters), ("--threads", threads)]:
         if v is not None and v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     for m in methods:
@@ -395,29 +398,34 @@ def run(models: Sequence[str] = ("small-cnn", "resnet18", "wrn-34-10"), methods:
     for model in models:
         shape = shape_for(model)
         dflt = DEFAULTS[dev.type].get(model, DEFAULTS[dev.type]["resnet18"])
-        b, it, wu = batch_size or dflt[0], iters or dflt[1], dflt[2] if warmup is None else warmup
+        wu = dflt[2] if warmup is None else warmup
+        steps_of = {b: iters or max(1, round(dflt[0] * dflt[1] / b)) for b in sizes or [dflt[0]]}
         flops = model_flops(_build(model, shape, seed), (shape.channels, shape.size, shape.size))
         for method in methods:
             cost = ours_cost(method, steps)
-            log.info("bench %s / %s: batch %d, %d step(s) timed, best of %d", model, method, b, it, repeats)
-            t_ours: dict[str, list[float]] = {p: [] for p in precisions}
-            t_ref: list[float] = []
+            log.info("bench %s / %s: batch %s, %s step(s) timed, best of %d", model, method,
+                     ",".join(map(str, steps_of)), ",".join(map(str, steps_of.values())), repeats)
+            t_ours: dict[tuple[int, str], list[float]] = {(b, p): [] for b in steps_of for p in precisions}
+            t_ref: dict[int, list[float]] = {b: [] for b in steps_of}
             for _ in range(repeats):  # alternate, so every side sees the same background load
-                for p in precisions:
-                    t_ours[p].append(time_ours(model, method, b, it, wu, steps, dev, compile=compile, amp=p, seed=seed))
-                if reference and method in REFERENCE_METHODS:
-                    t_ref.append(time_reference(model, method, b, it, wu, steps, dev, seed=seed))
-            ref = b * it / min(t_ref) if t_ref else None
+                for b, it in steps_of.items():
+                    for p in precisions:
+                        t_ours[b, p].append(time_ours(model, method, b, it, wu, steps, dev, compile=compile, amp=p,
+                                                      seed=seed))
+                    if reference and method in REFERENCE_METHODS:
+                        t_ref[b].append(time_reference(model, method, b, it, wu, steps, dev, seed=seed))
             gflop = cost * flops / 1e9
-            for p in precisions:
-                ours = b * it / min(t_ours[p])
+            for (b, p), times in t_ours.items():
+                it = steps_of[b]
+                ref = b * it / min(t_ref[b]) if t_ref[b] else None
+                ours = b * it / min(times)
                 prec = "bf16" if use_amp(p, dev) else "float32"
                 row = Row(model, method, b, steps, ours, ref, gflop, ours * gflop,
                           None if ref is None else ref * gflop, ours * gflop / peaks[prec], shape.train_images / ours,
                           cost, reference_style_cost(method, steps) if ref is not None else None, p, prec)
                 rows.append(row)
                 if on_row is not None:
-                    on_row(f"{model} / {method} / {prec}: ours {ours:.1f} img/s"
+                    on_row(f"{model} / {method} / batch {b} / {prec}: ours {ours:.1f} img/s"
                            + ("" if ref is None else f", reference {ref:.1f} img/s"))
         n = dflt[3] if pgd_n is None else pgd_n
         if n > 0:

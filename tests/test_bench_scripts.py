@@ -149,3 +149,18 @@ def test_profile_epoch_runs(bench_autoattack, tmp_path, capsys):
     assert "Self CPU time total" in text and "| attack (method.attack" in text and "amp off" in text
     assert "unprofiled warm-up steps 2..2" in text
     assert text in capsys.readouterr().out
+
+
+def test_bench_train_times_several_batch_sizes_side_by_side(capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_train
+    finally:
+        sys.path.remove(str(BENCH))
+    argv = ["--models", "small-cnn", "--methods", "arow", "--iters", "1", "--warmup", "0", "--attack-steps", "1",
+            "--pgd-n", "0", "--no-reference", "--amp", "off", "--device", "cpu"]
+    assert bench_train.main([*argv, "--batch-size", "4,8"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| small-cnn")]
+    assert [r.split("|")[4].strip() for r in rows] == ["4", "8"]  # one row per batch size
+    assert bench_train.main([*argv, "--batch-size", "4,x"]) == 2
+    assert "whole numbers" in capsys.readouterr().err
