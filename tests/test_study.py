@@ -102,7 +102,10 @@ def test_each_phase_resumes_from_what_the_cell_folder_holds(tmp_path):
     assert steps()[0] == ("train", ["--resume", "--out"])
     (d / "final.pt").write_bytes(b"x")  # killed during the final evaluation
     assert steps()[0][0] == "eval"
-    (d / "eval.json").write_text(json.dumps({"accuracy": {"clean": 0.5, "pgd20": 0.4, "cw": 0.4}, "subset": False}))
+    done = {"accuracy": {"clean": 0.5, "pgd20": 0.4, "cw": 0.4}, "subset": False}
+    (d / "eval.json").write_text(json.dumps({**done, "guards_ran": False}))  # the study runs the guards
+    assert steps()[0][0] == "eval"
+    (d / "eval.json").write_text(json.dumps({**done, "guards_ran": True}))
     assert [w for w, _ in steps()] == ["autoattack", "eps-curve"]
     (d / "eval_n10.json").write_text(json.dumps({"accuracy": {"autoattack": 0.3}}))
     (d / "eps_curve.json").write_text(json.dumps({"n": 20, "points": []}))

@@ -313,9 +313,12 @@ def _read(path: Path) -> Optional[dict[str, Any]]:
 
 
 def _has_eval(run: RunDir, spec: StudySpec) -> bool:
+    """A full-test-set evaluation with the study's attacks, after the guards when the study runs them
+    (an evaluation without them, e.g. a run folder copied in from elsewhere, is redone)."""
     e = _read(run.file("eval.json"))
     want = {a.strip() for a in spec.attacks.split(",") if a.strip()}
-    return bool(e) and want <= set(e.get("accuracy", {})) and not e.get("subset")
+    return (bool(e) and want <= set(e.get("accuracy", {})) and not e.get("subset") and not e.get("error")
+            and (not spec.guards or e.get("guards_ran") is True))
 
 
 def _has_aa(run: RunDir, spec: StudySpec) -> bool:
