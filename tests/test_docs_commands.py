@@ -53,7 +53,8 @@ def test_every_documented_command_parses(doc, capsys):
 
 
 def test_a_stale_flag_in_a_doc_would_fail():
-    sample = "text\n```bash\narow eval runs/x \\\n  --attacks clean  # ok\narow train --no-such-flag\n```\n```text\narow X [--y]\n```"
+    sample = ("text\n```bash\narow eval runs/x \\\n  --attacks clean  # ok\narow train --no-such-flag\n```\n"
+              "```text\narow X [--y]\n```")
     assert commands(sample) == [["arow", "eval", "runs/x", "--attacks", "clean"], ["arow", "train", "--no-such-flag"]]
     build_parser().parse_args(commands(sample)[0][1:])
     with pytest.raises(SystemExit):
