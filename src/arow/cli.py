@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_flags(command("train", cmd_train, "train a model (then evaluate it on the test set)"))
     e = command("eval", cmd_eval, "evaluate a run folder, checkpoint or .safetensors export on the test set")
     add_function_flags(e, evaluate_source, skip=["progress", "on_guards"], positional=["source"],
-                       rename={"source": "run", "json_out": "json"}, extra={"model_factory": {"metavar": "PKG.MODULE:FN"}, "robustbench": {"metavar": "FILE"}})
+                       rename={"source": "run", "json_out": "json"},
+                       extra={"model_factory": {"metavar": "PKG.MODULE:FN"}, "robustbench": {"metavar": "FILE"}})
     r = command("report", cmd_report, "compare run folders in one table (mean ± std over seeds)")
     add_function_flags(r, write_report, ["paths", "out", "fmt"], positional=["paths"],
                        rename={"paths": "DIR", "fmt": "format"})
