@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The commands; the flags of each come from the library function it calls (see :mod:`arow.cliflags`)."""
     from . import __version__
     from .checkpoint import convert_path, resolve_checkpoint
+    from .data import DATASETS
     from .pipelines import evaluate_source
     from .plots import eps_curve, plot_runs
     from .pseudo import pseudo_label
@@ -204,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = command("eval", cmd_eval, "evaluate a run folder, checkpoint or .safetensors export on the test set")
     add_function_flags(e, evaluate_source, skip=["progress", "on_guards"], positional=["source"],
                        rename={"source": "run", "json_out": "json"},
-                       extra={"model_factory": {"metavar": "PKG.MODULE:FN"}, "robustbench": {"metavar": "FILE"}})
+                       extra={"model_factory": {"metavar": "PKG.MODULE:FN"}, "robustbench": {"metavar": "FILE"},
+                              "dataset": {"choices": DATASETS.names()}})
     r = command("report", cmd_report, "compare run folders in one table (mean ± std over seeds)")
     add_function_flags(r, write_report, ["paths", "out", "fmt"], positional=["paths"],
                        rename={"paths": "DIR", "fmt": "format"})

@@ -137,7 +137,10 @@ def add_function_flags(p: Any, fn: Callable[..., Any], names: Optional[Sequence[
             kw = {"type": _converter(kind, many), "choices": None if many else choices, "help": help + shown,
                   "default": None if default is inspect.Parameter.empty else default,
                   "metavar": None if choices else cli_name(name).upper().replace("-", "_")}
-        p.add_argument(flag, dest=name, **{**kw, **(extra or {}).get(name, {})})
+        more = dict((extra or {}).get(name, {}))
+        if "choices" in more:  # listed in the help instead of a placeholder
+            more.setdefault("metavar", None)
+        p.add_argument(flag, dest=name, **{**kw, **more})
 
 
 def call_args(a: argparse.Namespace, fn: Callable[..., Any], **override: Any) -> dict[str, Any]:
