@@ -36,6 +36,9 @@ PathLike = Union[str, os.PathLike]
 EXPORT_FORMAT = "arow-model/1"
 
 
+#: a run folder's checkpoints: the final model, the best by validation, the last saved epoch
+Which = Literal["final", "best", "last"]
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe or not an arow checkpoint."""
 
@@ -190,7 +193,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- reading
-def resolve_checkpoint(path: PathLike, which: Literal["final", "best", "last"] = "final") -> Path:
+def resolve_checkpoint(path: PathLike, which: Which = "final") -> Path:
     """The checkpoint file a run folder's ``which`` names (``final`` falls back to ``last.pt`` while
     a run is unfinished); a file path is returned as it is.
 

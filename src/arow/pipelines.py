@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from . import __version__
 from .callbacks import Callbacks
-from .checkpoint import atomic_write_text, dump_json, load_checkpoint, resolve_checkpoint
+from .checkpoint import Which, atomic_write_text, dump_json, load_checkpoint, resolve_checkpoint
 from .config import TrainConfig
 from .data import DATASETS, TensorData, load_dataset, train_val_split
 from .data.extra import kept_indices, load_extra
@@ -438,7 +438,7 @@ def evaluate_source(
     n: Optional[int] = None,
     eps: Optional[float] = None,
     norm: Optional[Literal["linf", "l2"]] = None,
-    which: Literal["final", "best", "last"] = "final",
+    which: Which = "final",
     dataset: Optional[str] = None,
     data_dir: Optional[str] = None,
     device: str = "auto",

@@ -16,10 +16,11 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from .checkpoint import Which
 from .evaluation import EVAL_BATCH_SIZE
 from .report import ATTACK_LABELS, Run, format_eps, load_run
 from .runs import RunDir
@@ -350,7 +351,7 @@ def eps_curve(
     n: Optional[int] = 1000,
     factors: Sequence[float] = EPS_FACTORS,
     attack: str = "pgd20",
-    which: Literal["final", "best", "last"] = "final",
+    which: Which = "final",
     device: str = "auto",
     data_dir: Optional[str] = None,
     batch_size: int = EVAL_BATCH_SIZE,

@@ -15,12 +15,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .checkpoint import Which
 from .data import DATASETS, DataError, load_dataset
 from .data.extra import labelled_positions, read_extra
 from .evaluation import EVAL_BATCH_SIZE
@@ -141,7 +142,7 @@ def unlabelled_images(data: str, *, num_classes: int, image_shape: tuple[int, in
 
 
 def pseudo_label(model_source: PathLike, data: str, out: Optional[PathLike] = None, *,
-                 which: Literal["final", "best", "last"] = "final", batch_size: int = EVAL_BATCH_SIZE,
+                 which: Which = "final", batch_size: int = EVAL_BATCH_SIZE,
                  device: str = "auto", data_dir: Optional[str] = None,
                  exclude_kept: Optional[PathLike] = None) -> PseudoLabels:
     """Label the images of ``data`` with the model of ``model_source`` and write them to ``out`` (an

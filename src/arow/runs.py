@@ -31,11 +31,12 @@ import logging
 import os
 import socket
 import time
+import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .checkpoint import (CheckpointError, append_line, atomic_save, atomic_write_text, dump_json, load_checkpoint,
-                         remove_stale_tmp)
+from .checkpoint import (CheckpointError, Which, append_line, atomic_save, atomic_write_text, dump_json,
+                         load_checkpoint, remove_stale_tmp)
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -75,7 +76,7 @@ class RunDir:
 
     def checkpoint(self, which: str = "final") -> Path:
         """The file of ``final`` (falls back to ``last`` while the run is unfinished), ``best`` or ``last``."""
-        if which not in ("final", "best", "last"):
+        if which not in typing.get_args(Which):
             raise ValueError(f"which must be final, best or last, got {which!r}")
         p = self.file(f"{which}.pt")
         if p.is_file():
