@@ -196,10 +196,10 @@ def test_eval_printing_and_exit_status(capsys, monkeypatch):
     import functools
     from types import SimpleNamespace
 
-    import arow.pipelines
+    import arow.cli
     from arow.cli import main
 
-    real = arow.pipelines.evaluate_source
+    real = arow.cli.evaluate_source
 
     def fake_with(error=None, robustbench=None):
         @functools.wraps(real)  # the flags come from the real signature
@@ -211,11 +211,11 @@ def test_eval_printing_and_exit_status(capsys, monkeypatch):
             return rep
         return fake
 
-    monkeypatch.setattr(arow.pipelines, "evaluate_source", fake_with(robustbench=Path("r/rb.json")))
+    monkeypatch.setattr(arow.cli, "evaluate_source", fake_with(robustbench=Path("r/rb.json")))
     assert main(["eval", "r", "--attacks", "clean", "--n", "7"]) == 0
     out = capsys.readouterr().out
     assert out.index("GUARDS") < out.index("TABLE") and "written r/eval.json" in out and "written r/rb.json" in out
-    monkeypatch.setattr(arow.pipelines, "evaluate_source", fake_with(error="a guard tripped"))
+    monkeypatch.setattr(arow.cli, "evaluate_source", fake_with(error="a guard tripped"))
     assert main(["eval", "r", "--attacks", "clean", "--n", "7"]) == 3
     cap = capsys.readouterr()
     assert cap.err.strip() == "arow: error: a guard tripped" and "TABLE" not in cap.out

@@ -78,8 +78,9 @@ def _defaults_of(fn, skip=()):
 
 def test_every_command_passes_the_library_defaults_when_no_flag_is_given():
     """A default hard-coded in the CLI (and drifting from the library's) fails here."""
-    from arow.checkpoint import convert_path, resolve_checkpoint
+    from arow.checkpoint import convert_path, export_model
     from arow.cli import build_parser
+    from arow.config import resolve_config
     from arow.pipelines import evaluate_source
     from arow.plots import eps_curve
     from arow.pseudo import pseudo_label
@@ -91,9 +92,10 @@ def test_every_command_passes_the_library_defaults_when_no_flag_is_given():
              (["report", "R"], write_report, ()),
              (["plot", "R", "--eps-curve"], eps_curve, ("attack",)),
              (["pseudo-label", "R", "--data", "D", "--out", "O"], pseudo_label, ("out",)),
-             (["export", "R", "--out", "O"], resolve_checkpoint, ()),
+             (["export", "R", "--out", "O"], export_model, ()),
              (["convert", "R"], convert_path, ()),
-             (["study", "--methods", "arow"], run_study, ("echo",))]
+             (["study", "--methods", "arow", "--out", "S"], run_study, ("echo",)),
+             (["train"], resolve_config, ())]
     for argv, fn, skip in cases:
         given = call_args(p.parse_args(argv), fn)
         expected = _defaults_of(fn, skip)
@@ -106,10 +108,10 @@ def test_study_flags_come_from_the_study_spec():
     from arow.study import StudySpec
 
     a = build_parser().parse_args(["study", "--methods", "arow,trades", "--seeds", "0,2", "--no-guards",
-                                   "--aa-n", "0"])
+                                   "--aa-n", "0", "--out", "S"])
     spec = StudySpec.resolve(None, dataclass_flags(a, StudySpec))
     assert [v.label for v in spec.variants] == ["arow", "trades"] and spec.seeds == [0, 2]
     assert (spec.guards, spec.aa_n) == (False, 0)
     assert spec.eps_curve_n == StudySpec.__dataclass_fields__["eps_curve_n"].default  # not given: the spec's
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["study", "--seeds", "0,x"])
+        build_parser().parse_args(["study", "--seeds", "0,x", "--out", "S"])

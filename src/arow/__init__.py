@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-__version__ = "0.4.1"
+__version__ = "0.4.2"
 
 from typing import TYPE_CHECKING, Any
 

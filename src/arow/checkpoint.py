@@ -280,18 +280,24 @@ def load_checkpoint(path: PathLike, map_location: Optional[str] = "cpu") -> dict
 
 
 # --------------------------------------------------------------------------- sharing
-def export_model(ckpt: dict[str, Any], out: PathLike) -> Path:
-    """Write the model of checkpoint ``ckpt`` as safetensors: its weights plus a JSON header
-    (model spec, threat model, training config) that :func:`load_checkpoint` and
-    ``arow.load_model`` read back. No optimiser or RNG state, no pickle.
+def export_model(source: Union[PathLike, dict[str, Any]], out: PathLike, which: Which = "final") -> Path:
+    """Write a run's model as safetensors: its weights plus a JSON header (model spec, threat
+    model, training config) that :func:`load_checkpoint` and ``arow.load_model`` read back. No
+    optimiser or RNG state, no pickle.
 
-    >>> export_model(load_checkpoint("runs/fmnist-arow"), "model.safetensors")  # doctest: +SKIP
+    >>> export_model("runs/fmnist-arow", "model.safetensors", which="best")  # doctest: +SKIP
+
+    Args:
+        source: run folder or checkpoint file (in Python also a checkpoint that load_checkpoint returned)
+        out: the .safetensors file to write
+        which: the run's checkpoint: final, best (by validation) or last
     """
     from safetensors.torch import save as st_save
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: an export is a .safetensors file")
+    ckpt = source if isinstance(source, dict) else load_checkpoint(resolve_checkpoint(source, which))
     weights = {k: v.detach().cpu().contiguous() for k, v in ckpt["model"].items()}
     info = {"model_spec": ckpt["model_spec"], "threat": ckpt.get("threat", {}),
             "config": ckpt.get("config", {}), "version": ckpt.get("version"),

@@ -4,11 +4,13 @@
 ``study`` :func:`arow.study.run_study`, ``plot`` :func:`arow.plots.plot_runs`; ``report``, ``export``,
 ``convert``, ``pseudo-label`` and ``list`` wrap one library function each. Only this module configures
 logging and draws progress bars. Bad input ends with one line on stderr and exit status 2, a tripped
-robustness guard with 3, a diverged run with 4; an interrupted run says how to continue.
+robustness guard with 3, a diverged run with 4; an interrupted run says how to continue. Under
+torchrun only rank 0 prints results and progress; every rank prints its errors.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -16,28 +18,36 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from . import __version__
+from .checkpoint import convert_path, dump_json, export_model
 from .cliflags import add_dataclass_flags, add_function_flags, call_args, dataclass_flags
+from .config import TrainConfig, method_flag_help, resolve_config
+from .data import DATASETS
+from .methods import METHODS
+from .models import MODELS
+from .pipelines import evaluate_source, train_and_evaluate
+from .plots import eps_curve, plot_runs
+from .progress import Progress, log_through_bars
+from .pseudo import pseudo_label
+from .registry import catalogue
+from .report import write_report
+from .runs import RunDir
+from .study import StudySpec, collect, run_study, study_commands
+from .training import TrainingDiverged
 
 log = logging.getLogger("arow")
 
 #: errors whose message is the whole story for the user: one line, exit status 2
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
-GROUPS = ("method", "data", "model", "optimisation", "attack", "evaluation", "runtime")
 
 
 # --------------------------------------------------------------------------- the commands
 def _config_from_args(a: argparse.Namespace) -> Any:
-    from .config import TrainConfig, resolve_config
-
     method_args = {k[3:]: v for k, v in vars(a).items() if k.startswith("hp_")}
     return resolve_config(dataclass_flags(a, TrainConfig), method_args, preset=a.preset, resume=a.resume)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .checkpoint import dump_json
-    from .pipelines import train_and_evaluate
-    from .progress import Progress
-
     cfg = _config_from_args(a)
     if a.print_config:
         print(dump_json(cfg.to_dict()))
@@ -46,23 +56,17 @@ def cmd_train(a: argparse.Namespace) -> int:
     run = train_and_evaluate(cfg, callbacks=[Progress()], resume=a.resume, progress=eval_bars.eval_progress,
                              on_guards=_print_guards)
     eval_bars.close()
-    status = _print_report(run.evaluation, run.is_main) if run.evaluation is not None else 0
-    if run.is_main:
-        print(f"trained in {run.seconds:.0f}s; run folder {cfg.out}")
+    status = _print_report(run.evaluation) if run.evaluation is not None else 0
+    print(f"trained in {run.seconds:.0f}s; run folder {cfg.out}")
     return status
 
 
 def _print_guards(rep: Any) -> None:
-    from . import distributed
-
-    if distributed.info().is_main:  # under torchrun only rank 0 prints
-        print("\n" + rep.guards_text(), flush=True)
+    print("\n" + rep.guards_text(), flush=True)
 
 
-def _print_report(rep: Any, main: bool) -> int:
-    """Print an evaluation's report (on rank 0): exit status 3 when a robustness guard tripped."""
-    if not main:
-        return 3 if rep.error else 0
+def _print_report(rep: Any) -> int:
+    """Print an evaluation's report: exit status 3 when a robustness guard tripped."""
     if rep.error:
         print(f"arow: error: {rep.error}", file=sys.stderr)
         return 3
@@ -74,19 +78,13 @@ def _print_report(rep: Any, main: bool) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from . import distributed
-    from .pipelines import evaluate_source
-    from .progress import Progress
-
     bars = Progress()
     rep = evaluate_source(**call_args(a, evaluate_source, progress=bars.eval_progress, on_guards=_print_guards))
     bars.close()
-    return _print_report(rep, distributed.info().is_main)
+    return _print_report(rep)
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from .report import write_report
-
     rep, path = write_report(**call_args(a, write_report))
     print(rep.markdown())
     print(f"written {path}")
@@ -94,32 +92,24 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_plot(a: argparse.Namespace) -> int:
-    from .plots import eps_curve, plot_runs
-
     curve = call_args(a, eps_curve) if a.eps_curve else None
     plot_runs(a.runs, a.out_dir, eps_curve_args=curve, echo=print)
     return 0
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .checkpoint import export_model, load_checkpoint, resolve_checkpoint
-
-    path = export_model(load_checkpoint(resolve_checkpoint(**call_args(a, resolve_checkpoint))), a.out)
+    path = export_model(**call_args(a, export_model))
     print(f"written {path} (weights and model header; `arow eval {path}` or arow.load_model({str(path)!r}))")
     return 0
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    from .checkpoint import convert_path
-
     for f in convert_path(**call_args(a, convert_path)):
         print(f"converted {f} (now loads without unpickling code)")
     return 0
 
 
 def cmd_pseudo_label(a: argparse.Namespace) -> int:
-    from .pseudo import pseudo_label
-
     res = pseudo_label(**call_args(a, pseudo_label))
     print(res.summary())
     print(f"written {res.path} (train on it with --extra-data {res.path})")
@@ -127,8 +117,6 @@ def cmd_pseudo_label(a: argparse.Namespace) -> int:
 
 
 def cmd_study(a: argparse.Namespace) -> int:
-    from .study import StudySpec, collect, run_study, study_commands
-
     if a.collect:
         result = collect(a.collect, baseline=a.baseline)
         print((Path(a.collect) / result["files"][0]).read_text())
@@ -136,8 +124,6 @@ def cmd_study(a: argparse.Namespace) -> int:
               + "".join(f", {Path(p).name}" for p in result.get("plots", [])))
         return 0
     spec = StudySpec.resolve(a.spec, dataclass_flags(a, StudySpec), a.set or [])
-    if a.out is None:
-        raise ValueError("--out FOLDER is required (the study folder; run folders go into FOLDER/cells)")
     if a.print_commands:
         print(study_commands(a.out, spec))
         return 0
@@ -150,8 +136,6 @@ def cmd_study(a: argparse.Namespace) -> int:
 
 
 def cmd_list(a: argparse.Namespace) -> int:
-    from .registry import catalogue
-
     for title, entries in catalogue().items():
         print(f"{title}:")
         for name, text in entries.items():
@@ -162,19 +146,11 @@ def cmd_list(a: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- the parser
 def _train_flags(p: argparse.ArgumentParser) -> None:
     """Every config field is a flag, declared by its field in TrainConfig; then each method's hyper-parameters."""
-    from .config import TrainConfig, method_flag_help
-    from .data import DATASETS
-    from .methods import METHODS
-    from .models import MODELS
-
-    groups = {g: p.add_argument_group(f"{g} options") for g in GROUPS}
-    add_dataclass_flags(p, TrainConfig, groups=groups, skip=["method_args"], choices={
+    groups = add_dataclass_flags(p, TrainConfig, skip=["method_args"], choices={
         "method": METHODS.names(), "dataset": DATASETS.names(), "model": MODELS.names()})
-    g = groups["runtime"]
-    g.add_argument("--preset", "--config", help="recipe name (see `arow list`), YAML file, or a run's config.json "
-                   "to replay it; flags override it")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt (its saved config)")
-    g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_function_flags(groups["runtime"], resolve_config, ["preset", "resume"],
+                       extra={"preset": {"aliases": ["--config"]}})
+    groups["runtime"].add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     for dest, (kind, text) in method_flag_help().items():
         kw = {"action": "store_true", "default": None} if kind is bool else {"type": kind, "metavar": dest.upper()}
         groups["method"].add_argument("--" + dest.replace("_", "-"), dest=f"hp_{dest}", help=text, **kw)
@@ -182,15 +158,6 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The commands; the flags of each come from the library function it calls (see :mod:`arow.cliflags`)."""
-    from . import __version__
-    from .checkpoint import convert_path, resolve_checkpoint
-    from .data import DATASETS
-    from .pipelines import evaluate_source
-    from .plots import eps_curve, plot_runs
-    from .pseudo import pseudo_label
-    from .report import write_report
-    from .study import StudySpec, run_study
-
     p = argparse.ArgumentParser(prog="arow", description="Adversarial training with ARoW and its baselines.")
     p.add_argument("--version", action="version", version=f"arow {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -218,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_function_flags(pl.add_argument_group("eps curve (with --eps-curve)"), eps_curve,
                        ["n", "factors", "which", "batch_size", "device", "data_dir"], rename={"factors": "eps_factors"})
     x = command("export", cmd_export, "write a run's model as safetensors (weights + model header) for sharing")
-    add_function_flags(x, resolve_checkpoint, ["path", "which"], positional=["path"], rename={"path": "run"})
-    x.add_argument("--out", required=True, help="the .safetensors file to write")
+    add_function_flags(x, export_model, positional=["source"], rename={"source": "run"},
+                       extra={"out": {"required": True}})
     c = command("convert", cmd_convert, "rewrite a checkpoint of an older arow (or any trusted pickle) so that it "
                                         "loads safely")
     add_function_flags(c, convert_path, positional=["path"])
@@ -227,11 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("spec", nargs="?", help="study YAML (methods, seeds, preset, overrides, ...); flags override it")
     add_dataclass_flags(st, StudySpec, skip=["overrides"])
     st.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run (repeatable)")
-    st.add_argument("--out", help="study folder (run folders go into OUT/cells)")
     add_function_flags(st, run_study, ["jobs"])
     st.add_argument("--print-commands", action="store_true",
                     help="print the arow commands that finish each run (for a scheduler) instead of running them")
-    st.add_argument("--collect", metavar="DIR", help="only build the comparison of study DIR from its finished runs")
+    where = st.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="study folder (run folders go into OUT/cells)")
+    where.add_argument("--collect", metavar="DIR", help="only build the comparison of study DIR from its finished runs")
     ps = command("pseudo-label", cmd_pseudo_label, "label unlabelled images with a trained model (-> .npz for "
                                                    "--extra-data)")
     add_function_flags(ps, pseudo_label, positional=["model_source"], rename={"model_source": "model"},
@@ -247,35 +215,26 @@ def _terminate(signum, frame) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_parser().parse_args(argv)
-    quiet = a.quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun only rank 0 narrates
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 narrates and prints results
+    logging.basicConfig(level=logging.WARNING if a.quiet or not rank0 else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
     signal.signal(signal.SIGTERM, _terminate)  # a kill (SIGTERM) ends like Ctrl-C: message, exit 130
     try:
-        if sys.stderr.isatty():  # log lines go through the progress bar instead of overwriting it
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
-            with logging_redirect_tqdm([log, logging.getLogger()]):
-                return a.func(a)
-        return a.func(a)
+        with log_through_bars(), contextlib.redirect_stdout(sys.stdout if rank0 else open(os.devnull, "w")):
+            return a.func(a)
     except BrokenPipeError:  # e.g. `arow list | head`: the reader left; nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting does not flush into it
         return 141
     except KeyboardInterrupt:
         out, hint = getattr(a, "out", None), ""
         if a.command == "train" and out:
-            from .runs import RunDir
-
             hint = (f"; continue with --resume --out {out}" if RunDir(out).has_checkpoint() else
                     "; no epoch had finished, so nothing was saved: run the same command again")
         elif a.command in ("eval", "study"):
             hint = "; run the same command again to continue where it stopped"
         print(f"arow: interrupted{hint}", file=sys.stderr)
         return 130
-    except RuntimeError as e:
-        from .training import TrainingDiverged
-
-        if not isinstance(e, TrainingDiverged):
-            raise
+    except TrainingDiverged as e:
         print(f"arow: error: {e}", file=sys.stderr)
         return 4
     except USER_ERRORS as e:

@@ -104,7 +104,7 @@ def add_function_flags(p: Any, fn: Callable[..., Any], names: Optional[Sequence[
     True; a sequence of values is comma-separated (a positional one takes several arguments); a float
     takes fractions such as ``8/255``. ``rename`` gives a flag another name than its parameter (the
     value still lands on the parameter's name); ``extra[name]`` adds keyword arguments of
-    ``add_argument`` (e.g. ``required=True``).
+    ``add_argument`` (e.g. ``required=True``), and ``extra[name]["aliases"]`` more names of the flag.
     """
     sig, hints, docs = inspect.signature(fn), typing.get_type_hints(fn), param_docs(fn)
     rename = dict(rename or {})
@@ -140,7 +140,7 @@ def add_function_flags(p: Any, fn: Callable[..., Any], names: Optional[Sequence[
         more = dict((extra or {}).get(name, {}))
         if "choices" in more:  # listed in the help instead of a placeholder
             more.setdefault("metavar", None)
-        p.add_argument(flag, dest=name, **{**kw, **more})
+        p.add_argument(flag, *more.pop("aliases", ()), dest=name, **{**kw, **more})
 
 
 def call_args(a: argparse.Namespace, fn: Callable[..., Any], **override: Any) -> dict[str, Any]:
@@ -149,16 +149,19 @@ def call_args(a: argparse.Namespace, fn: Callable[..., Any], **override: Any) ->
     return {**{k: given[k] for k in inspect.signature(fn).parameters if k in given}, **override}
 
 
-def add_dataclass_flags(p: Any, cls: type, *, groups: Optional[Mapping[str, Any]] = None,
-                        choices: Optional[Mapping[str, Sequence[str]]] = None, skip: Sequence[str] = ()) -> None:
+def add_dataclass_flags(p: Any, cls: type, *, choices: Optional[Mapping[str, Sequence[str]]] = None,
+                        skip: Sequence[str] = ()) -> dict[str, Any]:
     """A flag per field of the dataclass ``cls``, declared by the field's metadata: ``help``, and
-    optionally ``group`` (a key of ``groups``: the argument group it is listed in), ``choices``
+    optionally ``group`` (the ``GROUP options`` section of ``--help`` it is listed in; the groups
+    are made in the order the fields first name them and returned by name), ``choices``
     (``choices`` given here win: registries known only at run time), ``flag`` (its name on the
     command line and in :func:`dataclass_flags`, when not the field's) and ``comma`` (a list of
     strings given comma-separated; otherwise such a list is a repeatable flag). Every flag defaults to
     None (not given), so that flags override a preset or a file; the help shows the field's default."""
-    hints = typing.get_type_hints(cls)
+    hints, groups = typing.get_type_hints(cls), {}
     for f in dataclasses.fields(cls):
+        if "group" in f.metadata and f.metadata["group"] not in groups:
+            groups[f.metadata["group"]] = p.add_argument_group(f"{f.metadata['group']} options")
         if f.name in skip:
             continue
         meta, name = f.metadata, f.metadata.get("flag", f.name)
@@ -167,7 +170,7 @@ def add_dataclass_flags(p: Any, cls: type, *, groups: Optional[Mapping[str, Any]
         default = (f.default if f.default is not dataclasses.MISSING else
                    f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         shown = f" (default {_show(default)})" if default not in (None, False, [], {}) else ""
-        g = groups[meta["group"]] if groups and "group" in meta else p
+        g = groups.get(meta.get("group"), p)
         flag = "--" + name.replace("_", "-")
         if kind is bool:
             g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
@@ -181,6 +184,7 @@ def add_dataclass_flags(p: Any, cls: type, *, groups: Optional[Mapping[str, Any]
             g.add_argument(flag, dest=name, type=_converter(kind, False),
                            choices=(choices or {}).get(f.name) or meta.get("choices") or kind_choices,
                            help=meta["help"] + shown)
+    return groups
 
 
 def dataclass_flags(a: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -400,6 +400,14 @@ def resolve_config(overrides: dict[str, Any], method_overrides: Optional[dict[st
     flags by dest name, see :func:`method_flags`). Dataset defaults are filled by
     :meth:`TrainConfig.resolve`; ``out`` defaults to ``runs/<dataset>-<method>-<model>-s<seed>``.
 
+    Args:
+        overrides: config fields given now (None: not given)
+        method_overrides: method hyper-parameters given now, by flag name (None: not given)
+        preset: recipe name (see `arow list`), YAML file, or a run's config.json to replay it; the
+            fields given override it
+        resume: continue the run in the config's out folder from its last.pt, with the config saved
+            there (only how it runs may change)
+
     >>> resolve_config({"method": "trades"}, {"beta": 3.0}).method_args
     {'beta': 3.0}
     """

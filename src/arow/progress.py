@@ -7,11 +7,12 @@ so they never overwrite it. Used by the CLI as a training callback and an evalua
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 from .callbacks import Callbacks
 
@@ -84,3 +85,13 @@ class Progress(Callbacks):
         if self.desc != f"eval {name}" or (self.bar is None and self.tty and not self.quiet):
             self._open(total, f"eval {name}", "images")
         self._advance(done)
+
+
+def log_through_bars() -> ContextManager[Any]:
+    """On a terminal, the context in which log lines are written through the progress bars (so that
+    they never overwrite one); elsewhere it changes nothing."""
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm([log, logging.getLogger()])
