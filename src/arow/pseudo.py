@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .attacks.base import frozen_eval
+from .modules import unwrap
 from .checkpoint import Which
 from .data import DATASETS, DataError, load_dataset
 from .data.extra import labelled_positions, read_extra
@@ -66,7 +68,8 @@ class PseudoLabels:
 @torch.no_grad()
 def predict(model: nn.Module, images: np.ndarray, *, batch_size: int = 500,
             device: Union[str, torch.device] = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(argmax label, max softmax probability) of ``model`` on uint8 ``images`` (N x H x W x C), in eval mode.
+    """(argmax label, max softmax probability) of ``model`` on uint8 ``images`` (N x H x W x C), in eval
+    mode without gradients (:func:`~arow.attacks.base.frozen_eval`), a batch at a time.
 
     >>> labels, conf = predict(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), np.zeros((2, 2, 2, 1), np.uint8))
     >>> labels.shape, conf.dtype
@@ -74,18 +77,14 @@ def predict(model: nn.Module, images: np.ndarray, *, batch_size: int = 500,
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
     labels, conf = np.empty(len(images), np.int64), np.empty(len(images), np.float32)
-    try:
+    with frozen_eval(unwrap(model)) as net:  # the images are converted a batch at a time (they may be memory-mapped)
         for lo in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[lo : lo + batch_size])).to(device)
             x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-            p, k = torch.softmax(model(x).float(), dim=1).max(dim=1)
+            p, k = torch.softmax(net(x).float(), dim=1).max(dim=1)
             labels[lo : lo + len(x)] = k.cpu().numpy()
             conf[lo : lo + len(x)] = p.cpu().numpy()
-    finally:
-        model.train(was_training)
     return labels, conf
 
 
