@@ -26,9 +26,9 @@ def load_model(path: Any, *, device: Any = "cpu", which: str = "final") -> "torc
     >>> model = load_model("runs/fmnist-arow")  # doctest: +SKIP
     >>> model = load_model("model.safetensors")  # from `arow export`  # doctest: +SKIP
     """
-    from .checkpoint import load_checkpoint, resolve_checkpoint
+    from .checkpoint import load_checkpoint
 
-    return model_from_checkpoint(load_checkpoint(resolve_checkpoint(path, which)), device=device)
+    return model_from_checkpoint(load_checkpoint(path, which=which), device=device)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], *, device: Any = "cpu") -> "torch.nn.Module":

@@ -39,6 +39,7 @@ EXPORT_FORMAT = "arow-model/1"
 #: a run folder's checkpoints: the final model, the best by validation, the last saved epoch
 Which = Literal["final", "best", "last"]
 
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe or not an arow checkpoint."""
 
@@ -256,17 +257,17 @@ def _load_safetensors(path: Path, map_location: Optional[str]) -> dict[str, Any]
             "threat": info.get("threat", {}), "version": info.get("version"), "exported": True}
 
 
-def load_checkpoint(path: PathLike, map_location: Optional[str] = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: PathLike, map_location: Optional[str] = "cpu", *, which: Which = "final") -> dict[str, Any]:
     """Read an arow checkpoint or model export without running code from it.
 
-    ``path`` is a ``.pt`` checkpoint, a ``.safetensors`` export, or a run folder (its ``final.pt``,
-    else ``last.pt``).
+    ``path`` is a ``.pt`` checkpoint, a ``.safetensors`` export, or a run folder (the checkpoint
+    ``which`` names, see :func:`resolve_checkpoint`).
 
     >>> ckpt = load_checkpoint("runs/fmnist-arow")  # doctest: +SKIP
     >>> sorted(ckpt["model_spec"])[:3]              # doctest: +SKIP
     ['dataset', 'image_size', 'in_channels']
     """
-    path = resolve_checkpoint(path)
+    path = resolve_checkpoint(path, which)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     if path.suffix == ".safetensors":
@@ -297,7 +298,7 @@ def export_model(source: Union[PathLike, dict[str, Any]], out: PathLike, which: 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: an export is a .safetensors file")
-    ckpt = source if isinstance(source, dict) else load_checkpoint(resolve_checkpoint(source, which))
+    ckpt = source if isinstance(source, dict) else load_checkpoint(source, which=which)
     weights = {k: v.detach().cpu().contiguous() for k, v in ckpt["model"].items()}
     info = {"model_spec": ckpt["model_spec"], "threat": ckpt.get("threat", {}),
             "config": ckpt.get("config", {}), "version": ckpt.get("version"),

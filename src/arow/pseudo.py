@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 
 from .attacks.base import frozen_eval
-from .modules import unwrap
 from .checkpoint import Which
 from .data import DATASETS, DataError, load_dataset
 from .data.extra import labelled_positions, read_extra
 from .evaluation import EVAL_BATCH_SIZE
+from .modules import unwrap
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -163,11 +163,11 @@ def pseudo_label(model_source: PathLike, data: str, out: Optional[PathLike] = No
             --labels-kept and validation split), or the positions in a .txt/.npy
     """
     from . import distributed, model_from_checkpoint
-    from .checkpoint import load_checkpoint, resolve_checkpoint
+    from .checkpoint import load_checkpoint
 
     if out is not None and Path(out).suffix != ".npz":
         raise ValueError(f"--out must end in .npz, got {out}")
-    ckpt = load_checkpoint(resolve_checkpoint(model_source, which))
+    ckpt = load_checkpoint(model_source, which=which)
     spec = ckpt["model_spec"]
     if any(spec.get(k) is None for k in ("num_classes", "in_channels", "image_size")):
         raise ValueError(f"{ckpt.get('path')}: does not say its input shape and classes")
