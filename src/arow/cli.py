@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_function_flags(c, convert_path, positional=["path"])
     st = command("study", cmd_study, "train and evaluate methods x seeds alike, then compare them (paired by seed)")
     st.add_argument("spec", nargs="?", help="study YAML (methods, seeds, preset, overrides, ...); flags override it")
-    add_dataclass_flags(st, StudySpec, skip=["overrides"])
+    add_dataclass_flags(st, StudySpec, skip=["overrides", "plan"])
     st.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run (repeatable)")
     add_function_flags(st, run_study, ["jobs"])
     st.add_argument("--print-commands", action="store_true",

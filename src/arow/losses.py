@@ -110,8 +110,12 @@ def arow_parts(
         raise ValueError(f"weight must be 'arow' or 'cow', got {weight!r}")
     if detach_weight:
         w = w.detach()
-    robust = 2.0 * lam * (kl * w).mean()
-    return LossParts(natural + robust, {"natural": natural.detach(), "robust": robust.detach(), "weight": w.detach()})
+    weighted = (kl * w).mean()
+    robust = 2.0 * lam * weighted
+    # kl and weighted_kl are logged: their ratio over an epoch, E[w KL] / E[KL], is the regularisation
+    # ARoW actually applies relative to an unweighted KL (its TRADES-equivalent beta is 2 lam times it)
+    return LossParts(natural + robust, {"natural": natural.detach(), "robust": robust.detach(), "weight": w.detach(),
+                                        "kl": kl.detach().mean(), "weighted_kl": weighted.detach()})
 
 
 def trades(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: float = 6.0, smoothing: float = 0.0) -> Tensor:

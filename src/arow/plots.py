@@ -150,7 +150,8 @@ def curves_figure(run: Run, steps: Sequence[dict[str, Any]] = ()) -> Any:
         return [r.get(key, math.nan) for r in records]
 
     parts = sorted({k for r in [*m, *steps] for k in r if k.startswith("train_") and isinstance(r[k], (int, float))}
-                   - {"train_loss", "train_clean_acc", "train_adv_acc", "train_weight_mean"})
+                   - {"train_loss", "train_clean_acc", "train_adv_acc", "train_weight_mean", "train_effective_weight",
+                      "train_real", "train_extra"})
     if steps:  # per logged step as lines, the epoch means as dots of the same colour
         for k, label, kw in [("train_loss", "total", dict(color="black", lw=1.6))] + \
                 [(k, part_label(k), {}) for k in parts]:

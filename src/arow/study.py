@@ -93,6 +93,7 @@ class Variant:
     method_args: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
     aa: bool = True
+    seeds: Optional[tuple[int, ...]] = None  # this row's own seeds (None: the study's)
 
     @staticmethod
     def parse(item: Union[str, dict[str, Any]]) -> "Variant":
@@ -101,7 +102,7 @@ class Variant:
         if not isinstance(item, dict) or "method" not in item:
             raise StudyError(f"a study method is a name or a mapping with 'method' (and optional 'label', "
                              f"'method_args', 'overrides', 'aa'), got {item!r}")
-        unknown = set(item) - {"method", "label", "method_args", "overrides", "aa"}
+        unknown = set(item) - {"method", "label", "method_args", "overrides", "aa", "seeds"}
         if unknown:
             raise StudyError(f"unknown key(s) {sorted(unknown)} in study method {item!r}")
         for key in ("method_args", "overrides"):
@@ -109,7 +110,7 @@ class Variant:
                 raise StudyError(f"{key} of study method {item!r} must be a mapping")
         return Variant(label=str(item.get("label", item["method"])), method=str(item["method"]),
                        method_args=dict(item.get("method_args") or {}), overrides=dict(item.get("overrides") or {}),
-                       aa=bool(item.get("aa", True)))
+                       aa=bool(item.get("aa", True)), seeds=_seeds(item["seeds"]) if item.get("seeds") is not None else None)
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,13 @@ class StudySpec:
     eps_curve_n: int = field(default=1000, metadata={"help": "PGD-20 against eps on the first N test images "
                                                              "(0 skips)"})
     guards: bool = field(default=True, metadata={"help": "run the robustness guards before each run's evaluation"})
+    plan: Optional[dict[str, Any]] = field(default=None, metadata={
+        "help": "the analysis plan, fixed before the first run (primary metrics, comparisons, margin, correction)"})
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "StudySpec":
         d = dict(d)
-        known = {"methods", "seeds", "preset", "overrides", "baseline", "attacks", "aa_n", "eps_curve_n", "guards"}
+        known = {"methods", "seeds", "preset", "overrides", "baseline", "attacks", "aa_n", "eps_curve_n", "guards", "plan"}
         unknown = set(d) - known
         if unknown:
             raise StudyError(f"unknown study key(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -153,13 +156,9 @@ class StudySpec:
             raise StudyError("a study needs at least one method ('methods: [arow, trades, ...]' or --methods)")
         if isinstance(methods, str):
             methods = [m.strip() for m in methods.split(",") if m.strip()]
-        seeds = d.pop("seeds", [0, 1, 2])
-        if isinstance(seeds, str):
-            seeds = [s.strip() for s in seeds.split(",") if s.strip()]
-        try:
-            seeds = [int(s) for s in seeds]
-        except (TypeError, ValueError):
-            raise StudyError(f"seeds must be integers, got {seeds!r}") from None
+        seeds = list(_seeds(d.pop("seeds", [0, 1, 2])))
+        if d.get("plan") is not None and not isinstance(d["plan"], dict):
+            raise StudyError(f"plan must be a mapping, got {d['plan']!r}")
         spec = StudySpec(variants=[Variant.parse(m) for m in methods], seeds=seeds, **d)
         spec.check()
         return spec
@@ -235,10 +234,23 @@ class StudySpec:
 
     def cells(self) -> list[Cell]:
         """Seed-major order: a stopped study leaves whole seeds finished, which pair."""
-        return [Cell(v, s) for s in self.seeds for v in self.variants]
+        order = list(dict.fromkeys([*self.seeds, *(s for v in self.variants for s in (v.seeds or ()))]))
+        return [Cell(v, s) for s in order for v in self.variants if s in (v.seeds or self.seeds)]
 
 
 # --------------------------------------------------------------------------- the commands of a cell
+def _seeds(seeds: Any) -> tuple[int, ...]:
+    if isinstance(seeds, str):
+        seeds = [s.strip() for s in seeds.split(",") if s.strip()]
+    try:
+        out = tuple(int(s) for s in seeds)
+    except (TypeError, ValueError):
+        raise StudyError(f"seeds must be integers, got {seeds!r}") from None
+    if not out or len(set(out)) != len(out) or any(isinstance(s, float) and s != int(s) for s in seeds):
+        raise StudyError(f"seeds must be distinct integers, at least one, got {seeds!r}")
+    return out
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

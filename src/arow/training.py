@@ -397,6 +397,8 @@ class Trainer:
         count *= self.dist.world_size  # the Loader gives every rank the same number of examples
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_sum / max(steps, 1)}  # mean over the epoch's steps
         record.update({k: v / count for k, v in totals.items()})
+        if record.get("train_kl"):  # ARoW: E[w KL] / E[KL] over the epoch (see losses.arow_parts)
+            record["train_effective_weight"] = record["train_weighted_kl"] / record["train_kl"]
         record.update(getattr(self.loader, "epoch_counts", dict)())  # train_real, train_extra with --extra-data
         if out.weight is not None:
             record["weight_hist"] = packed[len(keys):].tolist()
