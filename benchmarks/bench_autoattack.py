@@ -3,7 +3,7 @@
 Same model, same test subset, side by side, repeated ``--repeats`` times interleaved (a, b, a, b, ...)
 so that load on a shared machine falls on both alike; medians and per-pair ratios are printed:
 
-  (a) ``arow.evaluation.evaluate(model, x, y, ["clean", "pgd20", "autoattack"])``: AutoAttack
+  (a) ``arow.evaluation.cascade.evaluate(model, x, y, ["clean", "pgd20", "autoattack"])``: AutoAttack
       standard runs only on the examples PGD-20 left robust; the number is the worst case over
       PGD-20 and AutoAttack.
   (b) ``pyautoattack.AutoAttack(model, version="standard", seed=0).run_standard_evaluation``
@@ -46,8 +46,8 @@ from arow.attacks.autoattack import (  # noqa: E402
     settings_record,
 )
 from arow.data import load_dataset  # noqa: E402
-from arow.evaluation import evaluate  # noqa: E402
-from arow.guards import run_guards  # noqa: E402
+from arow.evaluation.cascade import evaluate  # noqa: E402
+from arow.evaluation.guards import run_guards  # noqa: E402
 from arow.models import build_model  # noqa: E402
 from arow.threat import ThreatModel  # noqa: E402
 

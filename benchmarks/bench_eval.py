@@ -1,6 +1,6 @@
 """The fastest evaluation settings on this machine: ``evaluate(clean, pgd20)`` per batch size and thread count.
 
-Times ``arow.evaluation.evaluate(model, x, y, ["clean", "pgd20"], eps, batch_size=B)`` on the
+Times ``arow.evaluation.cascade.evaluate(model, x, y, ["clean", "pgd20"], eps, batch_size=B)`` on the
 first ``--n`` Fashion-MNIST test images for every ``--batch-sizes`` x ``--threads`` combination
 (``torch.set_num_threads``), plus channels-last rows (model and inputs in
 ``torch.channels_last``) at ``--channels-last`` batch sizes. The settings run ``--repeats``
@@ -33,7 +33,7 @@ from bench_autoattack import markdown, train_small_cnn  # noqa: E402
 
 from arow import load_model  # noqa: E402
 from arow.data import load_dataset  # noqa: E402
-from arow.evaluation import evaluate  # noqa: E402
+from arow.evaluation.cascade import evaluate  # noqa: E402
 
 ATTACKS = ("clean", "pgd20")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step, also when imported from elsewhere
 
-from arow.checkpoint import atomic_write_text  # noqa: E402
+from arow.runs.checkpoint import atomic_write_text  # noqa: E402
 
 import train_step  # noqa: E402
 

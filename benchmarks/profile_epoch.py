@@ -1,7 +1,7 @@
 """Profile the embedded training recipe by operator: where one ARoW training step spends its time.
 
-Builds the training the way ``arow train`` does (:func:`arow.config.resolve_config`, then
-:func:`arow.pipelines.train_run` and its :class:`arow.training.Trainer`), with the default config
+Builds the training the way ``arow train`` does (:func:`arow.config.schema.resolve_config`, then
+:func:`arow.pipelines.train_run` and its :class:`arow.training.trainer.Trainer`), with the default config
 (ARoW, small-cnn, Fashion-MNIST, batch 128, ``--amp auto``: bf16 autocast on CPUs with native
 bf16) unless flags or ``--preset`` say otherwise. To run exactly ``--warmup`` + ``--steps``
 steps it trains one epoch on the first ``(warmup + steps) x batch`` training images
@@ -38,9 +38,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from arow.callbacks import Callbacks  # noqa: E402
-from arow.checkpoint import atomic_write_text  # noqa: E402
-from arow.config import resolve_config  # noqa: E402
+from arow.training.callbacks import Callbacks  # noqa: E402
+from arow.runs.checkpoint import atomic_write_text  # noqa: E402
+from arow.config.schema import resolve_config  # noqa: E402
 from arow.pipelines import train_run  # noqa: E402
 
 REGIONS = {"attack": "arow::attack", "train_forward": "arow::train_forward",

@@ -4,7 +4,7 @@ The library part of ``benchmarks/bench_train.py`` (the script holds the command 
 of the ``arow`` package: it imports the package (the script puts ``src/`` on the path first, so
 a checkout runs it without installation). For each (model, method) it times, in one run:
 
-- OUR step: :meth:`arow.training.Trainer.train_epoch` itself (data on the device, batched
+- OUR step: :meth:`arow.training.trainer.Trainer.train_epoch` itself (data on the device, batched
   augmentation, the attack's clean target computed once, no host synchronisation per step,
   bf16 autocast and fused SGD on CUDA, optional ``torch.compile``);
 - the COMPARISON BASELINE, :func:`reference_style_step`: NOT arow's training, but a step written
@@ -41,12 +41,12 @@ import torch.nn.functional as F
 
 from arow import distributed
 from arow.attacks import get_attack
-from arow.config import TrainConfig
+from arow.config.schema import TrainConfig
 from arow.data import Loader, TensorData
 from arow.methods import METHODS, Passes
 from arow.models import MODELS, build_model, model_flops
-from arow.runtime import use_amp
-from arow.training import Trainer
+from arow.training.runtime import use_amp
+from arow.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from arow.attacks import ce_loss, cw_loss, frozen_eval, get_attack, kl_loss, pgd
-from arow.evaluation import evaluate, predict
+from arow.evaluation.cascade import evaluate, predict
 from arow.threat import ThreatModel
 
 EPS = 0.1

@@ -19,7 +19,7 @@ from arow.attacks.autoattack import (
     get_autoattack,
     run_autoattack,
 )
-from arow.evaluation import evaluate
+from arow.evaluation.cascade import evaluate
 
 FAST = dict(n_iter=4, square_queries=15)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from arow.attacks.autoattack import STANDARD_ATTACKS, AutoAttackSettings, run_autoattack
-from arow.checkpoint import atomic_save
+from arow.runs.checkpoint import atomic_save
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 FAST = AutoAttackSettings(n_iter=2, square_queries=5)

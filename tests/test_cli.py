@@ -73,7 +73,7 @@ def test_list_shows_registries():
 
 
 def test_every_preset_is_a_valid_config():
-    from arow.config import TrainConfig, load_preset, preset_names
+    from arow.config.schema import TrainConfig, load_preset, preset_names
 
     names = preset_names()
     assert {"fmnist-arow", "cifar10-resnet18", "cifar100-resnet18", "svhn-resnet18", "cifar10-wrn34-10"} <= set(names)
@@ -85,7 +85,7 @@ def test_every_preset_is_a_valid_config():
         120, 0.1, [60, 100], 51, 128)
     assert paper.eps == pytest.approx(8 / 255) and paper.weight_decay == 5e-4
     # the embedded default IS the fmnist preset: `arow train` with no flags resolves to the same config
-    from arow.config import resolve_config
+    from arow.config.schema import resolve_config
 
     demo = resolve_config({}, preset="fmnist-arow").to_dict()
     default = resolve_config({}).to_dict()
@@ -181,7 +181,7 @@ def test_bad_preset_values_are_one_line_errors(tmp_path):
 
 
 def test_model_loading_subcommands_share_their_flags():
-    from arow.cli import build_parser
+    from arow.cli.main import build_parser
 
     p = build_parser()
     for argv in (["eval", "RUN"], ["plot", "RUN"], ["pseudo-label", "RUN", "--data", "D", "--out", "O"]):
@@ -196,10 +196,10 @@ def test_eval_printing_and_exit_status(capsys, monkeypatch):
     import functools
     from types import SimpleNamespace
 
-    import arow.cli
-    from arow.cli import main
+    import arow.cli.main
+    from arow.cli.main import main
 
-    real = arow.cli.evaluate_source
+    real = arow.cli.main.evaluate_source
 
     def fake_with(error=None, robustbench=None):
         @functools.wraps(real)  # the flags come from the real signature
@@ -211,19 +211,19 @@ def test_eval_printing_and_exit_status(capsys, monkeypatch):
             return rep
         return fake
 
-    monkeypatch.setattr(arow.cli, "evaluate_source", fake_with(robustbench=Path("r/rb.json")))
+    monkeypatch.setattr(arow.cli.main, "evaluate_source", fake_with(robustbench=Path("r/rb.json")))
     assert main(["eval", "r", "--attacks", "clean", "--n", "7"]) == 0
     out = capsys.readouterr().out
     assert out.index("GUARDS") < out.index("TABLE") and "written r/eval.json" in out and "written r/rb.json" in out
-    monkeypatch.setattr(arow.cli, "evaluate_source", fake_with(error="a guard tripped"))
+    monkeypatch.setattr(arow.cli.main, "evaluate_source", fake_with(error="a guard tripped"))
     assert main(["eval", "r", "--attacks", "clean", "--n", "7"]) == 3
     cap = capsys.readouterr()
     assert cap.err.strip() == "arow: error: a guard tripped" and "TABLE" not in cap.out
 
 
 def test_eps_curve_table_and_study_commands(tmp_path):
-    from arow.plots import eps_curve_table
-    from arow.study import Study, StudySpec, study_commands
+    from arow.reporting.plots import eps_curve_table
+    from arow.study.core import Study, StudySpec, study_commands
 
     curve = {"attack": "pgd20", "n": 40, "test_set_size": 10000, "subset": True,
              "points": [{"eps": 0.0, "factor": 0.0, "accuracy": 0.9}, {"eps": 0.1, "factor": 1.0, "accuracy": 0.5}]}
@@ -238,7 +238,7 @@ def test_eps_curve_table_and_study_commands(tmp_path):
 
 
 def test_preset_summary_is_the_first_sentence_on_one_line():
-    from arow.config import preset_description, preset_names, preset_summary
+    from arow.config.schema import preset_description, preset_names, preset_summary
 
     for n in preset_names():
         s = preset_summary(n)

@@ -7,7 +7,7 @@ as the refusals. A small oracle restates the documented rules (config ranges, me
 hyper-parameters, cross-flag rules) and says which outcome each example must have: a valid
 combination that is refused, or an invalid one that trains, fails the test too.
 
-Runs in-process (``arow.cli.main``) on a tiny slice of Fashion-MNIST: at most 120 training
+Runs in-process (``arow.cli.main.main``) on a tiny slice of Fashion-MNIST: at most 120 training
 images, 1 epoch, at most 1 attack step, at most 20 evaluation images, clean evaluation only.
 """
 from __future__ import annotations
@@ -117,8 +117,8 @@ def expected(flags: dict[str, str]) -> str:
 
 
 def run_cli(argv: list[str]) -> tuple[Optional[int], str, str, Optional[BaseException]]:
-    """``arow.cli.main(argv)`` in this process: (exit status, stdout, stderr, uncaught exception)."""
-    from arow.cli import main
+    """``arow.cli.main.main(argv)`` in this process: (exit status, stdout, stderr, uncaught exception)."""
+    from arow.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     status, exc = None, None
@@ -202,8 +202,8 @@ def test_oracle_knows_the_rules():
 
 
 def test_tiny_warmup_never_exceeds_the_peak_lr():
-    from arow.config import TrainConfig
-    from arow.training import lr_at
+    from arow.config.schema import TrainConfig
+    from arow.training.trainer import lr_at
 
     for w in (1e-4, 1e-320):
         cfg = TrainConfig(lr=0.05, warmup_epochs=w, epochs=1)

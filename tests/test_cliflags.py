@@ -1,4 +1,4 @@
-"""The command-line flags are built from the library's declarations (arow.cliflags): the parsing rules,
+"""The command-line flags are built from the library's declarations (arow.cli.flags): the parsing rules,
 and that every command's defaults are the defaults of the library function it calls."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal, Optional, Sequence
 
 import pytest
 
-from arow.cliflags import add_function_flags, call_args, number, param_docs
+from arow.cli.flags import add_function_flags, call_args, number, param_docs
 
 
 def sample(source: Optional[str], names: Sequence[str] = ("a", "b"), *, eps: Optional[float] = None,
@@ -78,14 +78,14 @@ def _defaults_of(fn, skip=()):
 
 def test_every_command_passes_the_library_defaults_when_no_flag_is_given():
     """A default hard-coded in the CLI (and drifting from the library's) fails here."""
-    from arow.checkpoint import convert_path, export_model
-    from arow.cli import build_parser
-    from arow.config import resolve_config
+    from arow.runs.checkpoint import convert_path, export_model
+    from arow.cli.main import build_parser
+    from arow.config.schema import resolve_config
     from arow.pipelines import evaluate_source
-    from arow.plots import eps_curve
+    from arow.reporting.plots import eps_curve
     from arow.pseudo import pseudo_label
-    from arow.report import write_report
-    from arow.study import run_study
+    from arow.reporting.tables import write_report
+    from arow.study.core import run_study
 
     p = build_parser()
     cases = [(["eval", "R"], evaluate_source, ("progress", "on_guards")),
@@ -103,9 +103,9 @@ def test_every_command_passes_the_library_defaults_when_no_flag_is_given():
 
 
 def test_study_flags_come_from_the_study_spec():
-    from arow.cli import build_parser
-    from arow.cliflags import dataclass_flags
-    from arow.study import StudySpec
+    from arow.cli.main import build_parser
+    from arow.cli.flags import dataclass_flags
+    from arow.study.core import StudySpec
 
     a = build_parser().parse_args(["study", "--methods", "arow,trades", "--seeds", "0,2", "--no-guards",
                                    "--aa-n", "0", "--out", "S"])

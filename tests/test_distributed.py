@@ -28,10 +28,10 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from arow.attacks import Attack
-from arow.config import ConfigError, TrainConfig
+from arow.config.schema import ConfigError, TrainConfig
 from arow.data import TensorData
-from arow.evaluation import evaluate
-from arow.training import Callbacks, Trainer
+from arow.evaluation.cascade import evaluate
+from arow.training.trainer import Callbacks, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -368,7 +368,7 @@ def test_compiled_model_trains_like_eager(request):
         pytest.skip("slow (~30 s of compilation on 2 CPU cores): run with -m slow")
     import torch._dynamo
 
-    from arow.checkpoint import plain_state_dict
+    from arow.runs.checkpoint import plain_state_dict
     from arow.models import build_model
 
     data = TensorData(torch.rand(64, 1, 28, 28), torch.arange(64) % 10, 10)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from arow.config import ConfigError, TrainConfig
+from arow.config.schema import ConfigError, TrainConfig
 from arow.data import DataError, from_tensors
 from arow.data.extra import (ExtraData, MixedLoader, kept_indices, load_extra, read_extra, read_npz,
                              read_rst_pickle)
-from arow.training import Trainer
+from arow.training.trainer import Trainer
 
 from conftest import tiny_cnn
 from test_training import Crash
@@ -274,7 +274,7 @@ def test_labels_kept_keeps_exactly_n_balanced_and_reads_index_files(tmp_path):
 
 
 def test_config_fields_flags_and_round_trip(tmp_path, capsys):
-    from arow.cli import main
+    from arow.cli.main import main
 
     assert main(["train", "--extra-data", "a.npz", "--extra-data", "b.pickle", "--labels-kept", "40",
                  "--extra-fraction", "0.5", "--epoch-batches", "9", "--out", str(tmp_path / "r"),
@@ -331,7 +331,7 @@ def test_resume_after_a_crash_with_extra_data_and_ema_equals_an_uninterrupted_ru
 
 def test_train_run_keeps_the_labels_and_mixes_the_extra_file(tmp_path, monkeypatch, fmnist_small):
     import arow.pipelines as pipelines
-    from arow.callbacks import Callbacks
+    from arow.training.callbacks import Callbacks
 
     xtr, ytr, _, _ = fmnist_small
     monkeypatch.setattr(pipelines, "load_dataset", lambda *a, **k: from_tensors(xtr[:300], ytr[:300], 10,
@@ -373,7 +373,7 @@ def run_folder(tmp_path, fmnist_small):
 
 def test_pseudo_labels_are_the_models_argmax_and_the_cli_writes_them(tmp_path, run_folder, capsys, fmnist_small):
     import arow
-    from arow.cli import main
+    from arow.cli.main import main
     from arow.pseudo import predict
 
     xtr, _, _, _ = fmnist_small
@@ -399,7 +399,7 @@ def test_pseudo_labels_are_the_models_argmax_and_the_cli_writes_them(tmp_path, r
 
 
 def test_exclude_kept_leaves_out_what_the_run_used_as_labels(run_folder):
-    from arow.config import TrainConfig as TC
+    from arow.config.schema import TrainConfig as TC
     from arow.data import load_dataset
     from arow.data.extra import labelled_positions
     from arow.pseudo import unlabelled_images
@@ -416,7 +416,7 @@ def test_exclude_kept_leaves_out_what_the_run_used_as_labels(run_folder):
 
 
 def test_the_extra_data_presets_are_valid_configs():
-    from arow.config import load_preset
+    from arow.config.schema import load_preset
 
     for name, file in [("cifar10-wrn28-10-ddpm", "cifar10_ddpm.npz"),
                        ("cifar10-wrn28-10-rst", "ti_500K_pseudo_labeled.pickle")]:

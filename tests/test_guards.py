@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arow.attacks import pgd
-from arow.guards import GUARD_NAMES, run_guards, subset_digest, tripped
+from arow.evaluation.guards import GUARD_NAMES, run_guards, subset_digest, tripped
 from arow.threat import ThreatModel
 
 EPS = 0.1
@@ -450,7 +450,7 @@ def test_bad_arguments_are_value_errors(fmnist):
 
 # --------------------------------------------------------------------------- the CLI
 def _checkpoint(tmp_path, zero_head: bool):
-    from arow.checkpoint import atomic_save
+    from arow.runs.checkpoint import atomic_save
     from arow.models import build_model
 
     torch.manual_seed(0)
@@ -468,7 +468,7 @@ def _checkpoint(tmp_path, zero_head: bool):
 
 
 def test_cli_exits_3_when_a_guard_trips(tmp_path, capsys):
-    from arow.cli import main
+    from arow.cli.main import main
 
     run = _checkpoint(tmp_path, zero_head=True)
     args = ["eval", str(run), "--attacks", "clean,pgd2", "--n", "40", "--guards-n", "40", "--device", "cpu"]
@@ -487,7 +487,7 @@ def test_cli_exits_3_when_a_guard_trips(tmp_path, capsys):
 
 
 def test_cli_autoattack_writes_robustbench_json(tmp_path, capsys):
-    from arow.cli import main
+    from arow.cli.main import main
 
     run = _checkpoint(tmp_path, zero_head=False)
     rb = tmp_path / "rb.json"

@@ -6,7 +6,7 @@ compares the result with one uninterrupted reference run: every tensor of ``fina
 each; values equal except the ``seconds`` timing), and the evaluation's accuracies.
 
 * a real SIGKILL at a (seeded) random moment of the first or second epoch;
-* exact moments, reached through a small driver script that runs ``arow.cli.main`` in the
+* exact moments, reached through a small driver script that runs ``arow.cli.main.main`` in the
   subprocess after wrapping ``os.replace`` / ``_Stage.save`` so that their Nth call ends the
   process with ``os._exit(137)`` (no ``finally``, no cleanup: like a SIGKILL):
   a checkpoint's temporary file written but not yet renamed; ``best.pt`` written but ``last.pt``
@@ -49,14 +49,14 @@ EVAL_JSON = "eval_n100.json"  # 100 of the 10000 test images
 EVAL_FLAGS = ["--attacks", "clean,pgd20", "--n", "100", "--batch-size", "8", "--no-guards"]
 TIMEOUT = 300
 
-# Runs arow.cli.main(argv) in the subprocess, with one moment of the run turned into an abrupt death.
+# Runs arow.cli.main.main(argv) in the subprocess, with one moment of the run turned into an abrupt death.
 DRIVER = r'''
 import json, os, sys
 from pathlib import Path
 
 plan = json.loads(sys.argv[1])
 argv = sys.argv[2:]
-import arow.cli, arow.evaluation, arow.training  # noqa: E401
+import arow.cli.main, arow.evaluation.cascade, arow.training.trainer  # noqa: E401
 
 
 def die():
@@ -80,7 +80,7 @@ if kill == "replace":  # the nth os.replace(src -> dst); src "*.tmp" is an atomi
 
     os.replace = replace
 elif kill == "eval_batch":  # right after the evaluation saved its nth finished batch
-    Stage, seen = arow.evaluation._Stage, [0]
+    Stage, seen = arow.evaluation.cascade._Stage, [0]
     real_save = Stage.save
 
     def save(self, *a, **kw):
@@ -95,7 +95,7 @@ elif kill is not None:
     raise SystemExit(f"driver: unknown kill {kill!r}")
 
 if plan.get("mark_epochs"):  # tell the test when an epoch starts (the test then SIGKILLs us)
-    Trainer = arow.training.Trainer
+    Trainer = arow.training.trainer.Trainer
     real_epoch = Trainer.train_epoch
 
     def train_epoch(self, epoch):
@@ -106,16 +106,16 @@ if plan.get("mark_epochs"):  # tell the test when an epoch starts (the test then
     # every step lasts at least 0.1 s, so an epoch of 4 steps outlasts the test's largest delay
     # (0.3 s) however fast the machine (bf16 on a CPU with native bf16 made the run outpace it)
     import time as _time
-    import arow.progress
-    real_step = arow.progress.Progress.on_step
+    import arow.cli.progress
+    real_step = arow.cli.progress.Progress.on_step
 
     def on_step(self, step):
         _time.sleep(0.1)
         return real_step(self, step)
 
-    arow.progress.Progress.on_step = on_step
+    arow.cli.progress.Progress.on_step = on_step
 
-sys.exit(arow.cli.main(argv))
+sys.exit(arow.cli.main.main(argv))
 '''
 
 

@@ -14,15 +14,15 @@ import torch.nn as nn
 
 from arow.attacks import Attack, cw_loss, fat_pgd, get_attack, kl_loss, pgd
 from arow.attacks.autoattack import AutoAttackSettings, build_autoattack, get_autoattack, run_autoattack
-from arow.config import ConfigError, TrainConfig
+from arow.config.schema import ConfigError, TrainConfig
 from arow.data import from_tensors
-from arow.evaluation import evaluate
-from arow.guards import GUARD_NAMES, run_guards
+from arow.evaluation.cascade import evaluate
+from arow.evaluation.guards import GUARD_NAMES, run_guards
 from arow.methods.gair_at import gair_attack
 from arow.rng import BatchRNG
-from arow.robustbench import model_info
+from arow.reporting.robustbench import model_info
 from arow.threat import ThreatModel
-from arow.training import Trainer
+from arow.training.trainer import Trainer
 
 from conftest import tiny_cnn
 
@@ -180,7 +180,7 @@ def test_config_norm_and_default_eps():
         TrainConfig(norm="l1").resolve()
     assert TrainConfig.from_dict(TrainConfig(norm="l2").to_dict()).norm == "l2"
     # a preset's eps is an L-inf radius: --norm l2 without --eps takes the data set's L2 default
-    from arow.config import resolve_config
+    from arow.config.schema import resolve_config
 
     assert resolve_config({"norm": "l2"}, preset="cifar10-resnet18").eps == 0.5
     assert resolve_config({"norm": "l2", "eps": 0.25}, preset="cifar10-resnet18").eps == 0.25
@@ -188,7 +188,7 @@ def test_config_norm_and_default_eps():
 
 
 def test_l2_training_run_records_and_evaluates_its_norm(tmp_path, fmnist_small):
-    from arow.checkpoint import load_checkpoint
+    from arow.runs.checkpoint import load_checkpoint
     from arow.pipelines import evaluate_run
 
     xtr, ytr, xte, yte = fmnist_small

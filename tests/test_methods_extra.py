@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arow import losses
-from arow.config import TrainConfig
+from arow.config.schema import TrainConfig
 from arow.data import from_tensors
 from arow.attacks.fat import fat_pgd
 from arow.methods import AWP, METHODS, Passes, build_method
@@ -16,7 +16,7 @@ from arow.methods.awp import PROXY_LR, perturbed_weights
 from arow.methods.gair_at import gair_attack
 from arow.methods.hat import helper_points
 from arow.threat import ThreatModel
-from arow.training import Trainer
+from arow.training.trainer import Trainer
 
 from conftest import tiny_cnn
 
@@ -318,7 +318,7 @@ def test_new_method_trains_one_step(name, helper_run):
 
 
 def test_cli_flags_reach_the_new_methods():
-    from arow.cli import _config_from_args, build_parser
+    from arow.cli.main import _config_from_args, build_parser
 
     parse = lambda *a: _config_from_args(build_parser().parse_args(["train", *a]))  # noqa: E731
     cfg = parse("--method", "hat", "--helper", "runs/h", "--hat-gamma", "0.5", "--beta", "3")

@@ -336,8 +336,8 @@ def test_activation_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_checkpoint_keeps_the_activation(tmp_path) -> None:
     # train_run saves the activation in the model spec; load_model (and `arow eval`) rebuild it.
     import arow
-    from arow.checkpoint import export_model, load_checkpoint
-    from arow.config import TrainConfig
+    from arow.runs.checkpoint import export_model, load_checkpoint
+    from arow.config.schema import TrainConfig
     from arow.pipelines import train_run
 
     cfg = TrainConfig(model="small-cnn", activation="silu", epochs=1, limit_train=64, val_size=0,

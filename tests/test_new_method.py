@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from arow.attacks import ce_loss, pgd
-from arow.config import TrainConfig
+from arow.config.schema import TrainConfig
 from arow.data import from_tensors
 from arow.methods import METHODS, Hparam, Method, MethodOutput, Passes, build_method
 from arow.rng import BatchRNG
 from arow.threat import ThreatModel
-from arow.training import Trainer
+from arow.training.trainer import Trainer
 
 from conftest import tiny_cnn
 from passes import PASS_TABLE, count_passes, documented_passes
@@ -75,7 +75,7 @@ def test_a_new_method_is_usable_end_to_end(mixed):
         build_method(NAME, threat, beta=1.0)
 
     # the CLI knows it and its flag
-    from arow.cli import _config_from_args, build_parser
+    from arow.cli.main import _config_from_args, build_parser
 
     cfg = _config_from_args(build_parser().parse_args(["train", "--method", NAME, "--mix", "0.25"]))
     assert cfg.method == NAME and cfg.method_args == {"mix": 0.25}

@@ -5,11 +5,11 @@ import logging
 import pytest
 import torch
 
-from arow.callbacks import Callbacks
-from arow.config import ConfigError, TrainConfig, method_flags, resolve_config
+from arow.training.callbacks import Callbacks
+from arow.config.schema import ConfigError, TrainConfig, method_flags, resolve_config
 from arow.data import from_tensors
-from arow.runs import RunDir, RunFolderError
-from arow.training import Trainer
+from arow.runs.rundir import RunDir, RunFolderError
+from arow.training.trainer import Trainer
 
 from conftest import fmnist_available, tiny_cnn
 
@@ -92,7 +92,7 @@ def test_method_flags_mean_one_thing():
 
 
 def test_every_config_field_is_a_flag_of_arow_train():
-    from arow.cli import build_parser
+    from arow.cli.main import build_parser
 
     text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     import dataclasses
@@ -113,7 +113,7 @@ def test_config_types_come_from_type_hints():
 
 
 def test_preset_milestones_follow_a_shorter_run():
-    from arow.config import load_preset
+    from arow.config.schema import load_preset
 
     cfg = TrainConfig.from_dict({k: v for k, v in load_preset("cifar10-resnet18").items()})
     assert cfg.milestone_epochs() == [60.0, 100.0]
@@ -166,7 +166,7 @@ def test_resume_is_load_state_dict(tmp_path):
 
 # --------------------------------------------------------------------------- progress
 def test_progress_without_a_terminal_prints_plain_lines(caplog, monkeypatch):
-    from arow import progress
+    from arow.cli import progress
 
     clock = iter(range(0, 1000, 40))
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
@@ -206,7 +206,7 @@ def test_evaluate_run_reports_whether_the_guards_ran(tmp_path):
 def test_native_bf16_is_asked_of_cpuid(monkeypatch, avx512_bf16, amx, expected):
     import torch.cpu as tcpu
 
-    from arow import runtime
+    from arow.training import runtime
 
     monkeypatch.setattr(tcpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(tcpu, "_is_amx_tile_supported", lambda: amx, raising=False)
@@ -218,7 +218,7 @@ def test_native_bf16_is_asked_of_cpuid(monkeypatch, avx512_bf16, amx, expected):
 def test_native_bf16_falls_back_to_the_cpuinfo_flags(monkeypatch, tmp_path, flags, expected):
     import torch.cpu as tcpu
 
-    from arow import runtime
+    from arow.training import runtime
 
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.delattr(tcpu, name, raising=False)
@@ -231,7 +231,7 @@ def test_native_bf16_falls_back_to_the_cpuinfo_flags(monkeypatch, tmp_path, flag
 
 @pytest.mark.parametrize("native,switch,expected", [(True, True, True), (False, True, False), (True, False, False)])
 def test_amp_auto_on_the_cpu(monkeypatch, native, switch, expected):
-    from arow import runtime
+    from arow.training import runtime
 
     monkeypatch.setattr(runtime, "cpu_native_bf16", lambda: native)
     monkeypatch.setattr(runtime, "AUTO_BF16_ON_CPU", switch)
@@ -242,7 +242,7 @@ def test_amp_auto_on_the_cpu(monkeypatch, native, switch, expected):
 
 # --------------------------------------------------------------------------- what the CLI calls
 def test_method_flag_help_points_shorthands_to_the_prefixed_flags():
-    from arow.config import method_flag_help
+    from arow.config.schema import method_flag_help
 
     table = method_flag_help()
     assert list(table) == sorted(method_flags())
@@ -253,7 +253,7 @@ def test_method_flag_help_points_shorthands_to_the_prefixed_flags():
 
 def test_evaluate_source_picks_the_pipeline_and_checks_its_flags(tmp_path):
     from arow.pipelines import evaluate_source
-    from arow.user_models import user_model_name
+    from arow.evaluation.sources import user_model_name
 
     with pytest.raises(ValueError, match="give a run folder"):
         evaluate_source(None)

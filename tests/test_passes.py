@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from arow.config import TrainConfig
+from arow.config.schema import TrainConfig
 from arow.data import TensorData
 from arow.methods import METHODS, Passes, build_method
 from arow.rng import BatchRNG
 from arow.threat import ThreatModel
-from arow.training import Trainer
+from arow.training.trainer import Trainer
 
 from passes import PASS_TABLE, count_passes, documented_passes, reference_cost
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from arow import plots
-from arow.cli import main
-from arow.config import TrainConfig
+from arow.reporting import plots
+from arow.cli.main import main
+from arow.config.schema import TrainConfig
 from arow.data import TensorData, from_tensors
-from arow.report import load_run
-from arow.runs import RunDir
-from arow.training import Trainer
+from arow.reporting.tables import load_run
+from arow.runs.rundir import RunDir
+from arow.training.trainer import Trainer
 from conftest import tiny_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,7 +92,7 @@ def test_compare_runs_draws_four_figures_and_leaves_out_what_a_run_lacks(tmp_pat
             fabricate_run(tmp_path, "trades-s0", "trades", val=(0.25, 0.35, 0.38), test_acc=(0.78, 0.30)),
             fabricate_run(tmp_path, "mart-s1", "mart", seed=1, val=(0.2, 0.3, 0.33), with_eval=False)]
     figures = capture_figures(monkeypatch)
-    with caplog.at_level(logging.INFO, logger="arow.plots"):
+    with caplog.at_level(logging.INFO, logger="arow.reporting.plots"):
         paths = plots.compare_runs(runs, tmp_path / "figures")
     assert [p.name for p in paths] == ["compare_curves.png", "compare_per_class.png", "compare_weights.png",
                                        "compare_tradeoff.png"]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from arow.cli import main
-from arow.report import RunFolderError, build_report, format_eps, load_run, write_report
+from arow.cli.main import main
+from arow.reporting.tables import RunFolderError, build_report, format_eps, load_run, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -152,7 +152,7 @@ def test_format_eps():
                                        (1 / 255, "1/255"), (16 / 255, "16/255"), (1.0, "1")])
 def test_format_eps_has_one_rule_for_tables_and_robustbench(eps, text):
     """k/255 only where that is how the radius is written: 0.2 is 51/255 but stays 0.2."""
-    from arow import robustbench
+    from arow.reporting import robustbench
 
     assert format_eps(eps) == text
     assert robustbench.format_eps(eps) == text
@@ -179,7 +179,7 @@ def assert_png(path: Path, min_bytes: int = 5000) -> None:
 
 
 def test_plots_of_a_hand_made_run(tmp_path):
-    from arow.plots import plot_run
+    from arow.reporting.plots import plot_run
 
     run = make_run(tmp_path, "r", accuracy={"clean": 0.8, "pgd20": 0.4, "cw": 0.38})
     paths = plot_run(run)
@@ -189,17 +189,17 @@ def test_plots_of_a_hand_made_run(tmp_path):
 
 
 def test_method_without_weight_skips_weights_png(tmp_path, caplog):
-    from arow.plots import plot_run
+    from arow.reporting.plots import plot_run
 
     run = make_run(tmp_path, "t", method="trades", with_eval=False)
-    with caplog.at_level("DEBUG", logger="arow.plots"):
+    with caplog.at_level("DEBUG", logger="arow.reporting.plots"):
         paths = plot_run(run)
     assert [p.name for p in paths] == ["curves.png"]
     assert "no weights.png" in caplog.text and "no per_class.png" in caplog.text
 
 
 def test_eps_curve_json_and_png(tmp_path):
-    from arow.plots import plot_eps_curve
+    from arow.reporting.plots import plot_eps_curve
 
     run = make_run(tmp_path, "e")
     # the numbers come from `arow plot --eps-curve` (covered with a real model below); here: the picture
@@ -215,10 +215,10 @@ def test_eps_curve_json_and_png(tmp_path):
 def tiny_run(tmp_path_factory):
     """One epoch of ARoW on 96 random images with TensorBoard on (skipped without tensorboard)."""
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'arow[tensorboard]')")
-    from arow.config import TrainConfig
+    from arow.config.schema import TrainConfig
     from arow.data import from_tensors
     from arow.models import build_model
-    from arow.training import Trainer
+    from arow.training.trainer import Trainer
 
     out = tmp_path_factory.mktemp("tb") / "run"
     g = torch.Generator().manual_seed(0)
@@ -265,10 +265,10 @@ def test_cli_plot_eps_curve_on_a_real_run(tiny_run, capsys):
 def test_tensorboard_missing_is_a_clear_error(monkeypatch, tmp_path):
     import sys
 
-    from arow.config import TrainConfig
+    from arow.config.schema import TrainConfig
     from arow.data import from_tensors
     from arow.models import build_model
-    from arow.training import Trainer
+    from arow.training.trainer import Trainer
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
     data = from_tensors(torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)), name="fashion-mnist")

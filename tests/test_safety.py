@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from arow.checkpoint import (CheckpointError, append_line, atomic_save, atomic_write_text, convert_checkpoint,
+from arow.runs.checkpoint import (CheckpointError, append_line, atomic_save, atomic_write_text, convert_checkpoint,
                              dump_json, load_checkpoint)
-from arow.config import ConfigError, TrainConfig
+from arow.config.schema import ConfigError, TrainConfig
 from arow.data import from_tensors
 from arow.methods import METHODS
-from arow.runs import RunDir, RunLockedError
-from arow.training import Trainer, TrainingDiverged
+from arow.runs.rundir import RunDir, RunLockedError
+from arow.training.trainer import Trainer, TrainingDiverged
 
 from conftest import fmnist_available, tiny_cnn
 
@@ -284,7 +284,7 @@ def test_divergence_with_a_huge_learning_rate_exits_4_with_one_line(tmp_path):
 
 
 def test_best_is_written_before_last(tmp_path, fmnist_small, monkeypatch):
-    import arow.runs as runs
+    import arow.runs.rundir as runs
 
     data, val = _small(fmnist_small)
     order = []
@@ -326,7 +326,7 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path, fm
     out = tmp_path / "run"
     from arow.models import build_model
 
-    from arow.callbacks import Callbacks
+    from arow.training.callbacks import Callbacks
 
     class SecondWriter(Callbacks):  # while the first run trains, a second one tries the same folder
         refused = None
@@ -352,7 +352,7 @@ def test_two_processes_on_one_folder(tmp_path):
     if not fmnist_available():
         pytest.skip("Fashion-MNIST not installed")
     out = tmp_path / "run"
-    code = ("import sys, time; sys.path.insert(0, %r); from arow.runs import RunDir; r = RunDir(%r); r.lock(); "
+    code = ("import sys, time; sys.path.insert(0, %r); from arow.runs.rundir import RunDir; r = RunDir(%r); r.lock(); "
             "print('locked', flush=True); time.sleep(60)") % (str(ROOT / "src"), str(out))
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

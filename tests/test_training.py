@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from arow.config import ConfigError, TrainConfig
+from arow.config.schema import ConfigError, TrainConfig
 from arow.data import from_tensors
-from arow.training import Callbacks, Trainer, lr_at
+from arow.training.trainer import Callbacks, Trainer, lr_at
 
 from conftest import tiny_cnn
 
@@ -97,7 +97,7 @@ def test_arow_training_learns_and_improves_robustness(fmnist_small):
     cfg = TrainConfig(epochs=2, batch_size=100, lr=0.1, eps=0.1, attack_steps=3, schedule="onecycle",
                       augment="none", seed=0, out=None)
     res = _run(cfg, data, None)
-    from arow.evaluation import evaluate
+    from arow.evaluation.cascade import evaluate
     r = evaluate(res.model, xte, yte, ["clean", "pgd10"], eps=0.1)
     assert r.accuracy["clean"] > 0.5
     assert r.accuracy["pgd10"] > 0.2  # an undefended model of this size is near 0 at eps 0.1
@@ -123,7 +123,7 @@ def test_bad_config_values(bad):
 
 # --------------------------------------------------------------------------- EMA of the weights
 def test_ema_equals_a_hand_computed_average_over_three_steps():
-    from arow.swa import EMA
+    from arow.training.averaging import EMA
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))

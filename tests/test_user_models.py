@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from conftest import fmnist_available
 
-from arow.user_models import ExportedModel, UserModelError, load_user_model, load_weights
+from arow.evaluation.sources import ExportedModel, UserModelError, load_user_model, load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_fmnist = pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST not installed")

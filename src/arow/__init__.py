@@ -21,25 +21,25 @@ def load_model(path: Any, *, device: Any = "cpu", which: str = "final") -> "torc
     It takes inputs in [0, 1] (any normalisation is its first layer) and returns logits.
     ``which`` picks ``final`` (SWA model if SWA ran, else the last epoch), ``best`` (selected on
     the held-out validation split) or ``last`` when ``path`` is a run folder. Files are read
-    without running code from them (see :mod:`arow.checkpoint`).
+    without running code from them (see :mod:`arow.runs.checkpoint`).
 
     >>> model = load_model("runs/fmnist-arow")  # doctest: +SKIP
     >>> model = load_model("model.safetensors")  # from `arow export`  # doctest: +SKIP
     """
-    from .checkpoint import load_checkpoint
+    from .runs.checkpoint import load_checkpoint
 
     return model_from_checkpoint(load_checkpoint(path, which=which), device=device)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], *, device: Any = "cpu") -> "torch.nn.Module":
     """Build the model a loaded checkpoint describes and load its weights (eval mode)."""
-    from .checkpoint import CheckpointError
+    from .runs.checkpoint import CheckpointError
     from .models import build_model
 
     spec, path = ckpt["model_spec"], ckpt.get("path")
     if spec.get("custom"):
         raise CheckpointError(f"{path}: holds a user-defined model ({spec.get('name')}); build it yourself and "
-                              f"load_state_dict(arow.checkpoint.load_checkpoint(path)['model'])")
+                              f"load_state_dict(arow.runs.checkpoint.load_checkpoint(path)['model'])")
     try:
         model = build_model(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
                             image_size=spec["image_size"], mean=spec.get("mean"), std=spec.get("std"),
@@ -74,11 +74,11 @@ if TYPE_CHECKING:
     import torch
 
     from . import losses
-    from .config import TrainConfig
+    from .config.schema import TrainConfig
     from .data import from_tensors, load_dataset
     from .pipelines import evaluate_model as evaluate
     from .methods import build_method
     from .models import build_model
     from .pipelines import evaluate_run, train_run
     from .threat import ThreatModel
-    from .training import Trainer, train
+    from .training.trainer import Trainer, train

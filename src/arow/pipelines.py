@@ -24,14 +24,14 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .callbacks import Callbacks
-from .checkpoint import Which, atomic_write_text, dump_json, load_checkpoint, resolve_checkpoint
-from .config import TrainConfig
+from .training.callbacks import Callbacks
+from .runs.checkpoint import Which, atomic_write_text, dump_json, load_checkpoint, resolve_checkpoint
+from .config.schema import TrainConfig
 from .data import DATASETS, TensorData, load_dataset, train_val_split
 from .data.extra import kept_indices, load_extra
-from .evaluation import EVAL_BATCH_SIZE, EvalResult, Progress, evaluate
-from .runs import RunDir, check_writable
-from .training import Trainer, TrainResult
+from .evaluation.cascade import EVAL_BATCH_SIZE, EvalResult, Progress, evaluate
+from .runs.rundir import RunDir, check_writable
+from .training.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -92,7 +92,7 @@ def train_and_evaluate(cfg: TrainConfig, *, callbacks: Union[Callbacks, Sequence
     """
     from . import distributed
     from .attacks import get_attack
-    from .callbacks import plot_run_safely
+    from .training.callbacks import plot_run_safely
 
     cfg = cfg.resolve()
     attacks = [s.strip() for s in cfg.eval_attacks.split(",") if s.strip()]
@@ -141,7 +141,7 @@ class EvalReport:
 
     def guards_text(self) -> str:
         """The guards' verdicts as a table, with the subset they ran on."""
-        from .report import markdown_table
+        from .reporting.tables import markdown_table
 
         s = getattr(self.guards, "subset", None) or {}
         rows = [[g.name, "pass" if g.passed else "FAIL", f"{g.value:.4g}", f"{g.threshold:.4g}", g.message]
@@ -151,7 +151,7 @@ class EvalReport:
 
     def text(self) -> str:
         """The accuracies as a table, with what was evaluated and every warning that applies."""
-        from .report import format_eps, markdown_table
+        from .reporting.tables import format_eps, markdown_table
         from .threat import norm_label
 
         res, info = self.result, self.info
@@ -327,7 +327,7 @@ def evaluate_run(
     if d.is_main:
         atomic_write_text(dump_json(report.to_json()) + "\n", path)
         if {"clean", "autoattack"} <= set(report.accuracy):
-            from .robustbench import model_info, write_model_info
+            from .reporting.robustbench import model_info, write_model_info
 
             report.robustbench = write_model_info(model_info(report.to_json()),
                                                   robustbench or run.file(RunDir.ROBUSTBENCH))
@@ -341,7 +341,7 @@ def _guarded_evaluate(report: EvalReport, model: nn.Module, data: TensorData, at
                       state_dir: Optional[Path] = None) -> EvalReport:
     """The guards (unless ``guards=False``), then the attacks unless a guard tripped: fills ``report``."""
     if guards:  # cheap, so before the evaluation: an untrustworthy model fails fast
-        from .guards import run_guards
+        from .evaluation.guards import run_guards
 
         report.guards = run_guards(model, data.x, data.y, eps=eps, norm=norm, num_classes=data.num_classes,
                                    n=min(guards_n, len(data)), batch_size=batch_size, seed=guards_seed)
@@ -485,10 +485,10 @@ def evaluate_source(
         resume: continue an interrupted evaluation from DIR/eval_state instead of recomputing everything
         json_out: where to write the results (default DIR/eval.json; DIR/eval_n<N>.json with ``n``)
         robustbench: RobustBench model-info JSON (default DIR/robustbench.json whenever autoattack ran)
-        progress: progress callback of the attacks (see :mod:`arow.progress`)
+        progress: progress callback of the attacks (see :mod:`arow.cli.progress`)
         on_guards: called with the report as soon as the guards have run
     """
-    from .user_models import is_user_model_file
+    from .evaluation.sources import is_user_model_file
 
     kw: dict[str, Any] = dict(n=n, eps=eps, data_dir=data_dir, device=device, batch_size=batch_size, guards=guards,
                               guards_n=guards_n, guards_seed=guards_seed, allow_guard_failures=allow_guard_failures,
@@ -528,17 +528,17 @@ def evaluate_user_model(
     progress: Optional[Progress] = None,
     on_guards: Optional[Callable[["EvalReport"], None]] = None,
 ) -> EvalReport:
-    """``arow eval`` for a model ``arow`` did not build (see :mod:`arow.user_models`): the same
+    """``arow eval`` for a model ``arow`` did not build (see :mod:`arow.evaluation.sources`): the same
     guards and attacks as :func:`evaluate_run` on a built-in test set, results in ``json_out``
     (default ``./eval_<name>.json``, or ``eval_<name>_n<N>.json`` on a subset).
 
-    ``model`` is an ``nn.Module`` or what :func:`arow.user_models.load_user_model` loads
+    ``model`` is an ``nn.Module`` or what :func:`arow.evaluation.sources.load_user_model` loads
     (``pkg.module:function``, a TorchScript or ``.pt2`` file); ``weights`` are loaded into it.
     ``name`` defaults to the factory's function or the file's stem (the module's class name for a
     module)."""
     from . import distributed
     from .attacks import get_attack
-    from .user_models import load_user_model, load_weights, user_model_name
+    from .evaluation.sources import load_user_model, load_weights, user_model_name
 
     if not isinstance(model, nn.Module):
         name = name or user_model_name(model)

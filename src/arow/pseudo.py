@@ -22,10 +22,10 @@ import torch
 import torch.nn as nn
 
 from .attacks.base import frozen_eval
-from .checkpoint import Which
+from .runs.checkpoint import Which
 from .data import DATASETS, DataError, load_dataset
 from .data.extra import labelled_positions, read_extra
-from .evaluation import EVAL_BATCH_SIZE
+from .evaluation.cascade import EVAL_BATCH_SIZE
 from .modules import unwrap
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class PseudoLabels:
 
     def save(self, path: PathLike) -> Path:
         """Write ``image``, ``label``, ``confidence`` as an uncompressed ``.npz`` (memory-mappable), atomically."""
-        from .checkpoint import _atomic_write
+        from .runs.checkpoint import _atomic_write
 
         path = Path(path)
         if path.suffix != ".npz":
@@ -90,9 +90,9 @@ def predict(model: nn.Module, images: np.ndarray, *, batch_size: int = 500,
 
 def _excluded(exclude: PathLike, labels: torch.Tensor, num_classes: int, dataset: str) -> np.ndarray:
     """Positions a run used as labelled training data, or those listed in an index file."""
-    from .config import TrainConfig
+    from .config.schema import TrainConfig
     from .data.extra import kept_indices
-    from .runs import RunDir
+    from .runs.rundir import RunDir
 
     p = Path(exclude)
     if p.is_dir():
@@ -163,7 +163,7 @@ def pseudo_label(model_source: PathLike, data: str, out: Optional[PathLike] = No
             --labels-kept and validation split), or the positions in a .txt/.npy
     """
     from . import distributed, model_from_checkpoint
-    from .checkpoint import load_checkpoint
+    from .runs.checkpoint import load_checkpoint
 
     if out is not None and Path(out).suffix != ".npz":
         raise ValueError(f"--out must end in .npz, got {out}")

@@ -68,7 +68,7 @@ def catalogue() -> dict[str, dict[str, str]]:
     True
     """
     from .attacks import ATTACKS
-    from .config import preset_names, preset_summary
+    from .config.schema import preset_names, preset_summary
     from .data import DATASETS
     from .methods import METHODS
     from .models import MODELS

@@ -5,7 +5,7 @@ Two registered attacks:
 - ``autoattack``: the standard version (APGD-CE, APGD-T with 9 target classes, FAB-T with 9
   target classes, Square with 5000 queries; an example counts as robust only if every one of
   them fails). This is the headline robustness number. Its ``cascade`` flag makes
-  :func:`arow.evaluation.evaluate` run it only on the examples still robust after the attacks
+  :func:`arow.evaluation.cascade.evaluate` run it only on the examples still robust after the attacks
   listed before it, so the reported number is the worst case over all of them.
 - ``apgd-monitor``: APGD-CE + APGD-T only, with AutoAttack's settings for those two. A cheap
   monitor, NOT AutoAttack; its description says so.
@@ -36,7 +36,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-from ..checkpoint import load_keyed, save_keyed
+from ..runs.checkpoint import load_keyed, save_keyed
 from ..rng import private_rng
 from ..threat import check_norm
 from . import ATTACKS, Attack

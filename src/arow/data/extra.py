@@ -40,7 +40,7 @@ from .loader import check_loader_args, hflip, random_crop
 from .readers import DataError, _CifarUnpickler, _RefusedGlobal
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
+    from ..config.schema import TrainConfig
     from . import TensorData
     from .loader import Loader
 

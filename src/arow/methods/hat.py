@@ -32,7 +32,7 @@ def helper_points(x: Tensor, x_adv: Tensor, h: float = 2.0) -> Tensor:
 def load_helper(helper: Union[str, Path, nn.Module]) -> nn.Module:
     """HAT's helper: a frozen, eval-mode model from a run folder / checkpoint (or a module as is)."""
     from .. import model_from_checkpoint
-    from ..checkpoint import CheckpointError, load_checkpoint
+    from ..runs.checkpoint import CheckpointError, load_checkpoint
 
     if isinstance(helper, nn.Module):
         model = helper

@@ -1,7 +1,7 @@
 """The ``arow`` command (and ``python -m arow``): it parses flags, calls the library, prints.
 
 ``train`` is :func:`arow.pipelines.train_and_evaluate`, ``eval`` :func:`arow.pipelines.evaluate_source`,
-``study`` :func:`arow.study.run_study`, ``plot`` :func:`arow.plots.plot_runs`; ``report``, ``export``,
+``study`` :func:`arow.study.core.run_study`, ``plot`` :func:`arow.reporting.plots.plot_runs`; ``report``, ``export``,
 ``convert``, ``pseudo-label`` and ``list`` wrap one library function each. Only this module configures
 logging and draws progress bars. Bad input ends with one line on stderr and exit status 2, a tripped
 robustness guard with 3, a diverged run with 4; an interrupted run says how to continue. Under
@@ -18,22 +18,22 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from . import __version__
-from .checkpoint import convert_path, dump_json, export_model
-from .cliflags import add_dataclass_flags, add_function_flags, call_args, dataclass_flags
-from .config import TrainConfig, method_flag_help, resolve_config
-from .data import DATASETS
-from .methods import METHODS
-from .models import MODELS
-from .pipelines import evaluate_source, train_and_evaluate
-from .plots import eps_curve, plot_runs
+from .. import __version__
+from ..runs.checkpoint import convert_path, dump_json, export_model
+from .flags import add_dataclass_flags, add_function_flags, call_args, dataclass_flags
+from ..config.schema import TrainConfig, method_flag_help, resolve_config
+from ..data import DATASETS
+from ..methods import METHODS
+from ..models import MODELS
+from ..pipelines import evaluate_source, train_and_evaluate
+from ..reporting.plots import eps_curve, plot_runs
 from .progress import Progress, log_through_bars
-from .pseudo import pseudo_label
-from .registry import catalogue
-from .report import write_report
-from .runs import RunDir
-from .study import StudySpec, collect, run_study, study_commands
-from .training import TrainingDiverged
+from ..pseudo import pseudo_label
+from ..registry import catalogue
+from ..reporting.tables import write_report
+from ..runs.rundir import RunDir
+from ..study.core import StudySpec, collect, run_study, study_commands
+from ..training.trainer import TrainingDiverged
 
 log = logging.getLogger("arow")
 
@@ -157,7 +157,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The commands; the flags of each come from the library function it calls (see :mod:`arow.cliflags`)."""
+    """The commands; the flags of each come from the library function it calls (see :mod:`arow.cli.flags`)."""
     p = argparse.ArgumentParser(prog="arow", description="Adversarial training with ARoW and its baselines.")
     p.add_argument("--version", action="version", version=f"arow {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")

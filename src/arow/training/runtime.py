@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from . import distributed
+from .. import distributed
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from ..config.schema import TrainConfig
 
 #: ``--amp auto`` on a CPU with native bf16: on only where a side-by-side of the embedded recipe
 #: (3 seeds each, full test set; docs/performance.md) showed no loss beyond the seed spread.

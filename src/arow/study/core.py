@@ -41,8 +41,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import yaml
 
-from .checkpoint import atomic_write_bytes, dump_json
-from .runs import RunDir
+from ..runs.checkpoint import atomic_write_bytes, dump_json
+from ..runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -165,7 +165,7 @@ class StudySpec:
 
     @staticmethod
     def load(path: PathLike) -> "StudySpec":
-        from .config import _UniqueKeyLoader
+        from ..config.schema import _UniqueKeyLoader
 
         p = Path(path)
         if not p.is_file():
@@ -198,9 +198,9 @@ class StudySpec:
         return d
 
     def check(self) -> None:
-        from .attacks import get_attack
-        from .config import TrainConfig
-        from .methods import METHODS
+        from ..attacks import get_attack
+        from ..config.schema import TrainConfig
+        from ..methods import METHODS
 
         labels = [v.label for v in self.variants]
         if len(set(labels)) != len(labels):
@@ -273,7 +273,7 @@ def _config_flags(overrides: dict[str, Any]) -> list[str]:
 
 
 def _method_flags(method: str, args: dict[str, Any]) -> list[str]:
-    from .config import method_flags
+    from ..config.schema import method_flags
 
     table = method_flags()
     out: list[str] = []
@@ -631,7 +631,7 @@ def collect(path: PathLike, *, plots: bool = True, baseline: Optional[str] = Non
     atomic_write_bytes(markdown(result).encode(), study.path / f"{stem}.md")
     result["files"] = [f"{stem}.md", f"{stem}.csv", f"{stem}.json"]
     if plots:
-        from .plots import study_plots
+        from ..reporting.plots import study_plots
 
         result["plots"] = [str(p) for p in study_plots(result, study.path)]
     return result
@@ -649,7 +649,7 @@ def _ms(s: dict[str, Any], scale: float = 100.0, unit: str = "") -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from .report import markdown_table
+    from ..reporting.tables import markdown_table
 
     spec = result["spec"]
     rows = result["rows"]

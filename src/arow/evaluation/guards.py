@@ -70,12 +70,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed
-from .attacks import ce_loss, cw_loss, frozen_eval, pgd, predict, unwrap
-from .attacks.base import AttackLoss
-from .evaluation import EVAL_BATCH_SIZE
-from .rng import private_rng
-from .threat import ThreatModel, check_norm, norm_label
+from .. import distributed
+from ..attacks import ce_loss, cw_loss, frozen_eval, pgd, predict, unwrap
+from ..attacks.base import AttackLoss
+from .cascade import EVAL_BATCH_SIZE
+from ..rng import private_rng
+from ..threat import ThreatModel, check_norm, norm_label
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -541,7 +541,7 @@ def guard_black_box(s: GuardContext, min_gap: float = 0.03) -> GuardResult:
     robust = s.pgd_left_robust()
     idx = robust.nonzero().squeeze(1)
     broken = 0
-    from .attacks.autoattack import PYAUTOATTACK_NORMS
+    from ..attacks.autoattack import PYAUTOATTACK_NORMS
 
     square = SquareAttack(s.net, norm=PYAUTOATTACK_NORMS[s.norm], n_queries=s.square_queries, eps=s.eps,
                           p_init=0.8, n_restarts=1,

@@ -1,7 +1,7 @@
 """Command-line flags built from the library's own declarations, so that each is declared once.
 
-A flag of ``arow`` is either a field of a config dataclass (:class:`~arow.config.TrainConfig`,
-:class:`~arow.study.StudySpec`: type, default, and ``help``/``group``/``choices`` metadata) or a
+A flag of ``arow`` is either a field of a config dataclass (:class:`~arow.config.schema.TrainConfig`,
+:class:`~arow.study.core.StudySpec`: type, default, and ``help``/``group``/``choices`` metadata) or a
 parameter of the library function the command calls (its annotation, its default and its line in the
 function's ``Args:`` section). ``--help`` therefore shows the library's defaults and the text of its
 API documentation; a default changed in the library changes the command with it.

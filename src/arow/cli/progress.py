@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, ContextManager, Optional
 
-from .callbacks import Callbacks
+from ..training.callbacks import Callbacks
 
 log = logging.getLogger("arow")
 
@@ -80,7 +80,7 @@ class Progress(Callbacks):
                              f"robust {100 * r[f'{pre}_val_pgd_acc']:.2f}%")
         log.info(" | ".join(parts + [f"{r['seconds']:.0f}s"]))
 
-    # evaluation: arow.evaluation's progress hook
+    # evaluation: arow.evaluation.cascade's progress hook
     def eval_progress(self, name: str, done: int, total: int) -> None:
         if self.desc != f"eval {name}" or (self.bar is None and self.tty and not self.quiet):
             self._open(total, f"eval {name}", "images")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .modules import unwrap
+from ..modules import unwrap
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -205,7 +205,7 @@ def resolve_checkpoint(path: PathLike, which: Which = "final") -> Path:
         path: run folder or checkpoint file
         which: the run's checkpoint: final, best (by validation) or last
     """
-    from .runs import RunDir
+    from .rundir import RunDir
 
     p = Path(path)
     return RunDir(p).checkpoint(which) if p.is_dir() else p

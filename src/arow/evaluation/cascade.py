@@ -27,11 +27,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import distributed
-from .attacks import Attack, get_attack, predict, unwrap
-from .checkpoint import load_keyed, save_keyed
-from .rng import ExampleRNG, private_rng
-from .threat import ThreatModel, check_norm, norm_label
+from .. import distributed
+from ..attacks import Attack, get_attack, predict, unwrap
+from ..runs.checkpoint import load_keyed, save_keyed
+from ..rng import ExampleRNG, private_rng
+from ..threat import ThreatModel, check_norm, norm_label
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -57,7 +57,7 @@ class EvalResult:
     @property
     def threat(self) -> str:
         """The threat model in words, e.g. ``'L2 eps 0.5'``."""
-        from .report import format_eps
+        from ..reporting.tables import format_eps
 
         return f"{norm_label(self.norm)} eps {format_eps(self.eps)}"
 
@@ -220,7 +220,7 @@ def _evaluate(model, x, y, attacks, *, eps, norm, num_classes, batch_size, progr
 
 
 def _digest(*items: Any) -> str:
-    from .attacks.autoattack import digest
+    from ..attacks.autoattack import digest
 
     return digest(*items)
 

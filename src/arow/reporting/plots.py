@@ -20,10 +20,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from .checkpoint import Which
-from .evaluation import EVAL_BATCH_SIZE
-from .report import ATTACK_LABELS, Run, format_eps, load_run
-from .runs import RunDir
+from ..runs.checkpoint import Which
+from ..evaluation.cascade import EVAL_BATCH_SIZE
+from .tables import ATTACK_LABELS, Run, format_eps, load_run
+from ..runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -58,7 +58,7 @@ def _colormap(name: str):
 def _save(fig, path: Path) -> Path:
     import io
 
-    from .checkpoint import atomic_write_bytes
+    from ..runs.checkpoint import atomic_write_bytes
 
     buf = io.BytesIO()  # rendered in memory, then written atomically (never through a planted link)
     fig.savefig(buf, dpi=DPI, format="png")
@@ -375,10 +375,10 @@ def eps_curve(
         data_dir: folder with the dataset files (default: the run's)
         batch_size: examples per attack batch; the verdicts of PGD do not depend on it
     """
-    from . import load_model
-    from .data import load_dataset
-    from .distributed import resolve_device
-    from .evaluation import evaluate
+    from .. import load_model
+    from ..data import load_dataset
+    from ..distributed import resolve_device
+    from ..evaluation.cascade import evaluate
 
     run = load_run(run_dir)
     if n is not None and n < 1:
@@ -412,7 +412,7 @@ def eps_curve(
 
 def eps_curve_table(curve: dict[str, Any]) -> str:
     """The result of :func:`eps_curve` as text: a title line, then a Markdown table of the points."""
-    from .report import markdown_table
+    from .tables import markdown_table
 
     rows = [[f"{p['eps']:.4g}", f"{p['factor']:g}", f"{100 * p['accuracy']:.2f}%"] for p in curve["points"]]
     return (f"{curve['attack']} accuracy vs eps on {curve['n']} of {curve['test_set_size']} test images"
@@ -466,7 +466,7 @@ def plot_run(run_dir: PathLike) -> list[Path]:
 
 # --------------------------------------------------------------------------- a study's comparison
 def study_plots(result: dict[str, Any], out_dir: PathLike) -> list[Path]:
-    """The comparison figures of a study (:func:`arow.study.collect`'s result), into ``out_dir``:
+    """The comparison figures of a study (:func:`arow.study.core.collect`'s result), into ``out_dir``:
     ``tradeoff.png`` (clean against robust accuracy, one point per run, one colour per method),
     ``bars.png`` (mean ± sample std per metric), ``per_class.png`` (PGD-20 accuracy per class,
     mean over seeds) and ``eps_curve.png`` (PGD-20 accuracy against eps, mean over seeds)."""

@@ -1,7 +1,7 @@
 """Export an evaluation as a RobustBench model-info JSON (``model_info/<dataset>/<Linf|L2>/<Name>.json``).
 
 RobustBench's files hold strings: accuracies in percent with two decimals, eps as ``"8/255"``
-for the radii written that way (:func:`arow.report.format_eps`: 0.2 stays ``"0.2"``). We add
+for the radii written that way (:func:`arow.reporting.tables.format_eps`: 0.2 stays ``"0.2"``). We add
 ``n_test_points``, ``threat_model`` and the AutoAttack settings, and mark the entry ``unreliable``
 when a guard tripped or the AutoAttack budget was not the standard one.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 # RobustBench's spelling of eps ("8/255") is the report's
-from .report import format_eps
+from .tables import format_eps
 
 #: the papers behind the training methods (RobustBench's "name" is the paper title)
 PAPERS: dict[str, dict[str, str]] = {
@@ -105,7 +105,7 @@ def model_info(ev: dict[str, Any], *, name: Optional[str] = None, link: Optional
 
 def write_model_info(info: dict[str, Any], path: Union[str, Path]) -> Path:
     """Write ``info`` as indented JSON (atomically) and return the path."""
-    from .checkpoint import atomic_write_text, dump_json
+    from ..runs.checkpoint import atomic_write_text, dump_json
 
     path = Path(path)
     atomic_write_text(dump_json(info) + "\n", path)

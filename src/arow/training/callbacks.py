@@ -1,6 +1,6 @@
 """What happens around the training loop: the loop calls these hooks, they do the side effects.
 
-The :class:`~arow.training.Trainer` computes; everything that writes somewhere is a callback:
+The :class:`~arow.training.trainer.Trainer` computes; everything that writes somewhere is a callback:
 :class:`RunWriter` (the run folder: config, metrics, checkpoints), :class:`TensorBoardWriter`,
 :class:`PlotWriter`, and the CLI's progress bars. Pass your own in ``Trainer(..., callbacks=[...])``.
 
@@ -14,11 +14,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from .config import ConfigError
-from .runs import RunDir, RunFolderError
+from ..config.schema import ConfigError
+from ..runs.rundir import RunDir, RunFolderError
 
 if TYPE_CHECKING:
-    from .training import Trainer, TrainResult
+    from .trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class RunWriter(Callbacks):
         self.run.save_final(self.trainer.final_state_dict(result.model))
 
     def close(self, error: Optional[BaseException] = None) -> None:
-        from .training import TrainingDiverged
+        from .trainer import TrainingDiverged
 
         if isinstance(error, TrainingDiverged):
             self.run.mark_diverged(error.info)
@@ -239,7 +239,7 @@ def _saved_steps(run: RunDir, epochs: int) -> list[dict[str, Any]]:
 def plot_run_safely(out: Path) -> None:
     """The PNGs of run folder ``out``; a failure only warns (the run itself is saved)."""
     try:
-        from .plots import plot_run
+        from ..reporting.plots import plot_run
 
         paths = plot_run(out)
         log.info("plots in %s: %s", out, ", ".join(p.name for p in paths) or "none")

@@ -1,7 +1,7 @@
 """One training loop for every method: the loop never asks which method it runs.
 
 :class:`Trainer` takes a model and data tensors; :func:`arow.pipelines.train_run` builds them
-from a :class:`~arow.config.TrainConfig`. The loop is DDP-ready: under torchrun each rank trains
+from a :class:`~arow.config.schema.TrainConfig`. The loop is DDP-ready: under torchrun each rank trains
 on its slice of every global batch, only rank 0 writes (through callbacks), and metrics are
 summed on the device and read once per epoch (no host synchronisation in the hot loop).
 """
@@ -18,20 +18,20 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from . import __version__, distributed
-from .attacks import get_attack
+from .. import __version__, distributed
+from ..attacks import get_attack
 from .callbacks import Callbacks, PlotWriter, RunWriter, TensorBoardWriter
-from .checkpoint import CheckpointError, plain_state_dict, rng_state, set_rng_state
-from .config import ConfigError, TrainConfig
-from .data import TensorData
-from .data.extra import ExtraData, train_loader
-from .evaluation import evaluate
-from .methods import Method, MethodOutput, build_method
-from .rng import BatchRNG
-from .runs import RunDir
+from ..runs.checkpoint import CheckpointError, plain_state_dict, rng_state, set_rng_state
+from ..config.schema import ConfigError, TrainConfig
+from ..data import TensorData
+from ..data.extra import ExtraData, train_loader
+from ..evaluation.cascade import evaluate
+from ..methods import Method, MethodOutput, build_method
+from ..rng import BatchRNG
+from ..runs.rundir import RunDir
 from .runtime import prepare_model, use_amp
-from .swa import EMA, SWA
-from .threat import ThreatModel
+from .averaging import EMA, SWA
+from ..threat import ThreatModel
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -91,8 +91,8 @@ class Trainer:
     """Adversarial training of ``model`` on in-memory data with ``method``: the loop and its state.
 
     Side effects (the run folder, TensorBoard, plots, progress bars) are callbacks
-    (:mod:`arow.callbacks`); with ``cfg.out`` set, a :class:`~arow.callbacks.RunWriter` keeps the
-    run folder and a :class:`~arow.callbacks.PlotWriter` draws its PNGs at the end (``plots``).
+    (:mod:`arow.training.callbacks`); with ``cfg.out`` set, a :class:`~arow.training.callbacks.RunWriter` keeps the
+    run folder and a :class:`~arow.training.callbacks.PlotWriter` draws its PNGs at the end (``plots``).
     The constructor only reads (a run folder to resume, ``resume=True``); writing
     starts in :meth:`fit`.
 
@@ -522,7 +522,7 @@ def _acc(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
 def train(cfg: TrainConfig, *, callbacks: Union[Callbacks, Sequence[Callbacks], None] = None,
           resume: bool = False) -> TrainResult:
     """Train from a config alone (see :func:`arow.pipelines.train_run`, which this calls)."""
-    from .pipelines import train_run
+    from ..pipelines import train_run
 
     return train_run(cfg, callbacks=callbacks, resume=resume)
 
@@ -544,7 +544,7 @@ def _for_user_data(cfg: TrainConfig, model: nn.Module, data: TensorData, model_s
     changes: dict[str, Any] = {}
     if model_spec is None and cfg.model != type(model).__name__:
         changes["model"] = type(model).__name__
-    from .data import DATASETS
+    from ..data import DATASETS
 
     name = (model_spec or {}).get("dataset") or data.name  # a model spec may say which data set it is
     if name not in DATASETS:  # from_tensors / as_data: the user's data, named by them

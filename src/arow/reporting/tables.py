@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
-from .config import TrainConfig
-from .runs import RunDir, RunFolderError  # noqa: F401  (RunFolderError: part of this module's API)
-from .threat import norm_label
+from ..config.schema import TrainConfig
+from ..runs.rundir import RunDir, RunFolderError  # noqa: F401  (RunFolderError: part of this module's API)
+from ..threat import norm_label
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -402,7 +402,7 @@ def write_report(paths: Sequence[PathLike], out: Optional[PathLike] = None,
     rep = build_report(paths)
     path = Path(out) if out is not None else Path(f"report.{fmt}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    from .checkpoint import atomic_write_text
+    from ..runs.checkpoint import atomic_write_text
 
     atomic_write_text(rep.markdown() if fmt == "md" else rep.csv(), path)
     log.debug("wrote %s", path)
