@@ -181,7 +181,7 @@ def test_bad_preset_values_are_one_line_errors(tmp_path):
 
 
 def test_model_loading_subcommands_share_their_flags():
-    from arow.cli.main import build_parser
+    from arow.cli.commands import build_parser
 
     p = build_parser()
     for argv in (["eval", "RUN"], ["plot", "RUN"], ["pseudo-label", "RUN", "--data", "D", "--out", "O"]):
@@ -196,10 +196,10 @@ def test_eval_printing_and_exit_status(capsys, monkeypatch):
     import functools
     from types import SimpleNamespace
 
-    import arow.cli.main
-    from arow.cli.main import main
+    import arow.cli.commands
+    from arow.cli.commands import main
 
-    real = arow.cli.main.evaluate_source
+    real = arow.cli.commands.evaluate_source
 
     def fake_with(error=None, robustbench=None):
         @functools.wraps(real)  # the flags come from the real signature
@@ -211,11 +211,11 @@ def test_eval_printing_and_exit_status(capsys, monkeypatch):
             return rep
         return fake
 
-    monkeypatch.setattr(arow.cli.main, "evaluate_source", fake_with(robustbench=Path("r/rb.json")))
+    monkeypatch.setattr(arow.cli.commands, "evaluate_source", fake_with(robustbench=Path("r/rb.json")))
     assert main(["eval", "r", "--attacks", "clean", "--n", "7"]) == 0
     out = capsys.readouterr().out
     assert out.index("GUARDS") < out.index("TABLE") and "written r/eval.json" in out and "written r/rb.json" in out
-    monkeypatch.setattr(arow.cli.main, "evaluate_source", fake_with(error="a guard tripped"))
+    monkeypatch.setattr(arow.cli.commands, "evaluate_source", fake_with(error="a guard tripped"))
     assert main(["eval", "r", "--attacks", "clean", "--n", "7"]) == 3
     cap = capsys.readouterr()
     assert cap.err.strip() == "arow: error: a guard tripped" and "TABLE" not in cap.out

@@ -7,7 +7,7 @@ as the refusals. A small oracle restates the documented rules (config ranges, me
 hyper-parameters, cross-flag rules) and says which outcome each example must have: a valid
 combination that is refused, or an invalid one that trains, fails the test too.
 
-Runs in-process (``arow.cli.main.main``) on a tiny slice of Fashion-MNIST: at most 120 training
+Runs in-process (``arow.cli.commands.main``) on a tiny slice of Fashion-MNIST: at most 120 training
 images, 1 epoch, at most 1 attack step, at most 20 evaluation images, clean evaluation only.
 """
 from __future__ import annotations
@@ -117,8 +117,8 @@ def expected(flags: dict[str, str]) -> str:
 
 
 def run_cli(argv: list[str]) -> tuple[Optional[int], str, str, Optional[BaseException]]:
-    """``arow.cli.main.main(argv)`` in this process: (exit status, stdout, stderr, uncaught exception)."""
-    from arow.cli.main import main
+    """``arow.cli.commands.main(argv)`` in this process: (exit status, stdout, stderr, uncaught exception)."""
+    from arow.cli.commands import main
 
     out, err = io.StringIO(), io.StringIO()
     status, exc = None, None

@@ -78,8 +78,8 @@ def _defaults_of(fn, skip=()):
 
 def test_every_command_passes_the_library_defaults_when_no_flag_is_given():
     """A default hard-coded in the CLI (and drifting from the library's) fails here."""
-    from arow.runs.checkpoint import convert_path, export_model
-    from arow.cli.main import build_parser
+    from arow.runs.records import convert_path, export_model
+    from arow.cli.commands import build_parser
     from arow.config.schema import resolve_config
     from arow.pipelines import evaluate_source
     from arow.reporting.plots import eps_curve
@@ -103,7 +103,7 @@ def test_every_command_passes_the_library_defaults_when_no_flag_is_given():
 
 
 def test_study_flags_come_from_the_study_spec():
-    from arow.cli.main import build_parser
+    from arow.cli.commands import build_parser
     from arow.cli.flags import dataclass_flags
     from arow.study.core import StudySpec
 

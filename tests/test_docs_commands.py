@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from arow.cli.main import build_parser
+from arow.cli.commands import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]

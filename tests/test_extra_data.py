@@ -274,7 +274,7 @@ def test_labels_kept_keeps_exactly_n_balanced_and_reads_index_files(tmp_path):
 
 
 def test_config_fields_flags_and_round_trip(tmp_path, capsys):
-    from arow.cli.main import main
+    from arow.cli.commands import main
 
     assert main(["train", "--extra-data", "a.npz", "--extra-data", "b.pickle", "--labels-kept", "40",
                  "--extra-fraction", "0.5", "--epoch-batches", "9", "--out", str(tmp_path / "r"),
@@ -373,7 +373,7 @@ def run_folder(tmp_path, fmnist_small):
 
 def test_pseudo_labels_are_the_models_argmax_and_the_cli_writes_them(tmp_path, run_folder, capsys, fmnist_small):
     import arow
-    from arow.cli.main import main
+    from arow.cli.commands import main
     from arow.pseudo import predict
 
     xtr, _, _, _ = fmnist_small

@@ -468,7 +468,7 @@ def _checkpoint(tmp_path, zero_head: bool):
 
 
 def test_cli_exits_3_when_a_guard_trips(tmp_path, capsys):
-    from arow.cli.main import main
+    from arow.cli.commands import main
 
     run = _checkpoint(tmp_path, zero_head=True)
     args = ["eval", str(run), "--attacks", "clean,pgd2", "--n", "40", "--guards-n", "40", "--device", "cpu"]
@@ -487,7 +487,7 @@ def test_cli_exits_3_when_a_guard_trips(tmp_path, capsys):
 
 
 def test_cli_autoattack_writes_robustbench_json(tmp_path, capsys):
-    from arow.cli.main import main
+    from arow.cli.commands import main
 
     run = _checkpoint(tmp_path, zero_head=False)
     rb = tmp_path / "rb.json"

@@ -6,7 +6,7 @@ compares the result with one uninterrupted reference run: every tensor of ``fina
 each; values equal except the ``seconds`` timing), and the evaluation's accuracies.
 
 * a real SIGKILL at a (seeded) random moment of the first or second epoch;
-* exact moments, reached through a small driver script that runs ``arow.cli.main.main`` in the
+* exact moments, reached through a small driver script that runs ``arow.cli.commands.main`` in the
   subprocess after wrapping ``os.replace`` / ``_Stage.save`` so that their Nth call ends the
   process with ``os._exit(137)`` (no ``finally``, no cleanup: like a SIGKILL):
   a checkpoint's temporary file written but not yet renamed; ``best.pt`` written but ``last.pt``
@@ -49,14 +49,14 @@ EVAL_JSON = "eval_n100.json"  # 100 of the 10000 test images
 EVAL_FLAGS = ["--attacks", "clean,pgd20", "--n", "100", "--batch-size", "8", "--no-guards"]
 TIMEOUT = 300
 
-# Runs arow.cli.main.main(argv) in the subprocess, with one moment of the run turned into an abrupt death.
+# Runs arow.cli.commands.main(argv) in the subprocess, with one moment of the run turned into an abrupt death.
 DRIVER = r'''
 import json, os, sys
 from pathlib import Path
 
 plan = json.loads(sys.argv[1])
 argv = sys.argv[2:]
-import arow.cli.main, arow.evaluation.cascade, arow.training.trainer  # noqa: E401
+import arow.cli.commands, arow.evaluation.cascade, arow.training.trainer  # noqa: E401
 
 
 def die():
@@ -115,7 +115,7 @@ if plan.get("mark_epochs"):  # tell the test when an epoch starts (the test then
 
     arow.cli.progress.Progress.on_step = on_step
 
-sys.exit(arow.cli.main.main(argv))
+sys.exit(arow.cli.commands.main(argv))
 '''
 
 

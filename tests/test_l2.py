@@ -188,7 +188,7 @@ def test_config_norm_and_default_eps():
 
 
 def test_l2_training_run_records_and_evaluates_its_norm(tmp_path, fmnist_small):
-    from arow.runs.checkpoint import load_checkpoint
+    from arow.runs.records import load_checkpoint
     from arow.pipelines import evaluate_run
 
     xtr, ytr, xte, yte = fmnist_small

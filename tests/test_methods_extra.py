@@ -312,13 +312,13 @@ def test_new_method_trains_one_step(name, helper_run):
         assert rec["train_helper"] > 0
         x = data.x[:8]
         x_adv, y_help = method.attack(model, x, data.y[:8])
-        from arow import load_model
+        from arow.runs.records import load_model
 
         assert torch.equal(y_help, load_model(helper_run)(x_adv).argmax(1))
 
 
 def test_cli_flags_reach_the_new_methods():
-    from arow.cli.main import _config_from_args, build_parser
+    from arow.cli.commands import _config_from_args, build_parser
 
     parse = lambda *a: _config_from_args(build_parser().parse_args(["train", *a]))  # noqa: E731
     cfg = parse("--method", "hat", "--helper", "runs/h", "--hat-gamma", "0.5", "--beta", "3")

@@ -336,7 +336,7 @@ def test_activation_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_checkpoint_keeps_the_activation(tmp_path) -> None:
     # train_run saves the activation in the model spec; load_model (and `arow eval`) rebuild it.
     import arow
-    from arow.runs.checkpoint import export_model, load_checkpoint
+    from arow.runs.records import export_model, load_checkpoint
     from arow.config.schema import TrainConfig
     from arow.pipelines import train_run
 

@@ -75,7 +75,7 @@ def test_a_new_method_is_usable_end_to_end(mixed):
         build_method(NAME, threat, beta=1.0)
 
     # the CLI knows it and its flag
-    from arow.cli.main import _config_from_args, build_parser
+    from arow.cli.commands import _config_from_args, build_parser
 
     cfg = _config_from_args(build_parser().parse_args(["train", "--method", NAME, "--mix", "0.25"]))
     assert cfg.method == NAME and cfg.method_args == {"mix": 0.25}

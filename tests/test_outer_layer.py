@@ -92,7 +92,7 @@ def test_method_flags_mean_one_thing():
 
 
 def test_every_config_field_is_a_flag_of_arow_train():
-    from arow.cli.main import build_parser
+    from arow.cli.commands import build_parser
 
     text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     import dataclasses

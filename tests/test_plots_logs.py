@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from arow.reporting import plots
-from arow.cli.main import main
+from arow.cli.commands import main
 from arow.config.schema import TrainConfig
 from arow.data import TensorData, from_tensors
 from arow.reporting.tables import load_run

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from arow.cli.main import main
+from arow.cli.commands import main
 from arow.reporting.tables import RunFolderError, build_report, format_eps, load_run, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

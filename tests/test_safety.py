@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from arow.runs.checkpoint import (CheckpointError, append_line, atomic_save, atomic_write_text, convert_checkpoint,
-                             dump_json, load_checkpoint)
+from arow.runs.checkpoint import CheckpointError, append_line, atomic_save, atomic_write_text, dump_json
+
+from arow.runs.records import convert_checkpoint, load_checkpoint
 from arow.config.schema import ConfigError, TrainConfig
 from arow.data import from_tensors
 from arow.methods import METHODS
 from arow.runs.rundir import RunDir, RunLockedError
-from arow.training.trainer import Trainer, TrainingDiverged
+from arow.training.trainer import Trainer
+from arow.training.errors import TrainingDiverged
 
 from conftest import fmnist_available, tiny_cnn
 

@@ -118,7 +118,7 @@ def test_each_phase_resumes_from_what_the_cell_folder_holds(tmp_path):
 def test_variant_overrides_reach_the_config_and_the_loss():
     """The study's command line for an ablation row sets the hyper-parameter, and the loss uses it."""
     from arow import losses
-    from arow.cli.main import _config_from_args, build_parser
+    from arow.cli.commands import _config_from_args, build_parser
 
     spec = StudySpec.from_dict({"methods": ["trades", {"method": "trades", "label": "trades-ls",
                                                        "method_args": {"smoothing": 0.2}},

@@ -25,13 +25,34 @@ import torch.nn as nn
 
 from . import __version__
 from .training.callbacks import Callbacks
-from .runs.checkpoint import Which, atomic_write_text, dump_json, load_checkpoint, resolve_checkpoint
+from .runs.checkpoint import Which, atomic_write_text, dump_json
+from .runs.records import load_checkpoint, resolve_checkpoint
 from .config.schema import TrainConfig
 from .data import DATASETS, TensorData, load_dataset, train_val_split
 from .data.extra import kept_indices, load_extra
 from .evaluation.cascade import EVAL_BATCH_SIZE, EvalResult, Progress, evaluate
 from .runs.rundir import RunDir, check_writable
 from .training.trainer import Trainer, TrainResult
+from .attacks import ATTACKS
+from .config.schema import preset_names, preset_summary
+from .methods import METHODS
+from .models import MODELS
+from .registry import Registry
+from .models import build_model
+from . import distributed
+from .attacks import get_attack
+from .training.callbacks import plot_run_safely
+from .reporting.tables import markdown_table
+from .reporting.tables import format_eps, markdown_table
+from .threat import norm_label
+from .threat import check_norm
+from .data import default_eps
+from .runs.records import model_from_checkpoint
+from .reporting.robustbench import model_info, write_model_info
+from .evaluation.guards import run_guards
+from .data import as_data
+from .evaluation.sources import is_user_model_file
+from .evaluation.sources import load_user_model, load_weights, user_model_name
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -49,7 +70,6 @@ def train_run(cfg: TrainConfig, *, callbacks: Union[Callbacks, Sequence[Callback
 
     >>> result = train_run(TrainConfig(method="arow", epochs=1, limit_train=256))  # doctest: +SKIP
     """
-    from .models import build_model
 
     cfg = cfg.resolve()
     info = DATASETS.get(cfg.dataset)
@@ -90,9 +110,6 @@ def train_and_evaluate(cfg: TrainConfig, *, callbacks: Union[Callbacks, Sequence
     >>> run = train_and_evaluate(TrainConfig(epochs=1, limit_train=256, out="runs/quick"))  # doctest: +SKIP
     >>> run.evaluation.accuracy                                                             # doctest: +SKIP
     """
-    from . import distributed
-    from .attacks import get_attack
-    from .training.callbacks import plot_run_safely
 
     cfg = cfg.resolve()
     attacks = [s.strip() for s in cfg.eval_attacks.split(",") if s.strip()]
@@ -141,7 +158,6 @@ class EvalReport:
 
     def guards_text(self) -> str:
         """The guards' verdicts as a table, with the subset they ran on."""
-        from .reporting.tables import markdown_table
 
         s = getattr(self.guards, "subset", None) or {}
         rows = [[g.name, "pass" if g.passed else "FAIL", f"{g.value:.4g}", f"{g.threshold:.4g}", g.message]
@@ -151,8 +167,6 @@ class EvalReport:
 
     def text(self) -> str:
         """The accuracies as a table, with what was evaluated and every warning that applies."""
-        from .reporting.tables import format_eps, markdown_table
-        from .threat import norm_label
 
         res, info = self.result, self.info
         rows = [[k, f"{100 * v:.2f}%", res.descriptions.get(k, "worst case over all attacks above")]
@@ -196,7 +210,6 @@ def trained_norm(ckpt: dict[str, Any]) -> str:
 
 def eval_norm(ckpt: dict[str, Any], norm: Optional[str] = None) -> str:
     """The norm to evaluate in: ``norm`` if given, else the one the model was trained in."""
-    from .threat import check_norm
 
     return check_norm(norm) if norm is not None else trained_norm(ckpt)
 
@@ -204,7 +217,6 @@ def eval_norm(ckpt: dict[str, Any], norm: Optional[str] = None) -> str:
 def eval_eps(ckpt: dict[str, Any], dataset: str, eps: Optional[float] = None, norm: Optional[str] = None) -> float:
     """The radius to evaluate at: ``eps`` if given, else the model's training eps when ``norm`` is the
     norm it was trained in, else the data set's default in ``norm`` (L-inf 0.1 or 8/255; L2 1.5 or 0.5)."""
-    from .threat import default_eps
 
     norm = eval_norm(ckpt, norm)
     if eps is not None:
@@ -265,8 +277,6 @@ def evaluate_run(
     >>> rep.accuracy                                               # doctest: +SKIP
     {'clean': 0.8195, 'pgd20': 0.6833, 'worst_case': 0.6833}
     """
-    from . import distributed, model_from_checkpoint
-    from .attacks import get_attack
 
     d = distributed.setup(device)
     dev = distributed.resolve_device(device, d.local_rank)
@@ -327,7 +337,6 @@ def evaluate_run(
     if d.is_main:
         atomic_write_text(dump_json(report.to_json()) + "\n", path)
         if {"clean", "autoattack"} <= set(report.accuracy):
-            from .reporting.robustbench import model_info, write_model_info
 
             report.robustbench = write_model_info(model_info(report.to_json()),
                                                   robustbench or run.file(RunDir.ROBUSTBENCH))
@@ -341,7 +350,6 @@ def _guarded_evaluate(report: EvalReport, model: nn.Module, data: TensorData, at
                       state_dir: Optional[Path] = None) -> EvalReport:
     """The guards (unless ``guards=False``), then the attacks unless a guard tripped: fills ``report``."""
     if guards:  # cheap, so before the evaluation: an untrustworthy model fails fast
-        from .evaluation.guards import run_guards
 
         report.guards = run_guards(model, data.x, data.y, eps=eps, norm=norm, num_classes=data.num_classes,
                                    n=min(guards_n, len(data)), batch_size=batch_size, seed=guards_seed)
@@ -403,8 +411,6 @@ def evaluate_model(
     >>> report.accuracy, report.guards_ran                                                               # doctest: +SKIP
     ({'clean': 0.83, 'pgd20': 0.51, 'autoattack': 0.47, 'worst_case': 0.47}, True)
     """
-    from .attacks import get_attack
-    from .data import as_data
 
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
@@ -488,7 +494,6 @@ def evaluate_source(
         progress: progress callback of the attacks (see :mod:`arow.cli.progress`)
         on_guards: called with the report as soon as the guards have run
     """
-    from .evaluation.sources import is_user_model_file
 
     kw: dict[str, Any] = dict(n=n, eps=eps, data_dir=data_dir, device=device, batch_size=batch_size, guards=guards,
                               guards_n=guards_n, guards_seed=guards_seed, allow_guard_failures=allow_guard_failures,
@@ -536,9 +541,6 @@ def evaluate_user_model(
     (``pkg.module:function``, a TorchScript or ``.pt2`` file); ``weights`` are loaded into it.
     ``name`` defaults to the factory's function or the file's stem (the module's class name for a
     module)."""
-    from . import distributed
-    from .attacks import get_attack
-    from .evaluation.sources import load_user_model, load_weights, user_model_name
 
     if not isinstance(model, nn.Module):
         name = name or user_model_name(model)
@@ -572,3 +574,24 @@ def evaluate_user_model(
     if d.is_main:
         atomic_write_text(dump_json(report.to_json()) + "\n", path)
     return report
+
+
+# --------------------------------------------------------------------------- what arow knows by name
+
+def catalogue() -> dict[str, dict[str, str]]:
+    """Everything ``arow`` knows by name, with a line on each: methods, models, datasets, attacks and
+    presets (what ``arow list`` prints).
+
+    >>> "arow" in catalogue()["methods"]
+    True
+    """
+    regs: dict[str, Registry[Any]] = {"methods": METHODS, "models": MODELS, "datasets": DATASETS, "attacks": ATTACKS}
+    return {**{title: {n: reg.help(n) for n in reg.names()} for title, reg in regs.items()},
+            "presets": {n: preset_summary(n) for n in preset_names()}}
+
+
+def train(cfg: TrainConfig, *, callbacks: Union[Callbacks, Sequence[Callbacks], None] = None,
+          resume: bool = False) -> TrainResult:
+    """Train from a config alone (:func:`train_run`)."""
+    return train_run(cfg, callbacks=callbacks, resume=resume)
+

@@ -27,6 +27,13 @@ from .data import DATASETS, DataError, load_dataset
 from .data.extra import labelled_positions, read_extra
 from .evaluation.cascade import EVAL_BATCH_SIZE
 from .modules import unwrap
+from .runs.checkpoint import _atomic_write
+from .config.schema import TrainConfig
+from .data.extra import kept_indices
+from .runs.rundir import RunDir
+from . import distributed
+from .runs.records import model_from_checkpoint
+from .runs.records import load_checkpoint
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -44,7 +51,6 @@ class PseudoLabels:
 
     def save(self, path: PathLike) -> Path:
         """Write ``image``, ``label``, ``confidence`` as an uncompressed ``.npz`` (memory-mappable), atomically."""
-        from .runs.checkpoint import _atomic_write
 
         path = Path(path)
         if path.suffix != ".npz":
@@ -90,9 +96,6 @@ def predict(model: nn.Module, images: np.ndarray, *, batch_size: int = 500,
 
 def _excluded(exclude: PathLike, labels: torch.Tensor, num_classes: int, dataset: str) -> np.ndarray:
     """Positions a run used as labelled training data, or those listed in an index file."""
-    from .config.schema import TrainConfig
-    from .data.extra import kept_indices
-    from .runs.rundir import RunDir
 
     p = Path(exclude)
     if p.is_dir():
@@ -162,8 +165,6 @@ def pseudo_label(model_source: PathLike, data: str, out: Optional[PathLike] = No
         exclude_kept: leave out the training images a run folder used as labelled data (its
             --labels-kept and validation split), or the positions in a .txt/.npy
     """
-    from . import distributed, model_from_checkpoint
-    from .runs.checkpoint import load_checkpoint
 
     if out is not None and Path(out).suffix != ".npz":
         raise ValueError(f"--out must end in .npz, got {out}")

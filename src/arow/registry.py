@@ -59,20 +59,3 @@ class Registry(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
-
-def catalogue() -> dict[str, dict[str, str]]:
-    """Everything ``arow`` knows by name, with a line on each: methods, models, datasets, attacks and
-    presets (what ``arow list`` prints).
-
-    >>> "arow" in catalogue()["methods"]
-    True
-    """
-    from .attacks import ATTACKS
-    from .config.schema import preset_names, preset_summary
-    from .data import DATASETS
-    from .methods import METHODS
-    from .models import MODELS
-
-    regs: dict[str, Registry] = {"methods": METHODS, "models": MODELS, "datasets": DATASETS, "attacks": ATTACKS}
-    return {**{title: {n: reg.help(n) for n in reg.names()} for title, reg in regs.items()},
-            "presets": {n: preset_summary(n) for n in preset_names()}}

@@ -18,10 +18,6 @@ from .rng import NoiseSource
 NORMS = ("linf", "l2")
 #: how tables and reports write each norm
 NORM_LABELS = {"linf": "L-inf", "l2": "L2"}
-#: the default L2 radius per data set: 0.5 on 32x32 colour images (RobustBench's L2 leaderboard
-#: for CIFAR-10), 1.5 on 28x28 grey images (the usual MNIST-like L2 radius); the L-inf default is
-#: the data set's own ``eps`` (``arow.data.DATASETS``)
-L2_EPS = {"fashion-mnist": 1.5, "cifar10": 0.5, "cifar100": 0.5, "svhn": 0.5}
 
 
 def check_norm(norm: str) -> str:
@@ -35,18 +31,23 @@ def norm_label(norm: str) -> str:
     """How a table writes the norm: ``'L-inf'`` or ``'L2'``."""
     return NORM_LABELS[check_norm(norm)]
 
+def format_eps(eps: Optional[float]) -> str:
+    """``k/255`` for the radii written that way (8/255: how CIFAR budgets and RobustBench spell
+    them), else the plain number (0.1, 0.3, and 0.2 although it is 51/255); a dash for None.
 
-def default_eps(dataset: str, norm: str = "linf") -> Optional[float]:
-    """The data set's default radius in ``norm`` (None for an unknown data set).
+    The fraction is shown when ``eps * 255`` is within 1e-6 of a whole ``k >= 1`` and ``k/255``
+    is shorter than ``eps`` written out exactly (``repr``): 8/255 is 0.03137254901960784, while
+    0.2 = 51/255 needs no fraction.
 
-    >>> default_eps("cifar10", "l2"), default_eps("fashion-mnist", "linf")
-    (0.5, 0.1)
+    >>> format_eps(8 / 255), format_eps(0.1), format_eps(0.2), format_eps(1 / 255)
+    ('8/255', '0.1', '0.2', '1/255')
     """
-    from .data import DATASETS
-
-    if check_norm(norm) == "l2":
-        return L2_EPS.get(dataset)
-    return float(DATASETS.get(dataset).eps) if dataset in DATASETS else None
+    if eps is None:
+        return "–"  # an en dash: no radius
+    k = round(eps * 255) if math.isfinite(eps) else 0
+    if k >= 1 and abs(eps * 255 - k) < 1e-6 and len(f"{k}/255") < len(repr(float(eps))):
+        return f"{k}/255"
+    return f"{eps:g}"
 
 
 @dataclass(frozen=True)

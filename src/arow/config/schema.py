@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
+from ..data import DATASETS
+from ..methods import METHODS
+from ..threat import NORMS
+from ..data import default_eps
+from ..runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +162,6 @@ class TrainConfig:
         >>> cfg.augment, round(cfg.eps * 255), cfg.attack_steps
         ('crop+flip', 8, 10)
         """
-        from ..data import DATASETS
-        from ..methods import METHODS
-        from ..threat import NORMS, default_eps
 
         filled: dict[str, Any] = {}
         if self.dataset in DATASETS:
@@ -174,7 +176,6 @@ class TrainConfig:
 
     def _check_eps(self) -> None:
         """eps within its norm's range: [0, 1] for L-inf, [0, sqrt(d)] for L2 (d: the data set's input size)."""
-        from ..data import DATASETS
 
         eps = self.eps
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps):
@@ -357,7 +358,6 @@ def method_flags() -> dict[str, dict[str, str]]:
     ``--mart-lam``, ``--trades-beta``, ``--hat-beta``); the plain name (``--lam``, ``--beta``) stays
     as a shorthand for the chosen method's. AWP variants take their inner method's flags.
     """
-    from ..methods import METHODS
 
     def base(name: str) -> str:
         inner = getattr(METHODS.get(name), "inner_cls", None)
@@ -380,7 +380,6 @@ def method_flag_help() -> dict[str, tuple[type, str]]:
     """Each method hyper-parameter flag (dest name, sorted) -> (type, help) for ``arow train --help``:
     the hyper-parameter's own help, or for a shorthand whose methods mean different things by it, a
     pointer to the prefixed flags."""
-    from ..methods import METHODS
 
     out: dict[str, tuple[type, str]] = {}
     for dest, owners in sorted(method_flags().items()):
@@ -411,14 +410,12 @@ def resolve_config(overrides: dict[str, Any], method_overrides: Optional[dict[st
     >>> resolve_config({"method": "trades"}, {"beta": 3.0}).method_args
     {'beta': 3.0}
     """
-    from ..methods import METHODS
 
     if resume and preset:
         raise ConfigError("--preset cannot be combined with --resume: a resumed run continues with the config "
                           "saved in its folder (flags given with --resume may only change how it runs)")
     base: dict[str, Any] = load_preset(preset) if preset else {}
     if resume and overrides.get("out"):
-        from ..runs.rundir import RunDir
 
         run = RunDir(overrides["out"])
         if run.has_checkpoint():  # the resumed run's own experiment is the base; the Trainer refuses changes

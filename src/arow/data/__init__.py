@@ -22,6 +22,7 @@ import torch
 
 from ..distributed import shard_range
 from ..registry import Registry
+from ..threat import check_norm
 from .loader import AUGMENTATIONS, Loader, batches, hflip, random_crop
 from .readers import (
     FASHION_MNIST_ROOT,
@@ -71,11 +72,28 @@ class DatasetInfo:
     image_size: int
     default_root: Optional[Path]
     augmentation: str
-    eps: float
+    eps: float  # the default L-inf radius
     loader: ReaderFn
+    #: the default L2 radius: 0.5 on 32x32 colour images (RobustBench's L2 leaderboard for
+    #: CIFAR-10), 1.5 on 28x28 grey images (the usual MNIST-like L2 radius)
+    eps_l2: Optional[float] = None
+    class_names: tuple[str, ...] = ()
+
+    def default_eps(self, norm: str = "linf") -> Optional[float]:
+        """The default radius in ``norm`` (``"linf"`` or ``"l2"``; None: no default, pass one).
+
+        >>> DATASETS.get("cifar10").default_eps("l2"), DATASETS.get("fashion-mnist").default_eps("linf")
+        (0.5, 0.1)
+        """
+        return float(self.eps) if check_norm(norm) == "linf" else self.eps_l2
 
 
 DATASETS: Registry[DatasetInfo] = Registry("dataset")
+
+
+def default_eps(dataset: str, norm: str = "linf") -> Optional[float]:
+    """The data set's default radius in ``norm`` (None for an unknown data set)."""
+    return DATASETS.get(dataset).default_eps(norm) if dataset in DATASETS else None
 
 
 def _add(info: DatasetInfo, help: str) -> None:
@@ -83,21 +101,26 @@ def _add(info: DatasetInfo, help: str) -> None:
 
 
 _add(
-    DatasetInfo("fashion-mnist", 10, 1, 28, FASHION_MNIST_ROOT, "flip", 0.1, load_fashion_mnist),
+    DatasetInfo("fashion-mnist", 10, 1, 28, FASHION_MNIST_ROOT, "flip", 0.1, load_fashion_mnist, eps_l2=1.5,
+                class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                             "Bag", "Ankle boot")),
     "Fashion-MNIST (Debian package dataset-fashion-mnist), eps 0.1, horizontal flip",
 )
 _add(
     DatasetInfo("cifar10", 10, 3, 32, None, "crop+flip", 8 / 255,
-                functools.partial(load_cifar, num_classes=10)),
+                functools.partial(load_cifar, num_classes=10), eps_l2=0.5,
+                class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                             "truck")),
     "CIFAR-10 python pickles (needs --data-dir), eps 8/255, crop+flip",
 )
 _add(
     DatasetInfo("cifar100", 100, 3, 32, None, "crop+flip", 8 / 255,
-                functools.partial(load_cifar, num_classes=100)),
+                functools.partial(load_cifar, num_classes=100), eps_l2=0.5),
     "CIFAR-100 python pickles (needs --data-dir), eps 8/255, crop+flip",
 )
 _add(
-    DatasetInfo("svhn", 10, 3, 32, None, "none", 8 / 255, load_svhn),
+    DatasetInfo("svhn", 10, 3, 32, None, "none", 8 / 255, load_svhn, eps_l2=0.5,
+                class_names=tuple(str(i) for i in range(10))),
     "SVHN cropped digits .mat files (needs --data-dir), eps 8/255, no augmentation",
 )
 

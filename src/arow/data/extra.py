@@ -36,13 +36,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .loader import check_loader_args, hflip, random_crop
+from .loader import Loader, check_loader_args, hflip, random_crop
 from .readers import DataError, _CifarUnpickler, _RefusedGlobal
 
 if TYPE_CHECKING:
     from ..config.schema import TrainConfig
     from . import TensorData
-    from .loader import Loader
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -560,7 +559,6 @@ def train_loader(cfg: "TrainConfig", data: "TensorData", extra: Optional[ExtraDa
                  rank: int = 0, world_size: int = 1) -> Union["Loader", MixedLoader]:
     """The Trainer's batches: a :class:`~arow.data.Loader` of ``data``, or a :class:`MixedLoader`
     when ``cfg.extra_data`` is set (``extra`` if given, else read from those files)."""
-    from .loader import Loader
 
     if extra is None and cfg.extra_data:
         c, h, w = data.x.shape[1:]

@@ -31,7 +31,8 @@ from .. import distributed
 from ..attacks import Attack, get_attack, predict, unwrap
 from ..runs.checkpoint import load_keyed, save_keyed
 from ..rng import ExampleRNG, private_rng
-from ..threat import ThreatModel, check_norm, norm_label
+from ..threat import ThreatModel, check_norm, format_eps, norm_label
+from ..attacks.autoattack import digest
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -57,8 +58,6 @@ class EvalResult:
     @property
     def threat(self) -> str:
         """The threat model in words, e.g. ``'L2 eps 0.5'``."""
-        from ..reporting.tables import format_eps
-
         return f"{norm_label(self.norm)} eps {format_eps(self.eps)}"
 
     def to_json(self) -> dict:
@@ -220,7 +219,6 @@ def _evaluate(model, x, y, attacks, *, eps, norm, num_classes, batch_size, progr
 
 
 def _digest(*items: Any) -> str:
-    from ..attacks.autoattack import digest
 
     return digest(*items)
 

@@ -76,6 +76,7 @@ from ..attacks.base import AttackLoss
 from .cascade import EVAL_BATCH_SIZE
 from ..rng import private_rng
 from ..threat import ThreatModel, check_norm, norm_label
+from ..attacks.autoattack import PYAUTOATTACK_NORMS
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -541,7 +542,6 @@ def guard_black_box(s: GuardContext, min_gap: float = 0.03) -> GuardResult:
     robust = s.pgd_left_robust()
     idx = robust.nonzero().squeeze(1)
     broken = 0
-    from ..attacks.autoattack import PYAUTOATTACK_NORMS
 
     square = SquareAttack(s.net, norm=PYAUTOATTACK_NORMS[s.norm], n_queries=s.square_queries, eps=s.eps,
                           p_init=0.8, n_restarts=1,

@@ -15,6 +15,9 @@ from .base import Hparam, MethodOutput, Passes
 from .common import forward_pair
 from .registry import METHODS
 from .trades import TRADES
+from ..runs.records import model_from_checkpoint
+from ..runs.checkpoint import CheckpointError
+from ..runs.records import load_checkpoint
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -31,8 +34,6 @@ def helper_points(x: Tensor, x_adv: Tensor, h: float = 2.0) -> Tensor:
 
 def load_helper(helper: Union[str, Path, nn.Module]) -> nn.Module:
     """HAT's helper: a frozen, eval-mode model from a run folder / checkpoint (or a module as is)."""
-    from .. import model_from_checkpoint
-    from ..runs.checkpoint import CheckpointError, load_checkpoint
 
     if isinstance(helper, nn.Module):
         model = helper

@@ -21,19 +21,26 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..runs.checkpoint import Which
+from ..data import DATASETS
 from ..evaluation.cascade import EVAL_BATCH_SIZE
 from .tables import ATTACK_LABELS, Run, format_eps, load_run
 from ..runs.rundir import RunDir
+from ..runs.checkpoint import atomic_write_bytes
+from ..runs.records import load_model
+from ..data import load_dataset
+from ..distributed import resolve_device
+from ..evaluation.cascade import evaluate
+from .tables import markdown_table
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
-CLASS_NAMES = {
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                      "Ankle boot"],
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-    "svhn": [str(i) for i in range(10)],
-}
+
+
+def class_names(dataset: Optional[str]) -> list[str]:
+    """The data set's class names (none for an unknown one)."""
+    return list(DATASETS.get(dataset).class_names) if dataset in DATASETS else []
+
 EPS_FACTORS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 DPI = 130
 # Colours: one meaning each across all figures (clean = blue, robust = orange/red, SWA = dashed).
@@ -58,7 +65,6 @@ def _colormap(name: str):
 def _save(fig, path: Path) -> Path:
     import io
 
-    from ..runs.checkpoint import atomic_write_bytes
 
     buf = io.BytesIO()  # rendered in memory, then written atomically (never through a planted link)
     fig.savefig(buf, dpi=DPI, format="png")
@@ -259,7 +265,7 @@ def plot_per_class(run_dir: PathLike) -> Optional[Path]:
     names = [k for k in ("clean", "pgd20", "cw", "autoattack") if k in pc] + \
         sorted(k for k in pc if k not in ("clean", "pgd20", "cw", "autoattack", "worst_case"))
     n_cls = len(next(iter(pc.values())))
-    labels = CLASS_NAMES.get(str(ev.get("dataset") or run.config.get("dataset")), [])
+    labels = class_names(str(ev.get("dataset") or run.config.get("dataset")))
     labels = labels if len(labels) == n_cls else [str(i) for i in range(n_cls)]
     fig = _figure(min(max(8.0, 0.75 * n_cls + 2), 40), 4.8)
     ax = fig.subplots()
@@ -375,10 +381,6 @@ def eps_curve(
         data_dir: folder with the dataset files (default: the run's)
         batch_size: examples per attack batch; the verdicts of PGD do not depend on it
     """
-    from .. import load_model
-    from ..data import load_dataset
-    from ..distributed import resolve_device
-    from ..evaluation.cascade import evaluate
 
     run = load_run(run_dir)
     if n is not None and n < 1:
@@ -412,7 +414,6 @@ def eps_curve(
 
 def eps_curve_table(curve: dict[str, Any]) -> str:
     """The result of :func:`eps_curve` as text: a title line, then a Markdown table of the points."""
-    from .tables import markdown_table
 
     rows = [[f"{p['eps']:.4g}", f"{p['factor']:g}", f"{100 * p['accuracy']:.2f}%"] for p in curve["points"]]
     return (f"{curve['attack']} accuracy vs eps on {curve['n']} of {curve['test_set_size']} test images"
@@ -538,7 +539,7 @@ def study_plots(result: dict[str, Any], out_dir: PathLike) -> list[Path]:
                 mean = np.mean(np.array(per_class[lab]), axis=0) * 100
                 ax.bar(np.arange(k) + (i - (len(labels) - 1) / 2) * width, mean, width, color=colour[lab], label=lab)
         ds = next((c.get("dataset") for c in done if c.get("dataset")), None)
-        names = CLASS_NAMES.get(ds or "", [])
+        names = class_names(ds)
         ax.set_xticks(range(k), names if len(names) == k else [str(i) for i in range(k)], rotation=30, fontsize=8)
         ax.set(ylabel=f"{ATTACK_LABELS.get(attack, attack)} accuracy (%)",
                title="accuracy per class (full test set, mean over seeds)")
@@ -749,7 +750,7 @@ def _compare_per_class(runs: Sequence[Run], labels: Sequence[str], colours: Sequ
                                                                  else "")
         ax.bar(x + (i - (len(have) - 1) / 2) * width, vals, width, color=c, label=label)
     datasets = {str((r.eval or {}).get("dataset") or r.config.get("dataset")) for r, *_ in have}
-    names = CLASS_NAMES.get(next(iter(datasets)), []) if len(datasets) == 1 else []
+    names = class_names(next(iter(datasets))) if len(datasets) == 1 else []
     ax.set_xticks(x, names if len(names) == n_cls else [str(i) for i in range(n_cls)],
                   rotation=30 if n_cls <= 20 else 90, ha="right" if n_cls <= 20 else "center")
     what = ATTACK_LABELS.get(attack, attack) if attack else "each run's robust"

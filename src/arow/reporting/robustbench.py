@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 # RobustBench's spelling of eps ("8/255") is the report's
 from .tables import format_eps
+from ..runs.checkpoint import atomic_write_text, dump_json
 
 #: the papers behind the training methods (RobustBench's "name" is the paper title)
 PAPERS: dict[str, dict[str, str]] = {
@@ -105,7 +106,6 @@ def model_info(ev: dict[str, Any], *, name: Optional[str] = None, link: Optional
 
 def write_model_info(info: dict[str, Any], path: Union[str, Path]) -> Path:
     """Write ``info`` as indented JSON (atomically) and return the path."""
-    from ..runs.checkpoint import atomic_write_text, dump_json
 
     path = Path(path)
     atomic_write_text(dump_json(info) + "\n", path)

@@ -24,7 +24,8 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 from ..config.schema import TrainConfig
 from ..runs.rundir import RunDir, RunFolderError  # noqa: F401  (RunFolderError: part of this module's API)
-from ..threat import norm_label
+from ..threat import format_eps, norm_label
+from ..runs.checkpoint import atomic_write_text
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -202,23 +203,6 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     return list(groups.values())
 
 
-def format_eps(eps: Optional[float]) -> str:
-    """``k/255`` for the radii written that way (8/255: how CIFAR budgets and RobustBench spell
-    them), else the plain number (0.1, 0.3, and 0.2 although it is 51/255); a dash for None.
-
-    The fraction is shown when ``eps * 255`` is within 1e-6 of a whole ``k >= 1`` and ``k/255``
-    is shorter than ``eps`` written out exactly (``repr``): 8/255 is 0.03137254901960784, while
-    0.2 = 51/255 needs no fraction.
-
-    >>> format_eps(8 / 255), format_eps(0.1), format_eps(0.2), format_eps(1 / 255)
-    ('8/255', '0.1', '0.2', '1/255')
-    """
-    if eps is None:
-        return DASH
-    k = round(eps * 255) if math.isfinite(eps) else 0
-    if k >= 1 and abs(eps * 255 - k) < 1e-6 and len(f"{k}/255") < len(repr(float(eps))):
-        return f"{k}/255"
-    return f"{eps:g}"
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -402,7 +386,6 @@ def write_report(paths: Sequence[PathLike], out: Optional[PathLike] = None,
     rep = build_report(paths)
     path = Path(out) if out is not None else Path(f"report.{fmt}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    from ..runs.checkpoint import atomic_write_text
 
     atomic_write_text(rep.markdown() if fmt == "md" else rep.csv(), path)
     log.debug("wrote %s", path)

@@ -194,23 +194,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- reading
-def resolve_checkpoint(path: PathLike, which: Which = "final") -> Path:
-    """The checkpoint file a run folder's ``which`` names (``final`` falls back to ``last.pt`` while
-    a run is unfinished); a file path is returned as it is.
-
-    >>> resolve_checkpoint("runs/x/best.pt")
-    PosixPath('runs/x/best.pt')
-
-    Args:
-        path: run folder or checkpoint file
-        which: the run's checkpoint: final, best (by validation) or last
-    """
-    from .rundir import RunDir
-
-    p = Path(path)
-    return RunDir(p).checkpoint(which) if p.is_dir() else p
-
-
 def _legacy_numpy_globals() -> list[Any]:
     """What arow 0.1.0's numpy RNG state needs: numpy array reconstruction, nothing that runs code."""
     core = getattr(np, "_core", None) or np.core
@@ -257,17 +240,9 @@ def _load_safetensors(path: Path, map_location: Optional[str]) -> dict[str, Any]
             "threat": info.get("threat", {}), "version": info.get("version"), "exported": True}
 
 
-def load_checkpoint(path: PathLike, map_location: Optional[str] = "cpu", *, which: Which = "final") -> dict[str, Any]:
-    """Read an arow checkpoint or model export without running code from it.
-
-    ``path`` is a ``.pt`` checkpoint, a ``.safetensors`` export, or a run folder (the checkpoint
-    ``which`` names, see :func:`resolve_checkpoint`).
-
-    >>> ckpt = load_checkpoint("runs/fmnist-arow")  # doctest: +SKIP
-    >>> sorted(ckpt["model_spec"])[:3]              # doctest: +SKIP
-    ['dataset', 'image_size', 'in_channels']
-    """
-    path = resolve_checkpoint(path, which)
+def read_checkpoint(path: PathLike, map_location: Optional[str] = "cpu") -> dict[str, Any]:
+    """Read one checkpoint file (``.pt``) or model export (``.safetensors``) without running code from it."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     if path.suffix == ".safetensors":
@@ -278,82 +253,3 @@ def load_checkpoint(path: PathLike, map_location: Optional[str] = "cpu", *, whic
         raise CheckpointError(f"{path}: not an arow checkpoint (no model / model_spec entries)")
     ckpt["path"] = str(path)
     return ckpt
-
-
-# --------------------------------------------------------------------------- sharing
-def export_model(source: Union[PathLike, dict[str, Any]], out: PathLike, which: Which = "final") -> Path:
-    """Write a run's model as safetensors: its weights plus a JSON header (model spec, threat
-    model, training config) that :func:`load_checkpoint` and ``arow.load_model`` read back. No
-    optimiser or RNG state, no pickle.
-
-    >>> export_model("runs/fmnist-arow", "model.safetensors", which="best")  # doctest: +SKIP
-
-    Args:
-        source: run folder or checkpoint file (in Python also a checkpoint that load_checkpoint returned)
-        out: the .safetensors file to write
-        which: the run's checkpoint: final, best (by validation) or last
-    """
-    from safetensors.torch import save as st_save
-
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: an export is a .safetensors file")
-    ckpt = source if isinstance(source, dict) else load_checkpoint(source, which=which)
-    weights = {k: v.detach().cpu().contiguous() for k, v in ckpt["model"].items()}
-    info = {"model_spec": ckpt["model_spec"], "threat": ckpt.get("threat", {}),
-            "config": ckpt.get("config", {}), "version": ckpt.get("version"),
-            "final_source": ckpt.get("final_source"), "epoch": ckpt.get("epoch")}
-    atomic_write_bytes(st_save(weights, metadata={"format": EXPORT_FORMAT, "arow": dump_json(info, None)}), out)
-    return out
-
-
-def convert_checkpoint(src: PathLike, dst: Optional[PathLike] = None, *, trust_pickle: bool = False) -> Path:
-    """Rewrite a checkpoint that needs the full (unsafe) unpickler as one that loads safely.
-
-    ONLY for files whose source you trust: reading ``src`` runs whatever its pickle says, so
-    ``trust_pickle=True`` must say you do. The result holds the same entries as plain values (numpy
-    RNG state as tensors).
-    """
-    _check_trust(trust_pickle)
-    src = Path(src)
-    dst = Path(dst) if dst is not None else src
-    ckpt = torch.load(src, map_location="cpu", weights_only=False)  # the user vouched for this file
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{src}: not an arow checkpoint (no model entry)")
-    rng = ckpt.get("rng")
-    if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):
-        name, keys, pos, has_gauss, cached = rng["numpy"]
-        rng["numpy"] = {"name": str(name), "keys": torch.as_tensor(np.asarray(keys).astype(np.int64)),
-                        "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-    ckpt.pop("path", None)
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    buf.seek(0)
-    try:
-        torch.load(buf, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{src}: holds objects other than plain values even after conversion "
-                              f"({str(e).splitlines()[0][:120]})") from None
-    atomic_write_bytes(buf.getvalue(), dst)
-    return dst
-
-
-def _check_trust(trust_pickle: bool) -> None:
-    if not trust_pickle:
-        raise CheckpointError("converting reads the file with Python's full unpickler, which runs any code it "
-                              "holds; pass --trust-pickle (trust_pickle=True) to confirm you trust where it came from")
-
-
-def convert_path(path: PathLike, *, trust_pickle: bool = False) -> list[Path]:
-    """:func:`convert_checkpoint` on a file, or on every ``.pt`` file of a run folder (in place).
-
-    Args:
-        path: checkpoint file or run folder (every .pt in it), rewritten in place
-        trust_pickle: required: reading the old file runs whatever its pickle holds; only for files you trust
-    """
-    _check_trust(trust_pickle)
-    path = Path(path)
-    files = sorted(path.glob("*.pt")) if path.is_dir() else [path]
-    if not files or not all(f.is_file() for f in files):
-        raise CheckpointError(f"{path}: no checkpoint file(s) to convert")
-    return [convert_checkpoint(f, trust_pickle=True) for f in files]

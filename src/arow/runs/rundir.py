@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from .checkpoint import (CheckpointError, Which, append_line, atomic_save, atomic_write_text, dump_json,
-                         load_checkpoint, remove_stale_tmp)
+                         read_checkpoint, remove_stale_tmp)
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -224,13 +224,13 @@ class RunDir:
         problem = f"{last} does not exist"
         if last.is_file():
             try:
-                return load_checkpoint(last)
+                return read_checkpoint(last)
             except CheckpointError as e:
                 if "refused" in str(e):
                     raise
                 problem = str(e)
         if prev.is_file():
-            ckpt = load_checkpoint(prev)
+            ckpt = read_checkpoint(prev)
             log.warning("%s; resuming from the previous checkpoint %s (epoch %s)", problem, prev.name,
                         ckpt.get("epoch"))
             return ckpt

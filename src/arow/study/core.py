@@ -43,6 +43,13 @@ import yaml
 
 from ..runs.checkpoint import atomic_write_bytes, dump_json
 from ..runs.rundir import RunDir
+from ..config.schema import _UniqueKeyLoader
+from ..attacks import get_attack
+from ..config.schema import TrainConfig
+from ..methods import METHODS
+from ..config.schema import method_flags
+from ..reporting.plots import study_plots
+from ..reporting.tables import markdown_table
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -165,7 +172,6 @@ class StudySpec:
 
     @staticmethod
     def load(path: PathLike) -> "StudySpec":
-        from ..config.schema import _UniqueKeyLoader
 
         p = Path(path)
         if not p.is_file():
@@ -198,9 +204,6 @@ class StudySpec:
         return d
 
     def check(self) -> None:
-        from ..attacks import get_attack
-        from ..config.schema import TrainConfig
-        from ..methods import METHODS
 
         labels = [v.label for v in self.variants]
         if len(set(labels)) != len(labels):
@@ -273,7 +276,6 @@ def _config_flags(overrides: dict[str, Any]) -> list[str]:
 
 
 def _method_flags(method: str, args: dict[str, Any]) -> list[str]:
-    from ..config.schema import method_flags
 
     table = method_flags()
     out: list[str] = []
@@ -631,7 +633,6 @@ def collect(path: PathLike, *, plots: bool = True, baseline: Optional[str] = Non
     atomic_write_bytes(markdown(result).encode(), study.path / f"{stem}.md")
     result["files"] = [f"{stem}.md", f"{stem}.csv", f"{stem}.json"]
     if plots:
-        from ..reporting.plots import study_plots
 
         result["plots"] = [str(p) for p in study_plots(result, study.path)]
     return result
@@ -649,7 +650,6 @@ def _ms(s: dict[str, Any], scale: float = 100.0, unit: str = "") -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from ..reporting.tables import markdown_table
 
     spec = result["spec"]
     rows = result["rows"]

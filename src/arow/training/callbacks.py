@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from ..config.schema import ConfigError
+from ..reporting.plots import plot_run
 from ..runs.rundir import RunDir, RunFolderError
+from .errors import TrainingDiverged
 
-if TYPE_CHECKING:
-    from .trainer import Trainer, TrainResult
+# The hooks receive the Trainer and its TrainResult (arow.training.trainer); the annotations name
+# them as strings, so this module does not import the loop that imports it.
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,6 @@ class RunWriter(Callbacks):
         self.run.save_final(self.trainer.final_state_dict(result.model))
 
     def close(self, error: Optional[BaseException] = None) -> None:
-        from .trainer import TrainingDiverged
-
         if isinstance(error, TrainingDiverged):
             self.run.mark_diverged(error.info)
         self.run.unlock()
@@ -239,7 +239,6 @@ def _saved_steps(run: RunDir, epochs: int) -> list[dict[str, Any]]:
 def plot_run_safely(out: Path) -> None:
     """The PNGs of run folder ``out``; a failure only warns (the run itself is saved)."""
     try:
-        from ..reporting.plots import plot_run
 
         paths = plot_run(out)
         log.info("plots in %s: %s", out, ", ".join(p.name for p in paths) or "none")

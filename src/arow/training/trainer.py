@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .. import __version__, distributed
 from ..attacks import get_attack
+from .errors import TrainingDiverged
 from .callbacks import Callbacks, PlotWriter, RunWriter, TensorBoardWriter
 from ..runs.checkpoint import CheckpointError, plain_state_dict, rng_state, set_rng_state
 from ..config.schema import ConfigError, TrainConfig
@@ -32,6 +33,7 @@ from ..runs.rundir import RunDir
 from .runtime import prepare_model, use_amp
 from .averaging import EMA, SWA
 from ..threat import ThreatModel
+from ..data import DATASETS
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -41,15 +43,6 @@ WEIGHT_BINS = 20  # histogram of ARoW's per-example weight, per epoch
 NONFINITE_CHECK_EVERY = 20  # steps between reads of the device-side "first non-finite loss" record
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or the weights became non-finite; the run stopped before saving anything from it.
-
-    ``info`` (epoch, step, reason, lr) is what the run folder records in ``diverged.json``.
-    """
-
-    def __init__(self, message: str, info: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.info = info
 
 
 @dataclass
@@ -519,12 +512,6 @@ def _acc(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
     sums[key] = sums[key] + value if key in sums else value
 
 
-def train(cfg: TrainConfig, *, callbacks: Union[Callbacks, Sequence[Callbacks], None] = None,
-          resume: bool = False) -> TrainResult:
-    """Train from a config alone (see :func:`arow.pipelines.train_run`, which this calls)."""
-    from ..pipelines import train_run
-
-    return train_run(cfg, callbacks=callbacks, resume=resume)
 
 
 def _resolved_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
@@ -544,7 +531,6 @@ def _for_user_data(cfg: TrainConfig, model: nn.Module, data: TensorData, model_s
     changes: dict[str, Any] = {}
     if model_spec is None and cfg.model != type(model).__name__:
         changes["model"] = type(model).__name__
-    from ..data import DATASETS
 
     name = (model_spec or {}).get("dataset") or data.name  # a model spec may say which data set it is
     if name not in DATASETS:  # from_tensors / as_data: the user's data, named by them

@@ -19,21 +19,21 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .. import __version__
-from ..runs.checkpoint import convert_path, dump_json, export_model
+from ..runs.checkpoint import dump_json
+from ..runs.records import convert_path, export_model
 from .flags import add_dataclass_flags, add_function_flags, call_args, dataclass_flags
 from ..config.schema import TrainConfig, method_flag_help, resolve_config
 from ..data import DATASETS
 from ..methods import METHODS
 from ..models import MODELS
-from ..pipelines import evaluate_source, train_and_evaluate
+from ..pipelines import catalogue, evaluate_source, train_and_evaluate
 from ..reporting.plots import eps_curve, plot_runs
 from .progress import Progress, log_through_bars
 from ..pseudo import pseudo_label
-from ..registry import catalogue
 from ..reporting.tables import write_report
 from ..runs.rundir import RunDir
 from ..study.core import StudySpec, collect, run_study, study_commands
-from ..training.trainer import TrainingDiverged
+from ..training.errors import TrainingDiverged
 
 log = logging.getLogger("arow")
 
