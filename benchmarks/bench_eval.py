@@ -12,6 +12,12 @@ stay the same.
     python benchmarks/bench_eval.py --ckpt runs/fmnist-arow                # 2000 images, batches 100..2000, 1 and 2 threads
     python benchmarks/bench_eval.py --n 2000 --threads 1 --repeats 3       # trains a small CNN briefly first
     python benchmarks/bench_eval.py --n 100 --batch-sizes 50,100 --threads 1 --repeats 1 --train-steps 20   # smoke
+    python benchmarks/bench_eval.py --ckpt runs/fmnist-arow --device cuda --n 10000 --threads 1 \
+        --batch-sizes 100,500,1000,2000,5000
+
+On CUDA (``--device cuda``) every setting is warmed up once on its own batch shape before the
+timed repeats (cuDNN autotuning stays outside them) and the timers sit between
+``torch.cuda.synchronize()`` calls; ``--threads`` then only sets the CPU threads of the host side.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_autoattack, al
 from bench_autoattack import markdown, train_small_cnn  # noqa: E402
 
 from arow import load_model  # noqa: E402
+from arow.distributed import resolve_device  # noqa: E402
 from arow.data import load_dataset  # noqa: E402
 from arow.evaluation.cascade import evaluate  # noqa: E402
 
@@ -68,10 +75,17 @@ def settings_for(batch_sizes: list[int], threads: list[int], cl_batches: list[in
     return rows + [Setting(t, b, True) for t in threads for b in cl_batches]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_one(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s: Setting, eps: float) -> None:
     torch.set_num_threads(s.threads)
+    _sync(x.device)
     t0 = time.perf_counter()
     res = evaluate(model, x, y, list(ATTACKS), eps=eps, batch_size=s.batch)
+    _sync(x.device)
     s.seconds.append(time.perf_counter() - t0)
     s.pgd_seconds.append(res.seconds["pgd20"])
     correct = {k: res.correct[k].cpu() for k in ATTACKS}
@@ -102,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=300, help="without --ckpt: brief PGD training steps")
     p.add_argument("--attack-steps", type=int, default=3, help="PGD steps in the brief adversarial training")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     batch_sizes, threads = parse_ints(a.batch_sizes), parse_ints(a.threads)
@@ -109,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     cl_batches = cl if cl is not None else parse_ints(a.channels_last)
     if not batch_sizes or not threads or min(batch_sizes + threads + cl_batches) < 1 or a.repeats < 1:
         p.error("batch sizes, thread counts and --repeats must be positive")
-    device = torch.device("cpu")
+    try:
+        device = resolve_device(a.device)
+    except (ValueError, RuntimeError) as e:
+        p.error(str(e).splitlines()[0])
 
     t0 = time.perf_counter()
     if a.ckpt:
@@ -118,13 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         model = train_small_cnn(a.train_steps, a.eps, a.attack_steps, device, a.seed)
         source = f"small-cnn, {a.train_steps} Adam steps of PGD-{a.attack_steps} training"
     ready_s = time.perf_counter() - t0
-    test = load_dataset("fashion-mnist", split="test").subset(a.n)
+    test = load_dataset("fashion-mnist", split="test").subset(a.n).to(device)
     x, y = test.x, test.y
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last) if cl_batches else None
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
     rows = settings_for(batch_sizes, threads, cl_batches)
-    for s in (rows[0], *[r for r in rows if r.channels_last][:1]):  # untimed warm-up (oneDNN kernels, caches)
+    # untimed warm-up (oneDNN kernels, caches); on CUDA every setting's own batch shape (cuDNN autotuning)
+    warm = rows if device.type == "cuda" else (rows[0], *[r for r in rows if r.channels_last][:1])
+    for s in warm:
         m, xs = (model_cl, x_cl) if s.channels_last else (model, x)
         torch.set_num_threads(s.threads)
         evaluate(m, xs[: min(len(x), s.batch)], y[: min(len(x), s.batch)], list(ATTACKS), eps=a.eps,
@@ -135,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             run_one(m, xs, y, s, a.eps)
 
     first = rows[0]
-    print(f"model: {source} (ready in {ready_s:.0f}s); Fashion-MNIST test[:{len(x)}], L-inf eps={a.eps}; "
+    print(f"model: {source} (ready in {ready_s:.0f}s); Fashion-MNIST test[:{len(x)}], L-inf eps={a.eps}, "
+          f"device {device}; "
           f"evaluate(clean, pgd20); clean accuracy {100 * first.accuracy['clean']:.2f}%, "
           f"PGD-20 {100 * first.accuracy['pgd20']:.2f}%")
     print(f"{a.repeats} interleaved repeat(s), medians; PGD-20 runs on the {int(first.correct['clean'].sum())} "

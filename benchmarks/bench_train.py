@@ -4,6 +4,7 @@ Runs from a checkout without installing the package (it puts ``src/`` on the pat
 
     python benchmarks/bench_train.py --models small-cnn --threads 1 --repeats 3
     python benchmarks/bench_train.py --device cuda --json bench-h100.json
+    python benchmarks/bench_train.py --device cuda --amp off --tf32 off   # strict float32, against the float32 peak
 
 ``--help`` lists the flags; what is timed, and the reference-style baseline, are in
 benchmarks/train_step.py; docs/performance.md shows measured results.
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--amp", default="auto", help="our step's precision: auto (bf16 on CUDA and native-bf16 CPUs), "
                    "off (float32), bf16, or a list timed side by side, e.g. off,bf16")
     b.add_argument("--device", default="auto")
+    b.add_argument("--tf32", default="on", choices=("on", "off"),
+                   help="CUDA: TF32 for float32 matmuls and convolutions, pinned for the whole run (on: PyTorch's "
+                        "default for convolutions); float32 rows are divided by the matmul peak measured with the "
+                        "same setting")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", help="also write the results to this JSON file")
     return b
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         res = train_step.run(split(a.models), split(a.methods), device=a.device, batch_size=sizes,
                              iters=a.iters, warmup=a.warmup, steps=a.attack_steps, pgd_n=a.pgd_n,
                              reference=not a.no_reference, compile=a.compile, amp=a.amp, seed=a.seed,
-                             repeats=a.repeats, threads=a.threads, on_row=log.info)
+                             repeats=a.repeats, threads=a.threads, tf32=a.tf32, on_row=log.info)
     except ValueError as e:  # a bad flag value, an unknown model or method: one line, not a traceback
         print(f"bench_train: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2

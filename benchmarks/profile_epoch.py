@@ -1,14 +1,18 @@
 """Profile the embedded training recipe by operator: where one ARoW training step spends its time.
 
-Builds the training the way ``arow train`` does (:func:`arow.config.schema.resolve_config`, then
+Builds the training the way ``arow train`` does (:func:`arow.config.plan.resolve_config`, then
 :func:`arow.pipelines.train_run` and its :class:`arow.training.trainer.Trainer`), with the default config
 (ARoW, small-cnn, Fashion-MNIST, batch 128, ``--amp auto``: bf16 autocast on CPUs with native
 bf16) unless flags or ``--preset`` say otherwise. To run exactly ``--warmup`` + ``--steps``
 steps it trains one epoch on the first ``(warmup + steps) x batch`` training images
 (``limit_train``) with no validation split and no run folder; the learning-rate schedule is
 therefore that of a 1-epoch run, which changes no timing. The Trainer's own loop runs unchanged;
-a callback starts ``torch.profiler`` (CPU activity, no shapes) after the warm-up steps and stops
-it after the last one, then prints ``key_averages()`` sorted by self CPU time.
+a callback starts ``torch.profiler`` (CPU activity, and CUDA activity on a GPU; no shapes) after the
+warm-up steps and stops it after the last one, then prints ``key_averages()`` sorted by self CPU
+time (self CUDA time on a GPU). On a GPU every time mark (the warm-up steps, the start and the end
+of the profile) waits for the device first (``torch.cuda.synchronize()``), so the seconds are the
+GPU's, not the time the host took to queue the work, and the parts of the step below are the CUDA
+kernel time inside each region.
 
 For the summary the script (not the library) wraps, on the Trainer it was given, the method's
 ``attack`` and ``objective``, ``Trainer._forward_backward``, the optimiser's ``step`` and the
@@ -19,6 +23,7 @@ training backward is ``forward_backward - attack - train_forward``.
     python benchmarks/profile_epoch.py                                   # 5 warm-up + 40 profiled steps
     python benchmarks/profile_epoch.py --threads 1 --amp off --out profile-fp32.txt
     python benchmarks/profile_epoch.py --warmup 1 --steps 3 --threads 1  # smoke
+    python benchmarks/profile_epoch.py --preset cifar10-resnet18 --device cuda --warmup 5 --steps 20
 """
 from __future__ import annotations
 
@@ -38,9 +43,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from arow.distributed import resolve_device  # noqa: E402
 from arow.training.callbacks import Callbacks  # noqa: E402
 from arow.runs.checkpoint import atomic_write_text  # noqa: E402
-from arow.config.schema import resolve_config  # noqa: E402
+from arow.config import resolve_config  # noqa: E402
 from arow.pipelines import train_run  # noqa: E402
 
 REGIONS = {"attack": "arow::attack", "train_forward": "arow::train_forward",
@@ -84,11 +90,19 @@ class LabelledLoader:
 class ProfileSteps(Callbacks):
     """Labels the Trainer's parts, starts the profiler after ``warmup`` steps, stops it after ``steps`` more."""
 
-    def __init__(self, prof: profile, warmup: int, steps: int) -> None:
+    def __init__(self, prof: profile, warmup: int, steps: int, device: torch.device = torch.device("cpu")) -> None:
         self.prof, self.warmup, self.steps = prof, warmup, steps
+        self.cuda = device.type == "cuda"
+        self.device = device
         self.trainer: Any = None
-        self.marks: list[float] = []  # perf_counter at the start of the epoch and after every step
+        self.marks: list[float] = []  # perf_counter at the start of the epoch and after every warm-up step
         self.t0 = self.t1 = None
+
+    def _now(self) -> float:
+        """perf_counter once the device has finished what was queued (CUDA), else at once."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def on_fit_start(self, trainer: Any) -> None:
         self.trainer = trainer
@@ -100,18 +114,21 @@ class ProfileSteps(Callbacks):
         trainer.loader = LabelledLoader(trainer.loader)
 
     def _start(self) -> None:
+        self._now()
         self.prof.start()
         self.t0 = time.perf_counter()
 
     def on_epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        self.marks.append(time.perf_counter())
+        self.marks.append(self._now())
         if self.warmup == 0:
             self._start()
 
     def on_step(self, step: int) -> None:
-        self.marks.append(time.perf_counter())
+        # the warm-up marks wait for the device; inside the profiled steps only the last one does
+        warm = step + 1 <= self.warmup
+        self.marks.append(self._now() if warm else time.perf_counter())
         if step + 1 == self.warmup + self.steps and self.t1 is None:
-            self.t1 = time.perf_counter()
+            self.t1 = self._now()
             self.prof.stop()
         elif step + 1 == self.warmup:
             self._start()
@@ -126,16 +143,18 @@ class ProfileSteps(Callbacks):
         return statistics.median(gaps) if gaps else None
 
 
-def region_seconds(prof: profile) -> dict[str, float]:
-    """Inclusive CPU seconds of each labelled region over the profiled steps."""
-    found = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key in REGIONS.values()}
+def region_seconds(prof: profile, device_time: bool = False) -> dict[str, float]:
+    """Inclusive seconds of each labelled region over the profiled steps: CPU time, or with
+    ``device_time`` the CUDA kernel time of the operators inside the region."""
+    attr = "device_time_total" if device_time else "cpu_time_total"
+    found = {e.key: getattr(e, attr) / 1e6 for e in prof.key_averages() if e.key in REGIONS.values()}
     return {k: found.get(v, 0.0) for k, v in REGIONS.items()}
 
 
 def summary(cb: ProfileSteps, batch: int) -> str:
     tr, n = cb.trainer, cb.steps
     total = cb.seconds
-    r = region_seconds(cb.prof)
+    r = region_seconds(cb.prof, device_time=cb.cuda)
     backward = max(r["forward_backward"] - r["attack"] - r["train_forward"], 0.0)
     parts = [("attack (method.attack: target forward + K attack steps)", r["attack"], "attack"),
              ("training forward + loss (method.objective)", r["train_forward"], "forward"),
@@ -143,7 +162,8 @@ def summary(cb: ProfileSteps, batch: int) -> str:
              ("optimizer (SGD step)", r["optimizer"], None),
              ("data + augmentation (loader)", r["data"], None)]
     rest = total - sum(s for _, s, _ in parts)
-    parts.append(("rest of the loop (lr, metrics, finite-loss checks, callbacks, profiler)", rest, None))
+    parts.append(("rest of the loop (lr, metrics, finite-loss checks, callbacks, profiler)" if not cb.cuda else
+                  "rest: the GPU idle or outside the regions (loop, metrics, launch gaps)", rest, None))
     cost = getattr(tr.method, "passes", None)
     share = {}
     if cost is not None:
@@ -157,7 +177,8 @@ def summary(cb: ProfileSteps, batch: int) -> str:
     warm = cb.warmup_step_seconds()
     if warm is not None:
         lines[-1] += f"; unprofiled warm-up steps 2..{cb.warmup}: {warm:.3f} s/step, {batch / warm:.0f} images/s"
-    lines += ["", "| part | seconds | % of step time | cost model share |", "|---|---|---|---|"]
+    unit = "GPU kernel seconds" if cb.cuda else "seconds"
+    lines += ["", f"| part | {unit} | % of step time | cost model share |", "|---|---|---|---|"]
     for name, s, kind in parts:
         model_share = f"{100 * share[kind]:.0f}%" if kind in share else ""
         lines.append(f"| {name} | {s:.3f} | {100 * s / total:.1f}% | {model_share} |")
@@ -178,9 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", help="training method (default: the config's, arow)")
     p.add_argument("--model", help="architecture (default: the config's, small-cnn)")
     p.add_argument("--preset", help="an arow preset as the base config (as arow train --preset)")
-    p.add_argument("--device", default="cpu", help="device (default cpu; the profile records CPU activity only)")
+    p.add_argument("--device", default="cpu", help="device: cpu (default), cuda, cuda:N or auto; on CUDA the "
+                   "profile records CUDA activity too and the parts are GPU kernel time")
     p.add_argument("--rows", type=int, default=25, help="rows of the operator table (default 25)")
-    p.add_argument("--sort-by", default="self_cpu_time_total", help="key_averages().table sort key")
+    p.add_argument("--sort-by", help="key_averages().table sort key (default self_cpu_time_total, on CUDA "
+                   "self_device_time_total)")
     p.add_argument("--out", help="also write the table and the summary to this file")
     a = p.parse_args(argv)
     if a.warmup < 0 or a.steps < 1:
@@ -193,13 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     n = (a.warmup + a.steps) * cfg.batch_size  # one epoch of exactly warmup + steps batches
     cfg = dataclasses.replace(cfg, out=None, epochs=1, limit_train=n, val_size=0, log_every=0, tensorboard=False,
                               swa_start=None, ema=None)
-    prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
-    cb = ProfileSteps(prof, a.warmup, a.steps)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        p.error(str(e).splitlines()[0])
+    cuda = device.type == "cuda"
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []), record_shapes=False)
+    cb = ProfileSteps(prof, a.warmup, a.steps, device)
     train_run(cfg, callbacks=[cb], plots=False)
     if cb.t1 is None:
         raise SystemExit(f"profile_epoch: the epoch had fewer than {a.warmup + a.steps} steps "
                          f"(training set smaller than {n} images?)")
-    table = prof.key_averages().table(sort_by=a.sort_by, row_limit=a.rows)
+    sort_by = a.sort_by or ("self_device_time_total" if cuda else "self_cpu_time_total")
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=a.rows)
     text = f"{table}\n{summary(cb, cfg.batch_size)}\n"
     print(text, end="")
     if a.out:

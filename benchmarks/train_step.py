@@ -17,14 +17,21 @@ Throughput is images per second; the achieved rate counts the USEFUL floating-po
 the algorithm (each method class's ``passes``, :class:`arow.methods.Passes`: forward = 1x the
 model's forward FLOPs, an attack step's input-gradient backward = 1x since the weights are
 frozen, a training backward = 2x) for both columns, so their ratio is the speed-up; the
-machine's peak is a large matrix multiply (float32 on the CPU, bf16 on CUDA). PGD-20 time is
-measured on a fixed subset.
+machine's peak is a large matrix multiply (float32 on the CPU, bf16 on CUDA), and each row's "% of
+peak" divides by the matmul peak of its own precision: bf16, or on CUDA float32 with TF32 pinned
+on or off for the whole run (``tf32=``; PyTorch's own default runs convolutions in TF32 but
+matmuls not), measured with that same setting. PGD-20 time is measured on a fixed subset, after a
+warm-up on the timed batch shapes (cuDNN autotuning stays outside the timed loop). With
+``compile=True`` dynamo's caches are reset before every timed configuration, and each row reports
+its compilations (one after the warm-up means the timed steps ran code compiled for them, or fell
+back to eager).
 
 >>> ours_cost("arow", steps=10), reference_style_cost("arow", steps=10)   # forward-equivalents per image
 (27, 36)
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -32,10 +39,11 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -68,6 +76,63 @@ def reference_style_cost(method: str, steps: int) -> int:
     pay a clean forward in every attack step. (tests/passes.py's ``reference_cost`` is the same.)"""
     p = METHODS.get(method).passes
     return Passes(target=steps if method in ("arow", "trades") else 0, attack=p.attack * steps, train=p.train).cost
+
+
+# --------------------------------------------------------------------------- settings that change the numbers
+@contextlib.contextmanager
+def pinned_tf32(on: bool) -> Iterator[None]:
+    """TF32 for float32 matmuls and convolutions pinned ``on`` or off, restored on exit (CUDA only;
+    no effect on the CPU)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+class FallbackLog(logging.Handler):
+    """Counts dynamo's warnings that a frame hit the recompile limit (it then runs eagerly)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = str(record.msg)
+        if "recompile_limit" in msg or "cache_size_limit" in msg or "hit config." in msg:
+            self.count += 1
+
+
+def dynamo_counts() -> dict[str, int]:
+    """Since the last ``torch._dynamo.reset()``: frames (code objects) compiled, compilations (a
+    recompile is a frame compiled again), graphs, graph breaks and frames that failed to compile."""
+    from torch._dynamo import convert_frame
+    from torch._dynamo.utils import counters
+
+    per_frame = dict(getattr(convert_frame, "FRAME_COMPILE_COUNTER", {}))
+    return {"frames": len(per_frame), "compiles": sum(per_frame.values()),
+            "graphs": counters["stats"]["unique_graphs"], "breaks": sum(counters["graph_break"].values()),
+            "failed": counters["frames"]["total"] - counters["frames"]["ok"]}
+
+
+def dynamo_report(before: dict[str, int], warm: dict[str, int], after: dict[str, int],
+                  fallbacks: int) -> tuple[str, bool]:
+    """The dynamo summary of a compiled run and whether it is suspect: a compilation after the
+    warm-up (the timed steps ran something not compiled before), a frame that fell back to eager,
+    or one that failed to compile.
+
+    >>> z = {"frames": 0, "compiles": 0, "graphs": 0, "breaks": 0, "failed": 0}
+    >>> w = {"frames": 1, "compiles": 3, "graphs": 3, "breaks": 0, "failed": 0}
+    >>> dynamo_report(z, w, w, 0)
+    ('graphs 3, 3 compile(s) of 1 frame(s), 0 after warm-up, graph breaks 0, eager fallbacks 0', False)
+    """
+    later = after["compiles"] - warm["compiles"]
+    eager = fallbacks + (after["failed"] - before["failed"])
+    text = (f"graphs {after['graphs'] - before['graphs']}, {after['compiles']} compile(s) of {after['frames']} "
+            f"frame(s), {later} after warm-up, graph breaks {after['breaks'] - before['breaks']}, "
+            f"eager fallbacks {eager}")
+    return text, later > 0 or eager > 0
 
 
 # --------------------------------------------------------------------------- the comparison baseline
@@ -216,7 +281,10 @@ def matmul_peak(device: torch.device, n: Optional[int] = None, reps: int = 10,
         a @ b
         _sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9, f"{n}x{n} {str(dtype).replace('torch.', '')} matmul"
+    what = f"{n}x{n} {str(dtype).replace('torch.', '')} matmul"
+    if device.type == "cuda" and dtype == torch.float32:
+        what += f" (TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'})"
+    return 2 * n**3 / best / 1e9, what
 
 
 def synthetic_uint8(shape: Shape, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,23 +300,41 @@ def _build(model: str, shape: Shape, seed: int) -> nn.Module:
 
 
 def time_ours(model: str, method: str, batch: int, iters: int, warmup: int, steps: int, device: torch.device,
-              *, compile: bool = False, amp: str = "auto", seed: int = 0) -> float:
-    """Seconds for ``iters`` training steps of the Trainer (after ``warmup`` untimed ones)."""
+              *, compile: bool = False, amp: str = "auto", seed: int = 0) -> tuple[float, str]:
+    """Seconds for ``iters`` training steps of the Trainer (after ``warmup`` untimed ones), and with
+    ``compile`` dynamo's summary (:func:`dynamo_report`; its caches are reset first, so every
+    configuration compiles afresh instead of filling one cache until later rows run eagerly)."""
     shape = shape_for(model)
     x, y = synthetic_uint8(shape, batch * max(iters, warmup), seed)
     data = TensorData(torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255.0), torch.from_numpy(y), 10)
     cfg = TrainConfig(method=method, epochs=2, batch_size=batch, eps=shape.eps, attack_steps=steps,
                       augment=shape.augment, device=str(device), amp=amp, compile=compile, seed=seed,
                       val_size=0, schedule="constant", lr=0.01)
-    trainer = Trainer(cfg, _build(model, shape, seed), data)
-    if warmup:
-        trainer.loader = Loader(trainer.train_data.subset(batch * warmup), batch, shuffle=True,
-                                augment=shape.augment, seed=seed, drop_last=True)
-        trainer.train_epoch(0)
-    trainer.loader = Loader(trainer.train_data.subset(batch * iters), batch, shuffle=True, augment=shape.augment,
-                            seed=seed, drop_last=True)
-    _sync(device)
-    return float(trainer.train_epoch(1)["seconds"])  # ends with the epoch's one host read
+    fallbacks = FallbackLog()
+    if compile:
+        torch._dynamo.reset()
+        logging.getLogger("torch._dynamo").addHandler(fallbacks)
+    try:
+        before = dynamo_counts()
+        trainer = Trainer(cfg, _build(model, shape, seed), data)
+        if warmup:
+            trainer.loader = Loader(trainer.train_data.subset(batch * warmup), batch, shuffle=True,
+                                    augment=shape.augment, seed=seed, drop_last=True)
+            trainer.train_epoch(0)
+        warm = dynamo_counts()
+        trainer.loader = Loader(trainer.train_data.subset(batch * iters), batch, shuffle=True, augment=shape.augment,
+                                seed=seed, drop_last=True)
+        _sync(device)
+        seconds = float(trainer.train_epoch(1)["seconds"])  # ends with the epoch's one host read
+        summary = ""
+        if compile:
+            summary, suspect = dynamo_report(before, warm, dynamo_counts(), fallbacks.count)
+            summary += " (SUSPECT: the timed steps compiled or ran eagerly)" if suspect else ""
+        return seconds, summary
+    finally:
+        if compile:
+            logging.getLogger("torch._dynamo").removeHandler(fallbacks)
+            torch._dynamo.reset()
 
 
 def time_reference(model: str, method: str, batch: int, iters: int, warmup: int, steps: int,
@@ -275,14 +361,19 @@ def time_reference(model: str, method: str, batch: int, iters: int, warmup: int,
 
 
 def time_pgd20(model: str, n: int, device: torch.device, *, batch: int = 500, seed: int = 0) -> float:
-    """Seconds for PGD-20 (evaluation settings, fp32) on ``n`` fixed images, all of them attacked."""
+    """Seconds for PGD-20 (evaluation settings, fp32) on ``n`` fixed images, all of them attacked.
+
+    The warm-up attacks the first batch and, if ``n`` is not a multiple of ``batch``, the last
+    one: every batch shape the timed loop sees is autotuned before it (``cudnn.benchmark``).
+    """
     shape = shape_for(model)
     x, y = synthetic_uint8(shape, n, seed)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255.0).to(device)
     yt = torch.from_numpy(y).to(device)
     net = _build(model, shape, seed).to(device).eval()
     attack = get_attack("pgd20", shape.eps)
-    attack(net, xt[:2], yt[:2])  # warm-up
+    for i in sorted({0, (n - 1) // batch * batch}):  # warm-up: the timed batch shapes
+        attack(net, xt[i : i + batch], yt[i : i + batch])
     _sync(device)
     t0 = time.perf_counter()
     for i in range(0, n, batch):
@@ -308,7 +399,8 @@ class Row:
     ours_cost: int
     ref_cost: Optional[int]
     amp: str = "auto"  # our step's precision: off (float32) or bf16 autocast
-    precision: str = "float32"
+    precision: str = "float32"  # bf16, float32, or tf32 (float32 with TF32 pinned on, CUDA)
+    dynamo: str = ""  # with compile: graphs, compilations (after the warm-up: must be 0), fallbacks
 
 
 @dataclass
@@ -329,18 +421,22 @@ class BenchResult:
         f = lambda v, fmt: "n/a" if v is None else _num(v)  # noqa: E731
         head = ["model", "method", "precision", "batch", "K", "ours img/s", "reference img/s", "speed-up",
                 "ours GFLOP/s", "reference GFLOP/s", "% of peak", "est. epoch (ours)", "passes ours/ref"]
+        compiled = any(r.dynamo for r in self.rows)
+        head += ["dynamo (compile)"] if compiled else []
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
             speed = None if r.ref_img_s is None else r.ours_img_s / r.ref_img_s
             cells = [r.model, r.method, r.precision, str(r.batch), str(r.steps), f(r.ours_img_s, ".1f"), f(r.ref_img_s, ".1f"),
                      "n/a" if speed is None else f"{speed:.2f}x", f(r.ours_gflops, ".1f"), f(r.ref_gflops, ".1f"),
                      f"{100 * r.peak_fraction:.1f}%", _duration(r.epoch_s),
-                     f"{r.ours_cost}/{'n/a' if r.ref_cost is None else r.ref_cost}"]
+                     f"{r.ours_cost}/{'n/a' if r.ref_cost is None else r.ref_cost}"] + ([r.dynamo] if compiled else [])
             lines.append("| " + " | ".join(cells) + " |")
         peaks = "; ".join(f"{k} {v:.1f} GFLOP/s" for k, v in self.meta.get("peaks", {}).items())
         out = [f"Device: {self.device}; peak {self.peak_gflops:.1f} GFLOP/s ({self.peak_what})"
                + (f"; matmul peaks by precision: {peaks} (% of peak: against the row's own precision)" if peaks else "")
                + ".", "", *lines]
+        if self.meta.get("tf32"):
+            out += ["", f"CUDA: TF32 pinned {self.meta['tf32']} for the whole run (float32 rows, their peak, PGD-20)."]
         if self.pgd20:
             out += ["", "| model | PGD-20 images | seconds | img/s |", "|---|---|---|---|"]
             out += [f"| {p['model']} | {p['n']} | {p['seconds']:.2f} | {_num(p['n'] / p['seconds'])} |"
@@ -357,88 +453,124 @@ def _duration(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def run(models: Sequence[str] = ("small-cnn", "resnet18", "wrn-34-10"), methods: Sequence[str] = ("arow", "trades"),
-        *, device: str = "auto", batch_size: Union[int, Sequence[int], None] = None, iters: Optional[int] = None,
-        warmup: Optional[int] = None, steps: int = 10, pgd_n: Optional[int] = None, reference: bool = True,
-        compile: bool = False, amp: str = "auto", seed: int = 0, repeats: int = 1, threads: Optional[int] = None,
-        on_row: Optional[Callable[[str], None]] = None) -> BenchResult:
-    """Measure every (model, method) pair; see the module docstring for what is timed.
+def float32_label(device: torch.device, tf32_on: bool) -> str:
+    """How a float32 row's precision is written: with the TF32 setting on CUDA, where it matters."""
+    if device.type != "cuda":
+        return "float32"
+    return f"float32 (TF32 {'on' if tf32_on else 'off'})"
 
-    ``repeats`` > 1 alternates ours / reference that many times and keeps each one's best time
-    (the fair summary on a machine shared with other jobs); ``threads`` sets
-    ``torch.set_num_threads`` for the whole process first. Several ``batch_size`` values are timed
-    side by side in the same alternation; without ``iters``, each runs the number of steps that
-    gives the default batch's number of images.
 
-    >>> r = run(["small-cnn"], ["arow"], device="cpu", batch_size=4, iters=1, warmup=0, steps=1,
-    ...         pgd_n=0)  # doctest: +SKIP
-    """
-    dev = distributed.resolve_device(device)
+def _peaks(dev: torch.device, fp32: str) -> dict[str, float]:
+    """The matmul peak of each precision a row can have, measured under the TF32 setting in force."""
+    return {fp32: matmul_peak(dev, dtype=torch.float32)[0], "bf16": matmul_peak(dev, dtype=torch.bfloat16)[0]}
+
+
+def _check_args(models: Sequence[str], methods: Sequence[str], steps: int, repeats: int, sizes: list[int],
+                iters: Optional[int], threads: Optional[int], amp: str, tf32: str) -> list[str]:
+    """One-line ValueErrors for bad arguments, before any timing; returns the precisions of ``amp``."""
     for m in models:
         MODELS.get(m)
     if steps < 0:
         raise ValueError(f"--attack-steps must be >= 0, got {steps}")
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
-    sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size or [])
     for name, v in [*(("--batch-size", b) for b in sizes), ("--iters", iters), ("--threads", threads)]:
         if v is not None and v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     for m in methods:
         ours_cost(m, steps)  # an unknown method, or one without `passes`, fails before any timing
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if tf32 not in ("on", "off"):
+        raise ValueError(f"--tf32 takes on or off, got {tf32!r}")
     precisions = [p.strip() for p in amp.split(",") if p.strip()]
     if not precisions or any(p not in ("auto", "off", "bf16") for p in precisions):
         raise ValueError(f"--amp takes auto, off, bf16 or a comma-separated list of them, got {amp!r}")
-    peak, peak_what = matmul_peak(dev)
-    peaks = {"float32": matmul_peak(dev, dtype=torch.float32)[0], "bf16": matmul_peak(dev, dtype=torch.bfloat16)[0]}
+    return precisions
+
+
+def run(models: Sequence[str] = ("small-cnn", "resnet18", "wrn-34-10"), methods: Sequence[str] = ("arow", "trades"),
+        *, device: str = "auto", batch_size: Union[int, Sequence[int], None] = None, iters: Optional[int] = None,
+        warmup: Optional[int] = None, steps: int = 10, pgd_n: Optional[int] = None, reference: bool = True,
+        compile: bool = False, amp: str = "auto", seed: int = 0, repeats: int = 1, threads: Optional[int] = None,
+        tf32: str = "on", on_row: Optional[Callable[[str], None]] = None) -> BenchResult:
+    """Measure every (model, method) pair; see the module docstring for what is timed.
+
+    ``repeats`` > 1 alternates ours / reference that many times and keeps each one's best time
+    (the fair summary on a machine shared with other jobs); ``threads`` sets
+    ``torch.set_num_threads`` for the whole process first. Several ``batch_size`` values are timed
+    side by side in the same alternation; without ``iters``, each runs the number of steps that
+    gives the default batch's number of images. ``tf32`` (``"on"`` or ``"off"``) pins TF32 for
+    float32 matmuls and convolutions on CUDA for the whole run, peaks included.
+
+    >>> r = run(["small-cnn"], ["arow"], device="cpu", batch_size=4, iters=1, warmup=0, steps=1,
+    ...         pgd_n=0)  # doctest: +SKIP
+    """
+    dev = distributed.resolve_device(device)
+    sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size or [])
+    precisions = _check_args(models, methods, steps, repeats, sizes, iters, threads, amp, tf32)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    fp32 = float32_label(dev, tf32 == "on")
     rows: list[Row] = []
     pgd: list[dict[str, Any]] = []
-    for model in models:
-        shape = shape_for(model)
-        dflt = DEFAULTS[dev.type].get(model, DEFAULTS[dev.type]["resnet18"])
-        wu = dflt[2] if warmup is None else warmup
-        steps_of = {b: iters or max(1, round(dflt[0] * dflt[1] / b)) for b in sizes or [dflt[0]]}
-        flops = model_flops(_build(model, shape, seed), (shape.channels, shape.size, shape.size))
-        for method in methods:
-            cost = ours_cost(method, steps)
-            log.info("bench %s / %s: batch %s, %s step(s) timed, best of %d", model, method,
-                     ",".join(map(str, steps_of)), ",".join(map(str, steps_of.values())), repeats)
-            t_ours: dict[tuple[int, str], list[float]] = {(b, p): [] for b in steps_of for p in precisions}
-            t_ref: dict[int, list[float]] = {b: [] for b in steps_of}
-            for _ in range(repeats):  # alternate, so every side sees the same background load
-                for b, it in steps_of.items():
-                    for p in precisions:
-                        t_ours[b, p].append(time_ours(model, method, b, it, wu, steps, dev, compile=compile, amp=p,
-                                                      seed=seed))
-                    if reference and method in REFERENCE_METHODS:
-                        t_ref[b].append(time_reference(model, method, b, it, wu, steps, dev, seed=seed))
-            gflop = cost * flops / 1e9
-            for (b, p), times in t_ours.items():
-                it = steps_of[b]
-                ref = b * it / min(t_ref[b]) if t_ref[b] else None
-                ours = b * it / min(times)
-                prec = "bf16" if use_amp(p, dev) else "float32"
-                row = Row(model, method, b, steps, ours, ref, gflop, ours * gflop,
-                          None if ref is None else ref * gflop, ours * gflop / peaks[prec], shape.train_images / ours,
-                          cost, reference_style_cost(method, steps) if ref is not None else None, p, prec)
-                rows.append(row)
-                if on_row is not None:
-                    on_row(f"{model} / {method} / batch {b} / {prec}: ours {ours:.1f} img/s"
-                           + ("" if ref is None else f", reference {ref:.1f} img/s"))
-        n = dflt[3] if pgd_n is None else pgd_n
-        if n > 0:
-            seconds = min(time_pgd20(model, n, dev, seed=seed) for _ in range(repeats))
-            pgd.append({"model": model, "n": n, "seconds": seconds})
-    peak_end = matmul_peak(dev)[0]  # again at the end: each peak is the better of the two
-    peak = max(peak, peak_end)
-    for prec, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16)):
-        peaks[prec] = max(peaks[prec], matmul_peak(dev, dtype=dtype)[0])
+    with pinned_tf32(tf32 == "on"):
+        peak, peak_what = matmul_peak(dev)
+        peaks = _peaks(dev, fp32)
+        for model in models:
+            shape = shape_for(model)
+            dflt = DEFAULTS[dev.type].get(model, DEFAULTS[dev.type]["resnet18"])
+            wu = dflt[2] if warmup is None else warmup
+            steps_of = {b: iters or max(1, round(dflt[0] * dflt[1] / b)) for b in sizes or [dflt[0]]}
+            flops = model_flops(_build(model, shape, seed), (shape.channels, shape.size, shape.size))
+            for method in methods:
+                rows += _measure(model, method, steps_of, wu, steps, dev, precisions, fp32, flops, reference=reference,
+                                 compile=compile, seed=seed, repeats=repeats, on_row=on_row)
+            n = dflt[3] if pgd_n is None else pgd_n
+            if n > 0:
+                seconds = min(time_pgd20(model, n, dev, seed=seed) for _ in range(repeats))
+                pgd.append({"model": model, "n": n, "seconds": seconds})
+        peak = max(peak, matmul_peak(dev)[0])  # again at the end: each peak is the better of the two
+        peaks = {k: max(v, peaks[k]) for k, v in _peaks(dev, fp32).items()}
     for r in rows:
         r.peak_fraction = r.ours_gflops / peaks[r.precision]
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "torch": torch.__version__, "device_type": dev.type, "threads": torch.get_num_threads(),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "compile": compile, "amp": amp, "steps": steps, "repeats": repeats, "peaks": peaks}
+            "compile": compile, "amp": amp, "steps": steps, "repeats": repeats, "peaks": peaks,
+            "tf32": tf32 if dev.type == "cuda" else None}
     return BenchResult(device_name(dev), peak, peak_what, rows, pgd, meta)
+
+
+def _measure(model: str, method: str, steps_of: dict[int, int], wu: int, steps: int, dev: torch.device,
+             precisions: list[str], fp32: str, flops: int, *, reference: bool, compile: bool, seed: int, repeats: int,
+             on_row: Optional[Callable[[str], None]]) -> list[Row]:
+    """The rows of one (model, method): ours at every batch size and precision, beside the reference."""
+    shape = shape_for(model)
+    cost = ours_cost(method, steps)
+    log.info("bench %s / %s: batch %s, %s step(s) timed, best of %d", model, method,
+             ",".join(map(str, steps_of)), ",".join(map(str, steps_of.values())), repeats)
+    t_ours: dict[tuple[int, str], list[float]] = {(b, p): [] for b in steps_of for p in precisions}
+    summaries: dict[tuple[int, str], str] = {}
+    t_ref: dict[int, list[float]] = {b: [] for b in steps_of}
+    for _ in range(repeats):  # alternate, so every side sees the same background load
+        for b, it in steps_of.items():
+            for p in precisions:
+                seconds, summaries[b, p] = time_ours(model, method, b, it, wu, steps, dev, compile=compile, amp=p,
+                                                     seed=seed)
+                t_ours[b, p].append(seconds)
+            if reference and method in REFERENCE_METHODS:
+                t_ref[b].append(time_reference(model, method, b, it, wu, steps, dev, seed=seed))
+    gflop = cost * flops / 1e9
+    rows = []
+    for (b, p), times in t_ours.items():
+        it = steps_of[b]
+        ref = b * it / min(t_ref[b]) if t_ref[b] else None
+        ours = b * it / min(times)
+        prec = "bf16" if use_amp(p, dev) else fp32
+        rows.append(Row(model, method, b, steps, ours, ref, gflop, ours * gflop, None if ref is None else ref * gflop,
+                        0.0, shape.train_images / ours, cost,
+                        reference_style_cost(method, steps) if ref is not None else None, p, prec, summaries[b, p]))
+        if on_row is not None:
+            on_row(f"{model} / {method} / batch {b} / {prec}: ours {ours:.1f} img/s"
+                   + ("" if ref is None else f", reference {ref:.1f} img/s")
+                   + (f"; dynamo: {summaries[b, p]}" if summaries[b, p] else ""))
+    return rows

@@ -167,3 +167,103 @@ def test_pgd_and_cw_verdicts_do_not_depend_on_the_batch_size(trained_model, fmni
     assert not torch.equal(rng.rand_like(x[:5]), rng.rand_like(x[:5]))  # a restart draws new noise
     with pytest.raises(ValueError, match="rows of noise"):
         ExampleRNG(0, idx).rand_like(x[:4])
+
+
+# --------------------------------------------------------------------------- no host synchronisation per step
+class HostSyncOps:
+    """Counts the aten operators that make the host wait for a GPU, as a dispatch mode on the CPU:
+    a read of a value (``.item()``, ``float()``, ``bool()``), ``nonzero``, ``masked_select``, an
+    index with a boolean mask (whose size the host must learn), ``unique``, ``equal``, a copy to the
+    CPU. On a GPU each of them blocks until the device has caught up."""
+
+    VALUE_READS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "nonzero_numpy", "argwhere",
+                   "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive"}
+    INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_", "_unsafe_index_put"}
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        self.ops: list[str] = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if counter.syncs(func, args, kwargs):
+                    counter.ops.append(str(func))
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+
+    def syncs(self, func, args, kwargs) -> bool:
+        name = func._schema.name.split("::")[-1]
+        if name in self.VALUE_READS:
+            return True
+        if name in self.INDEXING:  # a boolean (or uint8) mask among the indices
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
+        if name in ("_to_copy", "copy_"):  # device to host
+            src = args[1] if name == "copy_" else args[0]
+            dst = args[0].device if name == "copy_" else kwargs.get("device")
+            return isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst is not None \
+                and torch.device(dst).type == "cpu"
+        return False
+
+    def __enter__(self) -> "HostSyncOps":
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+
+
+def test_host_sync_counter_sees_what_a_gpu_would_wait_for():
+    t, mask = torch.rand(4, 3), torch.tensor([True, False, True, False])
+    with HostSyncOps() as c:
+        t[mask] = t[mask] * 2  # boolean-mask read and write
+        t.sum().item()
+        bool((t > 0).any())
+        torch.where(mask.view(-1, 1), t, -t)  # no sync: not counted
+        t[torch.tensor([0, 2])]  # integer indices: not counted
+    assert c.ops == ["aten.index.Tensor", "aten.index_put_.default", "aten._local_scalar_dense.default",
+                     "aten._local_scalar_dense.default"]
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
+@pytest.mark.parametrize("loss", ["ce", "cw", "kl"])
+def test_pgd_never_waits_for_the_device(norm, eps, loss):
+    """Evaluation PGD/CW (keep_best, restarts) and the training attacks run no host-syncing operator:
+    on a GPU every step is queued without waiting (a boolean-mask assignment costs two waits per step)."""
+    from arow.attacks import fat_pgd
+    from arow.rng import BatchRNG
+
+    net, x, y = _bn_net(), torch.rand(8, 1, 8, 8), torch.arange(8) % 5
+    fn = {"ce": ce_loss, "cw": cw_loss, "kl": kl_loss(net(x).detach())}[loss]
+    tm = ThreatModel(eps=eps, steps=4, norm=norm)
+    with HostSyncOps() as c:
+        pgd(net, x, y, tm, fn, restarts=2, keep_best=True)
+        pgd(net, x, y, tm, fn, keep_best=True, rng=BatchRNG(0))
+        pgd(net, x, y, tm.with_(start="normal"), fn, rng=BatchRNG(0))  # TRADES/ARoW's training attack
+        fat_pgd(net, x, y, tm, tau=1, omega=0.01, rng=BatchRNG(0))
+    assert c.ops == []
+    # evaluation draws per-example starts on the CPU (ExampleRNG, one copy per restart), never per step
+    from arow.rng import ExampleRNG
+
+    counts = []
+    for steps in (1, 5):
+        with HostSyncOps() as c:
+            pgd(net, x, y, tm.with_(steps=steps), fn, restarts=2, keep_best=True, rng=ExampleRNG(0, torch.arange(8)))
+        counts.append(len(c.ops))
+    assert counts[0] == counts[1] == 0
+
+
+def test_linf_bounds_computed_once_give_the_same_projection():
+    tm, x = ThreatModel(eps=0.1), torch.rand(6, 1, 4, 4)
+    far = x + torch.randn_like(x)
+    assert torch.equal(tm.project(far, x, tm.bounds(x)), tm.project(far, x))
+    assert ThreatModel(eps=0.5, norm="l2").bounds(x) is None

@@ -164,3 +164,111 @@ def test_bench_train_times_several_batch_sizes_side_by_side(capsys):
     assert [r.split("|")[4].strip() for r in rows] == ["4", "8"]  # one row per batch size
     assert bench_train.main([*argv, "--batch-size", "4,x"]) == 2
     assert "whole numbers" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- gpu_check
+@pytest.fixture(scope="module")
+def gpu_check():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_check
+
+        yield gpu_check
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _table(out: str) -> list[list[str]]:
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ")][1:]  # the header row left out
+    return [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
+
+
+def test_gpu_check_dry_run_runs_every_row_on_the_cpu():
+    """The GPU check's own code, end to end, on the CPU (tiny models): it must not rot before a GPU comes."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--dry-run"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = _table(r.stdout)
+    kinds = [row[0] for row in rows]
+    assert kinds.count("ARoW train step") == 12  # 3 models x (bf16, float32/TF32) x compile off/on
+    assert {"bf16 vs float32 loss", "DDP world size 1 = no DDP", "extra-data loader",
+            "AutoAttack (NON-STANDARD budget)"} <= set(kinds)
+    assert not any(row[-1].startswith(("error", "timed out", "skipped")) for row in rows), r.stdout
+    train = [row for row in rows if row[0] == "ARoW train step"]
+    assert all(float(row[4]) > 0 and "/ 50k epoch" in row[5] and "x)" in row[7] for row in train)
+    assert [row[8] for row in train if row[3] == "off"] == ["pass (0 syncing ops)"] * 6
+    assert all(", 0 after warm-up," in row[9] and "eager fallbacks 0" in row[9] for row in train if row[3] == "on")
+    by_kind = {row[0]: row for row in rows}
+    assert by_kind["DDP world size 1 = no DDP"][10] == "pass: bit for bit"
+    assert by_kind["AutoAttack (NON-STANDARD budget)"][10].startswith("pass: 8 of 8 robust")
+    assert by_kind["extra-data loader"][8] == "0 per batch"
+    assert "DRY RUN" in r.stdout and ": 0 failed, 0 timed out, 0 skipped" in r.stdout
+
+
+def test_gpu_check_bad_input_is_one_line_and_exit_2(gpu_check, capsys):
+    assert gpu_check.main(["--dry-run", "--models", "resnet18,nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--models" in err and "nope" in err
+    assert gpu_check.main(["--dry-run", "--budget", "0"]) == 2
+    if not torch.cuda.is_available():
+        assert gpu_check.main([]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_check_rows_that_do_not_fit_the_budget_are_listed_as_skipped(gpu_check):
+    budget = gpu_check.Budget(1e-9)  # already spent; FULL's rows need 10 to 60 s left to start
+    row = gpu_check.run_row("train", ("resnet18", "bf16", False), gpu_check.FULL, torch.device("cpu"), budget)
+    assert row.notes.startswith("skipped") and not row.failed and row.images_s is None
+    assert (row.what, row.model, row.compile) == ("ARoW train step", "resnet18", "off")
+
+
+def test_gpu_check_row_time_limit(gpu_check):
+    import time
+
+    budget = gpu_check.Budget(1e9)
+    with pytest.raises(gpu_check.RowTimeout):
+        with budget.limit(0.2):
+            time.sleep(5)
+    assert budget.expired
+
+
+def test_gpu_check_step_sync_check_can_fail(gpu_check):
+    """A training step that reads a value back (``.item()``) fails the host-sync column."""
+    trainer = gpu_check.arow_trainer("resnet18", gpu_check.DRY, torch.device("cpu"), "tf32")
+    inner = trainer._forward_backward
+
+    def reads_back(x, y, seed):
+        outs = inner(x, y, seed)
+        outs[0][0].loss.item()
+        return outs
+
+    trainer._forward_backward = reads_back
+    verdict, failed, _ = gpu_check.step_sync_verdict(trainer, compiled=False)
+    assert failed and verdict.startswith("FAIL: 1 ops") and "_local_scalar_dense" in verdict
+    assert "step" not in vars(trainer.opt)  # the optimiser's step is its own again
+
+
+def test_gpu_check_dynamo_report_flags_compiles_after_warm_up(gpu_check):
+    zero = {"frames": 0, "compiles": 0, "graphs": 0, "breaks": 0, "failed": 0}
+    warm = {"frames": 1, "compiles": 3, "graphs": 3, "breaks": 0, "failed": 0}
+    text, bad = gpu_check.dynamo_report(zero, warm, warm, fallbacks=0)
+    assert not bad
+    assert text == "graphs 3, 3 compile(s) of 1 frame(s), 0 after warm-up, graph breaks 0, eager fallbacks 0"
+    assert gpu_check.dynamo_report(zero, warm, {**warm, "compiles": 4}, fallbacks=0)[1]  # a recompile while timed
+    assert gpu_check.dynamo_report(zero, warm, warm, fallbacks=1)[1]  # hit the recompile limit: ran eagerly
+
+
+def test_gpu_check_unbreakable_model_keeps_every_image(gpu_check):
+    """The AutoAttack row's worst case: no L-inf perturbation of 8/255 changes a prediction."""
+    torch.manual_seed(0)
+    net = gpu_check.Unbreakable(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))).eval()
+    x, y = gpu_check.brightness_images(40, 8)
+    assert x.min() >= 0 and x.max() <= 1
+    with torch.no_grad():
+        assert torch.equal(net(x).argmax(1), y)
+        for sign in (-1, 1):  # the extreme corners of the ball, and random ones
+            assert torch.equal(net((x + sign * gpu_check.EPS).clamp(0, 1)).argmax(1), y)
+        noise = (torch.rand_like(x) * 2 - 1).sign() * gpu_check.EPS
+        assert torch.equal(net((x + noise).clamp(0, 1)).argmax(1), y)

@@ -55,6 +55,15 @@ def test_train_then_eval(tmp_path):
     (["train", "--batch-size", "-4"], "--batch-size must be >= 1"),
     (["eval", "/nonexistent/run"], "/nonexistent/run"),
     (["eval", "/nonexistent/run", "--attacks", "pgd20,bogus"], "/nonexistent/run"),
+    (["eval", "/nonexistent/run", "--n", "0"], "--n must be a whole number >= 1"),
+    (["eval", "/nonexistent/run", "--guards-n", "0"], "--guards-n must be a whole number >= 1"),
+    (["eval", "/nonexistent/run", "--batch-size", "-1"], "--batch-size must be a whole number >= 1"),
+    (["eval", "/nonexistent/run", "--attacks", ","], "--attacks is empty"),
+    (["eval", "/nonexistent/run", "--eps", "nan"], "--eps must be a finite number"),
+    (["eval", "/nonexistent/run", "--robustbench", "rb.json", "--attacks", "clean"], "needs both clean and autoattack"),
+    (["eval", "/nonexistent/run", "--device", "gpu!"], "--device must be"),
+    (["eval", "--weights", "w.pt"], "--weights goes with --model-factory"),
+    (["eval"], "give a run folder"),
 ])
 def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, needle):
     r = arow(*args, "--out", str(tmp_path / "o")) if args[0] == "train" else arow(*args)
@@ -73,7 +82,7 @@ def test_list_shows_registries():
 
 
 def test_every_preset_is_a_valid_config():
-    from arow.config.schema import TrainConfig, load_preset, preset_names
+    from arow.config import TrainConfig, load_preset, preset_names
 
     names = preset_names()
     assert {"fmnist-arow", "cifar10-resnet18", "cifar100-resnet18", "svhn-resnet18", "cifar10-wrn34-10"} <= set(names)
@@ -85,7 +94,7 @@ def test_every_preset_is_a_valid_config():
         120, 0.1, [60, 100], 51, 128)
     assert paper.eps == pytest.approx(8 / 255) and paper.weight_decay == 5e-4
     # the embedded default IS the fmnist preset: `arow train` with no flags resolves to the same config
-    from arow.config.schema import resolve_config
+    from arow.config import resolve_config
 
     demo = resolve_config({}, preset="fmnist-arow").to_dict()
     default = resolve_config({}).to_dict()
@@ -182,10 +191,13 @@ def test_bad_preset_values_are_one_line_errors(tmp_path):
 
 def test_model_loading_subcommands_share_their_flags():
     from arow.cli.commands import build_parser
+    from arow.evaluation.settings import EvalSettings
 
     p = build_parser()
     for argv in (["eval", "RUN"], ["plot", "RUN"], ["pseudo-label", "RUN", "--data", "D", "--out", "O"]):
         a = vars(p.parse_args(argv))
+        if argv[0] == "eval":  # flags of EvalSettings: not given is None, the settings' default
+            a = vars(EvalSettings.from_flags(a))
         assert (a["which"], a["batch_size"], a["device"], a["data_dir"]) == ("final", 100, "auto", None), argv
     assert p.parse_args(["export", "RUN", "--out", "O", "--which", "best"]).which == "best"
     plot_help = p._subparsers._group_actions[0].choices["plot"].format_help()
@@ -203,8 +215,9 @@ def test_eval_printing_and_exit_status(capsys, monkeypatch):
 
     def fake_with(error=None, robustbench=None):
         @functools.wraps(real)  # the flags come from the real signature
-        def fake(source, attacks, *, progress, on_guards, **kw):
-            assert (source, attacks, kw["n"]) == ("r", ["clean"], 7)
+        def fake(source, attacks=None, *, settings, guards, progress, on_guards, **kw):
+            assert (source, attacks, settings.attacks, settings.n, guards.n) == ("r", None, ["clean"], 7, 30)
+            assert settings.eps is None and guards.enabled and not kw["trust_code"]
             rep = SimpleNamespace(error=error, path=Path("r/eval.json"), robustbench=robustbench,
                                   text=lambda: "TABLE", guards_text=lambda: "GUARDS")
             on_guards(rep)
@@ -212,18 +225,18 @@ def test_eval_printing_and_exit_status(capsys, monkeypatch):
         return fake
 
     monkeypatch.setattr(arow.cli.commands, "evaluate_source", fake_with(robustbench=Path("r/rb.json")))
-    assert main(["eval", "r", "--attacks", "clean", "--n", "7"]) == 0
+    assert main(["eval", "r", "--attacks", "clean", "--n", "7", "--guards-n", "30"]) == 0
     out = capsys.readouterr().out
     assert out.index("GUARDS") < out.index("TABLE") and "written r/eval.json" in out and "written r/rb.json" in out
     monkeypatch.setattr(arow.cli.commands, "evaluate_source", fake_with(error="a guard tripped"))
-    assert main(["eval", "r", "--attacks", "clean", "--n", "7"]) == 3
+    assert main(["eval", "-q", "r", "--attacks", "clean", "--n", "7", "--guards-n", "30"]) == 3
     cap = capsys.readouterr()
     assert cap.err.strip() == "arow: error: a guard tripped" and "TABLE" not in cap.out
 
 
 def test_eps_curve_table_and_study_commands(tmp_path):
     from arow.reporting.plots import eps_curve_table
-    from arow.study.core import Study, StudySpec, study_commands
+    from arow.study import StudySpec, study_commands
 
     curve = {"attack": "pgd20", "n": 40, "test_set_size": 10000, "subset": True,
              "points": [{"eps": 0.0, "factor": 0.0, "accuracy": 0.9}, {"eps": 0.1, "factor": 1.0, "accuracy": 0.5}]}
@@ -232,16 +245,102 @@ def test_eps_curve_table_and_study_commands(tmp_path):
     assert "x train eps" in text and "50.00%" in text
     spec = StudySpec.from_dict({"methods": ["arow", "trades"], "seeds": [0]})
     lines = study_commands(tmp_path / "s", spec).splitlines()
-    assert (tmp_path / "s" / "study.json").is_file()  # saved, for --collect
-    assert [ln for ln in lines if ln.startswith("#")] == ["# arow-s0", "# trades-s0"]
-    assert len(lines) == 2 + sum(len(steps) for _, steps in Study(tmp_path / "s").commands())
+    assert not (tmp_path / "s").exists()  # printing the commands writes nothing
+    assert [ln for ln in lines[1:] if ln.startswith("#")] == ["# arow-s0: train, autoattack, eps-curve",
+                                                              "# trades-s0: train, autoattack, eps-curve"]
+    assert [ln.split()[1:3] for ln in lines if not ln.startswith("#")] == [["-m", "arow.study.cell"]] * 2
 
 
 def test_preset_summary_is_the_first_sentence_on_one_line():
-    from arow.config.schema import preset_description, preset_names, preset_summary
+    from arow.config import preset_description, preset_names, preset_summary
 
     for n in preset_names():
         s = preset_summary(n)
         assert len(s) <= 100 and " ".join(preset_description(n).split()).startswith(s.removesuffix(" ...")), n
         short = preset_summary(n, width=30)
         assert len(short) <= 30 and (short == s or short.endswith(" ...")), n
+
+
+def test_quiet_is_taken_before_and_after_the_command():
+    from arow.cli.commands import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["eval", "-q", "r"]).quiet and p.parse_args(["-q", "eval", "r"]).quiet
+    assert not p.parse_args(["eval", "r"]).quiet and p.parse_args(["train", "--quiet"]).quiet
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 1-epoch run of the small CNN on random Fashion-MNIST-shaped tensors, and a test set of 40."""
+    import torch
+
+    from arow.config import TrainConfig
+    from arow.data import from_tensors
+    from arow.models import build_model
+    from arow.pipelines import build_trainer
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    g = torch.Generator().manual_seed(0)
+    data = from_tensors(torch.rand(64, 1, 28, 28, generator=g), torch.arange(64) % 10, name="fashion-mnist")
+    spec = {"name": "small-cnn", "num_classes": 10, "in_channels": 1, "image_size": 28, "mean": None, "std": None,
+            "dataset": "fashion-mnist"}
+    cfg = TrainConfig(method="pgd-at", epochs=1, batch_size=32, eps=0.1, attack_steps=1, val_size=0, out=str(out),
+                      schedule="constant", warmup_epochs=0)
+    torch.manual_seed(0)
+    build_trainer(cfg, build_model("small-cnn", num_classes=10, in_channels=1, image_size=28), data, model_spec=spec,
+                  plots=False).fit()
+    test = from_tensors(torch.rand(40, 1, 28, 28, generator=g), torch.arange(40) % 10, name="fashion-mnist")
+    return out, test
+
+
+def test_robustbench_files_are_named_by_subset_and_norm(tiny_run):
+    from arow.attacks.autoattack import get_autoattack
+    from arow.evaluation.sources import open_source
+    from arow.pipelines import evaluate_run
+
+    run, test = tiny_run
+    src = open_source(run)
+    assert src.robustbench_path(10000, 10000, "linf") == run / "robustbench.json"
+    assert src.robustbench_path(20, 10000, "linf") == run / "robustbench_n20.json"
+    assert src.robustbench_path(20, 10000, "l2") == run / "robustbench_n20_l2.json"
+    assert src.robustbench_path(10000, 10000, "l2") == run / "robustbench_l2.json"
+    aa = get_autoattack(0.1, n_iter=2, square_queries=5, name="autoattack")
+    full = evaluate_run(run, ["clean", aa], data=test, guards=False)
+    assert full.robustbench == run / "robustbench.json" and full.path == run / "eval.json"
+    part = evaluate_run(run, ["clean", aa], data=test, n=20, guards=False)
+    assert part.robustbench == run / "robustbench_n20.json" and part.path == run / "eval_n20.json"
+    assert json.loads((run / "robustbench.json").read_text())["n_test_points"] == 40  # not overwritten
+
+
+def test_resuming_another_subset_says_what_changed(tiny_run, caplog):
+    from arow.pipelines import evaluate_run
+
+    run, test = tiny_run
+    evaluate_run(run, ["clean", "pgd2"], data=test, n=20, guards=False)
+    with caplog.at_level("WARNING"):
+        evaluate_run(run, ["clean", "pgd2"], data=test, n=30, guards=False)
+    assert "pgd2 evaluation state" in caplog.text and "other test examples (another --n" in caplog.text
+    assert "another model" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        evaluate_run(run, ["clean", "pgd2"], data=test, n=30, eps=0.05, guards=False)
+    assert "saved for another eps or norm" in caplog.text and "test examples" not in caplog.text
+
+
+def test_a_model_in_memory_is_evaluated_with_what_is_known_about_it(tiny_run):
+    """What `arow train` does after training: the model it holds, its run folder, no file read back."""
+    from arow.evaluation.settings import EvalSettings, GuardSettings
+    from arow.evaluation.sources import ModelSource
+    from arow.pipelines import evaluate_loaded, evaluate_run
+    from arow.runs.records import load_model
+
+    run, test = tiny_run
+    src = ModelSource.in_run(load_model(run), run, dataset="fashion-mnist", norm="linf", eps=0.1,
+                             info={"method": "pgd-at", "model": "small-cnn", "seed": 0})
+    rep = evaluate_loaded(src, EvalSettings(attacks=["clean", "pgd2"], n=30), GuardSettings(enabled=False),
+                          data=test, extra={"train_seconds": 1.5})
+    ev = json.loads((run / "eval_n30.json").read_text())
+    assert rep.path == run / "eval_n30.json" and ev["method"] == "pgd-at" and ev["train_seconds"] == 1.5
+    assert ev["eps"] == pytest.approx(0.1) and ev["which"] == "final"
+    from_disk = evaluate_run(run, ["clean", "pgd2"], data=test, n=30, guards=False, json_out=str(run / "o.json"))
+    assert from_disk.accuracy == rep.accuracy

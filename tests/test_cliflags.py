@@ -80,15 +80,15 @@ def test_every_command_passes_the_library_defaults_when_no_flag_is_given():
     """A default hard-coded in the CLI (and drifting from the library's) fails here."""
     from arow.runs.records import convert_path, export_model
     from arow.cli.commands import build_parser
-    from arow.config.schema import resolve_config
+    from arow.config import resolve_config
     from arow.pipelines import evaluate_source
-    from arow.reporting.plots import eps_curve
+    from arow.evaluation.curve import eps_curve
     from arow.pseudo import pseudo_label
     from arow.reporting.tables import write_report
-    from arow.study.core import run_study
+    from arow.study import run_study
 
     p = build_parser()
-    cases = [(["eval", "R"], evaluate_source, ("progress", "on_guards")),
+    cases = [(["eval", "R"], evaluate_source, ("source", "progress", "on_guards", "attacks", "settings", "guards")),
              (["report", "R"], write_report, ()),
              (["plot", "R", "--eps-curve"], eps_curve, ("attack",)),
              (["pseudo-label", "R", "--data", "D", "--out", "O"], pseudo_label, ("out",)),
@@ -105,7 +105,7 @@ def test_every_command_passes_the_library_defaults_when_no_flag_is_given():
 def test_study_flags_come_from_the_study_spec():
     from arow.cli.commands import build_parser
     from arow.cli.flags import dataclass_flags
-    from arow.study.core import StudySpec
+    from arow.study import StudySpec
 
     a = build_parser().parse_args(["study", "--methods", "arow,trades", "--seeds", "0,2", "--no-guards",
                                    "--aa-n", "0", "--out", "S"])
@@ -115,3 +115,26 @@ def test_study_flags_come_from_the_study_spec():
     assert spec.eps_curve_n == StudySpec.__dataclass_fields__["eps_curve_n"].default  # not given: the spec's
     with pytest.raises(SystemExit):
         build_parser().parse_args(["study", "--seeds", "0,x", "--out", "S"])
+
+
+def test_eval_flags_come_from_the_evaluation_settings():
+    """`arow eval`'s flags are the fields of EvalSettings and GuardSettings: their defaults when no
+    flag is given, each flag landing on its field, and every field a flag."""
+    import dataclasses
+
+    from arow.cli.commands import build_parser
+    from arow.evaluation.settings import EvalSettings, GuardSettings
+
+    p = build_parser()
+    flags = vars(p.parse_args(["eval", "R"]))
+    assert EvalSettings.from_flags(flags) == EvalSettings() and GuardSettings.from_flags(flags) == GuardSettings()
+    a = vars(p.parse_args(["eval", "R", "--attacks", "clean,cw", "--n", "50", "--eps", "8/255", "--norm", "l2",
+                           "--which", "best", "--no-resume", "--json", "o.json", "--no-guards", "--guards-n", "9",
+                           "--guards-seed", "3", "--allow-guard-failures", "--batch-size", "7"]))
+    s, g = EvalSettings.from_flags(a), GuardSettings.from_flags(a)
+    assert (s.attacks, s.n, s.eps, s.norm, s.which, s.resume, s.json_out, s.batch_size) == (
+        ["clean", "cw"], 50, 8 / 255, "l2", "best", False, "o.json", 7)
+    assert (g.enabled, g.n, g.seed, g.allow_failures) == (False, 9, 3, True)
+    for cls in (EvalSettings, GuardSettings):
+        assert set(cls.flag_names()) <= set(flags), cls
+        assert all(f.metadata["help"] for f in dataclasses.fields(cls))

@@ -368,6 +368,112 @@ def test_cifar_data_must_be_an_array(tmp_path):
         load_cifar(tmp_path, train=False)
 
 
+class Reduce:
+    """Unpickles as ``fn(*args)``: what a crafted data pickle asks the unpickler to call."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _numpy_reconstruct():
+    core = getattr(np, "_core", None) or np.core
+    return core.multiarray._reconstruct
+
+
+@pytest.mark.parametrize("how", ["ndarray", "reconstruct"])
+def test_cifar_pickle_cannot_conjure_arrays_whose_bytes_are_not_in_the_file(tmp_path, how):
+    """A 300-byte pickle must not become 20,000 images of uninitialised memory (labels all 0)."""
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, 10)
+
+    def empty(shape, dtype):
+        if how == "ndarray":
+            return Reduce(np.ndarray, shape, np.dtype(dtype))
+        return Reduce(_numpy_reconstruct(), np.ndarray, shape, np.dtype(dtype))
+
+    raw = pickle.dumps({b"data": empty((20_000, 3072), "u1"), b"labels": empty((20_000,), "i8")}, protocol=2)
+    assert len(raw) < 400
+    (folder / "test_batch").write_bytes(raw)
+    with pytest.raises(DataError, match=r"test_batch: refused: .*no data in the file") as e:
+        load_cifar(tmp_path, train=False)
+    assert "\n" not in str(e.value)
+
+
+def test_cifar_labels_built_from_one_list_many_times_are_refused_before_they_expand(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, 10)
+    row = [0] * 5000
+    raw = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [row] * 2000}, protocol=2)
+    assert len(raw) < 30_000  # the pickle memoises the row: 2,000 references to one list
+    (folder / "test_batch").write_bytes(raw)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"test_batch: expected b'labels' to be a list of ints, got a list "
+                                            r"holding list"):
+            load_cifar(tmp_path, train=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB: the 10M-element array was built (80 MB)"
+
+
+def test_cifar_numpy_arrays_and_scalars_still_load(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, 10)
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    for protocol in (2, 4, 5):
+        batch = {b"data": data, b"labels": [np.int64(3), 4], b"coarse": np.array([1.5], np.float32)}
+        (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=protocol))
+        x, y = load_cifar(tmp_path, train=False)
+        assert np.array_equal(x.numpy(), data.reshape(2, 3, 32, 32)) and y.tolist() == [3, 4]
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": data, b"labels": [0, 1],
+                                                      b"odd": np.array([None, 1], dtype=object)}))
+    with pytest.raises(DataError, match="test_batch: refused: an array of dtype object"):
+        load_cifar(tmp_path, train=False)
+
+
+def test_svhn_file_declaring_far_more_than_it_holds_is_refused_before_loading(tmp_path):
+    import scipy.io
+
+    X = np.zeros((32, 32, 3, 6000), np.uint8)  # 18 MB of zeros compress to about 20 KB
+    scipy.io.savemat(tmp_path / "test_32x32.mat", {"X": X, "y": np.ones((6000, 1))}, do_compression=True)
+    del X
+    size = (tmp_path / "test_32x32.mat").stat().st_size
+    assert size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"test_32x32\.mat: refused: declares 6000 images .*above 100:1"):
+            load_svhn(tmp_path, train=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 2**20, f"{peak / 2**20:.1f} MiB inflated to read the headers"
+
+
+def test_svhn_headers_are_read_without_inflating_and_odd_variables_refused(tmp_path):
+    import scipy.io
+
+    from arow.data.readers import mat_variables
+
+    path = tmp_path / "test_32x32.mat"
+    for compress in (False, True):
+        scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 3), np.uint8), "y": np.ones((3, 1)),
+                                "extra": np.zeros((2, 5), np.float32)}, do_compression=compress)
+        assert mat_variables(path) == [("X", (32, 32, 3, 3), "uint8"), ("y", (3, 1), "float64"),
+                                       ("extra", (2, 5), "float32")]
+        assert load_svhn(tmp_path, train=False)[0].shape == (3, 3, 32, 32)
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 3), np.uint8), "y": np.ones((3, 1)),
+                            "c": np.array([[np.zeros(3)]], dtype=object)})
+    with pytest.raises(DataError, match=r"test_32x32\.mat: holds cell variable 'c'"):
+        load_svhn(tmp_path, train=False)
+    path.write_bytes(path.read_bytes()[:140])
+    with pytest.raises(DataError, match=r"test_32x32\.mat: "):
+        load_svhn(tmp_path, train=False)
+
+
 def test_svhn_reader(tmp_path):
     X, y = write_svhn(tmp_path)
     x, yy = load_svhn(tmp_path, train=True)
@@ -504,13 +610,12 @@ def test_tensor_data_checks_user_tensors_but_not_derived_rows():
     with pytest.raises(DataError, match=r"^y: expected 4 labels"):
         TensorData(torch.rand(4, 1, 2, 2), torch.zeros(3, dtype=torch.long), 10)
     d = TensorData(torch.rand(4, 1, 2, 2, dtype=torch.float64), torch.arange(4), 4)
-    assert len(d.shard(3, 4)) == 1 and len(d.subset(0)) == 0  # empty parts stay possible
+    assert len(d.subset(0)) == 0  # empty parts stay possible
 
 
-def test_subset_shard_and_batches():
+def test_subset_and_batches():
     d = from_tensors(torch.rand(10, 1, 2, 2), torch.arange(10), num_classes=10)
     assert torch.equal(d.subset(4).y, torch.arange(4)) and len(d.subset(50)) == 10
-    assert torch.equal(torch.cat([d.shard(r, 3).y for r in range(3)]), d.y)
     assert [y.tolist() for _, y in batches(d, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert d.to("cpu").device.type == "cpu"
 

@@ -31,6 +31,7 @@ from arow.attacks import Attack
 from arow.config.schema import ConfigError, TrainConfig
 from arow.data import TensorData
 from arow.evaluation.cascade import evaluate
+from arow.pipelines import build_trainer
 from arow.training.trainer import Callbacks, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,15 +74,15 @@ def accum_training(out: Path, grad_accum: int) -> Trainer:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                         nn.Linear(216, 4)).double()
-    trainer = Trainer(train_cfg(out, epochs=1, swa_start=None, grad_accum=grad_accum), net, toy_data(128, 0),
-                      plots=False)
+    trainer = build_trainer(train_cfg(out, epochs=1, swa_start=None, grad_accum=grad_accum), net, toy_data(128, 0),
+                            plots=False)
     trainer.fit()
     return trainer
 
 
 def run_training(out: Path, callbacks: Callbacks | None = None, resume: bool = False) -> Trainer:
-    trainer = Trainer(train_cfg(out), bn_net(), toy_data(128, 0), toy_data(40, 1), callbacks=callbacks,
-                      resume=resume)
+    trainer = build_trainer(train_cfg(out), bn_net(), toy_data(128, 0), toy_data(40, 1), callbacks=callbacks,
+                            resume=resume)
     trainer.fit()
     return trainer
 
@@ -162,7 +163,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     accum_training(tmp_path / "ddp_accum", grad_accum=2)  # (e) 2 micro-batches per rank, no_sync on the first
 
     try:  # the same folder again without --resume: refused on both ranks, nothing overwritten
-        Trainer(train_cfg(tmp_path / "ddp"), bn_net(), toy_data(128, 0))
+        build_trainer(train_cfg(tmp_path / "ddp"), bn_net(), toy_data(128, 0))
     except ConfigError as e:
         report["existing_run"] = str(e)
 

@@ -11,7 +11,7 @@ from arow.config.schema import ConfigError, TrainConfig
 from arow.data import DataError, from_tensors
 from arow.data.extra import (ExtraData, MixedLoader, kept_indices, load_extra, read_extra, read_npz,
                              read_rst_pickle)
-from arow.training.trainer import Trainer
+from arow.pipelines import build_trainer
 
 from conftest import tiny_cnn
 from test_training import Crash
@@ -190,6 +190,65 @@ def test_a_pickle_with_a_forbidden_global_is_refused_without_running_it(tmp_path
         read_extra(tmp_path / "list.pickle", 10, SHAPE)
 
 
+class _Call:
+    """Unpickles as ``fn(*args)``."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _peak(fn) -> int:
+    """Peak traced memory (bytes) while ``fn()`` runs."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_compressed_npz_declaring_far_more_than_it_holds_is_refused_before_inflating(tmp_path):
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, image=np.zeros((6000, 32, 32, 3), np.uint8), label=np.zeros(6000, np.int64))
+    assert path.stat().st_size < 100_000  # 18.4 MB of zeros
+
+    def read():
+        with pytest.raises(DataError, match=r"bomb\.npz: refused: 'image' declares 18432128 bytes from \d+ "
+                                            r"compressed \(\d+:1, above 100:1\)") as e:
+            read_extra(path, 10, (32, 32, 3))
+        assert "\n" not in str(e.value)
+
+    assert _peak(read) < 2 * 2**20, "nothing is inflated"
+    _npz(tmp_path / "ok.npz", n=30000, compressed=True)  # random images compress about 1:1: still read
+    assert len(read_extra(tmp_path / "ok.npz", 10, SHAPE)[0]) == 30000
+
+
+def test_an_rst_pickle_cannot_conjure_arrays_whose_bytes_are_not_in_the_file(tmp_path):
+    empty = [_Call(np.ndarray, (20_000, 8, 8, 3), np.dtype("u1")), _Call(np.ndarray, (20_000,), np.dtype("i8"))]
+    path = _rst(tmp_path / "ti.pickle", data=empty[0], extrapolated_targets=empty[1], ti_index=None)
+    assert path.stat().st_size < 500
+    with pytest.raises(DataError, match=r"ti\.pickle: refused: numpy\.ndarray\(\.\.\.\) called directly"):
+        read_extra(path, 10, SHAPE)
+
+
+def test_rst_labels_built_from_one_list_many_times_are_refused_before_they_expand(tmp_path):
+    row = [0] * 5000
+    path = _rst(tmp_path / "ti.pickle", extrapolated_targets=[row] * 2000)
+    assert path.stat().st_size < 30_000
+
+    def read():
+        with pytest.raises(DataError, match="expected 'extrapolated_targets' to be a list of ints, got a list "
+                                            "holding list"):
+            read_extra(path, 10, SHAPE)
+
+    assert _peak(read) < 8 * 2**20, "the 10M-element label array (80 MB) was built"
+    ok = _rst(tmp_path / "list.pickle", extrapolated_targets=[i % 10 for i in range(20)])
+    assert read_extra(ok, 10, SHAPE)[1].tolist() == [i % 10 for i in range(20)]
+
+
 # --------------------------------------------------------------------------- the mixing loader
 def _real(n=50, c=3, hw=8):
     """Real images whose pixels say which example they are (i / 255) and labels 0..4."""
@@ -273,6 +332,19 @@ def test_labels_kept_keeps_exactly_n_balanced_and_reads_index_files(tmp_path):
         kept_indices("1001", labels, 10, seed=0)
 
 
+def test_labels_kept_file_with_a_number_beyond_64_bits_is_one_line(tmp_path, capsys):
+    from arow.cli.commands import main
+
+    labels = torch.arange(1000) % 10
+    (tmp_path / "big.txt").write_text("3 7 99999999999999999999999\n")
+    with pytest.raises(DataError, match=r"big\.txt: position 99999999999999999999999 is beyond 64-bit integers"):
+        kept_indices(str(tmp_path / "big.txt"), labels, 10, seed=0)
+    assert main(["train", "--labels-kept", str(tmp_path / "big.txt"), "--limit-train", "64", "--epochs", "1",
+                 "--eval-attacks", "", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "beyond 64-bit integers" in err[0]
+
+
 def test_config_fields_flags_and_round_trip(tmp_path, capsys):
     from arow.cli.commands import main
 
@@ -312,7 +384,7 @@ def small(fmnist_small):
 
 def _run(cfg, data, val, extra, callbacks=None, resume=False):
     torch.manual_seed(cfg.seed)
-    return Trainer(cfg, tiny_cnn(), data, val, callbacks=callbacks, resume=resume, extra=extra).fit()
+    return build_trainer(cfg, tiny_cnn(), data, val, callbacks=callbacks, resume=resume, extra=extra).fit()
 
 
 def test_resume_after_a_crash_with_extra_data_and_ema_equals_an_uninterrupted_run(tmp_path, small):
@@ -366,8 +438,8 @@ def run_folder(tmp_path, fmnist_small):
             "std": None, "dataset": "fashion-mnist"}
     cfg = TrainConfig(epochs=1, batch_size=32, eps=0.1, attack_steps=1, val_attack="pgd1", labels_kept="30",
                       limit_train=1000, out=str(tmp_path / "run"), eval_attacks="")
-    Trainer(cfg, model, from_tensors(xtr[:32], ytr[:32], name="fashion-mnist"),
-            from_tensors(xtr[32:48], ytr[32:48], name="fashion-mnist"), model_spec=spec, plots=False).fit()
+    build_trainer(cfg, model, from_tensors(xtr[:32], ytr[:32], name="fashion-mnist"),
+                  from_tensors(xtr[32:48], ytr[32:48], name="fashion-mnist"), model_spec=spec, plots=False).fit()
     return tmp_path / "run"
 
 
@@ -398,6 +470,20 @@ def test_pseudo_labels_are_the_models_argmax_and_the_cli_writes_them(tmp_path, r
                  str(tmp_path / "x.npy")]) == 2
 
 
+def test_pseudo_label_checks_out_before_labelling(tmp_path, run_folder, monkeypatch, capsys):
+    import arow.pseudo as pseudo
+    from arow.cli.commands import main
+
+    calls = []
+    monkeypatch.setattr(pseudo, "predict", lambda *a, **kw: calls.append(1))
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "pseudo.npz"  # its folder would be a file: it cannot be written
+    assert main(["pseudo-label", str(run_folder), "--data", "fashion-mnist", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "pseudo.npz" in err[0]
+    assert calls == [], "nothing was labelled before the output was found unwritable"
+
+
 def test_exclude_kept_leaves_out_what_the_run_used_as_labels(run_folder):
     from arow.config.schema import TrainConfig as TC
     from arow.data import load_dataset
@@ -416,11 +502,11 @@ def test_exclude_kept_leaves_out_what_the_run_used_as_labels(run_folder):
 
 
 def test_the_extra_data_presets_are_valid_configs():
-    from arow.config.schema import load_preset
+    from arow.config import load_preset, resolve
 
     for name, file in [("cifar10-wrn28-10-ddpm", "cifar10_ddpm.npz"),
                        ("cifar10-wrn28-10-rst", "ti_500K_pseudo_labeled.pickle")]:
-        cfg = TrainConfig.from_dict(load_preset(name)).resolve()
+        cfg = resolve(TrainConfig.from_dict(load_preset(name)))
         assert cfg.extra_data == [file] and cfg.extra_fraction == 0.7 and cfg.ema == 0.995 and cfg.ema_bn == "copy"
         assert (cfg.model, cfg.activation, cfg.schedule, cfg.epochs, cfg.nesterov) == (
             "wrn-28-10", "silu", "cosine", 500, True)

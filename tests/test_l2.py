@@ -22,7 +22,7 @@ from arow.methods.gair_at import gair_attack
 from arow.rng import BatchRNG
 from arow.reporting.robustbench import model_info
 from arow.threat import ThreatModel
-from arow.training.trainer import Trainer
+from arow.pipelines import build_trainer
 
 from conftest import tiny_cnn
 
@@ -167,20 +167,22 @@ def test_an_attack_leaving_the_l2_ball_is_refused(trained_model, fmnist_small):
 
 # --------------------------------------------------------------------------- config, training, evaluate_run
 def test_config_norm_and_default_eps():
-    assert TrainConfig().resolve().norm == "linf" and TrainConfig().resolve().eps == 0.1
-    assert TrainConfig(norm="l2").resolve().eps == 1.5
-    assert TrainConfig(norm="l2", dataset="cifar10").resolve().eps == 0.5
-    assert TrainConfig(norm="l2", dataset="svhn", eps=0.25).resolve().eps == 0.25
-    assert TrainConfig(norm="l2", eps=2.0).resolve().eps == 2.0  # L2 radii above 1 are fine
+    from arow.config import resolve
+
+    assert resolve(TrainConfig()).norm == "linf" and resolve(TrainConfig()).eps == 0.1
+    assert resolve(TrainConfig(norm="l2")).eps == 1.5
+    assert resolve(TrainConfig(norm="l2", dataset="cifar10")).eps == 0.5
+    assert resolve(TrainConfig(norm="l2", dataset="svhn", eps=0.25)).eps == 0.25
+    assert resolve(TrainConfig(norm="l2", eps=2.0)).eps == 2.0  # L2 radii above 1 are fine
     with pytest.raises(ConfigError, match=r"--eps must be in \[0, 1\]"):
-        TrainConfig(eps=2.0).resolve()
+        resolve(TrainConfig(eps=2.0))
     with pytest.raises(ConfigError, match=r"--eps must be in \[0, 28\] for --norm l2"):
-        TrainConfig(norm="l2", eps=100.0).resolve()
+        resolve(TrainConfig(norm="l2", eps=100.0))
     with pytest.raises(ConfigError, match="--norm must be one of"):
-        TrainConfig(norm="l1").resolve()
+        resolve(TrainConfig(norm="l1"))
     assert TrainConfig.from_dict(TrainConfig(norm="l2").to_dict()).norm == "l2"
     # a preset's eps is an L-inf radius: --norm l2 without --eps takes the data set's L2 default
-    from arow.config.schema import resolve_config
+    from arow.config import resolve_config
 
     assert resolve_config({"norm": "l2"}, preset="cifar10-resnet18").eps == 0.5
     assert resolve_config({"norm": "l2", "eps": 0.25}, preset="cifar10-resnet18").eps == 0.25
@@ -197,8 +199,8 @@ def test_l2_training_run_records_and_evaluates_its_norm(tmp_path, fmnist_small):
                       augment="none", out=str(out), device="cpu", amp="off")
     torch.manual_seed(0)
     train = from_tensors(xtr[:192], ytr[:192], name="fashion-mnist")  # its default L2 radius: 1.5
-    res = Trainer(cfg, tiny_cnn(), train, from_tensors(xtr[1000:1064], ytr[1000:1064], name="fashion-mnist"),
-                  plots=False).fit()
+    res = build_trainer(cfg, tiny_cnn(), train, from_tensors(xtr[1000:1064], ytr[1000:1064], name="fashion-mnist"),
+                        plots=False).fit()
     assert res.history and math.isfinite(res.history[-1]["train_loss"])
     saved = json.loads((out / "config.json").read_text())
     assert saved["norm"] == "l2" and saved["eps"] == 1.5 and saved["resolved"]["norm"] == "l2"

@@ -16,6 +16,7 @@ from arow.methods.awp import PROXY_LR, perturbed_weights
 from arow.methods.gair_at import gair_attack
 from arow.methods.hat import helper_points
 from arow.threat import ThreatModel
+from arow.pipelines import build_trainer
 from arow.training.trainer import Trainer
 
 from conftest import tiny_cnn
@@ -286,7 +287,7 @@ def helper_run(tmp_path_factory):
     spec = {"name": "small-cnn", "num_classes": 10, "in_channels": 1, "image_size": 16, "mean": None, "std": None}
     model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=16)
     cfg = TrainConfig(method="natural", epochs=1, eps=0.1, batch_size=32, val_size=0, out=str(out), device="cpu", amp="off")
-    Trainer(cfg, model, data, model_spec=spec).fit()
+    build_trainer(cfg, model, data, model_spec=spec).fit()
     return out
 
 

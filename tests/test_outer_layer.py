@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from arow.training.callbacks import Callbacks
-from arow.config.schema import ConfigError, TrainConfig, method_flags, resolve_config
+from arow.config import ConfigError, TrainConfig, method_flags, resolve_config
 from arow.data import from_tensors
+from arow.pipelines import build_trainer
 from arow.runs.rundir import RunDir, RunFolderError
 from arow.training.trainer import Trainer
 
@@ -69,7 +70,7 @@ def test_resolution_precedence_defaults_preset_resumed_run_flags(tmp_path, fmnis
     assert cfg.augment == "flip" and cfg.out == "runs/fashion-mnist-arow-small-cnn-s0"  # dataset defaults
     # a resumed run's saved config beats the preset's defaults; flags given now still override it
     out = tmp_path / "run"
-    Trainer(_cfg(out, epochs=1, seed=4), tiny_cnn(), _data()).fit()
+    build_trainer(_cfg(out, epochs=1, seed=4), tiny_cnn(), _data()).fit()
     cfg = resolve_config({"out": str(out), "epochs": 3}, {}, resume=True)
     assert (cfg.seed, cfg.epochs, cfg.batch_size) == (4, 3, 32)
     with pytest.raises(ConfigError, match="--preset cannot be combined with --resume"):
@@ -113,7 +114,7 @@ def test_config_types_come_from_type_hints():
 
 
 def test_preset_milestones_follow_a_shorter_run():
-    from arow.config.schema import load_preset
+    from arow.config import load_preset
 
     cfg = TrainConfig.from_dict({k: v for k, v in load_preset("cifar10-resnet18").items()})
     assert cfg.milestone_epochs() == [60.0, 100.0]
@@ -146,12 +147,13 @@ def test_callbacks_see_the_fit_in_order_and_the_writer_comes_first(tmp_path):
         def close(self, error=None):
             events.append(f"close:{type(error).__name__}")
 
-    Trainer(_cfg(tmp_path / "run"), tiny_cnn(), _data(), _data(32, 1), callbacks=[Record()]).fit()
+    build_trainer(_cfg(tmp_path / "run"), tiny_cnn(), _data(), _data(32, 1), callbacks=[Record()]).fit()
     assert events == ["start", "epoch0", "val", "end1", "epoch1", "val", "end2", "fit_end", "close:NoneType"]
 
 
 def test_the_constructor_writes_nothing(tmp_path):
     Trainer(_cfg(tmp_path / "run"), tiny_cnn(), _data())
+    build_trainer(_cfg(tmp_path / "run"), tiny_cnn(), _data())
     assert not (tmp_path / "run").exists()
 
 
@@ -189,8 +191,8 @@ def test_evaluate_run_reports_whether_the_guards_ran(tmp_path):
     spec = {"name": "small-cnn", "num_classes": 10, "in_channels": 1, "image_size": 28, "mean": None, "std": None,
             "dataset": "fashion-mnist"}
     torch.manual_seed(0)
-    Trainer(_cfg(out, epochs=1), build_model("small-cnn", num_classes=10, in_channels=1, image_size=28), _data(),
-            model_spec=spec, plots=False).fit()
+    build_trainer(_cfg(out, epochs=1), build_model("small-cnn", num_classes=10, in_channels=1, image_size=28),
+                  _data(), model_spec=spec, plots=False).fit()
     test = _data(40, 3)
     rep = evaluate_run(out, ["clean", "pgd2"], data=test, guards=False)
     assert not rep.guards_ran and rep.path.name == "eval.json"
@@ -242,7 +244,7 @@ def test_amp_auto_on_the_cpu(monkeypatch, native, switch, expected):
 
 # --------------------------------------------------------------------------- what the CLI calls
 def test_method_flag_help_points_shorthands_to_the_prefixed_flags():
-    from arow.config.schema import method_flag_help
+    from arow.config import method_flag_help
 
     table = method_flag_help()
     assert list(table) == sorted(method_flags())
@@ -253,15 +255,17 @@ def test_method_flag_help_points_shorthands_to_the_prefixed_flags():
 
 def test_evaluate_source_picks_the_pipeline_and_checks_its_flags(tmp_path):
     from arow.pipelines import evaluate_source
-    from arow.evaluation.sources import user_model_name
+    from arow.evaluation.sources import open_source
 
     with pytest.raises(ValueError, match="give a run folder"):
         evaluate_source(None)
+    (tmp_path / "m.pt2").write_bytes(b"")
     with pytest.raises(ValueError, match="not both"):
         evaluate_source(tmp_path / "m.pt2", model_factory="mynets:mlp")
     with pytest.raises(ValueError, match="--weights goes with --model-factory"):
         evaluate_source(tmp_path, weights=tmp_path / "w.pt")
-    assert user_model_name("mynets:mlp") == "mlp" and user_model_name(tmp_path / "exported.pt2") == "exported"
+    assert open_source(model_factory="mynets:mlp", dataset="fashion-mnist").name == "mlp"
+    assert open_source(tmp_path / "m.pt2", dataset="fashion-mnist", trust_code=True).name == "m"
 
 
 @pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST not installed")
@@ -285,3 +289,22 @@ def test_train_and_evaluate_is_arow_train(tmp_path):
     assert rep.path == out / "eval_n40.json" and set(rep.accuracy) == {"clean", "pgd2", "worst_case"}
     assert json.loads(rep.path.read_text())["train_seconds"] == pytest.approx(run.seconds)
     assert (out / "curves.png").is_file()  # drawn after the evaluation
+
+
+@pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST not installed")
+def test_train_and_evaluate_evaluates_the_model_it_holds_without_reading_it_back(tmp_path, monkeypatch):
+    from arow.pipelines import train_and_evaluate
+
+    loads = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    out = tmp_path / "run"
+    cfg = TrainConfig(epochs=1, limit_train=100, val_size=20, batch_size=50, attack_steps=1, eval_n=40, norm="l2",
+                      eval_attacks="clean,pgd2", guards=False, out=str(out))
+    run = train_and_evaluate(cfg)
+    assert loads == []  # the data set, norm and eps come from the plan, the model from memory
+    saved = json.loads(run.evaluation.path.read_text())
+    assert (saved["norm"], saved["eps"], saved["dataset"]) == ("l2", 1.5, "fashion-mnist")
+    assert (saved["checkpoint"], saved["which"], saved["model"], saved["method"]) == (
+        str(out / "final.pt"), "final", "small-cnn", "arow")
+    assert run.evaluation.path == out / "eval_n40.json"

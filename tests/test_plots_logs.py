@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from arow.reporting import plots
 from arow.cli.commands import main
 from arow.config.schema import TrainConfig
 from arow.data import TensorData, from_tensors
+from arow.pipelines import build_trainer
 from arow.reporting.tables import load_run
 from arow.runs.rundir import RunDir
 from arow.training.trainer import Trainer
@@ -28,12 +30,13 @@ def resolved_config(method: str, out: Path, seed: int = 0, **cfg) -> dict:
     data = from_tensors(torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)))
     c = TrainConfig(method=method, epochs=3, batch_size=8, eps=0.1, attack_steps=1, val_size=0, seed=seed,
                     device="cpu", out=str(out), **cfg)
-    return Trainer(c, tiny_cnn(), data, model_spec=SPEC, plots=False).resolved_config()
+    return Trainer(c, tiny_cnn(), data, model_spec=SPEC).resolved_config()
 
 
 def fabricate_run(root: Path, name: str, method: str, *, seed: int = 0, val=(0.30, 0.40, 0.45),
-                  with_eval: bool = True, averaged: str = "", test_acc=(0.70, 0.35), **cfg) -> Path:
-    """A run folder as Trainer and `arow eval` write it: config.json, metrics.jsonl, eval.json."""
+                  with_eval: bool = True, averaged: str = "", test_acc=(0.70, 0.35), n: int = 10000, **cfg) -> Path:
+    """A run folder as Trainer and `arow eval` write it: config.json, metrics.jsonl, and an evaluation
+    of ``n`` test images: eval.json on the full test set (10000), eval_n<N>.json on a subset."""
     d = root / name
     d.mkdir(parents=True)
     RunDir(d).write_config(resolved_config(method, d, seed, **cfg))
@@ -54,11 +57,11 @@ def fabricate_run(root: Path, name: str, method: str, *, seed: int = 0, val=(0.3
     RunDir(d).write_metrics(records)
     if with_eval:
         acc = {"clean": test_acc[0], "pgd20": test_acc[1]}
-        RunDir(d).write_json("eval.json", {
-            "n": 500, "norm": "linf", "eps": 0.1, "threat_model": "L-inf eps 0.1", "accuracy": acc,
+        RunDir(d).write_json(RunDir(d).eval_path("final", n, 10000).name, {
+            "n": n, "norm": "linf", "eps": 0.1, "threat_model": "L-inf eps 0.1", "accuracy": acc,
             "per_class": {k: [min(1.0, v + 0.03 * (c - 5)) for c in range(10)] for k, v in acc.items()},
             "seconds": {"clean": 0.1, "pgd20": 1.0}, "attacks": {}, "attack_settings": {}, "eval_seed": 0,
-            "dataset": "fashion-mnist", "test_set_size": 10000, "subset": True, "checkpoint": str(d / "final.pt"),
+            "dataset": "fashion-mnist", "test_set_size": 10000, "subset": n < 10000, "checkpoint": str(d / "final.pt"),
             "which": "final", "method": method, "model": "tiny-cnn", "seed": seed})
     return d
 
@@ -71,13 +74,13 @@ def assert_png(path: Path) -> None:
 def capture_figures(monkeypatch) -> dict[str, object]:
     """Record every figure plots saves, by file name (the PNG is still written)."""
     figures: dict[str, object] = {}
-    save = plots._save
+    save = plots.common.save
 
     def keep(fig, path):
         figures[Path(path).name] = fig
         return save(fig, path)
 
-    monkeypatch.setattr(plots, "_save", keep)
+    monkeypatch.setattr(plots.common, "save", keep)
     return figures
 
 
@@ -100,10 +103,10 @@ def test_compare_runs_draws_four_figures_and_leaves_out_what_a_run_lacks(tmp_pat
         assert p.parent == tmp_path / "figures"
         assert_png(p)
     # the run without eval.json: left out of the per-class and scatter figures, said in the log and the figure
-    assert "mart-s1: no eval.json with per-class numbers" in caplog.text
+    assert "mart-s1: no evaluation with per-class numbers" in caplog.text
     for name in ("compare_per_class.png", "compare_tradeoff.png"):
         title = figures[name].axes[0].get_title()
-        assert "left out (no eval" in title and "mart-s1" in title
+        assert "left out (no " in title and "mart-s1" in title and "subset" not in title
     # TRADES has no per-example weight: not in the weight figure, and the figure says so
     title = figures["compare_weights.png"].axes[0].get_title()
     assert "left out (no per-example weight): trades-s0" in title
@@ -152,6 +155,90 @@ def test_cli_plot_compares_into_the_current_directory_and_one_run_as_before(tmp_
         "compare_curves.png", "compare_per_class.png", "compare_tradeoff.png"]  # TRADES logs no weight
 
 
+def test_a_run_evaluated_on_a_subset_only_is_drawn_and_marked(tmp_path, monkeypatch, capsys):
+    """`arow eval DIR --n 20` leaves eval_n20.json only: the run is in the trade-off figure as a hollow
+    point labelled with its n, and its per-class figure names the subset file."""
+    full = fabricate_run(tmp_path, "full", "trades")
+    sub = fabricate_run(tmp_path, "sub", "trades", seed=1, n=20, test_acc=(0.60, 0.25))
+    assert (sub / "eval_n20.json").is_file() and not (sub / "eval.json").exists()
+    figures = capture_figures(monkeypatch)
+    assert main(["plot", str(full), str(sub), "--out", str(tmp_path / "cmp")]) == 0
+    ax = figures["compare_tradeoff.png"].axes[0]
+    points = {c.get_label(): c for c in ax.collections}
+    assert set(points) == {"full (n=10000)", "sub (n=20, subset)"}
+    assert points["sub (n=20, subset)"].get_offsets()[0].tolist() == pytest.approx([60.0, 25.0])
+    assert tuple(points["sub (n=20, subset)"].get_facecolor()[0]) == (1.0, 1.0, 1.0, 1.0)  # hollow
+    assert tuple(points["full (n=10000)"].get_facecolor()[0]) != (1.0, 1.0, 1.0, 1.0)
+    assert "hollow: evaluated on the first n test images only" in ax.get_title()
+    per_class = figures["per_class.png"].axes[0].get_title()  # the last run drawn: sub
+    assert "20 of 10000 test images (SUBSET: eval_n20.json)" in per_class
+    assert any("n=20, subset" in t for t in legend_texts(figures["compare_per_class.png"]))
+
+
+def study_result(aa_n: int = 100) -> dict:
+    """A study's result dict as `collect` builds it: ARoW with one finished seed, TRADES with two,
+    MART with none; AutoAttack on the first ``aa_n`` test images, PGD-20 and clean on all of them."""
+    def stat(vals):
+        m = sum(vals) / len(vals) if vals else None
+        sd = statistics.stdev(vals) if len(vals) > 1 else None
+        return {"per_seed": dict(enumerate(vals)), "mean": m, "std": sd, "n": len(vals)}
+
+    acc = {"arow": [{"autoattack": 0.40, "pgd20": 0.45, "clean": 0.80}],
+           "trades": [{"autoattack": 0.38, "pgd20": 0.43, "clean": 0.82}, {"autoattack": 0.36, "pgd20": 0.41,
+                                                                            "clean": 0.84}],
+           "mart": []}
+    metrics = ["autoattack", "pgd20", "clean"]
+    rows = [{"label": lab, "method": lab, "metrics": {m: stat([a[m] for a in runs]) for m in metrics}, "paired": {}}
+            for lab, runs in acc.items()]
+    cells = [{"label": lab, "seed": i, "status": "done", "accuracy": a, "dataset": "fashion-mnist", "eps": 0.1,
+              "per_class": {"pgd20": [a["pgd20"]] * 10}} for lab, runs in acc.items() for i, a in enumerate(runs)]
+    cells.append({"label": "mart", "seed": 0, "status": "failed", "accuracy": {}})
+    return {"spec": {"aa_n": aa_n, "preset": "fmnist", "eps_curve_n": 0}, "metrics": metrics, "rows": rows,
+            "cells": cells}
+
+
+def test_study_bars_start_at_zero_and_keep_the_autoattack_subset_apart(tmp_path, monkeypatch):
+    from matplotlib.container import ErrorbarContainer
+
+    figures = capture_figures(monkeypatch)
+    paths = plots.study_plots(study_result(), tmp_path)
+    assert sorted(p.name for p in paths) == ["bars.png", "per_class.png", "tradeoff.png"]
+    fig = figures["bars.png"]
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert set(panels) == {"full test set", "first 100 test images only"}
+    full, aa = panels["full test set"], panels["first 100 test images only"]
+    assert [t.get_text() for t in full.get_xticklabels()] == ["PGD-20", "clean"]
+    assert [t.get_text() for t in aa.get_xticklabels()] == ["AutoAttack (first 100)"]
+    for ax in (full, aa):
+        assert ax.get_ylim()[0] == 0
+        # TRADES (2 seeds) has an error bar per metric; ARoW (1 seed) none, and says n=1
+        assert len([c for c in ax.containers if isinstance(c, ErrorbarContainer)]) == len(ax.get_xticklabels())
+        notes = [t.get_text() for t in ax.texts]
+        assert notes.count("n=1") == len(ax.get_xticklabels()) and notes.count("n=2") == len(ax.get_xticklabels())
+    heights = sorted(round(p.get_height(), 6) for p in full.patches)
+    assert heights == sorted(round(v, 6) for v in [45.0, 80.0, 42.0, 83.0])
+    # MART finished no run: no bar, no legend entry, and the others keep their colours
+    legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert legend == ["arow", "trades"]
+    colours = plots.study_colours(study_result())
+    trades_bar = next(p for p in full.patches if round(p.get_height(), 6) == 42.0)
+    assert tuple(trades_bar.get_facecolor()) == pytest.approx(tuple(colours["trades"]))
+
+
+def test_study_tradeoff_uses_a_full_test_set_attack_and_names_subsets(tmp_path, monkeypatch):
+    figures = capture_figures(monkeypatch)
+    plots.study_plots(study_result(), tmp_path)
+    ax = figures["tradeoff.png"].axes[0]
+    assert ax.get_ylabel() == "robust accuracy: PGD-20, full test set (%)"
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"arow", "trades"}
+    result = study_result()  # a study whose only attack is AutoAttack on a subset says so
+    result["metrics"] = ["autoattack", "clean"]
+    for c in result["cells"]:
+        c["accuracy"].pop("pgd20", None)
+    plots.study_plots(result, tmp_path)
+    assert figures["tradeoff.png"].axes[0].get_ylabel() == "robust accuracy: AutoAttack (first 100) (%)"
+
+
 # --------------------------------------------------------------------------- curves.png
 @pytest.mark.parametrize("averaged", ["swa", "ema"])
 def test_best_marker_sits_on_the_curve_it_was_selected_on(tmp_path, averaged):
@@ -191,7 +278,7 @@ def logged_run(tmp_path_factory):
         torch.manual_seed(0)
         cfg = TrainConfig(method="arow", epochs=epochs, batch_size=50, eps=0.1, attack_steps=1, val_size=0,
                           val_attack="fgsm", log_every=2, device="cpu", out=str(out), tensorboard=tb)
-        Trainer(cfg, tiny_cnn(), data, val, model_spec=SPEC, resume=epochs > 1).fit()
+        build_trainer(cfg, tiny_cnn(), data, val, model_spec=SPEC, resume=epochs > 1).fit()
     return out
 
 

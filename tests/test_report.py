@@ -70,10 +70,11 @@ def test_two_seeds_aggregate_to_mean_and_sample_std(tmp_path):
     head, row = md_header(md), md_row(md, "arow")
     cell = dict(zip(head, row))
     assert cell["seeds"] == "0, 1"
-    assert cell["clean"] == "82.00 ± 2.83"  # mean 82, stdev(80, 84) = 2.828
-    assert cell["PGD-20"] == f"43.00 ± {100 * statistics.stdev([0.40, 0.46]):.2f}"
-    assert cell["CW"] == "36.00 ± 1.41"
-    assert cell["worst case"] == "35.00 ± 1.41"
+    # evaluated on 300 of 10000 test images: every test number says so
+    assert cell["clean"] == "82.00 ± 2.83 (n=300)"  # mean 82, stdev(80, 84) = 2.828
+    assert cell["PGD-20"] == f"43.00 ± {100 * statistics.stdev([0.40, 0.46]):.2f} (n=300)"
+    assert cell["CW-30"] == "36.00 ± 1.41 (n=300)"
+    assert cell["worst case"] == "35.00 ± 1.41 (n=300)"
     assert cell["eps"] == "0.1"
     assert cell["n test"] == "300 of 10000 (SUBSET)"
     assert cell["val PGD-20 (last)"] == "50.00 ± 7.07"  # last epochs: 0.45, 0.55
@@ -94,7 +95,7 @@ def test_different_recipes_and_seeds_make_separate_rows(tmp_path):
     rows = [line for line in md.splitlines() if line.startswith("| arow ")]
     assert len(rows) == 2 and "lr=0.05" in rows[1] and "lr=0.1" in rows[0]
     cell = dict(zip(head, md_row(md, "trades")))
-    assert cell["AutoAttack"] == "25.00" and cell["seeds"] == "0"
+    assert cell["AutoAttack"] == "25.00 (n=300)" and cell["seeds"] == "0"
     arow_cells = dict(zip(head, [c.strip() for c in rows[0].strip("|").split("|")]))
     assert arow_cells["AutoAttack"] == "–"  # missing column for this run: a dash, not a zero
 
@@ -110,7 +111,7 @@ def test_run_without_eval_shows_validation_numbers_and_a_note(tmp_path):
     cell = dict(zip(md_header(md), md_row(md, "arow")))
     assert cell["val PGD-20 (last)"] == "30.00"
     assert cell["n test"] == "–"
-    assert "no eval.json" in cell["notes"]
+    assert "not evaluated" in cell["notes"] and "run `arow eval`" in cell["notes"]
     assert "clean" not in md_header(md)  # no run has test numbers: no test columns at all
 
 
@@ -218,7 +219,7 @@ def tiny_run(tmp_path_factory):
     from arow.config.schema import TrainConfig
     from arow.data import from_tensors
     from arow.models import build_model
-    from arow.training.trainer import Trainer
+    from arow.pipelines import build_trainer
 
     out = tmp_path_factory.mktemp("tb") / "run"
     g = torch.Generator().manual_seed(0)
@@ -228,8 +229,8 @@ def tiny_run(tmp_path_factory):
     model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=28)
     cfg = TrainConfig(epochs=1, batch_size=48, eps=0.1, attack_steps=1, val_size=0, out=str(out), tensorboard=True,
                       device="cpu")
-    Trainer(cfg, model, data, val, model_spec={"name": "small-cnn", "num_classes": 10, "in_channels": 1,
-                                               "image_size": 28, "dataset": "fashion-mnist"}).fit()
+    build_trainer(cfg, model, data, val, model_spec={"name": "small-cnn", "num_classes": 10, "in_channels": 1,
+                                                     "image_size": 28, "dataset": "fashion-mnist"}).fit()
     return out
 
 
@@ -268,11 +269,182 @@ def test_tensorboard_missing_is_a_clear_error(monkeypatch, tmp_path):
     from arow.config.schema import TrainConfig
     from arow.data import from_tensors
     from arow.models import build_model
-    from arow.training.trainer import Trainer
+    from arow.pipelines import build_trainer
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
     data = from_tensors(torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)), name="fashion-mnist")
     model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=28)
     cfg = TrainConfig(epochs=1, batch_size=8, eps=0.1, val_size=0, out=str(tmp_path / "r"), tensorboard=True)
     with pytest.raises(ValueError, match=r"needs the tensorboard package: pip install"):
-        Trainer(cfg, model, data)
+        build_trainer(cfg, model, data)
+
+
+# --------------------------------------------------------------------------- the run-folder reader
+def write_eval(run: Path, name: str, *, n: int, accuracy: dict, full: int = 10000, **extra) -> Path:
+    """An evaluation file as `arow eval` writes it (``eval_n<N>.json`` for a subset)."""
+    path = run / name
+    path.write_text(json.dumps({"n": n, "eps": 0.1, "norm": extra.pop("norm", "linf"), "accuracy": accuracy,
+                                "per_class": {k: [v] * 10 for k, v in accuracy.items()}, "dataset": "fashion-mnist",
+                                "test_set_size": full, "subset": n < full, "method": "arow", "seed": 0, **extra}))
+    return path
+
+
+def test_read_run_lists_every_evaluation_and_says_which_are_full(tmp_path):
+    from arow.reporting.records import read_run
+
+    d = make_run(tmp_path, "r", n=10000, accuracy={"clean": 0.8, "pgd20": 0.4})
+    write_eval(d, "eval_n20.json", n=20, accuracy={"clean": 0.75, "autoattack": 0.3})
+    write_eval(d, "eval_best.json", n=10000, accuracy={"clean": 0.81, "pgd20": 0.41})
+    write_eval(d, "eval_l2.json", n=10000, accuracy={"clean": 0.8, "pgd20": 0.5}, norm="l2")
+    write_eval(d, "eval_best_l2_n50.json", n=50, accuracy={"clean": 0.8, "pgd20": 0.5}, norm="l2")
+    (d / "eval_state").mkdir()  # an interrupted evaluation's progress: not an evaluation
+    (d / "eps_curve.json").write_text(json.dumps({"train_eps": 0.1, "points": [{"eps": 0.0, "accuracy": 0.8}]}))
+    rec = read_run(d)
+    assert list(rec.evals) == ["eval.json", "eval_best.json", "eval_best_l2_n50.json", "eval_l2.json", "eval_n20.json"]
+    assert {k: e.full for k, e in rec.evals.items()} == {"eval.json": True, "eval_best.json": True,
+                                                         "eval_best_l2_n50.json": False, "eval_l2.json": True,
+                                                         "eval_n20.json": False}
+    e = rec.evals["eval_best_l2_n50.json"]
+    assert (e.which, e.other_norm, e.n, e.test_set_size, e.subset) == ("best", "l2", 50, 10000, True)
+    assert e.size_text == "50 of 10000 test images (SUBSET)"
+    assert rec.reported_eval().name == "eval.json"
+    assert rec.eval("final", full=False).name == "eval_n20.json"
+    assert rec.eval("best").accuracy == {"clean": 0.81, "pgd20": 0.41}
+    assert rec.eval("final", other_norm="l2").name == "eval_l2.json"
+    assert (rec.method, rec.dataset, rec.seed) == ("arow", "fashion-mnist", 0)
+    assert len(rec.metrics) == 3 and rec.steps == [] and rec.config["method"] == "arow"
+    assert rec.eps_curve["points"] == [{"eps": 0.0, "accuracy": 0.8}]
+    assert not rec.finished and not rec.failed and rec.failure is None
+    (d / "final.pt").write_bytes(b"")
+    assert read_run(d).finished
+
+
+def test_read_run_without_eval_json_reports_the_largest_subset(tmp_path):
+    from arow.reporting.records import read_run
+
+    d = make_run(tmp_path, "r", with_eval=False)
+    write_eval(d, "eval_n20.json", n=20, accuracy={"clean": 0.7, "pgd20": 0.4})
+    write_eval(d, "eval_n100.json", n=100, accuracy={"clean": 0.72, "pgd20": 0.42})
+    write_eval(d, "eval_best_n500.json", n=500, accuracy={"clean": 0.9, "pgd20": 0.5})  # not the final model
+    ev = read_run(d).reported_eval()
+    assert ev.name == "eval_n100.json" and ev.subset and not ev.full
+    assert read_run(d).eval("final") is None  # no full-test-set number
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("eval_n20.json", "{not json", "eval_n20.json: unreadable"),
+    ("eval.json", '{"n": 5}', "eval.json has no 'accuracy' mapping"),
+    ("eval_best.json", '{"accuracy": {"clean": "high"}}', "eval_best.json: 'accuracy' holds values"),
+    ("eval_n20.json", '{"n": "20", "accuracy": {"clean": 0.5}}', "eval_n20.json: 'n' is '20'"),
+    ("diverged.json", "[1", "diverged.json: unreadable"),
+    ("diverged.json", "[1]", "diverged.json: not a JSON object"),
+    ("metrics.jsonl", '{"epoch": 1}\n{"epoch": 2', "metrics.jsonl line 2: not JSON"),
+    ("eps_curve.json", '{"points": [{"eps": "0.1", "accuracy": 0.5}]}', "eps_curve.json: no 'points' list"),
+    ("eps_curve.json", "", "eps_curve.json: unreadable"),
+])
+def test_read_run_names_a_damaged_file_in_one_line(tmp_path, name, content, message):
+    from arow.reporting.records import read_run
+
+    d = make_run(tmp_path, "r")
+    (d / name).write_text(content)
+    with pytest.raises(RunFolderError) as err:
+        read_run(d)
+    assert message in str(err.value) and str(d / name) in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(RunFolderError, match=message.split(":")[0]):
+        build_report([d])
+
+
+def test_read_run_keeps_a_stopped_evaluation_and_a_divergence(tmp_path, capsys):
+    from arow.reporting.records import read_run
+
+    d = make_run(tmp_path, "r", with_eval=False)
+    (d / "eval.json").write_text(json.dumps({"error": "robustness guard 'gradient' tripped: masked", "n": 300,
+                                             "test_set_size": 10000, "guards": []}))
+    (d / "diverged.json").write_text(json.dumps({"epoch": 2, "step": 17, "reason": "non-finite loss", "lr": 0.1}))
+    rec = read_run(d)
+    stopped = rec.evals["eval.json"]
+    assert stopped.error.startswith("robustness guard") and not stopped.full and not stopped.subset
+    assert rec.reported_eval() is None and rec.failed
+    assert rec.failure == "diverged at epoch 2, step 17: non-finite loss"
+    cell = dict(zip(md_header(md := build_report([d]).markdown()), md_row(md, "arow")))
+    assert "eval.json holds no numbers (robustness guard 'gradient' tripped" in cell["notes"]
+    assert "r: diverged at epoch 2, step 17" in cell["notes"]
+
+
+# --------------------------------------------------------------------------- subset evaluations in reports
+def test_report_shows_a_subset_evaluation_marked_and_apart_from_full_ones(tmp_path, capsys):
+    full = make_run(tmp_path, "full", n=10000, accuracy={"clean": 0.80, "pgd20": 0.40})
+    sub = make_run(tmp_path, "sub", seed=1, with_eval=False)
+    write_eval(sub, "eval_n20.json", n=20, accuracy={"clean": 0.72, "pgd20": 0.35})
+    rep = build_report([full, sub])
+    assert [len(g.runs) for g in rep.groups] == [1, 1]  # never pooled with the full-test-set run
+    md = rep.markdown()
+    rows = [dict(zip(md_header(md), [c.strip() for c in line.strip("|").split("|")]))
+            for line in md.splitlines() if line.startswith("| arow ")]
+    assert (rows[0]["clean"], rows[0]["PGD-20"], rows[0]["n test"]) == ("80.00", "40.00", "10000")
+    assert (rows[1]["clean"], rows[1]["PGD-20"]) == ("72.00 (n=20)", "35.00 (n=20)")
+    assert rows[1]["n test"] == "20 of 10000 (SUBSET)"
+    assert "SUBSET: eval_n20.json, 20 of 10000 test images" in rows[1]["notes"]
+    assert "not evaluated" not in md and "(n=N)" in md
+    rows_csv = list(csv.DictReader(io.StringIO(rep.csv())))
+    assert [(r["subset"], r["eval_file"], r["n_test"]) for r in rows_csv] == [
+        ("False", "eval.json", "10000"), ("True", "eval_n20.json", "20")]
+    assert main(["report", str(sub), "--out", str(tmp_path / "r.md")]) == 0
+    assert "72.00 (n=20)" in capsys.readouterr().out
+
+
+def test_format_mean_std_is_the_one_formatter():
+    from arow.reporting.tables import Stat, format_mean_std
+
+    assert format_mean_std(0.82, 0.02828) == Stat([0.80, 0.84]).fmt() == "82.00 ± 2.83"
+    assert format_mean_std(0.5, None) == Stat([0.5]).fmt() == "50.00"
+    assert format_mean_std(None, None) == Stat([]).fmt() == "–"
+    assert format_mean_std(None, None, missing="-") == "-"
+    assert format_mean_std(0.72, None, n=20, full=10000) == "72.00 (n=20)"
+    assert format_mean_std(0.72, None, n=10000, full=10000) == "72.00"
+    assert format_mean_std(3.5, 0.25, scale=1.0, unit=" s") == "3.50 s ± 0.25"
+
+
+# --------------------------------------------------------------------------- labels
+def test_method_names_and_papers_come_from_the_method_classes(monkeypatch):
+    from arow.methods import METHODS, Method
+    from arow.reporting import robustbench
+    from arow.reporting.labels import method_label, method_paper
+
+    class ToyAT(Method):
+        paper = "Doe, Roe: A Toy Defence, with Commas, Somewhere 2031"
+        url = "https://example.org/toy"
+
+    monkeypatch.setitem(METHODS._items, "toy-at", ToyAT)  # a new method file registers its class
+    assert method_label("toy-at") == "Toy-AT"
+    p = method_paper("toy-at")
+    assert (p.authors, p.title, p.venue, p.url) == ("Doe, Roe", "A Toy Defence, with Commas", "Somewhere 2031",
+                                                    "https://example.org/toy")
+    info = robustbench.model_info({"accuracy": {"clean": 0.5, "autoattack": 0.25}, "eps": 0.1, "n": 10,
+                                   "dataset": "fashion-mnist", "method": "toy-at", "model": "small-cnn"})
+    assert (info["name"], info["link"], info["authors"], info["venue"]) == (
+        "A Toy Defence, with Commas", "https://example.org/toy", "Doe, Roe", "Somewhere 2031")
+    for name in METHODS.names():  # every registered method: its own class's link, nothing hand-kept
+        cls = METHODS.get(name)
+        assert robustbench.paper_entry(name).get("link") == (cls.url if cls.paper else None)
+    assert [method_label(m) for m in ("arow", "trades", "pgd-at", "gair-at", "trades-awp", "natural")] == [
+        "ARoW", "TRADES", "PGD-AT", "GAIR-AT", "TRADES-AWP", "natural"]
+    no_paper = robustbench.model_info({"accuracy": {"clean": 0.5, "autoattack": 0.25}, "eps": 0.1, "n": 10,
+                                       "dataset": "fashion-mnist", "method": "natural", "model": "small-cnn"})
+    assert no_paper["name"] == "natural (small-cnn)" and no_paper["link"] == ""
+
+
+def test_attack_and_metric_labels_are_the_same_everywhere(tmp_path):
+    from arow.reporting.labels import attack_label, metric_label
+    from arow.reporting.plots.study import metric_text
+
+    assert [attack_label(a) for a in ("clean", "pgd20", "cw", "cw30", "fgsm", "autoattack", "worst_case")] == [
+        "clean", "PGD-20", "CW-30", "CW-30", "FGSM", "AutoAttack", "worst case"]
+    assert attack_label("pgd50r5") == "PGD-50 (5 restarts)" and attack_label("my-attack") == "my-attack"
+    assert metric_label("val_robust") == "validation robust"
+    assert metric_text("autoattack", {"aa_n": 1000}) == "AutoAttack (first 1000)"
+    assert metric_text("cw", {"aa_n": 1000}) == "CW-30"
+    run = make_run(tmp_path, "r", n=10000, accuracy={"clean": 0.8, "cw": 0.3, "autoattack": 0.28})
+    head = md_header(build_report([run]).markdown())
+    assert {"CW-30", "AutoAttack", "clean"} <= set(head)

@@ -17,7 +17,7 @@ from arow.config.schema import ConfigError, TrainConfig
 from arow.data import from_tensors
 from arow.methods import METHODS
 from arow.runs.rundir import RunDir, RunLockedError
-from arow.training.trainer import Trainer
+from arow.pipelines import build_trainer
 from arow.training.errors import TrainingDiverged
 
 from conftest import fmnist_available, tiny_cnn
@@ -67,7 +67,7 @@ def _train(cfg, data, val, **kw):
 
     torch.manual_seed(cfg.seed)
     model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=28)
-    return Trainer(cfg, model, data, val, model_spec=_spec(), **kw).fit()
+    return build_trainer(cfg, model, data, val, model_spec=_spec(), **kw).fit()
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +91,24 @@ def test_a_checkpoint_with_a_payload_is_refused_without_running_it(tmp_path, kin
         _payload_checkpoint(path, marker)
     else:
         path.write_bytes(pickle.dumps({"model": {}, "model_spec": {}, "x": Payload(marker)}))
-    with pytest.raises(CheckpointError, match="convert --trust-pickle" if kind == "torch" else "not a readable"):
+    with pytest.raises(CheckpointError, match="convert --trust-pickle" if kind == "torch" else "refused: a bare pickle"):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+def test_a_bare_pickle_checkpoint_is_refused_in_one_line_and_converts_when_trusted(tmp_path, recwarn):
+    path = tmp_path / "shared.pt"
+    state = {"model": {"w": torch.ones(2)}, "model_spec": _spec(), "config": {"method": "trades"}}
+    path.write_bytes(pickle.dumps(state, protocol=4))  # pickle.dump, not torch.save
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert "refused" in msg and f"arow convert --trust-pickle {path}" in msg and "damaged" not in msg
+    assert not [w for w in recwarn.list if "pickle" in str(w.message)], "no torch warning before the one line"
+    r = arow("eval", str(path), "--n", "5")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "refused" in r.stderr
+    convert_checkpoint(path, trust_pickle=True)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
 
 
 def test_every_entry_point_refuses_a_payload(tmp_path, run_folder):
@@ -173,6 +188,62 @@ def test_a_foreign_safetensors_file_is_refused_with_one_line(tmp_path):
         load_checkpoint(tmp_path / "w.safetensors")
 
 
+def _export_with(path, header=None, weights=None, raw_header=None):
+    """An arow export of a small CNN whose header and weights are changed as given."""
+    from safetensors.torch import save_file
+
+    from arow.models import build_model
+    from arow.runs.checkpoint import EXPORT_FORMAT
+
+    state = dict(weights or build_model("small-cnn", num_classes=10, in_channels=1, image_size=28).state_dict())
+    info = {"model_spec": _spec(), "threat": {"norm": "linf", "eps": 0.1, "steps": 10, "step": 0.025},
+            "config": {"method": "arow", "dataset": "fashion-mnist"}, "version": "0.4.2"}
+    info.update(header or {})
+    meta = {"format": EXPORT_FORMAT, "arow": raw_header if raw_header is not None else json.dumps(info)}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("header,raw,needle", [
+    ({"threat": {"norm": "linf", "eps": 5}}, None, "header eps must be in (0, 1] for --norm linf, got 5"),
+    ({"threat": {"norm": "linf", "eps": 0}}, None, "header eps must be in (0, 1]"),
+    ({"threat": {"norm": "l2", "eps": 1e308}}, None, "header eps must be in (0, 28] for --norm l2"),
+    ({"threat": {"norm": "linf", "eps": "0.1"}}, None, "header eps must be a finite number"),
+    ({"threat": {"norm": "l3", "eps": 0.1}}, None, "header norm must be one of linf, l2"),
+    ({"threat": [0.1]}, None, "header 'threat' must be a JSON object"),
+    (None, "[1, 2]", "the arow header must be a JSON object, got list"),
+    ({"model_spec": "small-cnn"}, None, "model spec: expected a mapping"),
+    ({"model_spec": {**_spec(), "num_classes": "ten"}}, None, "'num_classes' must be an integer"),
+])
+def test_an_export_header_is_checked_like_flags(tmp_path, header, raw, needle):
+    import arow as arow_pkg
+
+    path = _export_with(tmp_path / "bad.safetensors", header, raw_header=raw)
+    for load in (load_checkpoint, arow_pkg.load_model):
+        with pytest.raises(CheckpointError) as e:
+            load(path)
+        assert str(path) in str(e.value) and needle in str(e.value), str(e.value)
+    r = arow("eval", str(path), "--n", "10")
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int8, torch.float64])
+def test_export_weights_of_other_dtypes_are_refused(tmp_path, dtype):
+    from arow.models import build_model
+
+    state = build_model("small-cnn", num_classes=10, in_channels=1, image_size=28).state_dict()
+    key = next(iter(state))
+    state[key] = state[key].to(dtype)
+    path = _export_with(tmp_path / "odd.safetensors", weights=state)
+    with pytest.raises(CheckpointError, match=rf"{path}: tensor '{key}' is \w+; an arow export holds float32"):
+        load_checkpoint(path)
+    ok = _export_with(tmp_path / "ok.safetensors", weights={k: v.to(torch.bfloat16) for k, v in state.items()
+                                                               if k != key})
+    with pytest.raises(CheckpointError, match="do not fit"):  # bfloat16 passes the header check
+        import arow as arow_pkg
+        arow_pkg.load_model(ok)
+
+
 # --------------------------------------------------------------------------- writes
 def test_appends_never_follow_a_planted_symlink(tmp_path):
     target = tmp_path / "victim.txt"
@@ -197,6 +268,37 @@ def test_a_run_replaces_planted_links_instead_of_writing_through_them(tmp_path, 
     _train(_cfg(out, epochs=1), data, val)
     assert all(v.read_text() == "keep" for v in victims.values())
     assert not (out / "metrics.jsonl").is_symlink() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_planted_eval_state_link_is_not_followed(tmp_path, run_folder, caplog):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_folder, run)
+    shutil.rmtree(run / "eval_state", ignore_errors=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    (run / "eval_state").symlink_to(victim, target_is_directory=True)
+    from arow.pipelines import evaluate_run
+
+    rep = evaluate_run(run, ["clean", "pgd2"], n=20, guards=False, device="cpu")
+    assert "pgd2" in rep.accuracy
+    assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"], "state written through the link"
+    assert "symbolic link" in caplog.text and (run / "eval_state").is_symlink()
+
+
+def test_a_preset_that_is_not_utf8_is_named_in_its_one_line(tmp_path):
+    from arow.config import load_preset
+
+    for name, what in (("recipe.yaml", "preset file"), ("config.json", "config file")):
+        path = tmp_path / name
+        path.write_bytes(b"epochs: 1\n# caf\xe9\n" if name.endswith("yaml") else b'{"epochs": "\xff"}')
+        with pytest.raises(ConfigError, match=rf"{what} .*{name} is not UTF-8 text") as e:
+            load_preset(str(path))
+        assert "\n" not in str(e.value)
+        r = arow("train", "--preset", str(path), "--print-config")
+        assert r.returncode == 2 and str(path) in r.stderr and r.stderr.strip().count("\n") == 0
 
 
 def test_failed_atomic_writes_leave_no_temporary_file(tmp_path, monkeypatch):
@@ -336,12 +438,12 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path, fm
         def on_epoch_end(self, record):
             with pytest.raises(RunLockedError, match=rf"in use by pid {os.getpid()} on ") as e:
                 second = build_model("small-cnn", num_classes=10, in_channels=1, image_size=28)
-                Trainer(_cfg(out, epochs=1), second, data, val, model_spec=_spec(), resume=True).fit()
+                build_trainer(_cfg(out, epochs=1), second, data, val, model_spec=_spec(), resume=True).fit()
             SecondWriter.refused = str(e.value)
 
     torch.manual_seed(1)
     model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=28)
-    Trainer(_cfg(out, epochs=1), model, data, val, model_spec=_spec(), callbacks=[SecondWriter()]).fit()
+    build_trainer(_cfg(out, epochs=1), model, data, val, model_spec=_spec(), callbacks=[SecondWriter()]).fit()
     assert SecondWriter.refused is not None
     # a lock file left by a killed process (its flock died with it) is taken over
     (out / ".lock").write_text("pid 999999 on elsewhere since yesterday\n")

@@ -1,15 +1,18 @@
 """The training loop: it learns, writes its run folder, resumes exactly after a crash."""
 import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from arow.config.schema import ConfigError, TrainConfig
+from arow.config import ConfigError, TrainConfig
 from arow.data import from_tensors
+from arow.pipelines import build_trainer
+from arow.runs.rundir import RunDir
 from arow.training.trainer import Callbacks, Trainer, lr_at
 
-from conftest import tiny_cnn
+from conftest import fmnist_available, tiny_cnn
 
 
 class Crash(Callbacks):
@@ -33,7 +36,7 @@ class Crash(Callbacks):
 def _run(cfg, data, val, callbacks=None, resume=False):
     torch.manual_seed(cfg.seed)
     model = tiny_cnn()
-    return Trainer(cfg, model, data, val, callbacks=callbacks, resume=resume).fit()
+    return build_trainer(cfg, model, data, val, callbacks=callbacks, resume=resume).fit()
 
 
 @pytest.fixture()
@@ -177,8 +180,8 @@ def test_user_data_needs_eps_and_runs_are_named_after_the_users_model_and_data(t
     cfg = TrainConfig(epochs=1, batch_size=32, attack_steps=1, val_size=0, out=str(tmp_path / "run"))
     with pytest.raises(ConfigError, match="eps must be given for your own data"):
         Trainer(cfg, tiny_cnn(in_ch=3, n_cls=4), data)
-    cfg.eps = 4 / 255
-    Trainer(cfg, tiny_cnn(in_ch=3, n_cls=4), data).fit()
+    cfg = dataclasses.replace(cfg, eps=4 / 255)
+    build_trainer(cfg, tiny_cnn(in_ch=3, n_cls=4), data).fit()
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["dataset"] == "my-scans" and saved["model"] == "Sequential"
     assert saved["eps"] == pytest.approx(4 / 255) and saved["augment"] is None
@@ -190,7 +193,7 @@ def _trainer(data=None, model=None, **kw):
     data = data or from_tensors(torch.rand(16, 1, 28, 28), torch.arange(16) % 10)
     base = dict(epochs=1, batch_size=8, eps=0.1, attack_steps=1, val_size=0, device="cpu", out=None)
     base.update(kw)
-    return Trainer(TrainConfig(**base), model or tiny_cnn(), data, plots=False)
+    return Trainer(TrainConfig(**base), model or tiny_cnn(), data)
 
 
 def test_nesterov_and_no_bn_decay_reach_sgd():
@@ -286,8 +289,7 @@ def test_bf16_training_step_keeps_losses_in_float32_and_evaluation_in_float32(sm
             phase["now"] = "train"
 
     torch.manual_seed(0)
-    cfg = _cfg(None, epochs=1, amp="bf16")
-    cfg.out = None
+    cfg = dataclasses.replace(_cfg(None, epochs=1, amp="bf16"), out=None)
     trainer = Trainer(cfg, Spy(), data, val, callbacks=[Phase()])
     objective = trainer.method.objective
 
@@ -302,3 +304,94 @@ def test_bf16_training_step_keeps_losses_in_float32_and_evaluation_in_float32(sm
     assert trainer.amp and seen["train"] == {torch.bfloat16}
     assert seen["loss"] == {torch.float32}
     assert seen["val"] == {torch.float32}
+
+
+# --------------------------------------------------------------------------- one plan per run
+@pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST not installed")
+def test_the_config_is_resolved_once_per_run(tmp_path, monkeypatch):
+    from arow.config import plan
+    from arow.pipelines import train_and_evaluate, train_run
+
+    real, calls = plan.resolve, []
+    monkeypatch.setattr(plan, "resolve", lambda cfg, **kw: calls.append(cfg) or real(cfg, **kw))
+    out = tmp_path / "run"
+    cfg = TrainConfig(epochs=1, limit_train=64, val_size=16, batch_size=32, attack_steps=1, eval_attacks="",
+                      out=str(out))
+    train_run(cfg, plots=False)  # the Python API: resolved at its entry, trusted below
+    assert len(calls) == 1
+    calls.clear()
+    train_run(dataclasses.replace(cfg, epochs=2), resume=True, plots=False)
+    assert len(calls) == 1
+    calls.clear()  # the command line: resolve_config resolves; nothing below resolves again
+    train_and_evaluate(plan.resolve_config({"out": str(out), "epochs": 3}, resume=True), resume=True)
+    assert len(calls) == 1 and [r["epoch"] for r in RunDir(out).read_metrics()] == [1, 2, 3]
+
+
+def test_a_resolved_config_is_frozen_and_a_changed_copy_is_resolved_again():
+    from arow.config import is_resolved, resolve
+
+    cfg = resolve(TrainConfig(dataset="cifar10"))
+    assert is_resolved(cfg) and round(cfg.eps * 255) == 8 and cfg.augment == "crop+flip" and cfg.attack_steps == 10
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.eps = 0.5
+    changed = dataclasses.replace(cfg, dataset="fashion-mnist", eps=None, augment=None)
+    assert not is_resolved(changed) and not is_resolved(TrainConfig())
+    assert (resolve(changed).eps, resolve(changed).augment) == (0.1, "flip")
+    trainer = Trainer(cfg, tiny_cnn(in_ch=3), from_tensors(torch.rand(8, 3, 32, 32), torch.arange(8) % 10,
+                                                            name="cifar10"))
+    assert trainer.cfg is cfg  # a resolved config is trained on as it is
+
+
+def test_user_data_is_named_once_where_the_plan_is_made():
+    from arow.threat import ThreatModel
+    from arow.methods import build_method
+
+    data = from_tensors(torch.rand(16, 1, 28, 28), torch.arange(16) % 10, name="my-scans")
+    method = build_method("trades", ThreatModel(eps=0.2, steps=1))
+    cfg = TrainConfig(method="trades", epochs=1, batch_size=8, val_size=0)
+    trainer = Trainer(cfg, tiny_cnn(), data, method=method)  # a method built by the caller carries its eps
+    assert (trainer.cfg.eps, trainer.cfg.dataset, trainer.cfg.model) == (0.2, "my-scans", "Sequential")
+    spec = {"name": "small-cnn", "num_classes": 10, "in_channels": 1, "image_size": 28, "dataset": "fashion-mnist"}
+    named = Trainer(cfg, tiny_cnn(), data, model_spec=spec)  # the spec names model and data: built-in defaults
+    assert (named.cfg.model, named.cfg.dataset, named.cfg.eps) == ("small-cnn", "fashion-mnist", 0.1)
+
+
+# --------------------------------------------------------------------------- the model spec
+def test_model_spec_reads_every_version_and_writes_the_plain_dict():
+    from arow.models import Normalize
+    from arow.models.spec import ModelSpec
+
+    old = {"name": "small-cnn", "num_classes": 10, "in_channels": 1, "image_size": 28, "mean": None, "std": None}
+    spec = ModelSpec.from_dict(old)  # 0.1.0 wrote neither the activation nor the data set
+    assert (spec.activation, spec.dataset, spec.custom) == ("relu", None, False)
+    assert spec.to_dict() == {**old, "dataset": None, "activation": "relu"}
+    assert ModelSpec.from_dict({**spec.to_dict(), "added_later": 1}) == spec
+    normed = spec.replace(mean=torch.tensor([0.5]), std=[0.25])
+    assert normed.to_dict()["mean"] == [0.5] and isinstance(normed.build()[0], Normalize)
+    custom = ModelSpec.from_dict({"name": "Net", "custom": True})
+    assert custom.to_dict() == {"name": "Net", "custom": True}
+    with pytest.raises(ValueError, match="user-defined"):
+        custom.build()
+    with pytest.raises(ValueError, match="'num_classes' must be an integer"):
+        ModelSpec.from_dict({**old, "num_classes": "10"})
+    with pytest.raises(ValueError, match="lacks num_classes"):
+        ModelSpec("small-cnn").build()
+    trainer = _trainer()  # a Trainer without a spec records the user's class, marked custom
+    assert trainer.state_dict()["model_spec"] == {"name": "Sequential", "custom": True}
+
+
+# --------------------------------------------------------------------------- which model is reported
+def test_one_owner_says_which_model_is_reported():
+    from arow.runs.selection import reported_model, reported_prefix, selection_key
+
+    assert [reported_model(r) for r in (["ema", "swa"], ["ema"], [])] == ["swa", "ema", "last"]
+    assert reported_prefix({"val_pgd_acc": 0.1, "ema_val_pgd_acc": 0.2}) == "ema_"
+    assert selection_key({"val_pgd_acc": 0.1}) == "val_pgd_acc"
+    ema = _trainer(ema=0.9)
+    assert ema.reported() == "last" and ema.final_model() is ema.model  # no update yet: the trained weights
+    ema.train_epoch(0)
+    assert ema.reported() == "ema" and ema.final_model() is ema.ema.model
+    assert ema.final_state_dict(ema.final_model())["final_source"] == "ema"
+    swa = _trainer(swa_start=1)
+    result = swa.fit()
+    assert swa.reported() == "swa" and result.model is swa.swa.model

@@ -30,9 +30,10 @@ from .modules import unwrap
 from .runs.checkpoint import _atomic_write
 from .config.schema import TrainConfig
 from .data.extra import kept_indices
-from .runs.rundir import RunDir
+from .runs.rundir import RunDir, check_writable
 from . import distributed
 from .runs.records import model_from_checkpoint
+from .models.spec import ModelSpec
 from .runs.records import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -168,12 +169,14 @@ def pseudo_label(model_source: PathLike, data: str, out: Optional[PathLike] = No
 
     if out is not None and Path(out).suffix != ".npz":
         raise ValueError(f"--out must end in .npz, got {out}")
+    if out is not None:  # before minutes of labelling, not after
+        check_writable(out, "--out")
     ckpt = load_checkpoint(model_source, which=which)
-    spec = ckpt["model_spec"]
-    if any(spec.get(k) is None for k in ("num_classes", "in_channels", "image_size")):
+    spec = ModelSpec.from_dict(ckpt["model_spec"])
+    if spec.num_classes is None or spec.in_channels is None or spec.image_size is None:
         raise ValueError(f"{ckpt.get('path')}: does not say its input shape and classes")
-    shape = (int(spec["image_size"]), int(spec["image_size"]), int(spec["in_channels"]))
-    images, source = unlabelled_images(data, num_classes=int(spec["num_classes"]), image_shape=shape,
+    shape = (spec.image_size, spec.image_size, spec.in_channels)
+    images, source = unlabelled_images(data, num_classes=spec.num_classes, image_shape=shape,
                                        data_dir=data_dir, exclude_kept=exclude_kept)
     dev = distributed.resolve_device(device)
     model = model_from_checkpoint(ckpt, device=dev)

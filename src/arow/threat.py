@@ -31,6 +31,31 @@ def norm_label(norm: str) -> str:
     """How a table writes the norm: ``'L-inf'`` or ``'L2'``."""
     return NORM_LABELS[check_norm(norm)]
 
+
+def max_eps(norm: str, dims: int) -> float:
+    """The largest radius worth searching on inputs in [0, 1]^dims: a ball that holds the whole box
+    around any input, 1 (L-inf) or sqrt(dims) (L2).
+
+    >>> max_eps("linf", 784), max_eps("l2", 784)
+    (1.0, 28.0)
+    """
+    return math.sqrt(dims) if check_norm(norm) == "l2" else 1.0
+
+
+def check_eps(eps: object, norm: str, dims: int, *, what: str = "--eps", positive: bool = False) -> float:
+    """``eps`` as a float if it is a finite radius within :func:`max_eps` (> 0 with ``positive``,
+    else >= 0), else a one-line ValueError naming ``what``: the one check of a radius against its norm.
+
+    >>> check_eps(8 / 255, "linf", 3072) == 8 / 255
+    True
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        raise ValueError(f"{what} must be a finite number, got {eps!r}")
+    hi = max_eps(norm, dims)
+    if eps > hi or eps < 0 or (positive and eps == 0):
+        raise ValueError(f"{what} must be in {'(' if positive else '['}0, {hi:.4g}] for --norm {norm}, got {eps!r}")
+    return float(eps)
+
 def format_eps(eps: Optional[float]) -> str:
     """``k/255`` for the radii written that way (8/255: how CIFAR budgets and RobustBench spell
     them), else the plain number (0.1, 0.3, and 0.2 although it is 51/255); a dash for None.
@@ -135,20 +160,38 @@ class ThreatModel:
             return g / torch.where(n > 0, n, torch.ones_like(n)).view(_expand(grad))
         return grad.sign()
 
-    def ascend(self, x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """One ascent step of the step size along :meth:`direction`, then projection and clamp to [0, 1]."""
-        return self.project(x_adv.detach() + self.step_size * self.direction(grad), x)
+    def ascend(self, x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor,
+               bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """One ascent step of the step size along :meth:`direction`, then projection and clamp to [0, 1]
+        (``bounds``: as :meth:`project`)."""
+        return self.project(x_adv.detach() + self.step_size * self.direction(grad), x, bounds)
 
-    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The point of the ball around ``x`` for ``x_adv`` (clip, or rescale for L2), clamped to [0, 1]."""
+    def bounds(self, x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """L-inf: ``(x - eps, x + eps)``, for an attack to compute once and pass to every
+        :meth:`project` / :meth:`ascend` (the same numbers as computing them at each step); L2: None.
+
+        >>> lo, hi = ThreatModel(eps=0.25).bounds(torch.full((1, 2), 0.5))
+        >>> lo.tolist(), hi.tolist(), ThreatModel(eps=0.5, norm="l2").bounds(torch.zeros(1, 2))
+        ([[0.25, 0.25]], [[0.75, 0.75]], None)
+        """
+        if self.norm == "l2":
+            return None
+        return x - self.eps, x + self.eps
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor,
+                bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """The point of the ball around ``x`` for ``x_adv`` (clip, or rescale for L2), clamped to [0, 1].
+
+        ``bounds``: :meth:`bounds` of ``x``, if the caller holds them (L-inf; ignored for L2).
+        """
         if self.norm == "l2":
             delta = x_adv - x
             n = _norms(delta)
             factor = torch.where(n > self.eps, self.eps / torch.where(n > 0, n, torch.ones_like(n)),
                                  torch.ones_like(n))
             return self.clamp(x + delta * factor.view(_expand(x)))
-        x_adv = torch.min(torch.max(x_adv, x - self.eps), x + self.eps)
-        return self.clamp(x_adv)
+        lo, hi = bounds if bounds is not None else (x - self.eps, x + self.eps)
+        return self.clamp(torch.min(torch.max(x_adv, lo), hi))
 
     def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Per example, the ``norm`` length of ``x_adv - x`` (what must stay <= eps)."""

@@ -6,10 +6,22 @@ alone is ``cw30``. Every evaluation attack keeps, per example, the first iterate
 the model. Each runs in the L-inf ball (``norm="linf"``, the default) or the L2 ball
 (``norm="l2"``: steps along the L2-normalised gradient, see :class:`arow.threat.ThreatModel`).
 AutoAttack lives in :mod:`arow.attacks.autoattack`.
+
+A new named attack is one file in this folder: a factory ``make(eps: float, norm: str = "linf")
+-> Attack`` registered with ``@ATTACKS.register("name", help=...)``; :func:`get_attack` calls it
+with the radius, and with ``norm`` for the L2 ball (a factory without ``norm`` is refused there with
+one line). The :class:`Attack` it returns carries the registered name and runs
+``attack(model, x, y) -> x_adv`` inside the ball (e.g. :func:`pgd` with ``keep_best=True``).
+This package imports every module in its folder except the support modules in
+:data:`SUPPORT_MODULES`, so the attack then shows up in ``arow list``, ``--eval-attacks``/
+``--attacks``, :func:`get_attack` and the reports (labelled by its registered name) with no other
+edit.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -136,4 +148,11 @@ def get_attack(name: str, eps: float, *, norm: str = "linf", **kwargs: Any) -> A
                      f"cw<K>[r<R>] (e.g. cw30), {', '.join(n for n in ATTACKS.names() if '<' not in n and n not in ('clean', 'fgsm'))}")
 
 
-from . import autoattack  # noqa: E402,F401  (registers "autoattack" and "apgd-monitor")
+#: modules of this package that define no named attack (every other one registers its attacks when
+#: imported: ``autoattack`` registers "autoattack" and "apgd-monitor")
+SUPPORT_MODULES = frozenset({"base", "pgd", "fat"})
+
+# last, so that an attack's module may use anything defined above (ATTACKS, Attack, pgd, ...)
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in SUPPORT_MODULES:
+        importlib.import_module(f"{__name__}.{_module}")

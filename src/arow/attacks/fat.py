@@ -41,6 +41,7 @@ def fat_pgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, tau:
     active = torch.ones(len(x), dtype=torch.bool, device=x.device)
     steps = torch.zeros(len(x), dtype=torch.long, device=x.device)
     expand = (-1,) + (1,) * (x.dim() - 1)
+    bounds = threat.bounds(x)  # L-inf: x -/+ eps once per attack, not at every step
     with frozen_eval(net), torch.enable_grad():
         for _ in range(threat.steps):
             x_adv.requires_grad_(True)
@@ -53,6 +54,6 @@ def fat_pgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, tau:
             moved = x_adv.detach() + threat.step_size * threat.direction(grad)
             if omega > 0:  # drawn for the whole batch every step: the stream never depends on who stopped
                 moved = moved + omega * (rng.randn_like(x) if rng is not None else torch.randn_like(x))
-            x_adv = torch.where(active.view(expand), threat.project(moved, x), x_adv.detach())
+            x_adv = torch.where(active.view(expand), threat.project(moved, x, bounds), x_adv.detach())
             steps += active.long()
     return x_adv.detach(), steps

@@ -47,6 +47,10 @@ def pgd(
     x = x.detach()
     best = x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    rows = (-1,) + (1,) * (x.dim() - 1)  # a per-example flag broadcast over the example's pixels
+    bounds = threat.bounds(x)  # L-inf: x -/+ eps once per attack, not at every step
+    # No host synchronisation in the loop: the first fooling iterate is kept with torch.where (a
+    # boolean-mask assignment would read the mask's count back from the device at every step).
     with frozen_eval(net), torch.enable_grad():
         for _ in range(restarts):
             x_adv = threat.init(x, rng)
@@ -57,16 +61,15 @@ def pgd(
                     on_step(t, logits.detach())
                 if keep_best:
                     fooled_now = (logits.argmax(1) != y) & ~fooled
-                    best[fooled_now] = x_adv.detach()[fooled_now]
+                    best = torch.where(fooled_now.view(rows), x_adv.detach(), best)
                     fooled |= fooled_now
                 (grad,) = torch.autograd.grad(loss(logits, y).sum(), x_adv)
-                x_adv = threat.ascend(x_adv, grad, x)
+                x_adv = threat.ascend(x_adv, grad, x, bounds)
             if not keep_best:
                 return x_adv.detach()
             with torch.no_grad():
                 fooled_now = (net(x_adv).argmax(1) != y) & ~fooled
-            best[fooled_now] = x_adv[fooled_now]
+            best = torch.where(fooled_now.view(rows), x_adv, best)
             fooled |= fooled_now
-            still = ~fooled
-            best[still] = x_adv[still]  # last iterate for the examples nothing fooled yet
+            best = torch.where(fooled.view(rows), best, x_adv)  # last iterate for the examples nothing fooled yet
     return best.detach()

@@ -1,7 +1,7 @@
 """The ``arow`` command (and ``python -m arow``): it parses flags, calls the library, prints.
 
 ``train`` is :func:`arow.pipelines.train_and_evaluate`, ``eval`` :func:`arow.pipelines.evaluate_source`,
-``study`` :func:`arow.study.core.run_study`, ``plot`` :func:`arow.reporting.plots.plot_runs`; ``report``, ``export``,
+``study`` :func:`arow.study.runner.run_study`, ``plot`` :func:`arow.reporting.plots.plot_runs`; ``report``, ``export``,
 ``convert``, ``pseudo-label`` and ``list`` wrap one library function each. Only this module configures
 logging and draws progress bars. Bad input ends with one line on stderr and exit status 2, a tripped
 robustness guard with 3, a diverged run with 4; an interrupted run says how to continue. Under
@@ -22,17 +22,21 @@ from .. import __version__
 from ..runs.checkpoint import dump_json
 from ..runs.records import convert_path, export_model
 from .flags import add_dataclass_flags, add_function_flags, call_args, dataclass_flags
-from ..config.schema import TrainConfig, method_flag_help, resolve_config
+from ..config import TrainConfig, method_flag_help, resolve_config
 from ..data import DATASETS
 from ..methods import METHODS
 from ..models import MODELS
+from ..evaluation.settings import EvalSettings, GuardSettings
 from ..pipelines import catalogue, evaluate_source, train_and_evaluate
-from ..reporting.plots import eps_curve, plot_runs
+from ..evaluation.curve import eps_curve
+from ..reporting.plots import plot_runs
 from .progress import Progress, log_through_bars
 from ..pseudo import pseudo_label
 from ..reporting.tables import write_report
 from ..runs.rundir import RunDir
-from ..study.core import StudySpec, collect, run_study, study_commands
+from ..study.collect import collect
+from ..study.runner import prepare_study, run_study, study_commands
+from ..study.spec import StudySpec
 from ..training.errors import TrainingDiverged
 
 log = logging.getLogger("arow")
@@ -78,8 +82,11 @@ def _print_report(rep: Any) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    flags = vars(a)
     bars = Progress()
-    rep = evaluate_source(**call_args(a, evaluate_source, progress=bars.eval_progress, on_guards=_print_guards))
+    rep = evaluate_source(**call_args(a, evaluate_source, attacks=None, settings=EvalSettings.from_flags(flags),
+                                      guards=GuardSettings.from_flags(flags), progress=bars.eval_progress,
+                                      on_guards=_print_guards))
     bars.close()
     return _print_report(rep)
 
@@ -124,8 +131,8 @@ def cmd_study(a: argparse.Namespace) -> int:
               + "".join(f", {Path(p).name}" for p in result.get("plots", [])))
         return 0
     spec = StudySpec.resolve(a.spec, dataclass_flags(a, StudySpec), a.set or [])
-    if a.print_commands:
-        print(study_commands(a.out, spec))
+    if a.print_commands or a.prepare:
+        print((study_commands if a.print_commands else prepare_study)(a.out, spec))
         return 0
     failed, results = run_study(a.out, spec, jobs=a.jobs, echo=lambda s: print(s, flush=True))
     print(results)
@@ -166,14 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help)
         c.set_defaults(func=func)
+        # also after the command (`arow eval -q ...`); not given there, `arow -q eval` decides
+        c.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
         return c
 
     _train_flags(command("train", cmd_train, "train a model (then evaluate it on the test set)"))
-    e = command("eval", cmd_eval, "evaluate a run folder, checkpoint or .safetensors export on the test set")
-    add_function_flags(e, evaluate_source, skip=["progress", "on_guards"], positional=["source"],
-                       rename={"source": "run", "json_out": "json"},
-                       extra={"model_factory": {"metavar": "PKG.MODULE:FN"}, "robustbench": {"metavar": "FILE"},
-                              "dataset": {"choices": DATASETS.names()}})
+    e = command("eval", cmd_eval, "evaluate a run folder, checkpoint or .safetensors export (or your own model) on "
+                                  "the test set")
+    add_function_flags(e, evaluate_source, ["source", "model_factory", "weights", "trust_code", "model_format"],
+                       positional=["source"], rename={"source": "run"},
+                       extra={"model_factory": {"metavar": "PKG.MODULE:FN"}, "weights": {"metavar": "FILE"}})
+    add_dataclass_flags(e, EvalSettings, choices={"dataset": DATASETS.names()})
+    add_dataclass_flags(e, GuardSettings)
     r = command("report", cmd_report, "compare run folders in one table (mean ± std over seeds)")
     add_function_flags(r, write_report, ["paths", "out", "fmt"], positional=["paths"],
                        rename={"paths": "DIR", "fmt": "format"})
@@ -195,8 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(st, StudySpec, skip=["overrides", "plan"])
     st.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run (repeatable)")
     add_function_flags(st, run_study, ["jobs"])
-    st.add_argument("--print-commands", action="store_true",
-                    help="print the arow commands that finish each run (for a scheduler) instead of running them")
+    todo = st.add_mutually_exclusive_group()
+    todo.add_argument("--print-commands", action="store_true",
+                      help="check the study and print the command that finishes each run; writes nothing")
+    todo.add_argument("--prepare", action="store_true",
+                      help="check the study, write study.json and each run's cell.json, and print the command "
+                           "that runs each (for a scheduler) instead of running them")
     where = st.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="study folder (run folders go into OUT/cells)")
     where.add_argument("--collect", metavar="DIR", help="only build the comparison of study DIR from its finished runs")

@@ -1,7 +1,7 @@
 """Command-line flags built from the library's own declarations, so that each is declared once.
 
 A flag of ``arow`` is either a field of a config dataclass (:class:`~arow.config.schema.TrainConfig`,
-:class:`~arow.study.core.StudySpec`: type, default, and ``help``/``group``/``choices`` metadata) or a
+:class:`~arow.study.spec.StudySpec`: type, default, and ``help``/``group``/``choices`` metadata) or a
 parameter of the library function the command calls (its annotation, its default and its line in the
 function's ``Args:`` section). ``--help`` therefore shows the library's defaults and the text of its
 API documentation; a default changed in the library changes the command with it.
@@ -156,7 +156,8 @@ def add_dataclass_flags(p: Any, cls: type, *, choices: Optional[Mapping[str, Seq
     are made in the order the fields first name them and returned by name), ``choices``
     (``choices`` given here win: registries known only at run time), ``flag`` (its name on the
     command line and in :func:`dataclass_flags`, when not the field's) and ``comma`` (a list of
-    strings given comma-separated; otherwise such a list is a repeatable flag). Every flag defaults to
+    strings given comma-separated; otherwise such a list is a repeatable flag) and ``metavar`` (the
+    placeholder of its value in ``--help``). Every flag defaults to
     None (not given), so that flags override a preset or a file; the help shows the field's default."""
     hints, groups = typing.get_type_hints(cls), {}
     for f in dataclasses.fields(cls):
@@ -183,7 +184,7 @@ def add_dataclass_flags(p: Any, cls: type, *, choices: Optional[Mapping[str, Seq
         else:
             g.add_argument(flag, dest=name, type=_converter(kind, False),
                            choices=(choices or {}).get(f.name) or meta.get("choices") or kind_choices,
-                           help=meta["help"] + shown)
+                           help=meta["help"] + shown, **({"metavar": meta["metavar"]} if meta.get("metavar") else {}))
     return groups
 
 

@@ -1,5 +1,9 @@
 """Run configuration: one dataclass is the source of truth; YAML presets hold recipes; flags override.
 
+Every setting is declared once, with its group of ``arow train --help``, help text and range
+(:func:`opt`). A config is frozen (change one with ``dataclasses.replace``); :mod:`arow.config.plan`
+fills the defaults that depend on other settings. This module imports nothing else of arow.
+
 >>> cfg = TrainConfig(method="arow", epochs=2)
 >>> TrainConfig.from_dict(cfg.to_dict()) == cfg
 True
@@ -7,25 +11,11 @@ True
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import math
-import re
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Sequence
-
-import yaml
-from ..data import DATASETS
-from ..methods import METHODS
-from ..threat import NORMS
-from ..data import default_eps
-from ..runs.rundir import RunDir
-
-log = logging.getLogger(__name__)
-
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message says which and why."""
@@ -47,8 +37,10 @@ def opt(group: str, default: Any = None, help: str = "", *, lo: Optional[float] 
     return field(default=default, metadata=meta)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
+    """Every setting of a training run, with its default (the embedded Fashion-MNIST recipe)."""
+
     # what to train
     method: str = opt("method", "arow", "training method")
     method_args: dict[str, Any] = opt("method", help="the method's hyper-parameters", factory=dict)
@@ -108,6 +100,9 @@ class TrainConfig:
     eval_n: Optional[int] = opt("evaluation", None, "final evaluation on the first N test images only", lo=1,
                                 runtime=True)
     guards: bool = opt("evaluation", True, "robustness guards before the final evaluation", runtime=True)
+    allow_guard_failures: bool = opt("evaluation", False, "report the final evaluation's numbers even when a "
+                                     "robustness guard trips (default: stop with an error, exit status 3)",
+                                     runtime=True)
     augment: Optional[str] = opt("data", None, "augmentation (dataset default)",
                                  choices=("none", "flip", "crop+flip"))
     extra_data: list[str] = opt("data", help="extra training data: an .npz with image and label or an RST pickle "
@@ -136,12 +131,18 @@ class TrainConfig:
                          lo=0, runtime=True)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as plain values (what config.json and a checkpoint's ``config`` hold)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def runtime_keys(cls) -> frozenset[str]:
         """Keys that say how a run executes, not what it computes (they may change on resume)."""
         return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime"))
+
+    @classmethod
+    def resumable_keys(cls) -> frozenset[str]:
+        """Keys a resumed run may change: the runtime keys, and ``epochs`` (which extends a run)."""
+        return cls.runtime_keys() | {"epochs"}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -153,37 +154,14 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         return cls(**{k: _typed(k, v, hints[k]) for k, v in d.items()})
 
-    def resolve(self) -> "TrainConfig":
-        """The config with every default that depends on another setting filled in where the field
-        is unset: the data set's eps and augmentation, the method's attack steps. Checked and
-        idempotent; the Trainer and :func:`arow.pipelines.train_run` both train on exactly this.
-
-        >>> cfg = TrainConfig(dataset="cifar10").resolve()
-        >>> cfg.augment, round(cfg.eps * 255), cfg.attack_steps
-        ('crop+flip', 8, 10)
-        """
-
-        filled: dict[str, Any] = {}
-        if self.dataset in DATASETS:
-            info = DATASETS.get(self.dataset)
-            if self.augment is None:
-                filled["augment"] = info.augmentation
-            if self.eps is None and self.norm in NORMS:
-                filled["eps"] = default_eps(self.dataset, self.norm)
-        if self.attack_steps is None and self.method in METHODS:
-            filled["attack_steps"] = METHODS.get(self.method).default_steps
-        return dataclasses.replace(self, **filled).validate() if filled else self.validate()
-
     def _check_eps(self) -> None:
-        """eps within its norm's range: [0, 1] for L-inf, [0, sqrt(d)] for L2 (d: the data set's input size)."""
+        """eps within what its norm allows without knowing the data: [0, 1] for L-inf, >= 0 for L2
+        (:func:`arow.config.plan.resolve` bounds an L2 eps by sqrt(d), d the data set's input size)."""
 
         eps = self.eps
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps):
             return  # the field's own rule reports it
-        hi: Optional[float] = 1.0
-        if self.norm == "l2":
-            info = DATASETS.get(self.dataset) if self.dataset in DATASETS else None
-            hi = math.sqrt(info.in_channels * info.image_size ** 2) if info is not None else None
+        hi: Optional[float] = 1.0 if self.norm != "l2" else None
         if eps < 0 or (hi is not None and eps > hi):
             rule = f"in [0, {hi:.4g}]" if hi is not None else ">= 0"
             raise ConfigError(f"--eps must be {rule} for --norm {self.norm}, got {eps!r}")
@@ -281,188 +259,3 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
     if origin in (int, float, str, bool) and wrong:
         raise ConfigError(f"config key {key!r}: expected {origin.__name__}, got {type(value).__name__} {value!r}")
     return value
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key that appears twice in one mapping (YAML keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.YAMLError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def preset_names() -> list[str]:
-    files = resources.files("arow") / "presets"
-    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
-
-
-def preset_description(name: str) -> str:
-    """The ``description`` of a built-in preset (``arow list`` shows :func:`preset_summary`)."""
-    text = (resources.files("arow") / "presets" / f"{name}.yaml").read_text()
-    return str((yaml.safe_load(text) or {}).get("description", ""))
-
-
-def preset_summary(name: str, width: int = 100) -> str:
-    """The first sentence (or clause) of a built-in preset's description on one line, cut at a word
-    boundary with `` ...`` when longer than ``width`` characters (what ``arow list`` shows)."""
-    desc = " ".join(preset_description(name).split())
-    first = re.split(r"(?<!et al)\. (?=[A-Z])|: ", desc)[0]
-    return first if len(first) <= width else first[:width - 3].rsplit(" ", 1)[0] + " ..."
-
-
-def load_preset(name_or_path: str) -> dict[str, Any]:
-    """The settings of a preset by name (``arow list``) or of a YAML file by path."""
-    path = Path(name_or_path)
-    if path.suffix == ".json":  # a run's config.json replays the run
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys")
-        data.pop("resolved", None)  # what the run derived, recorded for reading, not a setting
-        TrainConfig.from_dict(data)
-        return data
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise ConfigError(f"preset file {path} does not exist")
-        text = path.read_text()
-    else:
-        res = resources.files("arow") / "presets" / f"{name_or_path}.yaml"
-        if not res.is_file():
-            raise ConfigError(f"unknown preset {name_or_path!r}; choose one of: {', '.join(preset_names())}")
-        text = res.read_text()
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"preset {name_or_path}: not valid YAML ({e})".splitlines()[0]) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"preset {name_or_path}: expected a mapping of config keys")
-    data.pop("description", None)
-    TrainConfig.from_dict({k: v for k, v in data.items()})  # reject unknown keys early
-    return data
-
-
-# --------------------------------------------------------------------------- resolution
-def method_flags() -> dict[str, dict[str, str]]:
-    """Each method hyper-parameter flag (dest name) -> {method: hyper-parameter} it sets.
-
-    A name two methods use with different meanings gets the method's prefix (``--arow-lam``,
-    ``--mart-lam``, ``--trades-beta``, ``--hat-beta``); the plain name (``--lam``, ``--beta``) stays
-    as a shorthand for the chosen method's. AWP variants take their inner method's flags.
-    """
-
-    def base(name: str) -> str:
-        inner = getattr(METHODS.get(name), "inner_cls", None)
-        return inner.name if inner is not None else name
-
-    meanings: dict[str, set[str]] = {}  # hyper-parameter name -> the help texts of its methods
-    for name in METHODS.names():
-        for k, h in METHODS.get(name).hparams.items():
-            meanings.setdefault(k, set()).add(h.help)
-    table: dict[str, dict[str, str]] = {}
-    for name in METHODS.names():
-        for k in METHODS.get(name).hparams:
-            table.setdefault(k, {})[name] = k
-            if len(meanings[k]) > 1:  # one name, several meanings: the method's prefix tells them apart
-                table.setdefault(f"{base(name).replace('-', '_')}_{k}", {})[name] = k
-    return table
-
-
-def method_flag_help() -> dict[str, tuple[type, str]]:
-    """Each method hyper-parameter flag (dest name, sorted) -> (type, help) for ``arow train --help``:
-    the hyper-parameter's own help, or for a shorthand whose methods mean different things by it, a
-    pointer to the prefixed flags."""
-
-    out: dict[str, tuple[type, str]] = {}
-    for dest, owners in sorted(method_flags().items()):
-        first = next(iter(owners))
-        h = METHODS.get(first).hparams[owners[first]]
-        shorthand = len({METHODS.get(m).hparams[k].help for m, k in owners.items()}) > 1
-        out[dest] = (h.type, f"shorthand for the chosen method's {dest} (see the prefixed flags)" if shorthand
-                     else h.help)
-    return out
-
-
-def resolve_config(overrides: dict[str, Any], method_overrides: Optional[dict[str, Any]] = None, *,
-                   preset: Optional[str] = None, resume: bool = False) -> TrainConfig:
-    """The one place a training config is put together, in this order of precedence (last wins):
-    the defaults, a preset (or a run's ``config.json``), the saved config of the run being resumed,
-    the flags given now (``overrides``: config fields; ``method_overrides``: hyper-parameter
-    flags by dest name, see :func:`method_flags`). Dataset defaults are filled by
-    :meth:`TrainConfig.resolve`; ``out`` defaults to ``runs/<dataset>-<method>-<model>-s<seed>``.
-
-    Args:
-        overrides: config fields given now (None: not given)
-        method_overrides: method hyper-parameters given now, by flag name (None: not given)
-        preset: recipe name (see `arow list`), YAML file, or a run's config.json to replay it; the
-            fields given override it
-        resume: continue the run in the config's out folder from its last.pt, with the config saved
-            there (only how it runs may change)
-
-    >>> resolve_config({"method": "trades"}, {"beta": 3.0}).method_args
-    {'beta': 3.0}
-    """
-
-    if resume and preset:
-        raise ConfigError("--preset cannot be combined with --resume: a resumed run continues with the config "
-                          "saved in its folder (flags given with --resume may only change how it runs)")
-    base: dict[str, Any] = load_preset(preset) if preset else {}
-    if resume and overrides.get("out"):
-
-        run = RunDir(overrides["out"])
-        if run.has_checkpoint():  # the resumed run's own experiment is the base; the Trainer refuses changes
-            base = dict(run.load_resume_state()["config"])
-    preset_method = base.get("method", "arow")
-    preset_norm = base.get("norm", "linf")
-    base.update({k: v for k, v in overrides.items() if v is not None and k != "method_args"})
-    if not resume and base.get("norm", "linf") != preset_norm and overrides.get("eps") is None \
-            and base.get("eps") is not None:
-        # a preset's eps is a radius in its own norm (8/255 L-inf): --norm l2 takes the data set's L2 default
-        log.info("ignoring the preset's eps %s: it is an %s radius, not an %s one", base["eps"], preset_norm,
-                 base["norm"])
-        base["eps"] = None
-    method = base.get("method", "arow")
-    if method != preset_method and base.get("method_args"):
-        # a preset's hyper-parameters belong to its method, even where another method has a namesake
-        # (fmnist-arow's smoothing 0.2 must not turn --method trades into label-smoothed TRADES)
-        log.info("ignoring the preset's method_args %s: they are %s's, not %s's", base["method_args"],
-                 preset_method, method)
-        base["method_args"] = {}
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS.names())}")
-    allowed = METHODS.get(method).hparams
-    given = base.get("method_args") or {}
-    if not isinstance(given, dict):
-        raise ConfigError(f"method_args must be a mapping of hyper-parameters, got {given!r}")
-    table = method_flags()
-    unknown = sorted(set(given) - {k for m in table.values() for k in m.values()})
-    if unknown:
-        raise ConfigError(f"method_args: unknown hyper-parameter(s) {', '.join(unknown)} (no method takes them; "
-                          f"{method} takes: {', '.join(allowed) or 'none'})")
-    margs = {k: v for k, v in given.items() if k in allowed}
-    dropped = set(given) - set(margs)
-    if dropped:  # a preset written for another method: its hyper-parameters do not carry over
-        log.info("ignoring the preset's %s: not hyper-parameters of %s", ", ".join(sorted(dropped)), method)
-    for dest, value in (method_overrides or {}).items():
-        if value is None:
-            continue
-        if method not in table.get(dest, {}):
-            takes = sorted({"--" + d.replace("_", "-") for d, m in table.items() if method in m})
-            raise ConfigError(f"--{dest.replace('_', '-')} does not apply to method {method!r} "
-                              f"(it takes: {', '.join(takes) or 'none'})")
-        margs[table[dest][method]] = value
-    base["method_args"] = margs
-    if base.get("swa_start") == 0:  # --swa-start 0 turns off a preset's SWA
-        base["swa_start"] = None
-    cfg = TrainConfig.from_dict(base)
-    if cfg.out is None:
-        cfg.out = f"runs/{cfg.dataset}-{cfg.method}-{cfg.model}-s{cfg.seed}"
-    return cfg.resolve()

@@ -4,6 +4,15 @@ Images live in [0, 1] with shape (N, C, H, W) and are never normalised here (nor
 the model's first layer). The validation split for model selection is cut from the TRAINING set
 by :func:`train_val_split`; the test set is only ever used for the final report.
 
+A new data set is one file in this folder: a reader ``loader(root: Optional[Path], train: bool)``
+returning uint8 images (N, C, H, W) and int64 labels (raise :class:`DataError` with one clear line
+for missing or bad files), and one registration at import,
+``DATASETS.register(name, help=...)(DatasetInfo(name, num_classes, in_channels, image_size,
+default_root, augmentation, eps, loader, eps_l2=..., class_names=(...)))``: its default radius per
+norm (``eps`` L-inf, ``eps_l2``) and its class names. This package imports every module in its
+folder except the support modules in :data:`SUPPORT_MODULES`, so the data set then shows up in
+``arow list``, ``--dataset`` and everything built from the registry with no other edit.
+
 >>> data = load_dataset("fashion-mnist", split="test")
 >>> len(data), data.x.shape[1:], data.num_classes
 (10000, torch.Size([1, 28, 28]), 10)
@@ -11,8 +20,10 @@ by :func:`train_val_split`; the test set is only ever used for the final report.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import operator
+import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -20,7 +31,6 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from ..distributed import shard_range
 from ..registry import Registry
 from ..threat import check_norm
 from .loader import AUGMENTATIONS, Loader, batches, hflip, random_crop
@@ -40,6 +50,7 @@ __all__ = [
     "DataError",
     "DatasetInfo",
     "Loader",
+    "SUPPORT_MODULES",
     "TensorData",
     "batches",
     "from_tensors",
@@ -163,11 +174,6 @@ class TensorData:
         """The examples at positions ``idx`` (a 1-D integer tensor), in that order."""
         idx = idx.to(self.x.device)
         return TensorData(self.x[idx], self.y[idx], self.num_classes, self.name, check=False)
-
-    def shard(self, rank: int, world_size: int) -> "TensorData":
-        """The ``rank``-th of ``world_size`` contiguous, nearly equal parts (e.g. for evaluation)."""
-        lo, hi = shard_range(len(self), rank, world_size)
-        return TensorData(self.x[lo:hi], self.y[lo:hi], self.num_classes, self.name, check=False)
 
     def to(self, device: Union[str, torch.device]) -> "TensorData":
         """A copy on ``device`` (the same object's tensors if already there)."""
@@ -352,3 +358,12 @@ def train_val_split(data: TensorData, val_size: int, seed: int) -> tuple[TensorD
     val_idx, _ = perm[:val_size].sort()
     train_idx, _ = perm[val_size:].sort()
     return data.index(train_idx), data.index(val_idx)
+
+
+#: modules of this package that define no data set (every other module registers one when imported)
+SUPPORT_MODULES = frozenset({"loader", "readers", "extra"})
+
+# last, so that a data set's module may use anything defined above (DatasetInfo, DataError, ...)
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in SUPPORT_MODULES:
+        importlib.import_module(f"{__name__}.{_module}")

@@ -13,7 +13,10 @@ Memory: images stay uint8 and become float per batch only. An ``.npz`` whose ``i
 stored uncompressed (what ``np.savez`` writes) is memory-mapped: the pages of the file are read on
 demand and shared by every process on the machine, so a 1M-image 32x32x3 file (1M x 3072 bytes =
 3.07 GB) costs no resident memory up front. A compressed ``.npz`` (``np.savez_compressed``) is
-inflated in chunks into ONE preallocated uint8 array: 3.07 GB for 1M images, plus a 16 MiB chunk.
+inflated in chunks into ONE preallocated uint8 array: 3.07 GB for 1M images, plus a 16 MiB chunk;
+a member declaring more than ``MAX_COMPRESSION_RATIO`` (100) times its compressed size (images
+compress 2-5:1) is refused before anything is inflated. A pickle's arrays are built only from the
+bytes in the file, and its labels only from an array or a flat list of integers.
 An RST pickle is loaded whole: numpy keeps the pickle's raw bytes as the array's buffer, so 500K
 images need their 1.54 GB once (about 1x for protocol 3 or later; a protocol-2 pickle needs about
 4.5x while it loads).
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 
 from .loader import Loader, check_loader_args, hflip, random_crop
-from .readers import DataError, _CifarUnpickler, _RefusedGlobal
+from .readers import DataError, _CifarUnpickler, _RefusedData, _RefusedGlobal, flat_labels
 
 if TYPE_CHECKING:
     from ..config.schema import TrainConfig
@@ -48,6 +51,10 @@ PathLike = Union[str, Path]
 ImageShape = Optional[Sequence[int]]  # (H, W, C) the images must have; None accepts any
 
 _CHUNK = 1 << 24  # bytes inflated at a time from a compressed .npz member
+#: the most a compressed .npz member may inflate, relative to its compressed size: images compress
+#: 2-5:1, an array of zeros 1000:1; above this cap the file is refused before anything is inflated
+MAX_COMPRESSION_RATIO = 100
+_RATIO_FLOOR = 1 << 24  # members inflating to less than 16 MiB are never refused by the ratio
 _ZIP_MAGIC = b"PK\x03\x04"
 _LOCAL_HEADER = 30  # bytes of a zip local file header before the name and extra field
 _RST_KEYS = ("data", "extrapolated_targets")
@@ -70,10 +77,7 @@ def _expect_images(path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype
 
 def _check_extra_labels(path: Path, key: str, labels: Any, n: int, num_classes: int) -> np.ndarray:
     """``labels`` as int64, checked: one integer per image, in ``0..num_classes-1``."""
-    try:
-        arr = np.asarray(labels)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{path}: expected {key!r} to be {n} integer labels ({e})") from None
+    arr = flat_labels(labels, path, key)
     if arr.dtype.kind not in "iu":
         raise DataError(f"{path}: expected {key!r} to be integer labels, got {arr.dtype}")
     if arr.shape != (n,):
@@ -104,10 +108,29 @@ def _npy_header(f: Any, where: str) -> tuple[tuple[int, ...], bool, np.dtype, in
     return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype), f.tell()
 
 
+def _check_sizes(path: Path, key: str, info: zipfile.ZipInfo) -> None:
+    """Refuse a member whose declared sizes the file cannot back, before anything is inflated: more
+    compressed bytes than the file holds, or an inflated size above ``MAX_COMPRESSION_RATIO`` times
+    the compressed one (a zip bomb: 0.95 MB declaring 1.2 GB)."""
+    on_disk = path.stat().st_size
+    if info.compress_size > on_disk:
+        raise DataError(f"{path}: {key!r} declares {info.compress_size} compressed bytes, more than the "
+                        f"{on_disk}-byte file holds (truncated or damaged)")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > _RATIO_FLOOR \
+            and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+        raise DataError(f"{path}: refused: {key!r} declares {info.file_size} bytes from {info.compress_size} "
+                        f"compressed ({info.file_size / max(info.compress_size, 1):.0f}:1, above "
+                        f"{MAX_COMPRESSION_RATIO}:1): a decompression bomb, or not image data")
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+        raise DataError(f"{path}: {key!r} is stored uncompressed but declares {info.file_size} bytes in "
+                        f"{info.compress_size} (damaged)")
+
+
 def _member(zf: zipfile.ZipFile, key: str, path: Path) -> tuple[zipfile.ZipInfo, tuple[int, ...], bool, np.dtype, int]:
     info = zf.getinfo(f"{key}.npy")
     if info.flag_bits & 0x1:
         raise DataError(f"{path}: {key!r} is encrypted; expected a plain .npz")
+    _check_sizes(path, key, info)
     with zf.open(info) as f:
         shape, fortran, dtype, header = _npy_header(f, f"{path}: {key!r}")
     if dtype.hasobject:
@@ -224,6 +247,8 @@ def read_rst_pickle(path: PathLike, num_classes: int, image_shape: ImageShape = 
     except _RefusedGlobal as e:
         raise DataError(f"{path}: refused to unpickle global {e}; an RST pickle holds only a dict of numpy "
                         "arrays, str and numbers") from None
+    except _RefusedData as e:
+        raise DataError(f"{path}: refused: {e}; an RST pickle holds numpy arrays of its own bytes") from None
     except Exception as e:  # pickle raises many types on bad input
         raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(obj, dict):
@@ -396,6 +421,10 @@ def kept_indices(spec: Union[str, int], labels: torch.Tensor, num_classes: int, 
     try:
         idx = np.load(path, allow_pickle=False) if path.suffix == ".npy" else \
             np.array(path.read_text().split(), dtype=np.int64)
+    except OverflowError:
+        big = next((t for t in path.read_text().split() if t.lstrip("+-").isdigit() and abs(int(t)) >= 2 ** 63), "?")
+        raise DataError(f"{path}: position {big[:30]} is beyond 64-bit integers; positions must be in "
+                        f"0..{n - 1} (the real training examples)") from None
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read the kept positions ({str(e).splitlines()[0] if str(e) else e})") from None
     idx = np.asarray(idx)

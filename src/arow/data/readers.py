@@ -3,6 +3,11 @@
 Every reader returns ``(x, y)`` with ``x`` a uint8 tensor of shape (N, C, H, W) and ``y`` an
 int64 tensor of shape (N,). Anything missing, unreadable, truncated or of the wrong shape raises
 :class:`DataError` with a one-line message that names the file and what was expected.
+
+A file cannot make a reader allocate much more than it holds: IDX headers are checked before the
+payload is streamed, a pickle builds arrays only from the bytes in it (never ``numpy.ndarray`` from a
+shape alone) and labels only from flat lists, and an SVHN file's declared shapes are read from its
+variable headers (:func:`mat_variables`) and checked against its size before it is loaded.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import gzip
 import logging
 import math
 import pickle
+import struct
 import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Optional, Sequence, Union
@@ -183,10 +189,16 @@ _CIFAR_GLOBALS = frozenset({
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
 })
+#: dtype kinds an array in a data pickle may have: bool, integers, floats, complex, bytes, str
+_PLAIN_KINDS = "biufcSU"
 
 
 class _RefusedGlobal(pickle.UnpicklingError):
     """A pickle named a global outside :data:`_CIFAR_GLOBALS`."""
+
+
+class _RefusedData(pickle.UnpicklingError):
+    """A pickle asked for an array whose data is not in the file (or of a dtype data never has)."""
 
 
 def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
@@ -196,19 +208,95 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+class _NdarrayClass:
+    """Stands in for ``numpy.ndarray`` in a data pickle: numpy names the class only to pass it to
+    ``_reconstruct``; calling it would build an array of uninitialised memory from a shape alone."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise _RefusedData("numpy.ndarray(...) called directly: an array with no data in the file")
+
+
+_NDARRAY = _NdarrayClass()
+
+
+def _plain_dtype(dtype: Any) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt.kind not in _PLAIN_KINDS or dt.fields is not None or dt.subdtype is not None:
+        raise _RefusedData(f"an array of dtype {dt}; data arrays hold plain numbers")
+    return dt
+
+
+def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's ``_reconstruct`` for the one call numpy's own pickles make: an EMPTY array of class
+    ndarray, which the pickle's state then fills (numpy checks there that the state's bytes are
+    exactly shape x itemsize). Any other shape would be memory nobody wrote."""
+    if subtype is not _NDARRAY or tuple(shape) != (0,):
+        raise _RefusedData(f"_reconstruct({type(subtype).__name__}, {shape!r}): an array with no data in the file")
+    return np.ndarray((0,), np.uint8)
+
+
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
+    """numpy's protocol-5 reconstructor: the array's bytes are ``buf``, read from the file."""
+    dt = _plain_dtype(dtype)
+    if not isinstance(buf, (bytes, bytearray, memoryview, pickle.PickleBuffer)):
+        raise _RefusedData(f"_frombuffer of a {type(buf).__name__}")
+    arr = np.frombuffer(buf, dtype=dt)
+    return arr.reshape(shape, order="F" if order == "F" else "C")
+
+
+def _scalar(dtype: Any, data: Any = None) -> Any:
+    """numpy's scalar reconstructor, for plain dtypes from the bytes in the file only (a Python 2
+    pickle read with ``encoding="latin1"`` gives them as str)."""
+    dt = _plain_dtype(dtype)
+    raw = data.encode("latin1") if isinstance(data, str) else data
+    if not isinstance(raw, bytes) or len(raw) != dt.itemsize:
+        raise _RefusedData(f"a numpy scalar of {dt} from a {type(data).__name__} that is not its {dt.itemsize} bytes")
+    return np.frombuffer(raw, dtype=dt, count=1)[0]
+
+
+def _dtype(obj: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    """numpy's dtype as a pickle builds it (``dtype('u1', False, True)``), plain kinds only."""
+    return _plain_dtype(np.dtype(obj.decode("latin1") if isinstance(obj, bytes) else obj, bool(align), bool(copy)))
+
+
+_SAFE = {"_reconstruct": _reconstruct, "_frombuffer": _frombuffer, "scalar": _scalar, "ndarray": _NDARRAY,
+         "dtype": _dtype}
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Rebuilds only what CIFAR batches hold: dict, list, bytes, str, int and numpy arrays.
 
     Those builtins need no global; any other global is refused when the pickle names it, before
-    anything can call it, so a crafted file cannot run code.
+    anything can call it, so a crafted file cannot run code. numpy's reconstructors are replaced by
+    checked ones: an array is built only from bytes in the file (an empty array filled by its state,
+    or a buffer), of a plain dtype; ``numpy.ndarray`` itself cannot be called.
     """
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _CIFAR_GLOBALS:
-            return super().find_class(module, name)
+            return _SAFE[name]
         if (module, name) == ("_codecs", "encode"):
             return _latin1_bytes
         raise _RefusedGlobal(f"{module}.{name}")
+
+
+def flat_labels(labels: Any, path: Path, key: Any) -> np.ndarray:
+    """``labels`` (an array or a flat list of integers) as a numpy array, refused with one line otherwise.
+
+    Checked before numpy sees it: a list of lists that a pickle built from references to one list
+    would expand into an array of every element (a 240 KB file into 1 GB)."""
+    if isinstance(labels, np.ndarray):
+        return labels
+    if not isinstance(labels, (list, tuple)):
+        raise DataError(f"{path}: expected {key!r} to be a list of ints, got {type(labels).__name__}")
+    odd = next((v for v in labels if not isinstance(v, (int, np.integer))), None)
+    if odd is not None:
+        raise DataError(f"{path}: expected {key!r} to be a list of ints, got a {type(labels).__name__} holding "
+                        f"{type(odd).__name__}")
+    try:
+        return np.asarray(labels, dtype=np.int64)
+    except OverflowError:
+        raise DataError(f"{path}: expected {key!r} to be a list of ints, got one beyond 64 bits") from None
 
 
 def _unpickle(path: Path) -> dict:
@@ -223,6 +311,8 @@ def _unpickle(path: Path) -> dict:
             f"{path}: refused to unpickle global {e}; a CIFAR batch holds only dicts, lists, "
             "bytes, str, int and numpy arrays"
         ) from e
+    except _RefusedData as e:
+        raise DataError(f"{path}: refused: {e}; a CIFAR batch holds numpy arrays of its own bytes") from e
     except Exception as e:  # pickle raises many types on bad input (EOFError, UnpicklingError, ...)
         raise DataError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
@@ -268,10 +358,7 @@ def load_cifar(
         data = batch[b"data"]
         if not isinstance(data, np.ndarray):
             raise DataError(f"{path}: expected b'data' to be a numpy array, got {type(data).__name__}")
-        try:
-            labels = np.asarray(batch[label_key])
-        except ValueError as e:  # e.g. nested lists of uneven length
-            raise DataError(f"{path}: expected {label_key!r} to be a list of ints ({e})") from e
+        labels = flat_labels(batch[label_key], path, label_key)
         if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
             raise DataError(f"{path}: expected uint8 data of shape (N, 3072), got {data.dtype} {data.shape}")
         if labels.shape != (data.shape[0],):
@@ -307,7 +394,10 @@ def load_svhn(root: Optional[PathLike], train: bool) -> tuple[torch.Tensor, torc
             "http://ufldl.stanford.edu/housenumbers/ in the --data-dir folder"
         )
     try:
+        _check_svhn_header(path, mat_variables(path))
         mat = scipy.io.loadmat(path, variable_names=("X", "y"))
+    except DataError:
+        raise
     except Exception as e:  # scipy raises ValueError, TypeError, OSError, ... on bad files
         raise DataError(f"{path}: not a readable MATLAB file ({type(e).__name__}: {e})") from e
     if "X" not in mat or "y" not in mat:
@@ -337,6 +427,114 @@ def load_svhn(root: Optional[PathLike], train: bool) -> tuple[torch.Tensor, torc
     x = np.ascontiguousarray(X.transpose(3, 2, 0, 1))  # (H, W, C, N) -> (N, C, H, W)
     log.debug("read %d SVHN examples from %s", n, path)
     return torch.from_numpy(x), torch.from_numpy(y)
+
+
+#: MATLAB array classes (mxCLASS numbers) by the numpy dtype they hold, or what they are
+_MAT_CLASSES = {1: "cell", 2: "struct", 3: "object", 4: "str", 5: "sparse", 6: "float64", 7: "float32", 8: "int8",
+                9: "uint8", 10: "int16", 11: "uint16", 12: "int32", 13: "uint32", 14: "int64", 15: "uint64"}
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+_MAT_HEAD = 1024  # bytes of a variable enough for its flags, dimensions and name
+
+
+def mat_variables(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+    """``(name, shape, dtype)`` of every variable of a MATLAB 5 file, read from the variables'
+    headers alone: at most ``_MAT_HEAD`` bytes of each compressed variable are inflated (unlike
+    ``scipy.io.whosmat``, which inflates each variable whole to list it). ``dtype`` is a numpy
+    dtype name (``uint8``, ``float64``) or the MATLAB class (``cell``, ``struct``, ...)."""
+    with open(path, "rb") as f:
+        head = f.read(128)
+        if len(head) < 128 or head[126:128] not in (b"IM", b"MI"):
+            raise DataError(f"{path}: not a MATLAB 5 file (no MATLAB header; v7.3/HDF5 files are not read)")
+        e = "<" if head[126:128] == b"IM" else ">"
+        out = []
+        while tag := f.read(8):
+            if len(tag) < 8:
+                raise DataError(f"{path}: truncated MATLAB file (a variable's tag is cut)")
+            outer, nbytes = struct.unpack(e + "II", tag)
+            start, kind = f.tell(), outer
+            if outer == _MI_COMPRESSED:
+                body = _inflate_head(f, nbytes, path)
+                kind, body = struct.unpack(e + "II", body[:8])[0], body[8:]
+            else:
+                body = f.read(min(nbytes, _MAT_HEAD))
+            if kind != _MI_MATRIX:
+                raise DataError(f"{path}: expected MATLAB arrays, got a data element of type {kind}")
+            out.append(_mat_matrix_header(body, e, path))
+            f.seek(start + (nbytes if outer == _MI_COMPRESSED else -(-nbytes // 8) * 8))
+    return out
+
+
+def _inflate_head(f: BinaryIO, nbytes: int, path: Path) -> bytes:
+    """The first ``_MAT_HEAD`` bytes of the zlib stream of ``nbytes`` at ``f``'s position."""
+    z, buf, left = zlib.decompressobj(), b"", nbytes
+    try:
+        while len(buf) < _MAT_HEAD and left > 0:
+            chunk = f.read(min(4096, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+            buf += z.decompress(chunk, _MAT_HEAD - len(buf))
+    except zlib.error as e:
+        raise DataError(f"{path}: damaged compressed MATLAB variable ({e})") from None
+    if len(buf) < 16:
+        raise DataError(f"{path}: damaged compressed MATLAB variable (no array header)")
+    return buf
+
+
+def _mat_element(buf: bytes, pos: int, e: str, path: Path) -> tuple[int, bytes, int]:
+    """(type, data, next position) of the sub-element at ``pos`` (small elements: 4 bytes in the tag)."""
+    if len(buf) < pos + 8:
+        raise DataError(f"{path}: damaged MATLAB array header")
+    first, nbytes = struct.unpack(e + "II", buf[pos : pos + 8])
+    if first >> 16:  # small data element: type and size in the first 4 bytes, data in the next 4
+        return first & 0xFFFF, buf[pos + 4 : pos + 4 + (first >> 16)], pos + 8
+    return first, buf[pos + 8 : pos + 8 + nbytes], pos + 8 + -(-nbytes // 8) * 8
+
+
+def _mat_matrix_header(body: bytes, e: str, path: Path) -> tuple[str, tuple[int, ...], str]:
+    _, flags, pos = _mat_element(body, 0, e, path)
+    _, dims, pos = _mat_element(body, pos, e, path)
+    _, name, _ = _mat_element(body, pos, e, path)
+    if len(flags) < 4 or len(dims) % 4:
+        raise DataError(f"{path}: damaged MATLAB array header")
+    word = struct.unpack(e + "I", flags[:4])[0]
+    cls = "bool" if word & 0x200 else _MAT_CLASSES.get(word & 0xFF, f"class {word & 0xFF}")
+    shape = struct.unpack(e + "i" * (len(dims) // 4), dims)
+    if min(shape, default=0) < 0:
+        raise DataError(f"{path}: damaged MATLAB array header (dimensions {shape})")
+    return name.decode("latin1"), tuple(int(d) for d in shape), cls
+
+
+#: MATLAB classes that hold no numbers
+_MAT_NOT_NUMBERS = ("cell", "struct", "object", "str", "sparse")
+#: the most a MATLAB file's declared arrays may exceed its size (its variables may be compressed):
+#: SVHN's images compress about 1.3:1; a file declaring more is refused before anything is inflated
+_MAT_MAX_RATIO = 100
+
+
+def _check_svhn_header(path: Path, whos: Sequence[tuple[str, tuple[int, ...], str]]) -> None:
+    """Refuse an SVHN file from its variable headers (:func:`mat_variables`), before loading: X must be uint8
+    (32, 32, 3, N), y numeric with N entries, and N x 3072 bytes at most ``_MAT_MAX_RATIO`` times
+    the file's size (a 0.9 MB file declaring 2 GB is refused before it is inflated)."""
+    found = {name: (tuple(int(d) for d in shape), cls) for name, shape, cls in whos}
+    if "X" not in found or "y" not in found:
+        raise DataError(f"{path}: expected variables 'X' and 'y', got {sorted(found)}")
+    (shape, cls), (yshape, ycls) = found["X"], found["y"]
+    if cls != "uint8" or len(shape) != 4 or shape[:3] != (32, 32, 3):
+        raise DataError(f"{path}: expected uint8 X of shape (32, 32, 3, N), got {cls} {shape}")
+    n = shape[3]
+    if n == 0:
+        raise DataError(f"{path}: expected at least one example, got none")
+    if len(yshape) != 2 or sorted(yshape) != [1, n] or ycls in _MAT_NOT_NUMBERS:
+        raise DataError(f"{path}: expected y of shape ({n}, 1), got {ycls} {yshape}")
+    odd = next(((name, c) for name, (_, c) in found.items() if c in _MAT_NOT_NUMBERS or c.startswith("class")), None)
+    if odd is not None:  # scipy reads past a variable by inflating it: every one must be sized
+        raise DataError(f"{path}: holds {odd[1]} variable {odd[0]!r}; an SVHN file holds the arrays X and y")
+    declared = sum(math.prod(s) * np.dtype(c).itemsize for s, c in found.values())
+    size = path.stat().st_size
+    if declared > _MAT_MAX_RATIO * size:
+        raise DataError(f"{path}: refused: declares {n} images ({declared} bytes in all) in a {size}-byte file "
+                        f"(above {_MAT_MAX_RATIO}:1): a decompression bomb, or not SVHN")
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:

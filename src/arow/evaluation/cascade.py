@@ -107,6 +107,12 @@ def _batch_seed(seed: int, name: str, batch: int) -> int:
     return ((seed * 1_000_003 + zlib.crc32(name.encode())) * 1_000_003 + batch) & 0x7FFF_FFFF_FFFF
 
 
+def example_seed(seed: int, name: str) -> int:
+    """The seed of the per-example random starts of attack ``name`` in an evaluation seeded ``seed``
+    (an :class:`~arow.rng.ExampleRNG` over the examples' positions draws from it)."""
+    return _batch_seed(seed, name, 0)
+
+
 def evaluate(
     model: nn.Module,
     x: Tensor,
@@ -132,6 +138,7 @@ def evaluate(
     torchrun processes (the batches are the same; ranks take every N-th one), and the caller's
     global RNG state is left untouched. ``state_dir`` (e.g. ``RUN/eval_state``) keeps each
     attack's finished batches; a rerun skips them, and its verdicts equal an uninterrupted run's.
+    A ``state_dir`` that is a symbolic link is not followed (nothing is kept, with a warning).
 
     >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     >>> r = evaluate(m, torch.rand(6, 1, 2, 2), torch.randint(0, 3, (6,)), ["clean", "pgd5"], eps=0.1)
@@ -143,6 +150,10 @@ def evaluate(
     check_norm(norm)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if state_dir is not None and Path(state_dir).is_symlink():  # planted: state would be written (and deleted) there
+        log.warning("not keeping evaluation state in %s: it is a symbolic link (to %s); delete it to resume "
+                    "interrupted evaluations", state_dir, Path(state_dir).resolve())
+        state_dir = None
     with torch.autocast(x.device.type, enabled=False):  # attacks in float32, whatever the caller's context
         return _evaluate(model, x, y, attacks, eps=eps, norm=norm, num_classes=num_classes, batch_size=batch_size,
                          progress=progress, seed=seed, state_dir=state_dir)
@@ -166,7 +177,7 @@ def _evaluate(model, x, y, attacks, *, eps, norm, num_classes, batch_size, progr
     clean_ok = _combine(clean_ok)
     robust = clean_ok.clone()  # worst case so far
     correct, seconds = {}, {}
-    key = _run_key(model, x, y, eps, seed, batch_size, norm) if state_dir is not None else ""
+    key = _run_key(model, x, y, eps, seed, batch_size, norm) if state_dir is not None else {}
     for atk in built:
         t0 = time.perf_counter()
         if atk.name == "clean":
@@ -180,8 +191,8 @@ def _evaluate(model, x, y, attacks, *, eps, norm, num_classes, batch_size, progr
             example_seed = _batch_seed(seed, atk.name, 0)  # one per attack: each example's start is its own
             mine = list(starts)[d.rank :: d.world_size]  # round robin: equal work per rank
             total, done = sum(min(batch_size, len(todo) - s) for s in mine), 0
-            stage = _Stage(Path(state_dir), atk, _digest(key, atk.name, atk.description, todo), fooled) \
-                if state_dir is not None else None
+            stage = _Stage(Path(state_dir), atk, {**key, "other attack settings": _digest(atk.name, atk.description)},
+                           todo, fooled) if state_dir is not None else None
             for start in mine:
                 idx = todo[start : start + batch_size]
                 if stage is not None and start in stage.done:  # finished before an interruption
@@ -224,25 +235,33 @@ def _digest(*items: Any) -> str:
 
 
 def _run_key(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int, batch_size: int,
-             norm: str = "linf") -> str:
-    """What a saved verdict depends on besides the attack: weights, data, norm, eps, seed, batching, ranks."""
+             norm: str = "linf") -> dict[str, str]:
+    """What a saved verdict depends on besides the attack, part by part (a digest each): weights,
+    data, norm and eps, seed, batching, ranks. Each part is named by how a difference in it reads,
+    so that state saved under other settings is ignored with the reason."""
     d = distributed.info()
-    return _digest(unwrap(model), x, y, norm, float(eps), seed, batch_size, d.rank, d.world_size, _RNG_SCHEME)
+    return {"another model (other weights)": _digest(unwrap(model)),
+            "other test examples (another --n or data set)": _digest(x, y),
+            "another eps or norm": _digest(norm, float(eps)), "another evaluation seed": _digest(seed),
+            "another --batch-size": _digest(batch_size), "another number of processes": _digest(d.rank, d.world_size),
+            "an older arow (another random-start scheme)": _RNG_SCHEME}
 
 
 class _Stage:
     """One attack's progress on disk: which of this rank's batches are done and whom they fooled.
 
-    The file is keyed by everything the verdicts depend on (``key``); a file with another key
-    (another model, data, eps, seed, attack setting or set of examples) is ignored and replaced.
+    The file is keyed by everything the verdicts depend on (``parts`` of :func:`_run_key` and the
+    attack's, and the examples it attacks: ``todo``); a file with another key (another model, data,
+    eps, seed, attack setting or set of examples) is ignored, saying which, and replaced.
     """
 
-    def __init__(self, folder: Path, atk: Attack, key: str, fooled: Tensor) -> None:
+    def __init__(self, folder: Path, atk: Attack, parts: dict[str, str], todo: Tensor, fooled: Tensor) -> None:
         d = distributed.info()
         self.tag = re.sub(r"[^A-Za-z0-9_.-]", "_", atk.name) + (f".rank{d.rank}" if d.enabled else "")
-        self.folder, self.key, self.done, self.seconds_before = folder, key, set(), 0.0
+        self.parts, self.key = parts, _digest(*parts.values(), todo)
+        self.folder, self.done, self.seconds_before = folder, set(), 0.0
         self.path = folder / f"{self.tag}.pt"
-        state = load_keyed(self.path, key, f"{atk.name} evaluation state")
+        state = load_keyed(self.path, self.key, f"{atk.name} evaluation state", parts=parts)
         if state is not None:
             self.done, self.seconds_before = set(state["done"]), float(state["seconds"])
             fooled.copy_(state["fooled"].to(fooled.device))
@@ -254,7 +273,7 @@ class _Stage:
     def save(self, start: int, fooled: Tensor, seconds: float) -> None:
         self.done.add(start)
         save_keyed({"done": sorted(self.done), "fooled": fooled.cpu(), "seconds": self.seconds_before + seconds},
-                   self.key, self.path)
+                   self.key, self.path, parts=self.parts)
         self.batch_path(start).unlink(missing_ok=True)
 
 

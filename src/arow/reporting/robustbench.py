@@ -1,7 +1,7 @@
 """Export an evaluation as a RobustBench model-info JSON (``model_info/<dataset>/<Linf|L2>/<Name>.json``).
 
 RobustBench's files hold strings: accuracies in percent with two decimals, eps as ``"8/255"``
-for the radii written that way (:func:`arow.reporting.tables.format_eps`: 0.2 stays ``"0.2"``). We add
+for the radii written that way (:func:`arow.threat.format_eps`: 0.2 stays ``"0.2"``). We add
 ``n_test_points``, ``threat_model`` and the AutoAttack settings, and mark the entry ``unreliable``
 when a guard tripped or the AutoAttack budget was not the standard one.
 
@@ -18,27 +18,19 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 # RobustBench's spelling of eps ("8/255") is the report's
-from .tables import format_eps
+from ..threat import format_eps
+from .labels import method_label, method_paper
 from ..runs.checkpoint import atomic_write_text, dump_json
 
-#: the papers behind the training methods (RobustBench's "name" is the paper title)
-PAPERS: dict[str, dict[str, str]] = {
-    "arow": {"link": "https://arxiv.org/abs/2206.03353",
-             "name": "Improving Adversarial Robustness by Putting More Regularizations on Less Robust Samples",
-             "authors": "Dongyoon Yang, Insung Kong, Yongdai Kim", "venue": "ICML 2023"},
-    "trades": {"link": "https://arxiv.org/abs/1901.08573",
-               "name": "Theoretically Principled Trade-off between Robustness and Accuracy",
-               "authors": "Hongyang Zhang, Yaodong Yu, Jiantao Jiao, Eric P. Xing, Laurent El Ghaoui, "
-                          "Michael I. Jordan", "venue": "ICML 2019"},
-    "mart": {"link": "https://openreview.net/forum?id=rklOg6EFwS",
-             "name": "Improving Adversarial Robustness Requires Revisiting Misclassified Examples",
-             "authors": "Yisen Wang, Difan Zou, Jinfeng Yi, James Bailey, Xingjun Ma, Quanquan Gu",
-             "venue": "ICLR 2020"},
-    "pgd-at": {"link": "https://arxiv.org/abs/1706.06083",
-               "name": "Towards Deep Learning Models Resistant to Adversarial Attacks",
-               "authors": "Aleksander Madry, Aleksandar Makelov, Ludwig Schmidt, Dimitris Tsipras, Adrian Vladu",
-               "venue": "ICLR 2018"},
-}
+
+def paper_entry(method: str) -> dict[str, str]:
+    """RobustBench's fields of the paper behind training ``method`` (``link``, ``name``: the title,
+    ``authors``, ``venue``), read from the method class's ``paper`` and ``url`` when the entry is
+    built (a new method file is cited with no edit here); empty for a method without a paper."""
+    p = method_paper(method)
+    return {} if p is None else {"link": p.url, "name": p.title, "authors": p.authors, "venue": p.venue}
+
+
 ARCHITECTURES = {"small-cnn": "SmallCNN (4 conv + 3 fc)", "resnet18": "ResNet-18",
                  "preact-resnet18": "PreActResNet-18", "wrn-34-10": "WideResNet-34-10",
                  "wrn-28-10": "WideResNet-28-10", "wrn-70-16": "WideResNet-70-16"}
@@ -62,7 +54,7 @@ def model_info(ev: dict[str, Any], *, name: Optional[str] = None, link: Optional
                          "(RobustBench's robust accuracy is AutoAttack's)")
     if "clean" not in acc:
         raise ValueError("no clean accuracy in this evaluation: include 'clean' in --attacks")
-    paper = PAPERS.get(str(ev.get("method")), {})
+    paper = paper_entry(str(ev.get("method")))
     aa = (ev.get("attack_settings") or {}).get("autoattack", {})
     n, full = int(ev.get("n", 0)), int(ev.get("test_set_size", ev.get("n", 0)))
     guards_failed = [g["name"] for g in ev.get("guards") or [] if not g.get("passed", True)]
@@ -83,7 +75,8 @@ def model_info(ev: dict[str, Any], *, name: Optional[str] = None, link: Optional
         notes.insert(0, footnote)
     return {
         "link": link if link is not None else paper.get("link", ""),
-        "name": name if name is not None else paper.get("name", f"{ev.get('method')} ({ev.get('model')})"),
+        "name": name if name is not None else paper.get("name", f"{method_label(str(ev.get('method')))} "
+                                                                f"({ev.get('model')})"),
         "authors": authors if authors is not None else paper.get("authors", ""),
         "additional_data": False,
         "number_forward_passes": 1,

@@ -1,10 +1,12 @@
 """Compare run folders the way the paper does: one table, mean ± std over seeds of the same recipe.
 
-A run folder holds ``config.json`` (the resolved config), ``metrics.jsonl`` (one line per epoch)
-and, once evaluated, ``eval.json`` (test-set accuracies). Runs whose configs agree on everything
-but ``seed`` and ``out`` (and the runtime details that do not change the result: device, data
-folder, logging) are one recipe; their numbers are aggregated. Runs evaluated on a different
-number of test points are never mixed into one mean.
+Run folders are read with :func:`arow.reporting.records.read_run`: ``config.json`` (the resolved
+config), ``metrics.jsonl`` (one line per epoch) and, once evaluated, ``eval.json`` (full test
+set); a run evaluated on the first N test images only (``eval_n<N>.json``) shows those numbers
+marked ``(n=N)``. Runs whose configs agree on everything but ``seed`` and ``out`` (and the
+runtime details that do not change the result: device, data folder, logging) are one recipe;
+their numbers are aggregated. Runs evaluated on a different number of test points are never
+mixed into one mean.
 
 >>> rep = build_report(["runs/fmnist-arow-s0", "runs/fmnist-arow-s1"])  # doctest: +SKIP
 >>> print(rep.markdown())  # doctest: +SKIP
@@ -17,35 +19,44 @@ import json
 import logging
 import math
 import os
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 from ..config.schema import TrainConfig
 from ..runs.rundir import RunDir, RunFolderError  # noqa: F401  (RunFolderError: part of this module's API)
+from .labels import attack_label, attack_order, subset_text
+from .records import EvalFile, RunRecord, read_run
+from .stats import Summary, summarize
 from ..threat import format_eps, norm_label
 from ..runs.checkpoint import atomic_write_text
+from ..runs.selection import reported_prefix, selection_key
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 DASH = "–"  # an en dash marks a number the run does not have
 
-# How the paper names its columns; any other attack keeps its own name, after these.
-ATTACK_LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW", "autoattack": "AutoAttack",
-                 "worst_case": "worst case"}
 # Config keys that say where or how a run was executed, not what was trained.
 RUNTIME_KEYS = TrainConfig.runtime_keys() | {"seed", "resolved"}
 
 
 @dataclass
 class Run:
-    """What a run folder holds, read once."""
+    """A run as a report row sees it: its folder's record (:func:`arow.reporting.records.read_run`)
+    and the evaluation reported for it (``eval``: ``eval.json``, else the final model's largest
+    subset evaluation; ``eval_file`` says which and whether it is a full-test-set number)."""
 
     path: Path
     config: dict[str, Any]
     metrics: list[dict[str, Any]]
     eval: Optional[dict[str, Any]]
+    eval_file: Optional[EvalFile] = None
+    record: Optional[RunRecord] = None
+
+    @property
+    def subset(self) -> bool:
+        """The reported evaluation covers part of the test set only."""
+        return self.eval_file.subset if self.eval_file is not None else bool((self.eval or {}).get("subset"))
 
     @property
     def resolved(self) -> dict[str, Any]:
@@ -74,14 +85,14 @@ class Run:
         if not self.metrics:
             return {"clean": None, "pgd": None}
         last = self.metrics[-1]
-        pre = next((p for p in ("swa_", "ema_") if f"{p}val_pgd_acc" in last), "")
+        pre = reported_prefix(last)
         return {"clean": last.get(f"{pre}val_clean_acc"), "pgd": last.get(f"{pre}val_pgd_acc")}
 
     def best_epoch(self) -> tuple[Optional[int], Optional[float]]:
         """The epoch ``best.pt`` holds: highest validation PGD accuracy, first one on ties (as the Trainer)."""
         best: tuple[Optional[int], Optional[float]] = (None, None)
         for r in self.metrics:
-            score = r.get("swa_val_pgd_acc", r.get("ema_val_pgd_acc", r.get("val_pgd_acc")))
+            score = r.get(selection_key(r))
             if score is not None and (best[1] is None or score > best[1]):
                 best = (int(r["epoch"]), float(score))
         return best
@@ -101,14 +112,16 @@ class Run:
 
 
 def load_run(path: PathLike) -> Run:
-    """Read a run folder (``config.json``, ``metrics.jsonl``, ``eval.json`` if present).
+    """Read a run folder with :func:`~arow.reporting.records.read_run`; the reported evaluation is
+    ``eval.json``, else the final model's largest subset evaluation (``Run.subset``).
 
     >>> run = load_run("runs/fmnist-arow-s0")  # doctest: +SKIP
     >>> run.best_epoch()  # doctest: +SKIP
     (9, 0.7123)
     """
-    run = RunDir(path)
-    return Run(run.path, run.read_config(), run.read_metrics(), run.read_eval())
+    rec = read_run(path)
+    ev = rec.reported_eval()
+    return Run(rec.path, rec.config, rec.metrics, None if ev is None else ev.data, ev, rec)
 
 
 def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -127,24 +140,46 @@ def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- aggregation
 @dataclass
 class Stat:
-    """Values of one quantity over the seeds of a recipe (fractions in [0, 1] or plain numbers)."""
+    """Values of one quantity over the seeds of a recipe (fractions in [0, 1] or plain numbers),
+    summarised by :func:`arow.reporting.stats.summarize` (the one implementation of the statistics)."""
 
     values: list[float] = field(default_factory=list)
 
     @property
+    def summary(self) -> Summary:
+        return summarize(self.values)
+
+    @property
     def mean(self) -> Optional[float]:
-        return statistics.fmean(self.values) if self.values else None
+        return self.summary.mean
 
     @property
     def std(self) -> Optional[float]:
         """Sample standard deviation (n - 1); None for fewer than two values."""
-        return statistics.stdev(self.values) if len(self.values) > 1 else None
+        return self.summary.std
 
     def fmt(self, scale: float = 100.0, digits: int = 2) -> str:
-        if not self.values:
-            return DASH
-        s = f"{self.mean * scale:.{digits}f}"
-        return s if self.std is None else f"{s} ± {self.std * scale:.{digits}f}"
+        return format_mean_std(self.mean, self.std, scale=scale, digits=digits)
+
+
+def format_mean_std(mean: Optional[float], std: Optional[float], *, scale: float = 100.0, digits: int = 2,
+                    unit: str = "", missing: str = DASH, n: Optional[int] = None, full: Optional[int] = None) -> str:
+    """How every table writes a mean over seeds: ``"82.00 ± 2.83"`` (sample std), the mean alone
+    without a std (one seed), ``missing`` without a mean; ``n`` below ``full``: measured on the first
+    ``n`` test images only, marked ``"72.00 (n=20)"`` (see :func:`arow.reporting.labels.subset_text`).
+
+    >>> format_mean_std(0.82, 0.0283), format_mean_std(0.72, None, n=20, full=10000), format_mean_std(None, None)
+    ('82.00 ± 2.83', '72.00 (n=20)', '–')
+    >>> format_mean_std(12.345, 0.5, scale=1.0, unit=" s")
+    '12.35 s ± 0.50'
+    """
+    if mean is None:
+        return missing
+    out = f"{mean * scale:.{digits}f}{unit}"
+    if std is not None:
+        out += f" ± {std * scale:.{digits}f}"
+    mark = subset_text(n, full) if n is not None else ""
+    return f"{out} {mark}" if mark else out
 
 
 def _stat(values: Sequence[Optional[float]]) -> Stat:
@@ -168,6 +203,14 @@ class Group:
     def attack(self, name: str) -> Stat:
         return _stat([r.eval["accuracy"].get(name) for r in self.runs if r.eval is not None])
 
+    def attack_text(self, name: str) -> str:
+        """The cell of attack ``name``: mean ± std, marked ``(n=N)`` when the runs were evaluated on
+        the first N test images only (never passed off as a full-test-set number)."""
+        s, ev = self.attack(name), self.first.eval or {}
+        if not s.values or not self.first.subset:
+            return s.fmt()
+        return format_mean_std(s.mean, s.std, n=ev.get("n"), full=ev.get("test_set_size"))
+
     def val(self, which: str) -> Stat:
         return _stat([r.final_val()[which] for r in self.runs])
 
@@ -177,9 +220,21 @@ class Group:
 
     def notes(self) -> list[str]:
         out = []
-        ev = self.first.eval
+        ev, file = self.first.eval, self.first.eval_file
         if ev is None:
-            out.append("no eval.json: validation numbers only (run `arow eval`)")
+            out.append("not evaluated: validation numbers only (run `arow eval`)")
+        elif self.first.subset:
+            out.append(f"SUBSET: {file.name if file is not None else RunDir.EVAL}, {ev.get('n')} of "
+                       f"{ev.get('test_set_size')} test images")
+        for r in self.runs:
+            rec = r.record
+            if rec is None:
+                continue
+            failed = [e for e in rec.evals.values() if e.error is not None and e.which == "final"]
+            if failed:
+                out.append(f"{r.path.name}: {failed[0].name} holds no numbers ({failed[0].error})")
+            if rec.failure:
+                out.append(f"{r.path.name}: {rec.failure}")
         epochs = self.first.config.get("epochs")
         done = [len(r.metrics) for r in self.runs]
         if epochs is not None and min(done) < epochs:
@@ -233,8 +288,7 @@ class Report:
         robust = [a for a in seen if a not in ("clean", "worst_case")]
         if len(robust) < 2:
             seen.discard("worst_case")  # with one attack the worst case repeats that attack's column
-        order = [a for a in ATTACK_LABELS if a in seen]
-        return order + sorted(seen - set(order))
+        return attack_order(sorted(seen))
 
     def _flat_config(self, g: Group) -> dict[str, Any]:
         d = {k: v for k, v in g.first.config.items() if k not in RUNTIME_KEYS | {"method_args"}}
@@ -268,9 +322,9 @@ class Report:
         return ", ".join(f"{short(k)}={flat[k]}" for k in keys if k in flat)
 
     def columns(self) -> list[str]:
-        val = ATTACK_LABELS.get(self.groups[0].first.val_attack, self.groups[0].first.val_attack) if self.groups else ""
+        val = attack_label(self.groups[0].first.val_attack) if self.groups else ""
         cols = ["method", "model", "dataset", "eps", "seeds", "n test"]
-        cols += [ATTACK_LABELS.get(a, a) for a in self.attacks]
+        cols += [attack_label(a) for a in self.attacks]
         cols += ["val clean (last)", f"val {val} (last)", f"best epoch (val {val})"]
         if self.differing():
             cols.append("setting")
@@ -286,14 +340,14 @@ class Report:
             r0 = g.first
             ev = r0.eval
             n = DASH if ev is None else f"{ev.get('n')}" + (
-                f" of {ev.get('test_set_size')} (SUBSET)" if ev.get("subset") else "")
+                f" of {ev.get('test_set_size')} (SUBSET)" if r0.subset else "")
             epochs, best = g.best()
             best_s = DASH if all(e is None for e in epochs) else (
                 ", ".join(DASH if e is None else str(e) for e in epochs) + f" ({best.fmt()})")
             row = [str(r0.config.get("method")), str(r0.config.get("model")), str(r0.config.get("dataset")),
                    format_eps(r0.eps) + ("" if r0.norm == "linf" else f" ({norm_label(r0.norm)})"),
                    ", ".join(str(s) for s in g.seeds), n]
-            row += [g.attack(a).fmt() for a in self.attacks]
+            row += [g.attack_text(a) for a in self.attacks]
             row += [g.val("clean").fmt(), g.val("pgd").fmt(), best_s]
             if diff:
                 row.append(self._setting(g, diff))
@@ -318,8 +372,10 @@ class Report:
             "with its validation robust accuracy in brackets.",
             "Threat model: " + "; ".join(protocol) + ". PGD-20: CE, step eps/4, random start.",
         ]
-        if any(r.eval is not None and r.eval.get("subset") for r in runs):
-            notes.append("SUBSET: evaluated on part of the test set only; not comparable with full-test-set numbers.")
+        if any(r.subset for r in runs):
+            notes.append("SUBSET, (n=N): evaluated on the first N test images only (eval_n<N>.json when the run has "
+                         "no full-test-set eval.json); not comparable with full-test-set numbers, never pooled "
+                         "with them.")
         folders = [f"- {', '.join(str(r.path) for r in g.runs)}" for g in self.groups]
         return "\n".join(["# arow report", "", markdown_table(rows, cols), "",
                           *[f"- {n}" for n in notes], "", "Run folders, one line per row:", *folders, ""])
@@ -327,7 +383,8 @@ class Report:
     def csv(self) -> str:
         """One CSV row per recipe: mean and std columns in %, seeds separated by ';'."""
         val = self.groups[0].first.val_attack if self.groups else "pgd20"
-        head = ["method", "model", "dataset", "eps", "seeds", "n_runs", "n_test", "test_set_size", "subset"]
+        head = ["method", "model", "dataset", "eps", "seeds", "n_runs", "n_test", "test_set_size", "subset",
+                "eval_file"]
         for a in self.attacks:
             head += [f"{a}_mean", f"{a}_std"]
         head += ["val_clean_mean", "val_clean_std", f"val_{val}_mean", f"val_{val}_std", "best_epochs",
@@ -340,7 +397,8 @@ class Report:
             ev = g.first.eval or {}
             row: list[Any] = [g.first.config.get("method"), g.first.config.get("model"), g.first.config.get("dataset"),
                               "" if g.first.eps is None else g.first.eps, ";".join(str(s) for s in g.seeds),
-                              len(g.runs), ev.get("n", ""), ev.get("test_set_size", ""), ev.get("subset", "")]
+                              len(g.runs), ev.get("n", ""), ev.get("test_set_size", ""),
+                              g.first.subset if ev else "", g.first.eval_file.name if g.first.eval_file else ""]
             for a in self.attacks:
                 s = g.attack(a)
                 row += [num(s.mean), num(s.std)]

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -28,7 +29,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..models.spec import ModelSpec
 from ..modules import unwrap
+from ..threat import NORMS, check_eps
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -103,18 +106,21 @@ def append_line(path: PathLike, line: str) -> None:
         f.write(line.rstrip("\n") + "\n")
 
 
-def save_keyed(state: dict[str, Any], key: str, path: PathLike) -> None:
+def save_keyed(state: dict[str, Any], key: str, path: PathLike, *, parts: Optional[dict[str, str]] = None) -> None:
     """Save the progress ``state`` of a resumable computation under ``key`` (what its results
-    depend on) atomically; :func:`load_keyed` gives it back only for the same key."""
-    atomic_save({"key": key, **state}, path)
+    depend on) atomically; :func:`load_keyed` gives it back only for the same key. ``parts``: the
+    key part by part (``{how a difference reads: digest}``), kept so that a mismatch can say why."""
+    atomic_save({"key": key, **state, **({"key_parts": dict(parts)} if parts else {})}, path)
 
 
-def load_keyed(path: PathLike, key: str, what: str) -> Optional[dict[str, Any]]:
+def load_keyed(path: PathLike, key: str, what: str, *, parts: Optional[dict[str, str]] = None
+               ) -> Optional[dict[str, Any]]:
     """The state :func:`save_keyed` wrote at ``path`` under ``key``, or None when there is none to trust.
 
     A missing file is None; an unreadable one (torn, foreign) or one saved under another key
-    (another model, data or setting) is None with a warning naming ``what`` it would have been:
-    the caller recomputes rather than trusts it. Plain values only (``weights_only=True``).
+    (another model, data or setting) is None with a warning naming ``what`` it would have been and,
+    with ``parts`` (as saved), which of them differ: the caller recomputes rather than trusts it.
+    Plain values only (``weights_only=True``).
     """
     path = Path(path)
     if not path.is_file():
@@ -125,7 +131,10 @@ def load_keyed(path: PathLike, key: str, what: str) -> Optional[dict[str, Any]]:
         log.warning("ignoring unreadable %s %s (%s)", what, path, type(e).__name__)
         return None
     if not isinstance(state, dict) or state.get("key") != key:
-        log.warning("ignoring %s %s: it belongs to another model, data or setting", what, path)
+        saved = state.get("key_parts") if isinstance(state, dict) else None
+        changed = [k for k, v in (parts or {}).items() if isinstance(saved, dict) and saved.get(k) != v]
+        log.warning("ignoring %s %s: %s", what, path, f"it was saved for {' and '.join(changed)}" if changed else
+                    "it belongs to another model, data or setting")
         return None
     return state
 
@@ -200,10 +209,32 @@ def _legacy_numpy_globals() -> list[Any]:
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
+#: how every file torch.save writes begins: a zip archive, or (before PyTorch 1.6) a protocol-2
+#: pickle of torch's magic number
+_TORCH_HEADS = (b"PK\x03\x04", b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19")
+
+
+def is_raw_pickle(path: PathLike) -> bool:
+    """Whether ``path`` is a bare pickle (``pickle.dump``, protocol 2 or later), not a ``torch.save`` file."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return head[:1] == b"\x80" and not head.startswith(_TORCH_HEADS)
+
+
 def _torch_load(path: Path, map_location: Optional[str]) -> Any:
-    """``torch.load`` with PyTorch's restricted unpickler: plain values only, never arbitrary objects."""
+    """``torch.load`` with PyTorch's restricted unpickler: plain values only, never arbitrary objects.
+
+    A bare pickle (``pickle.dump``) is refused without reading it: only its own unpickler could
+    read it, and that runs whatever the file says. torch's warnings about pickle protocols are
+    not shown (the outcome is one line either way)."""
+    if is_raw_pickle(path):
+        raise CheckpointError(
+            f"{path}: refused: a bare pickle (pickle.dump), not a torch.save checkpoint; unpickling it could run "
+            f"code. If you trust its source, convert it once with `arow convert --trust-pickle {path}`")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol ...": not the user's concern
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as first:  # noqa: BLE001 - every failure below becomes one line
         if "numpy" in str(first):  # arow 0.1.0 kept numpy's RNG state as a numpy array
             try:
@@ -226,18 +257,62 @@ def _load_safetensors(path: Path, map_location: Optional[str]) -> dict[str, Any]
     try:
         with safe_open(str(path), framework="pt", device=map_location or "cpu") as f:
             meta = f.metadata() or {}
+            if meta.get("format") != EXPORT_FORMAT:
+                raise CheckpointError(f"{path}: a safetensors file without arow's model header (format "
+                                      f"{EXPORT_FORMAT!r}); load its weights into your own model instead")
+            for k in f.keys():  # before any tensor is read
+                _check_export_dtype(path, k, f.get_slice(k).get_dtype())
             weights = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    if meta.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{path}: a safetensors file without arow's model header (format "
-                              f"{EXPORT_FORMAT!r}); load its weights into your own model instead")
     try:
         info = json.loads(meta["arow"])
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: damaged arow header in the safetensors metadata") from None
-    return {"model": weights, "model_spec": info.get("model_spec", {}), "config": info.get("config", {}),
-            "threat": info.get("threat", {}), "version": info.get("version"), "exported": True}
+    _check_export_header(path, info)
+    return {"model": weights, "model_spec": info.get("model_spec", {}), "config": info.get("config") or {},
+            "threat": info.get("threat") or {}, "version": info.get("version"), "exported": True}
+
+
+#: what an export's tensors may be: weights in a floating type arow trains or evaluates in; integers
+#: only as BatchNorm's batch counter
+_EXPORT_DTYPES = {"F32", "BF16", "F16"}
+
+
+def _check_export_dtype(path: Path, key: str, dtype: str) -> None:
+    if dtype in _EXPORT_DTYPES or (dtype == "I64" and key.endswith("num_batches_tracked")):
+        return
+    raise CheckpointError(f"{path}: tensor {key!r} is {dtype}; an arow export holds float32, bfloat16 or float16 "
+                          f"weights only")
+
+
+def _check_export_header(path: Path, info: Any) -> None:
+    """The ``arow`` header of a safetensors export is untrusted input: checked like flags (a JSON
+    object; a model spec of the right types; a known norm and a finite eps in its range), one line
+    naming the file otherwise."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: the arow header must be a JSON object, got {type(info).__name__}")
+    try:
+        spec = ModelSpec.from_dict(info.get("model_spec"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: header {e}") from None
+    for key in ("config", "threat"):
+        if info.get(key) is not None and not isinstance(info[key], dict):
+            raise CheckpointError(f"{path}: header {key!r} must be a JSON object, got {info[key]!r}")
+    threat = info.get("threat") or {}
+    norm = threat["norm"] if threat.get("norm") is not None else "linf"  # exports before L2: L-inf
+    if norm not in NORMS:
+        raise CheckpointError(f"{path}: header norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if "eps" in threat:
+        dims = (spec.in_channels or 0) * (spec.image_size or 0) ** 2
+        if not dims:  # a spec without its sizes: the L2 bound is not known, every other rule holds
+            dims = 1 if norm == "linf" else 1 << 62
+        try:
+            check_eps(threat["eps"], norm, dims, what="header eps", positive=True)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
 
 def read_checkpoint(path: PathLike, map_location: Optional[str] = "cpu") -> dict[str, Any]:

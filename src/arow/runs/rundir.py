@@ -29,12 +29,14 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import time
 import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from ..threat import NORMS
 from .checkpoint import (CheckpointError, Which, append_line, atomic_save, atomic_write_text, dump_json,
                          read_checkpoint, remove_stale_tmp)
 
@@ -177,12 +179,17 @@ class RunDir:
             epochs.append({k: v for k, v in rec.items() if v is not None})
         return epochs, steps
 
-    def read_eval(self, name: Optional[str] = None) -> Optional[dict[str, Any]]:
-        """An evaluation written by ``arow eval`` (default ``eval.json``), None if there is none."""
+    def read_eval(self, name: Optional[str] = None, *, failed_ok: bool = False) -> Optional[dict[str, Any]]:
+        """An evaluation written by ``arow eval`` (default ``eval.json``), None if there is none.
+
+        ``failed_ok``: also return the record of an evaluation that stopped on a tripped guard (its
+        ``error`` says why; it has no accuracies)."""
         path = self.file(name or self.EVAL)
         if not path.is_file():
             return None
         ev = _read_json(path)
+        if failed_ok and isinstance(ev, dict) and isinstance(ev.get("error"), str) and "accuracy" not in ev:
+            return ev
         if not (isinstance(ev, dict) and isinstance(ev.get("accuracy"), dict)):
             raise RunFolderError(f"{path} has no 'accuracy' mapping: not written by `arow eval`")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ev["accuracy"].values()):
@@ -261,6 +268,45 @@ class RunDir:
         if n is not None and full is not None and n < full:
             stem += f"_n{n}"
         return self.file(stem + ".json")
+
+    def robustbench_path(self, which: str = "final", n: Optional[int] = None, full: Optional[int] = None,
+                         norm: Optional[str] = None) -> Path:
+        """Where the RobustBench model info of an evaluation is written: ``robustbench.json`` for the
+        final model on the full test set in the norm it was trained in only; a subset of ``n`` images
+        adds ``_n<N>``, another norm ``_<norm>`` (``robustbench_n20_l2.json``), so that a quick
+        AutoAttack run on a few images never replaces the full one."""
+        stem = "robustbench" if which == "final" else f"robustbench_{which}"
+        if n is not None and full is not None and n < full:
+            stem += f"_n{n}"
+        if norm is not None:
+            stem += f"_{norm}"
+        return self.file(stem + ".json")
+
+    def eval_files(self) -> dict[str, Path]:
+        """Every evaluation file :meth:`eval_path` names that the folder holds, by file name
+        (``eval.json`` first, then the others sorted)."""
+        if not self.path.is_dir():
+            return {}
+        names = sorted(p.name for p in self.path.iterdir() if parse_eval_name(p.name) is not None and p.is_file())
+        return {n: self.file(n) for n in sorted(names, key=lambda n: (n != self.EVAL, n))}
+
+
+def parse_eval_name(name: str) -> Optional[tuple[str, Optional[str], Optional[int]]]:
+    """``(which, norm, n)`` of a file name :meth:`RunDir.eval_path` writes, None for any other name.
+
+    >>> parse_eval_name("eval.json"), parse_eval_name("eval_best_l2_n20.json"), parse_eval_name("x.json")
+    (('final', None, None), ('best', 'l2', 20), None)
+    """
+    if name == RunDir.EVAL:
+        return "final", None, None
+    if not (name.startswith("eval_") and name.endswith(".json")):
+        return None
+    parts = name[len("eval_"):-len(".json")].split("_")
+    n = int(parts.pop()[1:]) if re.fullmatch(r"n\d+", parts[-1]) else None
+    norm = parts.pop() if parts and parts[-1] in NORMS else None
+    if "" in parts:
+        return None
+    return "_".join(parts) or "final", norm, n
 
 
 #: what best.pt and final.pt keep: what evaluation and export need. Only last.pt holds the optimiser,

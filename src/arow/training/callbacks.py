@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
-from ..config.schema import ConfigError
+from .. import distributed
+from ..config.plan import saved_config
+from ..config.schema import ConfigError, TrainConfig
 from ..reporting.plots import plot_run
 from ..runs.rundir import RunDir, RunFolderError
+from ..runs.selection import reported_prefix
 from .errors import TrainingDiverged
 
 # The hooks receive the Trainer and its TrainResult (arow.training.trainer); the annotations name
@@ -49,10 +52,46 @@ class Callbacks:
 
 
 class RunWriter(Callbacks):
-    """Keeps the run folder: takes its lock, writes config, metrics and checkpoints (rank 0 only)."""
+    """Keeps the run folder: takes its lock, writes config, metrics and checkpoints (rank 0 only),
+    records a divergence in ``diverged.json``; before a fit it refuses a folder that already holds
+    a run (:meth:`check_new`) or finds the state a resumed run continues from (:meth:`resume_state`)."""
 
     def __init__(self, run: RunDir) -> None:
         self.run = run
+
+    def check_new(self) -> None:
+        """Refuse to start a new run in a folder that already holds one (nothing is deleted)."""
+        if self.run.has_checkpoint():
+            raise ConfigError(f"{self.run.path} already holds a run; pass --resume to continue it "
+                              f"or choose another --out (nothing is deleted)")
+
+    def resume_state(self, cfg: TrainConfig) -> dict[str, Any]:
+        """The saved state to continue from (``last.pt``, else ``last.prev.pt``), if ``cfg`` continues
+        the same experiment: only :meth:`TrainConfig.resumable_keys` may change, and ``lr`` (smaller)
+        after a divergence; ``epochs`` may not undercut what was trained."""
+        run = self.run
+        diverged = run.diverged()
+        if not run.has_checkpoint():
+            hint = (" (the run diverged in its first epoch: start it again without --resume, e.g. with a "
+                    "smaller --lr)") if diverged else ""
+            raise ConfigError(f"--resume: {run.file(RunDir.LAST)} does not exist (nothing to resume){hint}")
+        ckpt = run.load_resume_state()
+        saved = saved_config(ckpt.get("config", {}))
+        allowed = set(TrainConfig.resumable_keys())
+        if diverged is not None:  # the documented exception: continue a diverged run with a smaller lr
+            allowed.add("lr")
+            if cfg.lr >= saved.get("lr", float("inf")):
+                raise ConfigError(f"{run.path} stopped because training diverged ({diverged.get('reason')}); "
+                                  f"resume it with a smaller --lr than {saved.get('lr')}")
+        changed = sorted(k for k, v in cfg.to_dict().items() if k not in allowed and k in saved and saved[k] != v)
+        if changed:
+            diffs = ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+            raise ConfigError(f"--resume would change the run in {run.path}: {diffs}; resume with its settings "
+                              f"(only {', '.join(sorted(allowed))} may change) or start a new --out")
+        if cfg.epochs < int(ckpt["epoch"]):
+            raise ConfigError(f"--resume --epochs {cfg.epochs}: {ckpt['path']} has already trained "
+                              f"{ckpt['epoch']} epochs; --epochs must be at least {ckpt['epoch']}")
+        return ckpt
 
     def on_fit_start(self, trainer: "Trainer") -> None:
         super().on_fit_start(trainer)
@@ -64,10 +103,12 @@ class RunWriter(Callbacks):
         except OSError as e:
             raise ConfigError(f"--out {run.path}: cannot write the run folder ({e.strerror or e})") from None
         resumed = trainer.start_epoch > 0
-        if run.has_checkpoint() and not resumed:
-            run.unlock()
-            raise ConfigError(f"{run.path} already holds a run; pass --resume to continue it "
-                              f"or choose another --out (nothing is deleted)")
+        if not resumed:  # checked again under the lock: another process may have started a run meanwhile
+            try:
+                self.check_new()
+            except ConfigError:
+                run.unlock()
+                raise
         # a fresh run starts empty; a resumed one drops the lines of unsaved epochs
         run.write_metrics(trainer.history, _saved_steps(run, trainer.start_epoch) if resumed else ())
         run.clear_diverged()
@@ -89,6 +130,12 @@ class RunWriter(Callbacks):
     def close(self, error: Optional[BaseException] = None) -> None:
         if isinstance(error, TrainingDiverged):
             self.run.mark_diverged(error.info)
+            done = int(error.info["epoch"]) - 1  # epochs that finished (and were saved) before it
+            if done > 0 and self.run.has_checkpoint():
+                error.hint = (f"; the last good checkpoint is {self.run.file(RunDir.LAST)} (epoch {done}): "
+                              f"continue it with --resume --out {self.run.path} and a smaller --lr")
+            else:
+                error.hint = "; no epoch had finished, so nothing was saved"
         self.run.unlock()
 
 
@@ -141,7 +188,7 @@ class TensorBoardWriter(Callbacks):
 
         w = self._open()
         last = result.history[-1]
-        pre = next((p for p in ("swa_", "ema_") if f"{p}val_pgd_acc" in last), "")
+        pre = reported_prefix(last)
         metrics = {f"hparam/final_{k}": last[f"{pre}{k}"] for k in ("val_clean_acc", "val_pgd_acc")
                    if isinstance(last.get(f"{pre}{k}"), (int, float))}
         if self.trainer.best.get("epoch") is not None:
@@ -217,6 +264,41 @@ class PlotWriter(Callbacks):
 
     def on_fit_end(self, result: "TrainResult") -> None:
         plot_run_safely(self.run.path)
+
+
+def callback_list(callbacks: Union[Callbacks, Sequence[Callbacks], None]) -> list[Callbacks]:
+    """``callbacks`` as a list: one callback, several, or none."""
+    if callbacks is None:
+        return []
+    return [callbacks] if isinstance(callbacks, Callbacks) else list(callbacks)
+
+
+def run_writers(run: Optional[RunDir], cfg: TrainConfig, *, resume: bool = False,
+                plots: bool = True) -> list[Callbacks]:
+    """The callbacks that keep the run folder ``run`` (None: no folder) for this process, first in the
+    fit's list: :class:`RunWriter`, :class:`PlotWriter` (``plots``) and :class:`TensorBoardWriter`
+    (``cfg.tensorboard``) on rank 0, none on the other ranks. A folder that already holds a run is
+    refused unless ``resume``; under torchrun every rank raises rank 0's verdict together."""
+    dist = distributed.info()
+    writers: list[Callbacks] = []
+    error = None
+    if dist.is_main:  # only rank 0 writes; every rank learns its verdict on the folder
+        try:
+            if run is not None:
+                writer = RunWriter(run)
+                if not resume:
+                    writer.check_new()
+                writers += [writer, PlotWriter(run)] if plots else [writer]
+            if cfg.tensorboard:
+                if run is None:
+                    raise ConfigError("--tensorboard needs a run folder (--out) to write DIR/tensorboard into")
+                writers.append(TensorBoardWriter(run.file(RunDir.TENSORBOARD)))
+        except ValueError as e:
+            if not dist.enabled:
+                raise
+            error = str(e)
+    distributed.raise_together(error, ConfigError)
+    return writers
 
 
 def require_tensorboard() -> None:

@@ -8,46 +8,44 @@ summed on the device and read once per epoch (no host synchronisation in the hot
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from .. import __version__, distributed
 from ..attacks import get_attack
-from .errors import TrainingDiverged
-from .callbacks import Callbacks, PlotWriter, RunWriter, TensorBoardWriter
-from ..runs.checkpoint import CheckpointError, plain_state_dict, rng_state, set_rng_state
+from ..config.plan import ensure_resolved
 from ..config.schema import ConfigError, TrainConfig
 from ..data import TensorData
 from ..data.extra import ExtraData, train_loader
 from ..evaluation.cascade import evaluate
 from ..methods import Method, MethodOutput, build_method
+from ..models.spec import ModelSpec
 from ..rng import BatchRNG
-from ..runs.rundir import RunDir
-from .runtime import prepare_model, use_amp
-from .averaging import EMA, SWA
+from ..runs.checkpoint import CheckpointError, plain_state_dict, rng_state, set_rng_state
+from ..runs.selection import reported_model, reported_prefix, selection_key
 from ..threat import ThreatModel
-from ..data import DATASETS
+from .averaging import EMA, SWA
+from .callbacks import Callbacks, RunWriter, callback_list
+from .errors import TrainingDiverged
+from .runtime import prepare_model, use_amp
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
-#: config keys a resumed run may change (how it runs, not what it computes; epochs extends a run)
-RESUMABLE_CHANGES = TrainConfig.runtime_keys() | {"epochs"}
 WEIGHT_BINS = 20  # histogram of ARoW's per-example weight, per epoch
 NONFINITE_CHECK_EVERY = 20  # steps between reads of the device-side "first non-finite loss" record
 
 
-
-
 @dataclass
 class TrainResult:
-    model: nn.Module  # the final model (SWA-averaged if SWA was on), eval mode
+    model: nn.Module  # the reported model (the SWA or EMA average if one ran, else the last epoch's), eval mode
     history: list[dict[str, Any]]
     out: Optional[Path]
     best_epoch: Optional[int] = None
@@ -69,8 +67,7 @@ def lr_at(cfg: TrainConfig, t: float) -> float:
 
 
 def threat_for(cfg: TrainConfig) -> ThreatModel:
-    """The training attack's threat model of a config (its defaults filled by ``cfg.resolve()``)."""
-    cfg = cfg.resolve()
+    """The training attack's threat model of a resolved config (:func:`arow.config.plan.resolve`)."""
     if cfg.eps is None:
         raise ConfigError(f"--eps is needed: {cfg.dataset!r} is not a known data set with a default eps")
     return ThreatModel(eps=cfg.eps, steps=cfg.attack_steps, step=cfg.step_size, norm=cfg.norm)
@@ -81,13 +78,15 @@ def _step_seed(seed: int, epoch: int, step: int) -> int:
 
 
 class Trainer:
-    """Adversarial training of ``model`` on in-memory data with ``method``: the loop and its state.
+    """Adversarial training of ``model`` on in-memory data with ``method``: the loop, its state and
+    model selection. A Trainer writes nothing itself.
 
-    Side effects (the run folder, TensorBoard, plots, progress bars) are callbacks
-    (:mod:`arow.training.callbacks`); with ``cfg.out`` set, a :class:`~arow.training.callbacks.RunWriter` keeps the
-    run folder and a :class:`~arow.training.callbacks.PlotWriter` draws its PNGs at the end (``plots``).
-    The constructor only reads (a run folder to resume, ``resume=True``); writing
-    starts in :meth:`fit`.
+    The config is resolved here once unless it already is (:func:`plan_training`): for your own
+    model and data it is named after them and needs an eps. Side effects (the run folder,
+    TensorBoard, plots, progress bars) are callbacks (:mod:`arow.training.callbacks`) passed in
+    ``callbacks``; :func:`arow.pipelines.build_trainer` adds the writers of ``cfg.out``'s run folder
+    and continues a run (``resume``), :func:`arow.pipelines.train_run` also loads the data and builds
+    the model. To continue from a state yourself: :meth:`load_state_dict`.
 
     >>> from arow.data import from_tensors
     >>> from arow.models import build_model
@@ -107,24 +106,15 @@ class Trainer:
         val_data: Optional[TensorData] = None,
         *,
         method: Optional[Method] = None,
-        model_spec: Optional[dict[str, Any]] = None,
+        model_spec: Union[ModelSpec, Mapping[str, Any], None] = None,
         callbacks: Union[Callbacks, Sequence[Callbacks], None] = None,
-        resume: bool = False,
-        plots: bool = True,
         extra: Optional[ExtraData] = None,
     ) -> None:
-        self.cfg = cfg = _for_user_data(cfg, model, train_data, model_spec, method).resolve()
+        self.cfg = cfg = plan_training(cfg, model, train_data, model_spec=model_spec, method=method)
         self.dist = distributed.setup(cfg.device)
         self.device = distributed.resolve_device(cfg.device, self.dist.local_rank)
-        if cfg.batch_size % self.dist.world_size:
-            raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
-                              f"number of processes {self.dist.world_size}")
-        if (cfg.batch_size // self.dist.world_size) % cfg.grad_accum:
-            raise ConfigError(f"--batch-size {cfg.batch_size} gives {cfg.batch_size // self.dist.world_size} per "
-                              f"process, not divisible by --grad-accum {cfg.grad_accum}")
-        self.out = Path(cfg.out) if cfg.out else None
-        self.run = RunDir(self.out) if self.out is not None else None
-        self.model_spec = model_spec or {"name": type(model).__name__, "custom": True}
+        _check_batch(cfg, self.dist.world_size)
+        self.model_spec = as_model_spec(model_spec, model)
         self.threat = threat_for(cfg) if method is None else method.threat
         self.method = method or build_method(cfg.method, self.threat, **cfg.method_args)
         self.val_attack = get_attack(cfg.val_attack, self.threat.eps, norm=self.threat.norm)  # a typo fails now
@@ -143,34 +133,10 @@ class Trainer:
         self.start_epoch = 0
         self.global_step = 0  # optimiser steps taken since the run began (step records, TensorBoard)
         self.best: dict[str, Any] = {"val_pgd_acc": -1.0, "epoch": None}
-        error = None
-        if self.dist.is_main:  # only rank 0 writes; every rank learns its verdict on the folder
-            try:
-                self.callbacks = self._default_callbacks(plots) + _as_list(callbacks)
-                if self.run is not None and not resume and self.run.has_checkpoint():
-                    raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it "
-                                      f"or choose another --out (nothing is deleted)")
-            except ValueError as e:
-                if not self.dist.enabled:
-                    raise
-                error = str(e)
-        else:
-            self.callbacks = _as_list(callbacks)
-        distributed.raise_together(error, ConfigError)
-        if resume:
-            self.load_state_dict(self._resume_state())
-
-    def _default_callbacks(self, plots: bool) -> list[Callbacks]:
-        cbs: list[Callbacks] = []
-        if self.run is not None:
-            cbs.append(RunWriter(self.run))
-            if plots:
-                cbs.append(PlotWriter(self.run))
-        if self.cfg.tensorboard:
-            if self.run is None:
-                raise ConfigError("--tensorboard needs a run folder (--out) to write DIR/tensorboard into")
-            cbs.append(TensorBoardWriter(self.run.file(RunDir.TENSORBOARD)))
-        return cbs
+        self.callbacks = callback_list(callbacks)
+        if cfg.out and self.dist.is_main and not any(isinstance(cb, RunWriter) for cb in self.callbacks):
+            log.warning("nothing is written to %s: a Trainer keeps no run folder itself "
+                        "(arow.pipelines.build_trainer adds its writers)", cfg.out)
 
     # ----------------------------------------------------------------- state
     def resolved_config(self) -> dict[str, Any]:
@@ -179,7 +145,7 @@ class Trainer:
         d["resolved"] = {"norm": self.threat.norm, "eps": self.threat.eps, "attack_steps": self.threat.steps,
                          "step_size": self.threat.step_size, "method_args": self.method.config,
                          "world_size": self.dist.world_size, "amp": "bf16" if self.amp else "off",
-                         "device": str(self.device), "model_spec": self.model_spec, "version": __version__}
+                         "device": str(self.device), "model_spec": self.model_spec.to_dict(), "version": __version__}
         return d
 
     @property
@@ -191,7 +157,7 @@ class Trainer:
         return {"model": plain_state_dict(self.model), "optimizer": self.opt.state_dict(),
                 "swa": self.swa.state_dict() if self.swa is not None else None,
                 "ema": self.ema.state_dict() if self.ema is not None else None, "rng": rng_state(),
-                "epoch": self.epochs_done, "config": self.cfg.to_dict(), "model_spec": self.model_spec,
+                "epoch": self.epochs_done, "config": self.cfg.to_dict(), "model_spec": self.model_spec.to_dict(),
                 "history": self.history, "best": self.best, "global_step": self.global_step, "version": __version__,
                 "threat": {"norm": self.threat.norm, "eps": self.threat.eps, "steps": self.threat.steps,
                            "step": self.threat.step_size}}
@@ -199,18 +165,17 @@ class Trainer:
     def best_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` with the weights model selection picked this epoch (the SWA/EMA model if it scored)."""
         best = dict(state)
-        last = self.history[-1] if self.history else {}
-        for prefix, avg in (("swa", self.swa), ("ema", self.ema)):
-            if avg is not None and f"{prefix}_val_pgd_acc" in last:
-                best["model"] = plain_state_dict(avg.model)
-                best["model_source"] = prefix
+        prefix = reported_prefix(self.history[-1] if self.history else {})
+        if prefix:
+            best["model"] = plain_state_dict(self._averages()[prefix[:-1]].model)
+            best["model_source"] = prefix[:-1]
         return best
 
     def final_state_dict(self, final: nn.Module) -> dict[str, Any]:
+        """:meth:`state_dict` with the weights of ``final`` (:meth:`final_model`) and which model it is."""
         state = self.state_dict()
         state["model"] = plain_state_dict(final)
-        avg = self._averaged()
-        state["final_source"] = ("swa" if avg is self.swa else "ema") if avg is not None else "last"
+        state["final_source"] = self.reported()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -232,34 +197,6 @@ class Trainer:
         self.global_step = int(state.get("global_step", self.start_epoch * len(self.loader)))
         log.info("resumed %s at epoch %d", path, self.start_epoch)
 
-    def _resume_state(self) -> dict[str, Any]:
-        """The run folder's saved state, if the flags given now continue the same experiment."""
-        if self.run is None:
-            raise ConfigError("--resume needs --out pointing at the run folder to continue")
-        diverged = self.run.diverged()
-        if not self.run.has_checkpoint():
-            hint = (" (the run diverged in its first epoch: start it again without --resume, e.g. with a "
-                    "smaller --lr)") if diverged else ""
-            raise ConfigError(f"--resume: {self.run.file(RunDir.LAST)} does not exist (nothing to resume){hint}")
-        ckpt = self.run.load_resume_state()
-        saved = _resolved_saved_config(ckpt.get("config", {}))
-        allowed = set(RESUMABLE_CHANGES)
-        if diverged is not None:  # the documented exception: continue a diverged run with a smaller lr
-            allowed.add("lr")
-            if self.cfg.lr >= saved.get("lr", float("inf")):
-                raise ConfigError(f"{self.out} stopped because training diverged ({diverged.get('reason')}); "
-                                  f"resume it with a smaller --lr than {saved.get('lr')}")
-        changed = sorted(k for k, v in self.cfg.to_dict().items()
-                         if k not in allowed and k in saved and saved[k] != v)
-        if changed:
-            diffs = ", ".join(f"{k}: {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed)
-            raise ConfigError(f"--resume would change the run in {self.out}: {diffs}; resume with its settings "
-                              f"(only {', '.join(sorted(allowed))} may change) or start a new --out")
-        if self.cfg.epochs < int(ckpt["epoch"]):
-            raise ConfigError(f"--resume --epochs {self.cfg.epochs}: {ckpt['path']} has already trained "
-                              f"{ckpt['epoch']} epochs; --epochs must be at least {ckpt['epoch']}")
-        return ckpt
-
     # ----------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
         """Train up to ``cfg.epochs``; returns the final model (SWA average if SWA ran) in eval mode."""
@@ -275,7 +212,8 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_epoch_end(record)
             final = self.final_model()
-            result = TrainResult(final.eval(), self.history, self.out, self.best.get("epoch"))
+            out = Path(self.cfg.out) if self.cfg.out else None
+            result = TrainResult(final.eval(), self.history, out, self.best.get("epoch"))
             for cb in self.callbacks:
                 cb.on_fit_end(result)
             distributed.barrier()
@@ -303,32 +241,36 @@ class Trainer:
         if self.swa is not None and epoch + 1 >= self.cfg.swa_start:
             self.swa.update(self.model)
         record.update(self.validate())
-        for prefix, avg in (("swa", self.swa), ("ema", self.ema)):
-            if avg is not None and avg.n_averaged > 0 and self.val_data is not None:
+        for prefix, avg in self._averages().items():
+            if avg.n_averaged > 0 and self.val_data is not None:
                 avg.recalibrate(self.loader, amp=self.amp)
                 record.update({f"{prefix}_{k}": v for k, v in self.validate(avg.model).items()})
         return record
 
     def _select(self, record: dict[str, Any]) -> None:
         """Model selection on the held-out split: a higher finite robust accuracy is the new best."""
-        score = record.get("swa_val_pgd_acc", record.get("ema_val_pgd_acc", record.get("val_pgd_acc")))
+        score = record.get(selection_key(record))
         if score is not None and math.isfinite(score) and score > self.best["val_pgd_acc"]:
             self.best = {"val_pgd_acc": score, "epoch": record["epoch"]}
 
+    def reported(self) -> str:
+        """Which model the run reports (:func:`arow.runs.selection.reported_model`): ``"swa"`` if SWA
+        ran, else ``"ema"`` if EMA is on, else ``"last"``."""
+        return reported_model(name for name, avg in self._averages().items() if avg.n_averaged > 0)
+
     def final_model(self) -> nn.Module:
         """The model a run reports: the SWA or EMA average (BatchNorm recomputed) if one ran, else the last."""
-        avg = self._averaged()
-        if avg is not None:
-            if not avg.calibrated:
-                avg.recalibrate(self.loader, amp=self.amp)
-            return avg.model
-        return self.model
+        name = self.reported()
+        if name == "last":
+            return self.model
+        avg = self._averages()[name]
+        if not avg.calibrated:
+            avg.recalibrate(self.loader, amp=self.amp)
+        return avg.model
 
-    def _averaged(self) -> Optional[SWA]:
-        for avg in (self.swa, self.ema):
-            if avg is not None and avg.n_averaged > 0:
-                return avg
-        return None
+    def _averages(self) -> dict[str, SWA]:
+        """The weight averages this run keeps, by name (``swa``, ``ema``)."""
+        return {name: avg for name, avg in (("swa", self.swa), ("ema", self.ema)) if avg is not None}
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, dev = self.cfg, self.device
@@ -469,15 +411,12 @@ class Trainer:
             self._diverged(epoch, None, "non-finite weights")
 
     def _diverged(self, epoch: int, step: Optional[int], reason: str) -> None:
-        """Stop: nothing of this epoch is saved; every earlier checkpoint stays as it is."""
+        """Stop: nothing of this epoch is saved; every earlier checkpoint stays as it is (the run
+        folder's writer names the one to continue from, see :class:`~arow.training.callbacks.RunWriter`)."""
         where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step is not None else "")
-        if self.run is not None and epoch > 0 and self.run.has_checkpoint():
-            resume = (f"; the last good checkpoint is {self.run.file(RunDir.LAST)} (epoch {epoch}): continue it "
-                      f"with --resume --out {self.out} and a smaller --lr")
-        else:
-            resume = "; no epoch had finished, so nothing was saved"
         info = {"epoch": epoch + 1, "step": None if step is None else step + 1, "reason": reason, "lr": self.cfg.lr}
-        raise TrainingDiverged(f"training diverged at {where} ({reason}){resume}", info)
+        hint = "; no epoch had finished, so nothing was saved" if epoch == 0 else ""
+        raise TrainingDiverged(f"training diverged at {where} ({reason})", info, hint)
 
 
 def sgd_param_groups(model: nn.Module, no_bn_decay: bool = False) -> list[dict[str, Any]]:
@@ -502,8 +441,6 @@ def _sgd_kernel(device: torch.device) -> dict[str, bool]:
     """SGD's fused CUDA kernel (one launch for all parameters) where this PyTorch has it."""
     if device.type != "cuda":
         return {}
-    import inspect
-
     fused = "fused" in inspect.signature(torch.optim.SGD).parameters
     return {"fused": True} if fused else {"foreach": True}
 
@@ -512,40 +449,33 @@ def _acc(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
     sums[key] = sums[key] + value if key in sums else value
 
 
+def plan_training(cfg: TrainConfig, model: nn.Module, data: TensorData, *,
+                  model_spec: Union[ModelSpec, Mapping[str, Any], None] = None,
+                  method: Optional[Method] = None) -> TrainConfig:
+    """The config a Trainer trains on: ``cfg`` itself if it is resolved already, else resolved once
+    (:func:`arow.config.plan.resolve`) for this model and data: without a model spec the run is named
+    after the model's class; data that is not a built-in data set (``from_tensors``, ``as_data``;
+    a model spec may say which data set it is) names the run's data and needs an eps (the config's,
+    or that of ``method`` when the caller built it)."""
+    spec = as_model_spec(model_spec, model)
+    return ensure_resolved(cfg, model_name=None if model_spec is not None else spec.name,
+                           data_name=spec.dataset or data.name,
+                           method_eps=method.threat.eps if method is not None else None)
 
 
-def _resolved_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's config resolved as the Trainer resolves its own (older runs saved defaults unset)."""
-    try:
-        return TrainConfig.from_dict(saved).resolve().to_dict()
-    except ValueError:
-        return dict(saved)  # compared key by key below; a config no longer valid shows as changed
+def as_model_spec(model_spec: Union[ModelSpec, Mapping[str, Any], None], model: nn.Module) -> ModelSpec:
+    """``model_spec`` as a :class:`~arow.models.spec.ModelSpec` (a dict is read as a checkpoint's);
+    None: ``model`` is the user's own (its class name, ``custom``)."""
+    if model_spec is None:
+        return ModelSpec.of_user_model(model)
+    return model_spec if isinstance(model_spec, ModelSpec) else ModelSpec.from_dict(model_spec)
 
 
-def _for_user_data(cfg: TrainConfig, model: nn.Module, data: TensorData, model_spec: Optional[dict],
-                   method: Optional[Method] = None) -> TrainConfig:
-    """The config of a Trainer given the user's own model or data: named after them, never after
-    the defaults (small-cnn, Fashion-MNIST), and with the eps the user chose (no dataset default)."""
-    import dataclasses
-
-    changes: dict[str, Any] = {}
-    if model_spec is None and cfg.model != type(model).__name__:
-        changes["model"] = type(model).__name__
-
-    name = (model_spec or {}).get("dataset") or data.name  # a model spec may say which data set it is
-    if name not in DATASETS:  # from_tensors / as_data: the user's data, named by them
-        if cfg.eps is None and method is not None:  # a method built by the caller carries its threat model
-            changes["eps"] = method.threat.eps
-        elif cfg.eps is None:
-            raise ConfigError(f"eps must be given for your own data ({name!r}): TrainConfig(eps=...); the "
-                              f"defaults (e.g. L-inf 0.1 on Fashion-MNIST, 8/255 on CIFAR) belong to the built-in "
-                              f"data sets")
-        if cfg.dataset != name:
-            changes["dataset"] = name
-    return dataclasses.replace(cfg, **changes) if changes else cfg
-
-
-def _as_list(callbacks: Union[Callbacks, Sequence[Callbacks], None]) -> list[Callbacks]:
-    if callbacks is None:
-        return []
-    return [callbacks] if isinstance(callbacks, Callbacks) else list(callbacks)
+def _check_batch(cfg: TrainConfig, world_size: int) -> None:
+    """The global batch splits evenly over the processes, and each share over ``--grad-accum``."""
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
+                          f"number of processes {world_size}")
+    if (cfg.batch_size // world_size) % cfg.grad_accum:
+        raise ConfigError(f"--batch-size {cfg.batch_size} gives {cfg.batch_size // world_size} per "
+                          f"process, not divisible by --grad-accum {cfg.grad_accum}")

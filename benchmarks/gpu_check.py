@@ -1,0 +1,777 @@
+"""GPU check: one command, one table, at most 8 minutes on one H100.
+
+    python benchmarks/gpu_check.py                        # on a CUDA machine (default budget 450 s)
+    python benchmarks/gpu_check.py --json gpu-check.json  # also the rows as JSON
+    python benchmarks/gpu_check.py --dry-run              # the same code on the CPU, tiny shapes, < 1 min
+    python benchmarks/gpu_check.py --only compiled --models wrn-34-10 --budget 300   # one part again
+
+Rows, in the order they run (the budget skips what no longer fits, and says so in the table):
+
+- ``train``: ARoW training steps (K = 10, eps 8/255, crop+flip) through arow's own
+  ``Trainer.train_epoch`` on ResNet-18, PreAct ResNet-18 and WRN-34-10 with CIFAR-shaped synthetic
+  tensors (3x32x32, 10 classes; the machine needs no data files) at batch 128, in bf16 autocast
+  and in float32 with TF32 (pinned on: ``torch.backends.cuda.matmul.allow_tf32`` and
+  ``torch.backends.cudnn.allow_tf32``); images/s and the implied seconds per 50k-image epoch,
+  beside the H100 targets. Each row also times a plain-PyTorch TRADES step written inline below
+  (:func:`plain_trades_step`, not arow's code; the same passes, precision and memory format) and
+  reports ours/plain, and runs one step with CUDA's sync debug mode set to ``"error"`` around the
+  training step (forward, attack, backward, optimiser): "pass" means no host synchronisation.
+- ``agreement``: the same ARoW steps in bf16 and in strict float32 (TF32 off) from the same
+  weights and batches: per-step losses within 2% (relative).
+- ``ddp``: one step with the model wrapped in DistributedDataParallel (world size 1, process
+  group initialised in this process: NCCL on CUDA, gloo on the CPU) equals one step without DDP,
+  bit for bit, with deterministic cuDNN kernels; a second run without DDP is the control.
+- ``loader``: the extra-data loader (``MixedLoader``, 70% extra images from a memory-mapped
+  ``.npz``) in images/s, and its host synchronisations per batch.
+- ``autoattack``: arow's ``autoattack`` (standard: APGD-CE, APGD-T, FAB-T, Square 5000) on 256
+  images with ResNet-18 in float32 (TF32 on), on a model whose predictions no attack can change
+  (:class:`Unbreakable`), so every sub-attack runs its whole budget on every image: an upper bound
+  on the time per image, projected to the 10k test set.
+- ``compiled``: the ``train`` rows with ``torch.compile`` (``--compile`` of arow), dynamo's caches
+  reset before and after each row (``torch._dynamo.reset()``); reports the graphs, the compilations
+  of each frame (arow's model compiles three times by design: training, attack, clean target),
+  those after the warm-up (a recompile in the timed steps: must be 0), graph breaks and fallbacks
+  to eager.
+
+Every timing warms up first with the shapes it then times (cuDNN autotuning stays outside the
+timed loop) and sits between ``torch.cuda.synchronize()`` calls. Every row runs under its own time
+limit (SIGALRM) inside ``--budget``. ``--dry-run`` runs everything on the CPU with tiny models
+(ResNet [1,1,1,1], PreAct ResNet [1,1,1,1], WRN-10-1; 8x8 images; batch 4; K = 2; 1 step each),
+``torch.compile`` with the ``eager`` backend and a NON-STANDARD AutoAttack budget; on the CPU the
+host-sync column counts host-syncing operators with a dispatch mode instead. Exit status: 0 if
+no check failed (targets are reported, not enforced; rows skipped or timed out are listed as
+such), 1 if one failed or a row raised an error, 2 for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import logging
+import math
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+from unittest import mock
+
+START = time.monotonic()  # the budget counts from here: imports and CUDA start-up included
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step, also when imported from elsewhere
+
+from arow.attacks.autoattack import AutoAttackSettings, run_autoattack  # noqa: E402
+from arow.config.schema import TrainConfig  # noqa: E402
+from arow.data import Loader, TensorData  # noqa: E402
+from arow.data.extra import MixedLoader, load_extra  # noqa: E402
+from arow.models import PreActResNet, ResNet, build_model, wide_resnet  # noqa: E402
+from arow.runs.checkpoint import atomic_write_text  # noqa: E402
+from arow.training.callbacks import Callbacks  # noqa: E402
+from arow.training.trainer import Trainer  # noqa: E402
+
+from train_step import FallbackLog, dynamo_counts, dynamo_report  # noqa: E402
+from train_step import pinned_tf32 as tf32  # noqa: E402
+
+Tensor = torch.Tensor
+
+MODELS = ("resnet18", "preact-resnet18", "wrn-34-10")
+PRECISIONS = ("bf16", "tf32", "fp32")  # bf16 autocast; float32 with TF32 on; float32 with TF32 off
+EPS, CLASSES = 8 / 255, 10
+EPOCH_IMAGES, AA_IMAGES = 50_000, 10_000
+#: the H100 targets: seconds per 50k-image ARoW epoch, and AutoAttack on the 10k test set
+EPOCH_TARGET_S = {"resnet18": 6.0, "wrn-34-10": 60.0}
+AA_TARGET_S = 300.0
+AGREEMENT_TOLERANCE = 0.02  # bf16 vs float32 training loss, relative, per step
+EXTRA_FRACTION = 0.7  # the generated-data recipes' share of extra images per batch
+KINDS = ("train", "agreement", "ddp", "loader", "autoattack", "compiled")
+PLAIN: dict[tuple[str, str], float] = {}  # images/s of the plain TRADES step per (model, precision)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Shapes and step counts: :data:`FULL` on a GPU, :data:`DRY` for ``--dry-run``."""
+
+    batch: int
+    size: int
+    k: int  # attack steps of the training attack
+    warmup: int  # untimed steps before anything is measured (cuDNN autotuning, compilation)
+    timed: int  # at most this many timed steps (fewer when the row's time limit is near)
+    aa_n: int
+    aa_n_iter: Optional[int]  # None: AutoAttack's standard budget
+    aa_queries: Optional[int]
+    loader_real: int
+    loader_extra: int
+    loader_batches: int
+    agree_steps: int
+    dry: bool
+    caps: dict[str, float] = field(default_factory=dict)  # seconds each kind of row may take
+    needs: dict[str, float] = field(default_factory=dict)  # seconds that must be left to start one
+
+
+FULL = Scale(batch=128, size=32, k=10, warmup=3, timed=20, aa_n=256, aa_n_iter=None, aa_queries=None,
+             loader_real=50_000, loader_extra=100_000, loader_batches=50, agree_steps=5, dry=False,
+             caps={"train": 75, "agreement": 45, "ddp": 45, "loader": 30, "autoattack": 150, "compiled": 150},
+             needs={"train": 20, "agreement": 15, "ddp": 15, "loader": 10, "autoattack": 60, "compiled": 60})
+DRY = Scale(batch=4, size=8, k=2, warmup=1, timed=1, aa_n=8, aa_n_iter=2, aa_queries=5, loader_real=16,
+            loader_extra=64, loader_batches=2, agree_steps=2, dry=True, caps={k: 60 for k in KINDS},
+            needs={k: 0 for k in KINDS})
+
+
+# --------------------------------------------------------------------------- the table
+@dataclass
+class Row:
+    what: str
+    model: str = "-"
+    precision: str = "-"
+    compile: str = "-"
+    images_s: Optional[float] = None
+    implied: str = ""  # seconds per 50k-image epoch, or the AutoAttack projection
+    target: str = ""
+    plain: str = ""  # plain TRADES images/s and ours / plain
+    sync: str = ""  # host synchronisation inside the step: pass / FAIL / n/a
+    dynamo: str = ""
+    check: str = ""
+    notes: str = ""
+    failed: bool = False
+
+    def cells(self) -> list[str]:
+        return [self.what, self.model, self.precision, self.compile, rate(self.images_s), self.implied, self.target,
+                self.plain, self.sync, self.dynamo, self.check, self.notes]
+
+
+def rate(images_s: Optional[float]) -> str:
+    """images/s as the table writes it: whole numbers from 100 up, else three significant digits."""
+    if images_s is None:
+        return ""
+    return f"{images_s:.0f}" if images_s >= 100 else f"{images_s:.3g}"
+
+
+HEADER = ["row", "model", "precision", "compile", "images/s", "implied", "target (H100)", "plain TRADES (ours/plain)",
+          "host syncs in step", "dynamo", "check", "notes"]
+
+
+def markdown(rows: list[Row]) -> str:
+    """The one table: a Markdown table with padded columns."""
+    table = [HEADER] + [r.cells() for r in rows]
+    widths = [max(len(t[i]) for t in table) for i in range(len(HEADER))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(t, widths)) + " |" for t in table]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- budget and settings
+class RowTimeout(Exception):
+    """A row ran past its time limit."""
+
+
+class Budget:
+    """The seconds left of ``--budget``, and a time limit per row (SIGALRM, main thread only)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.expired = seconds, False
+        self.deadline = START + seconds
+
+    def left(self) -> float:
+        return self.seconds - (time.monotonic() - START)
+
+    @contextlib.contextmanager
+    def limit(self, seconds: float) -> Iterator[float]:
+        self.expired = False
+        deadline = time.monotonic() + seconds
+        self.deadline = deadline
+
+        def expire(signum: int, frame: Any) -> None:
+            self.expired = True
+            signal.setitimer(signal.ITIMER_REAL, 2.0)  # again, should some code swallow the exception
+            raise RowTimeout(f"over its {seconds:.0f} s limit")
+
+        old = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+        try:
+            yield seconds
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+
+    def row_left(self) -> float:
+        """Seconds left to the current row."""
+        return self.deadline - time.monotonic()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def amp_of(precision: str) -> str:
+    return "bf16" if precision == "bf16" else "off"
+
+
+def label(precision: str, device: torch.device) -> str:
+    if device.type != "cuda" and precision != "bf16":
+        return f"{precision} (CPU: float32)"
+    return {"bf16": "bf16", "tf32": "float32, TF32 on", "fp32": "float32, TF32 off"}[precision]
+
+
+# --------------------------------------------------------------------------- models and data
+def build(name: str, sc: Scale) -> nn.Module:
+    """The architecture ``name`` for CIFAR-shaped inputs; with ``--dry-run`` a tiny one of its family."""
+    if not sc.dry:
+        return build_model(name, num_classes=CLASSES, in_channels=3, image_size=sc.size)
+    if name == "resnet18":
+        return ResNet([1, 1, 1, 1], num_classes=CLASSES, in_channels=3)
+    if name == "preact-resnet18":
+        return PreActResNet([1, 1, 1, 1], num_classes=CLASSES, in_channels=3)
+    return wide_resnet(10, 1, num_classes=CLASSES, in_channels=3, image_size=sc.size)
+
+
+def synthetic(n: int, sc: Scale, seed: int = 0) -> TensorData:
+    """``n`` random CIFAR-shaped images in [0, 1] and labels (timing does not depend on the pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    return TensorData(torch.rand(n, 3, sc.size, sc.size, generator=g), torch.randint(0, CLASSES, (n,), generator=g),
+                      CLASSES, check=False)
+
+
+class Recorder(Callbacks):
+    """Keeps the training loss of every step record (``log_every=1``)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_step_record(self, record: dict[str, Any]) -> None:
+        self.losses.append(float(record["train_loss"]))
+
+
+def arow_trainer(name: str, sc: Scale, device: torch.device, precision: str, *, compile: bool = False,
+                 steps: int = 0, seed: int = 0, **changes: Any) -> Trainer:
+    """arow's Trainer for ARoW on ``name`` with ``steps`` batches of synthetic data on ``device``.
+
+    With ``--dry-run`` a compiled model uses dynamo's ``eager`` backend (no code generation on the CPU).
+    """
+    callbacks = changes.pop("callbacks", None)
+    torch.manual_seed(seed)
+    model = build(name, sc)
+    cfg = TrainConfig(method="arow", epochs=1, batch_size=sc.batch, eps=EPS, attack_steps=sc.k, augment="crop+flip",
+                      device=str(device), amp=amp_of(precision), compile=compile, seed=seed, val_size=0,
+                      schedule="constant", warmup_epochs=0, lr=0.01, **changes)
+    data = synthetic(sc.batch * max(steps, sc.warmup + sc.timed + 1), sc, seed)
+    eager = functools.partial(torch.compile, backend="eager")
+    with mock.patch.object(torch, "compile", eager) if sc.dry and compile else contextlib.nullcontext():
+        return Trainer(cfg, model, data, callbacks=callbacks)
+
+
+def run_steps(trainer: Trainer, n: int, epoch: int = 0) -> float:
+    """Seconds for ``n`` training steps of the Trainer's own loop, full batches only, synchronised
+    (the loop's own host reads, once at its end, included)."""
+    if n < 1:
+        return 0.0
+    b = trainer.cfg.batch_size
+    trainer.loader = Loader(trainer.train_data.subset(b * n), b, shuffle=True, augment="crop+flip",
+                            seed=trainer.cfg.seed, drop_last=True)
+    sync(trainer.device)
+    t0 = time.perf_counter()
+    trainer.train_epoch(epoch)
+    sync(trainer.device)
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- host synchronisation
+class HostSyncOps:
+    """Counts host-syncing aten operators with a dispatch mode (the CPU's stand-in for CUDA's sync
+    debug mode): value reads (``.item()``, ``bool()``), ``nonzero``, ``masked_select``, ``unique``,
+    ``equal``, indexing with a boolean mask, copies to the CPU."""
+
+    READS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "nonzero_numpy", "argwhere", "masked_select",
+             "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive"}
+    INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_", "_unsafe_index_put"}
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+        self.ops: list[str] = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if outer.syncs(func, args, kwargs):
+                    outer.ops.append(str(func))
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+
+    def syncs(self, func: Any, args: tuple, kwargs: dict) -> bool:
+        name = func._schema.name.split("::")[-1]
+        if name in self.READS:
+            return True
+        if name in self.INDEXING:
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            return any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
+        if name in ("_to_copy", "copy_"):
+            src = args[1] if name == "copy_" else args[0]
+            dst = args[0].device if name == "copy_" else kwargs.get("device")
+            return isinstance(src, Tensor) and src.device.type != "cpu" and dst is not None \
+                and torch.device(dst).type == "cpu"
+        return False
+
+    def __enter__(self) -> "HostSyncOps":
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.mode.__exit__(*exc)
+
+
+def _guarded(fn: Callable[..., Any], enter: Callable[[], Any], leave: Callable[[], Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        enter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            leave()
+
+    return call
+
+
+def step_sync_verdict(trainer: Trainer, compiled: bool) -> tuple[str, bool, float]:
+    """One training step with the step itself (``_forward_backward`` and the optimiser step, not
+    the loader or the loop's once-every-20-steps loss check) watched for host synchronisation:
+    CUDA's sync debug mode ``"error"`` on a GPU, :class:`HostSyncOps` on the CPU (eager only: a
+    dispatch mode would change what dynamo traces). Returns ``(verdict, failed, seconds)``."""
+    cuda = trainer.device.type == "cuda"
+    if not cuda and compiled:
+        return "n/a (CPU, compiled)", False, run_steps(trainer, 1, 1)
+    counter = HostSyncOps()
+    if cuda:
+        enter, leave = (lambda: torch.cuda.set_sync_debug_mode("error")), (lambda: torch.cuda.set_sync_debug_mode(0))
+    else:
+        enter, leave = counter.__enter__, (lambda: counter.__exit__(None, None, None))
+    trainer._forward_backward = _guarded(trainer._forward_backward, enter, leave)
+    trainer.opt.step = _guarded(trainer.opt.step, enter, leave)
+    try:
+        seconds = run_steps(trainer, 1, 1)
+    except RuntimeError as e:
+        if "synchroniz" not in str(e):
+            raise
+        return f"FAIL: {str(e).splitlines()[0][:80]} at {arow_frame(e)}", True, math.nan
+    finally:
+        vars(trainer).pop("_forward_backward", None)
+        vars(trainer.opt).pop("step", None)
+    if counter.ops:
+        return f"FAIL: {len(counter.ops)} ops ({', '.join(sorted(set(counter.ops)))})", True, seconds
+    return ("pass (sync debug mode: error)" if cuda else "pass (0 syncing ops)"), False, seconds
+
+
+def arow_frame(e: BaseException) -> str:
+    """``file:line`` of the innermost frame of arow's code in ``e``'s traceback (where a sync was asked for)."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith(src)]
+    return f"{Path(frames[-1].filename).relative_to(src)}:{frames[-1].lineno}" if frames else "?"
+
+
+# --------------------------------------------------------------------------- the rows
+def plain_trades_step(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, k: int, bf16: bool) -> None:
+    """The reference: one TRADES step (PGD-k on the KL from a 0.001 N(0, 1) start, then CE + 6 KL)
+    written in plain PyTorch, not arow's code, with the passes of arow's step: the clean
+    distribution once per batch, weights frozen during the attack, softmax/KL/CE in float32, no
+    host read, no augmentation."""
+    dev = x.device.type
+    params = list(net.parameters())
+    net.eval()
+    for p in params:
+        p.requires_grad_(False)
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad():
+            p_clean = F.softmax(net(x).float(), dim=1)
+        lo, hi = x - EPS, x + EPS
+        x_adv = x + 0.001 * torch.randn_like(x)
+        for _ in range(k):
+            x_adv.requires_grad_(True)
+            kl = F.kl_div(F.log_softmax(net(x_adv).float(), dim=1), p_clean, reduction="sum")
+            (g,) = torch.autograd.grad(kl, x_adv)
+            x_adv = torch.min(torch.max(x_adv.detach() + EPS / 4 * g.sign(), lo), hi).clamp(0, 1)
+    for p in params:
+        p.requires_grad_(True)
+    net.train()
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+        logits, logits_adv = net(x).float(), net(x_adv).float()
+        loss = F.cross_entropy(logits, y) + 6.0 * F.kl_div(F.log_softmax(logits_adv, dim=1),
+                                                           F.softmax(logits, dim=1), reduction="batchmean")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def timed_steps(sc: Scale, probe_s: float, seconds: float) -> int:
+    """How many steps to time: ``sc.timed``, fewer if one step (``probe_s``) would not fit ``seconds``."""
+    if sc.timed <= 1 or not math.isfinite(probe_s):
+        return max(sc.timed, 1)
+    return max(1, min(sc.timed, int(seconds / max(probe_s, 1e-9))))
+
+
+def time_plain(name: str, sc: Scale, device: torch.device, precision: str, seconds: float) -> float:
+    """images/s of :func:`plain_trades_step` (channels-last like arow's model; cuDNN autotuning and a
+    probe step before the timed ones, all on the same batch shape)."""
+    torch.manual_seed(0)
+    net = build(name, sc).to(device).to(memory_format=torch.channels_last)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, **fused)
+    data = synthetic(sc.batch, sc).to(device)
+    step = functools.partial(plain_trades_step, net, opt, data.x, data.y, sc.k, precision == "bf16")
+
+    def timed(n: int) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync(device)
+        return time.perf_counter() - t0
+
+    timed(sc.warmup)
+    n = timed_steps(sc, timed(1) if sc.timed > 1 else math.nan, seconds)
+    return sc.batch * n / timed(n)
+
+
+def train_row(name: str, precision: str, compiled: bool, sc: Scale, device: torch.device, budget: Budget) -> Row:
+    """ARoW steps of arow's Trainer, its host-sync check, and the plain TRADES reference."""
+    row = Row("ARoW train step", name, label(precision, device), "on" if compiled else "off")
+    fallbacks = FallbackLog()
+    logging.getLogger("torch._dynamo").addHandler(fallbacks)
+    try:
+        with tf32(precision != "fp32"):
+            torch._dynamo.reset()
+            before = dynamo_counts()
+            trainer = arow_trainer(name, sc, device, precision, compile=compiled)
+            warm_s = run_steps(trainer, sc.warmup)  # compilation and cuDNN autotuning, with the timed shapes
+            warm = dynamo_counts()
+            row.sync, row.failed, probe_s = step_sync_verdict(trainer, compiled)
+            n = timed_steps(sc, probe_s, 0.4 * budget.row_left())
+            row.images_s = sc.batch * n / run_steps(trainer, n, 2)
+            row.notes = f"warm-up {sc.warmup} step(s) {warm_s:.1f} s, {n} timed"
+            if compiled:
+                row.dynamo, bad = dynamo_report(before, warm, dynamo_counts(), fallbacks.count)
+                row.failed |= bad
+            del trainer
+            key = (name, precision)  # eager, so the compiled rows reuse the eager rows' measurement
+            if key not in PLAIN:
+                PLAIN[key] = time_plain(name, sc, device, precision, 0.4 * budget.row_left())
+            plain = PLAIN[key]
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(fallbacks)
+        torch._dynamo.reset()
+    epoch = EPOCH_IMAGES / row.images_s
+    row.implied = f"{epoch:.1f} s / 50k epoch" if epoch < 600 else f"{epoch / 60:.1f} min / 50k epoch"
+    row.plain = f"{rate(plain)} ({row.images_s / plain:.2f}x)"
+    target = EPOCH_TARGET_S.get(name)
+    if target is not None:
+        row.target = f"<= {target:.0f} s: " + ("n/a (dry run)" if sc.dry else "met" if epoch <= target else "MISSED")
+    return row
+
+
+def agreement_row(sc: Scale, device: torch.device, budget: Budget) -> Row:
+    """bf16 against strict float32 (TF32 off): the same weights, batches and steps, loss per step."""
+    losses = {}
+    for precision in ("bf16", "fp32"):
+        with tf32(False):
+            rec = Recorder()
+            trainer = arow_trainer("resnet18", sc, device, precision, steps=sc.agree_steps, log_every=1,
+                                   callbacks=[rec])
+            run_steps(trainer, sc.agree_steps)
+            losses[precision] = rec.losses
+    rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses["bf16"], losses["fp32"])]
+    ok = len(rel) == sc.agree_steps and max(rel) <= AGREEMENT_TOLERANCE
+    row = Row("bf16 vs float32 loss", "resnet18", "bf16 / float32, TF32 off", "off")
+    verdict = "n/a (dry run: tiny model, batch 4)" if sc.dry else "pass" if ok else "FAIL"
+    row.check = f"{verdict}: max rel. diff {100 * max(rel):.2f}% over {len(rel)} steps " \
+                f"(<= {100 * AGREEMENT_TOLERANCE:.0f}%)"
+    row.notes = "losses bf16 " + ", ".join(f"{v:.4f}" for v in losses["bf16"]) + "; float32 " + \
+                ", ".join(f"{v:.4f}" for v in losses["fp32"])
+    row.failed = not ok and not sc.dry
+    return row
+
+
+def _one_step_state(sc: Scale, device: torch.device, ddp: bool) -> dict[str, Tensor]:
+    trainer = arow_trainer("resnet18", sc, device, "bf16", steps=1)
+    if ddp:  # what arow.training.runtime.prepare_model does under torchrun
+        ids = [device.index or 0] if device.type == "cuda" else None
+        trainer.train_model = nn.parallel.DistributedDataParallel(trainer.train_model, device_ids=ids)
+    old = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+           torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # after the Trainer set it
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an operator without a deterministic kernel: the control shows it
+            run_steps(trainer, 1)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old[:2]
+        torch.use_deterministic_algorithms(old[2], warn_only=old[3])
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def ddp_row(sc: Scale, device: torch.device, budget: Budget) -> Row:
+    """One ARoW step under DDP with world size 1 against the same step without DDP."""
+    cuda = device.type == "cuda"
+    backend = "nccl" if cuda else "gloo"
+    row = Row("DDP world size 1 = no DDP", "resnet18", "bf16", "off")
+    with tempfile.TemporaryDirectory() as tmp:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, store=dist.FileStore(str(Path(tmp) / "store"), 1), rank=0, world_size=1)
+        try:
+            plain, control, wrapped = (_one_step_state(sc, device, ddp) for ddp in (False, False, True))
+        finally:
+            dist.destroy_process_group()
+
+    def diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> tuple[bool, float]:
+        same = all(torch.equal(a[k], b[k]) for k in a)
+        worst = max(((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel()), default=0.0)
+        return same, worst
+
+    same, worst = diff(plain, wrapped)
+    control_same, control_worst = diff(plain, control)
+    row.check = ("pass: bit for bit" if same else
+                 f"{'FAIL' if control_same else 'inconclusive'}: max |diff| {worst:.2g}")
+    row.notes = f"{backend} process group in-process; one step; control run without DDP " + \
+                ("equal" if control_same else f"differs by {control_worst:.2g} (nondeterministic kernels)")
+    row.failed = not same and control_same
+    return row
+
+
+def loader_row(sc: Scale, device: torch.device, budget: Budget) -> Row:
+    """The extra-data MixedLoader: images/s and host synchronisations per batch."""
+    row = Row("extra-data loader", "-", "-", "-")
+    real = synthetic(sc.loader_real, sc).to(device)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "extra.npz"
+        np.savez(path, image=rng.integers(0, 256, (sc.loader_extra, sc.size, sc.size, 3), dtype=np.uint8),
+                 label=rng.integers(0, CLASSES, sc.loader_extra))
+        extra = load_extra([path], CLASSES, (sc.size, sc.size, 3))
+        loader = MixedLoader(real, extra, sc.batch, fraction=EXTRA_FRACTION, augment="crop+flip", seed=0,
+                             epoch_batches=2 + sc.loader_batches)
+        batches = iter(loader)
+        for _ in range(2):  # the epoch's draws are copied to the device at the first batch
+            next(batches)
+        syncs, seconds = _count_syncs(lambda: [next(batches) for _ in range(sc.loader_batches)], device)
+        mapped = extra.memory_mapped
+    row.images_s = sc.batch * sc.loader_batches / seconds
+    row.implied = f"{EPOCH_IMAGES / row.images_s:.2f} s / 50k images"
+    per = syncs / sc.loader_batches
+    row.sync = f"{per:g} per batch"
+    row.notes = (f"batch {sc.batch}, {100 * EXTRA_FRACTION:.0f}% of it from {sc.loader_extra} extra images "
+                 f"({'memory-mapped' if mapped else 'in memory'}), crop+flip; {sc.loader_batches} batches")
+    return row
+
+
+def _count_syncs(fn: Callable[[], Any], device: torch.device) -> tuple[int, float]:
+    """Host synchronisations (CUDA's sync debug mode as warnings; :class:`HostSyncOps` on the CPU) and seconds."""
+    sync(device)
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        n = sum("synchroniz" in str(w.message) for w in caught)
+    else:
+        with HostSyncOps() as counter:
+            fn()
+        n = len(counter.ops)
+    sync(device)
+    return n, time.perf_counter() - t0
+
+
+class Unbreakable(nn.Module):
+    """``net``'s logits plus ``margin`` on the image's brightness class (``floor(10 * mean)``), which
+    no L-inf perturbation of eps < 0.05 can change for :func:`brightness_images`: every image stays
+    robust, so every AutoAttack sub-attack runs its whole budget on every image (the worst case for
+    time), through the real network's forward and backward."""
+
+    def __init__(self, net: nn.Module, margin: float = 1e3) -> None:
+        super().__init__()
+        self.net, self.margin = net, margin
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.net(x)
+        c = (x.mean(dim=(1, 2, 3)) * CLASSES).floor().clamp(0, CLASSES - 1).long()
+        return z + self.margin * F.one_hot(c, CLASSES).to(z.dtype)
+
+
+def brightness_images(n: int, size: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Images whose mean is exactly the centre of their class's brightness band ((c + 0.5) / 10)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % CLASSES
+    noise = (torch.rand(n, 3, size, size, generator=g) - 0.5) * 0.04
+    noise -= noise.mean(dim=(1, 2, 3), keepdim=True)
+    return ((y.float() + 0.5) / CLASSES).view(-1, 1, 1, 1) + noise, y
+
+
+def autoattack_row(sc: Scale, device: torch.device, budget: Budget) -> Row:
+    """arow's AutoAttack on ``aa_n`` images, every one robust throughout; projected to 10k images."""
+    row = Row("AutoAttack (standard)" if sc.aa_n_iter is None else "AutoAttack (NON-STANDARD budget)", "resnet18",
+              label("tf32", device), "off")
+    torch.manual_seed(0)
+    model = Unbreakable(build("resnet18", sc)).to(device).eval()
+    x, y = brightness_images(sc.aa_n, sc.size)
+    x, y = x.to(device), y.to(device)
+    settings = AutoAttackSettings(n_iter=sc.aa_n_iter, square_queries=sc.aa_queries)
+    with tf32(True):
+        warm_up = AutoAttackSettings(n_iter=2, square_queries=2)  # the same images, so the same batch shapes
+        run_autoattack(model, x, y, EPS, settings=warm_up)
+        sync(device)
+        t0 = time.perf_counter()
+        _, info = run_autoattack(model, x, y, EPS, settings=settings, timing=True)
+        sync(device)
+        seconds = time.perf_counter() - t0
+    robust = sc.aa_n - sum(info["broken_by"].values())
+    row.images_s = sc.aa_n / seconds
+    projected = seconds * AA_IMAGES / sc.aa_n
+    row.implied = f"{projected / 60:.1f} min / 10k images (all robust)"
+    verdict = "n/a (dry run)" if sc.dry else "met" if projected <= AA_TARGET_S else \
+        f"MISSED at 100% robust; about {projected / 120:.1f} min at 50%"
+    row.target = f"<= {AA_TARGET_S / 60:.0f} min: {verdict}"
+    row.check = f"{'pass' if robust == sc.aa_n else 'FAIL'}: {robust} of {sc.aa_n} robust to the end (the " \
+                f"projection is an upper bound only if all are)"
+    row.failed = robust != sc.aa_n
+    row.notes = f"{sc.aa_n} images in {seconds:.1f} s: " + ", ".join(
+        f"{k} {v:.1f} s" for k, v in info["seconds_by"].items()) + "; time scales with the robust fraction"
+    return row
+
+
+# --------------------------------------------------------------------------- the run
+def plan(models: list[str], precisions: list[str], compile_modes: list[bool], kinds: set[str]) -> list[tuple]:
+    """The rows in the order they run: eager training, the checks, AutoAttack, then compiled training."""
+    rows: list[tuple] = []
+    if "train" in kinds and False in compile_modes:
+        rows += [("train", (m, p, False)) for m in models for p in precisions]
+    rows += [(k, ()) for k in ("agreement", "ddp", "loader", "autoattack") if k in kinds]
+    if "compiled" in kinds and True in compile_modes:  # the models with a target first
+        ranked = sorted(models, key=lambda m: m not in EPOCH_TARGET_S)
+        rows += [("compiled", (m, p, True)) for p in precisions for m in ranked]
+    return rows
+
+
+def run_row(kind: str, args: tuple, sc: Scale, device: torch.device, budget: Budget) -> Row:
+    """One row under its time limit; a row that does not fit the budget left is listed as skipped,
+    one that runs out of time or fails is listed with why."""
+    fn = {"train": train_row, "compiled": train_row, "agreement": agreement_row, "ddp": ddp_row,
+          "loader": loader_row, "autoattack": autoattack_row}[kind]
+    stub = Row("ARoW train step", args[0], label(args[1], device), "on" if args[2] else "off") if args else Row(kind)
+    left = budget.left()
+    if left < sc.needs[kind]:
+        stub.notes = f"skipped: {max(left, 0):.0f} s of the budget left"
+        return stub
+    limit = min(sc.caps[kind], left)
+    try:
+        with budget.limit(limit):
+            return fn(*args, sc, device, budget)
+    except Exception as e:  # noqa: BLE001 - the row says what happened and the check goes on
+        if budget.expired:
+            stub.notes = f"timed out: {limit:.0f} s limit"
+        else:
+            stub.failed = True
+            first = (str(e).strip().splitlines() or [""])[0][:120]
+            stub.notes = f"error: {type(e).__name__}: {first}"
+        return stub
+    finally:
+        torch._dynamo.reset()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def describe(device: torch.device, sc: Scale, budget: float) -> str:
+    if device.type == "cuda":
+        what = (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+                f"cuDNN {torch.backends.cudnn.version()}")
+    else:
+        what = f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+    mode = "DRY RUN (tiny models and shapes, CPU): checks that the script works, not the numbers; " if sc.dry else ""
+    return (f"GPU check: {what}. {mode}ARoW K={sc.k}, eps 8/255, batch {sc.batch}, synthetic {sc.size}x{sc.size}x3 "
+            f"images, {CLASSES} classes; budget {budget:.0f} s.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="run on the CPU with tiny shapes (< 1 min)")
+    p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole run, start-up included (450)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument("--precisions", default="bf16,tf32", help="comma-separated, of bf16, tf32 (float32 with TF32), "
+                   "fp32 (TF32 off)")
+    p.add_argument("--compile", default="off,on", help="torch.compile off, on, or off,on (default)")
+    p.add_argument("--only", default=",".join(KINDS), help=f"comma-separated row kinds, of {', '.join(KINDS)}")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    return p
+
+
+def parse(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str], list[str], list[bool], set[str]]:
+    a = build_parser().parse_args(argv)
+    split = lambda v: [s.strip() for s in v.split(",") if s.strip()]  # noqa: E731
+    models, precisions, kinds = split(a.models), split(a.precisions), set(split(a.only))
+    modes = split(a.compile)
+    for name, values, allowed in (("--models", models, MODELS), ("--precisions", precisions, PRECISIONS),
+                                  ("--compile", modes, ("off", "on")), ("--only", kinds, KINDS)):
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise ValueError(f"{name} takes a comma-separated list of {', '.join(allowed)}, got {bad or 'nothing'}")
+    if not a.budget > 0:
+        raise ValueError(f"--budget must be > 0 seconds, got {a.budget}")
+    return a, models, precisions, [m == "on" for m in modes], kinds
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        a, models, precisions, modes, kinds = parse(argv)
+        if not a.dry_run and not torch.cuda.is_available():
+            raise ValueError("no CUDA device: run it on a GPU, or pass --dry-run to check the script on the CPU")
+    except ValueError as e:
+        print(f"gpu_check: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+    sc, device = (DRY, torch.device("cpu")) if a.dry_run else (FULL, torch.device("cuda", 0))
+    if a.dry_run:
+        torch.set_num_threads(1)  # tiny operators: one thread is faster, and kinder to a shared machine
+    budget = Budget(a.budget)
+    rows = []
+    for kind, args in plan(models, precisions, modes, kinds):
+        rows.append(run_row(kind, args, sc, device, budget))
+        what = " ".join([kind, *(map(str, args[:2]))])
+        print(f"gpu_check: {what} done ({time.monotonic() - START:.0f} s)", file=sys.stderr, flush=True)
+    failed = sum(r.failed for r in rows)
+    skipped = sum(r.notes.startswith("skipped") for r in rows)
+    late = sum(r.notes.startswith("timed out") for r in rows)
+    print(describe(device, sc, a.budget))
+    print(markdown(rows))
+    print(f"{len(rows)} rows in {time.monotonic() - START:.0f} s: {failed} failed, {late} timed out, {skipped} "
+          f"skipped for the budget. "
+          f"images/s: ours = arow's Trainer, plain = the inline TRADES step with the same passes; the targets are "
+          f"for one H100.")
+    if a.json:
+        atomic_write_text(json.dumps({"device": describe(device, sc, a.budget), "rows": [asdict(r) for r in rows]},
+                                     indent=2) + "\n", a.json)
+        print(f"written {a.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""The one resolver: a :class:`~arow.config.schema.TrainConfig` becomes the config a run trains on.
+
+:func:`resolve` fills what one setting derives from another (the data set's eps in the chosen norm
+and its augmentation, the method's attack steps; for your own model and data their names and the
+eps you chose), checks the result and marks it resolved. :func:`resolve_config` layers the
+command line first: defaults < preset (or a run's ``config.json``) < the resumed run's saved config
+< the flags given now, then resolves. An entry point (``arow train``, :func:`arow.pipelines.train_run`,
+a :class:`~arow.training.trainer.Trainer`) resolves what it is given once, with :func:`ensure_resolved`;
+everything below it trusts the resolved config.
+
+>>> cfg = resolve(TrainConfig(dataset="cifar10"))
+>>> cfg.augment, round(cfg.eps * 255), cfg.attack_steps, is_resolved(cfg)
+('crop+flip', 8, 10, True)
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Mapping, Optional
+
+from ..data import DATASETS
+from ..methods import METHODS
+from ..runs.rundir import RunDir
+from ..threat import NORMS, check_eps
+from .presets import load_preset
+from .schema import ConfigError, TrainConfig
+
+log = logging.getLogger(__name__)
+
+#: set (outside the dataclass fields) on a config that :func:`resolve` produced; a copy made with
+#: ``dataclasses.replace`` lacks it, so a changed config is resolved again where it enters
+_RESOLVED = "_arow_resolved"
+
+
+def is_resolved(cfg: TrainConfig) -> bool:
+    """Whether ``cfg`` came out of :func:`resolve` (and was not changed since)."""
+    return bool(vars(cfg).get(_RESOLVED, False))
+
+
+def resolve(cfg: TrainConfig, *, model_name: Optional[str] = None, data_name: Optional[str] = None,
+            method_eps: Optional[float] = None) -> TrainConfig:
+    """THE resolver: ``cfg`` with every default that depends on another setting filled in where the
+    field is unset, checked, frozen and marked resolved.
+
+    Filled: the data set's augmentation and its default eps in ``cfg.norm``
+    (``DATASETS.get(dataset).default_eps(norm)``), the method's attack steps. For your own model
+    and data (a :class:`~arow.training.trainer.Trainer` passes what it was given): ``model_name``
+    names the model (your class, not the default small-cnn); ``data_name`` a data set that is not a
+    built-in one names the run's data and then needs an eps (``cfg.eps``, else ``method_eps``, the
+    radius of a method built by the caller).
+
+    >>> resolve(TrainConfig(eps=0.1), model_name="MyNet", data_name="my-scans").dataset
+    'my-scans'
+    """
+    changes: dict[str, Any] = {}
+    if model_name is not None and cfg.model != model_name:
+        changes["model"] = model_name
+    if data_name is not None and data_name not in DATASETS:  # from_tensors / as_data: the user's data
+        if cfg.eps is None and method_eps is None:
+            raise ConfigError(f"eps must be given for your own data ({data_name!r}): TrainConfig(eps=...); the "
+                              f"defaults (e.g. L-inf 0.1 on Fashion-MNIST, 8/255 on CIFAR) belong to the built-in "
+                              f"data sets")
+        if cfg.eps is None:
+            changes["eps"] = method_eps
+        if cfg.dataset != data_name:
+            changes["dataset"] = data_name
+    cfg = dataclasses.replace(cfg, **changes)
+    cfg = dataclasses.replace(cfg, **derived_defaults(cfg)).validate()
+    if cfg.norm == "l2" and cfg.eps is not None and cfg.dataset in DATASETS:  # L-inf: checked by validate()
+        info = DATASETS.get(cfg.dataset)
+        try:
+            check_eps(cfg.eps, cfg.norm, info.in_channels * info.image_size ** 2)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    object.__setattr__(cfg, _RESOLVED, True)
+    return cfg
+
+
+def ensure_resolved(cfg: TrainConfig, **facts: Any) -> TrainConfig:
+    """``cfg`` itself if it is resolved already, else :func:`resolve` (``facts``: its keywords)."""
+    return cfg if is_resolved(cfg) else resolve(cfg, **facts)
+
+
+def derived_defaults(cfg: TrainConfig) -> dict[str, Any]:
+    """The unset fields of ``cfg`` that its other settings decide, with their values: augmentation and
+    eps from the data set, attack steps from the method (empty when nothing is left to fill)."""
+    filled: dict[str, Any] = {}
+    if cfg.dataset in DATASETS:
+        info = DATASETS.get(cfg.dataset)
+        if cfg.augment is None:
+            filled["augment"] = info.augmentation
+        if cfg.eps is None and cfg.norm in NORMS:
+            filled["eps"] = info.default_eps(cfg.norm)
+    if cfg.attack_steps is None and cfg.method in METHODS:
+        filled["attack_steps"] = METHODS.get(cfg.method).default_steps
+    return filled
+
+
+def saved_config(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's saved config with the defaults it derived filled in (older versions saved them
+    unset), to compare key by key with the config a resumed run is given; a config that is no
+    longer valid comes back as it was saved (so it shows as changed). Ours is not resolved again."""
+    try:
+        cfg = TrainConfig.from_dict(dict(saved))
+        return dataclasses.replace(cfg, **derived_defaults(cfg)).validate().to_dict()
+    except ValueError:
+        return dict(saved)
+
+
+# --------------------------------------------------------------------------- method flags
+def method_flags() -> dict[str, dict[str, str]]:
+    """Each method hyper-parameter flag (dest name) -> {method: hyper-parameter} it sets.
+
+    A name two methods use with different meanings gets the method's prefix (``--arow-lam``,
+    ``--mart-lam``, ``--trades-beta``, ``--hat-beta``); the plain name (``--lam``, ``--beta``) stays
+    as a shorthand for the chosen method's. AWP variants take their inner method's flags.
+    """
+
+    def base(name: str) -> str:
+        inner = getattr(METHODS.get(name), "inner_cls", None)
+        return inner.name if inner is not None else name
+
+    meanings: dict[str, set[str]] = {}  # hyper-parameter name -> the help texts of its methods
+    for name in METHODS.names():
+        for k, h in METHODS.get(name).hparams.items():
+            meanings.setdefault(k, set()).add(h.help)
+    table: dict[str, dict[str, str]] = {}
+    for name in METHODS.names():
+        for k in METHODS.get(name).hparams:
+            table.setdefault(k, {})[name] = k
+            if len(meanings[k]) > 1:  # one name, several meanings: the method's prefix tells them apart
+                table.setdefault(f"{base(name).replace('-', '_')}_{k}", {})[name] = k
+    return table
+
+
+def method_flag_help() -> dict[str, tuple[type, str]]:
+    """Each method hyper-parameter flag (dest name, sorted) -> (type, help) for ``arow train --help``:
+    the hyper-parameter's own help, or for a shorthand whose methods mean different things by it, a
+    pointer to the prefixed flags."""
+
+    out: dict[str, tuple[type, str]] = {}
+    for dest, owners in sorted(method_flags().items()):
+        first = next(iter(owners))
+        h = METHODS.get(first).hparams[owners[first]]
+        shorthand = len({METHODS.get(m).hparams[k].help for m, k in owners.items()}) > 1
+        out[dest] = (h.type, f"shorthand for the chosen method's {dest} (see the prefixed flags)" if shorthand
+                     else h.help)
+    return out
+
+
+# --------------------------------------------------------------------------- the command line's layers
+def resolve_config(overrides: dict[str, Any], method_overrides: Optional[dict[str, Any]] = None, *,
+                   preset: Optional[str] = None, resume: bool = False) -> TrainConfig:
+    """The config of ``arow train``, in this order of precedence (last wins): the defaults, a preset
+    (or a run's ``config.json``), the saved config of the run being resumed, the flags given now
+    (``overrides``: config fields; ``method_overrides``: hyper-parameter flags by dest name, see
+    :func:`method_flags`); then :func:`resolve`. ``out`` defaults to
+    ``runs/<dataset>-<method>-<model>-s<seed>``.
+
+    Args:
+        overrides: config fields given now (None: not given)
+        method_overrides: method hyper-parameters given now, by flag name (None: not given)
+        preset: recipe name (see `arow list`), YAML file, or a run's config.json to replay it; the
+            fields given override it
+        resume: continue the run in the config's out folder from its last.pt, with the config saved
+            there (only how it runs may change)
+
+    >>> resolve_config({"method": "trades"}, {"beta": 3.0}).method_args
+    {'beta': 3.0}
+    """
+
+    if resume and preset:
+        raise ConfigError("--preset cannot be combined with --resume: a resumed run continues with the config "
+                          "saved in its folder (flags given with --resume may only change how it runs)")
+    base: dict[str, Any] = load_preset(preset) if preset else {}
+    if resume and overrides.get("out"):
+        run = RunDir(overrides["out"])
+        if run.has_checkpoint():  # the resumed run's own experiment is the base; changes are refused later
+            base = dict(run.load_resume_state()["config"])
+    preset_method = base.get("method", "arow")
+    preset_norm = base.get("norm", "linf")
+    base.update({k: v for k, v in overrides.items() if v is not None and k != "method_args"})
+    if not resume and base.get("norm", "linf") != preset_norm and overrides.get("eps") is None \
+            and base.get("eps") is not None:
+        # a preset's eps is a radius in its own norm (8/255 L-inf): --norm l2 takes the data set's L2 default
+        log.info("ignoring the preset's eps %s: it is an %s radius, not an %s one", base["eps"], preset_norm,
+                 base["norm"])
+        base["eps"] = None
+    base["method_args"] = _method_args(base, preset_method, method_overrides or {})
+    if base.get("swa_start") == 0:  # --swa-start 0 turns off a preset's SWA
+        base["swa_start"] = None
+    cfg = TrainConfig.from_dict(base)
+    if cfg.out is None:
+        cfg = dataclasses.replace(cfg, out=f"runs/{cfg.dataset}-{cfg.method}-{cfg.model}-s{cfg.seed}")
+    return resolve(cfg)
+
+
+def _method_args(base: dict[str, Any], preset_method: str, method_overrides: dict[str, Any]) -> dict[str, Any]:
+    """The chosen method's hyper-parameters: those of ``base`` that it takes, then the flags given."""
+    method = base.get("method", "arow")
+    if method != preset_method and base.get("method_args"):
+        # a preset's hyper-parameters belong to its method, even where another method has a namesake
+        # (fmnist-arow's smoothing 0.2 must not turn --method trades into label-smoothed TRADES)
+        log.info("ignoring the preset's method_args %s: they are %s's, not %s's", base["method_args"],
+                 preset_method, method)
+        base["method_args"] = {}
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS.names())}")
+    allowed = METHODS.get(method).hparams
+    given = base.get("method_args") or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"method_args must be a mapping of hyper-parameters, got {given!r}")
+    table = method_flags()
+    unknown = sorted(set(given) - {k for m in table.values() for k in m.values()})
+    if unknown:
+        raise ConfigError(f"method_args: unknown hyper-parameter(s) {', '.join(unknown)} (no method takes them; "
+                          f"{method} takes: {', '.join(allowed) or 'none'})")
+    margs = {k: v for k, v in given.items() if k in allowed}
+    dropped = set(given) - set(margs)
+    if dropped:  # a preset written for another method: its hyper-parameters do not carry over
+        log.info("ignoring the preset's %s: not hyper-parameters of %s", ", ".join(sorted(dropped)), method)
+    for dest, value in method_overrides.items():
+        if value is None:
+            continue
+        if method not in table.get(dest, {}):
+            takes = sorted({"--" + d.replace("_", "-") for d, m in table.items() if method in m})
+            raise ConfigError(f"--{dest.replace('_', '-')} does not apply to method {method!r} "
+                              f"(it takes: {', '.join(takes) or 'none'})")
+        margs[table[dest][method]] = value
+    return margs

@@ -1,0 +1,191 @@
+"""The figures of a study (:func:`arow.study.collect.collect`'s result dict), written into its folder.
+
+``tradeoff.png`` (clean against robust accuracy, one point per run), ``bars.png`` (mean ± sample
+std per metric), ``per_class.png`` and ``eps_curve.png`` (means over seeds). What holds in all of
+them: one colour per row of the study, the same in every figure; a row without finished runs is
+not drawn and has no legend entry; accuracy axes start at 0; a mean over one seed has no error
+bar and says ``n=1``; AutoAttack on the first N test images is its own panel, named "first N",
+never a bar beside the full-test-set attacks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from ..labels import attack_label, metric_label
+from . import common
+from .common import C_OTHER
+
+log = logging.getLogger(__name__)
+PathLike = Union[str, os.PathLike]
+
+#: study metrics measured on part of the test set only (the first ``aa_n`` images)
+SUBSET_METRICS = ("autoattack",)
+
+
+def study_plots(result: dict[str, Any], out_dir: PathLike) -> list[Path]:
+    """The comparison figures of a study (:func:`arow.study.collect.collect`'s result), into ``out_dir``:
+    ``tradeoff.png``, ``bars.png``, ``per_class.png`` and ``eps_curve.png`` (see the module docstring);
+    a figure without data is not written."""
+    out_dir = Path(out_dir)
+    done = [c for c in result["cells"] if c["status"] != "failed" and "clean" in c["accuracy"]]
+    if not done:
+        return []
+    colour = study_colours(result)
+    written = [_tradeoff(result, done, colour, out_dir), _bars(result, colour, out_dir),
+               _per_class(result, done, colour, out_dir), _eps_curve(result, done, colour, out_dir)]
+    return [p for p in written if p is not None]
+
+
+def study_colours(result: dict[str, Any]) -> dict[str, Any]:
+    """One colour per row of the study, by its place in the spec (the same in every figure)."""
+    labels = [r["label"] for r in result["rows"]]
+    cmap = common.colormap("tab10" if len(labels) <= 10 else "tab20")
+    return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
+
+
+def metric_text(name: str, spec: dict[str, Any]) -> str:
+    """How a study figure names a metric: AutoAttack with the number of test images it ran on."""
+    return metric_label(name, n=spec.get("aa_n") if name in SUBSET_METRICS else None)
+
+
+def _tradeoff(result: dict[str, Any], done: Sequence[dict[str, Any]], colour: dict[str, Any],
+              out_dir: Path) -> Optional[Path]:
+    """Clean against robust accuracy per run (X: the mean over seeds); the robust axis is the first
+    full-test-set attack, AutoAttack (named with its subset) only when the study ran no other."""
+    spec = result["spec"]
+    have = [m for m in result["metrics"] if m != "clean" and any(m in c["accuracy"] for c in done)]
+    full = [m for m in have if m not in SUBSET_METRICS]
+    robust = (full or have or [None])[0]
+    if robust is None:
+        return None
+    fig = common.figure(6.5, 5)
+    ax = fig.subplots()
+    for lab in colour:
+        pts = [(100 * c["accuracy"]["clean"], 100 * c["accuracy"][robust]) for c in done
+               if c["label"] == lab and robust in c["accuracy"]]
+        if pts:
+            ax.scatter(*zip(*pts), color=colour[lab], label=lab, s=36, alpha=0.85)
+            mx, my = (sum(p[i] for p in pts) / len(pts) for i in (0, 1))
+            ax.scatter([mx], [my], color=colour[lab], marker="X", s=110, edgecolor="black", linewidth=0.6)
+    where = "" if robust in SUBSET_METRICS else ", full test set"
+    ax.set(xlabel="clean accuracy, full test set (%)", ylabel=f"robust accuracy: {metric_text(robust, spec)}{where} (%)",
+           title=f"clean vs robust accuracy per run ({spec.get('preset') or 'default preset'})\nX = mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return common.save(fig, out_dir / "tradeoff.png")
+
+
+def bar_panels(result: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """The panels of ``bars.png``: (title, metrics) for the full-test-set metrics, then one for
+    AutoAttack on the first N test images; metrics no row has a mean for are left out."""
+    spec = result["spec"]
+    metrics = [m for m in result["metrics"] if any(r["metrics"][m]["mean"] is not None for r in result["rows"])]
+    panels = [("full test set", [m for m in metrics if m not in SUBSET_METRICS])]
+    panels += [(f"first {spec.get('aa_n')} test images only", [m]) for m in metrics if m in SUBSET_METRICS]
+    return [(title, ms) for title, ms in panels if ms]
+
+
+def _bars(result: dict[str, Any], colour: dict[str, Any], out_dir: Path) -> Optional[Path]:
+    """Mean ± sample std per metric and row; full-test-set metrics and subset metrics in separate panels."""
+    panels = bar_panels(result)
+    rows = [r for r in result["rows"] if any(r["metrics"][m]["mean"] is not None for _, ms in panels for m in ms)]
+    if not panels or not rows:
+        return None
+    widths = [max(1, len(ms)) for _, ms in panels]
+    fig = common.figure(max(6.0, 1.6 * sum(widths) * max(1, len(rows)) / 2), 4.8)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), width_ratios=widths, sharey=True))
+    for ax, (title, metrics) in zip(axes, panels):
+        _bar_panel(ax, rows, metrics, result["spec"], colour)
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylabel("accuracy (%)")
+    handles = [_legend_patch(colour[r["label"]], r["label"]) for r in rows]
+    fig.legend(handles=handles, fontsize=8, ncol=min(4, len(rows)), loc="outside lower center")
+    fig.suptitle("mean ± sample std over seeds (no bar: n=1, a single seed)", fontsize=10)
+    return common.save(fig, out_dir / "bars.png")
+
+
+def _bar_panel(ax: Any, rows: Sequence[dict[str, Any]], metrics: Sequence[str], spec: dict[str, Any],
+               colour: dict[str, Any]) -> None:
+    """One panel of ``bars.png``: a group of bars per metric, one bar per row; error bars only for n >= 2."""
+    width = 0.8 / max(1, len(rows))
+    top = 0.0
+    for i, r in enumerate(rows):
+        for j, m in enumerate(metrics):
+            s = r["metrics"][m]
+            if s["mean"] is None:
+                continue
+            x, y = j + (i - (len(rows) - 1) / 2) * width, 100 * s["mean"]
+            ax.bar([x], [y], width, color=colour[r["label"]])
+            err = 100 * s["std"] if s.get("std") is not None and s.get("n", 0) >= 2 else None
+            if err is not None:
+                ax.errorbar([x], [y], yerr=[err], fmt="none", ecolor="black", capsize=3, lw=1)
+            label = f"n={s.get('n')}" if s.get("n") is not None else ""
+            ax.annotate(label, (x, y + (err or 0.0)), textcoords="offset points", xytext=(0, 2), ha="center",
+                        fontsize=6, color=C_OTHER)
+            top = max(top, y + (err or 0.0))
+    ax.set_xticks(range(len(metrics)), [metric_text(m, spec) for m in metrics])
+    ax.set_ylim(0, min(105.0, top + 8) if top > 0 else 100)  # from 0: bar heights compare as ratios
+    ax.grid(alpha=0.3, axis="y")
+
+
+def _legend_patch(color: Any, label: str) -> Any:
+    """A legend entry of a filled square of ``color``."""
+    from matplotlib.patches import Patch
+
+    return Patch(facecolor=color, label=label)
+
+
+def _per_class(result: dict[str, Any], done: Sequence[dict[str, Any]], colour: dict[str, Any],
+               out_dir: Path) -> Optional[Path]:
+    """Accuracy per class of the first full-test-set attack, mean over seeds, one bar group per class."""
+    attack = next((m for m in result["metrics"] if m not in ("clean", *SUBSET_METRICS)), "clean")
+    per_class = {lab: [c["per_class"][attack] for c in done if c["label"] == lab and attack in c.get("per_class", {})]
+                 for lab in colour}
+    per_class = {lab: v for lab, v in per_class.items() if v}
+    if not per_class:
+        return None
+    k = len(next(iter(per_class.values()))[0])
+    fig = common.figure(max(7.0, 0.9 * k), 4.5)
+    ax = fig.subplots()
+    width = 0.8 / len(per_class)
+    for i, (lab, vals) in enumerate(per_class.items()):
+        mean = np.mean(np.array(vals), axis=0) * 100
+        ax.bar(np.arange(k) + (i - (len(per_class) - 1) / 2) * width, mean, width, color=colour[lab],
+               label=f"{lab} (n={len(vals)})")
+    ds = next((c.get("dataset") for c in done if c.get("dataset")), None)
+    names = common.class_names(ds)
+    ax.set_xticks(range(k), names if len(names) == k else [str(i) for i in range(k)], rotation=30, fontsize=8)
+    ax.set(ylabel=f"{attack_label(attack)} accuracy (%)", ylim=(0, 100),
+           title="accuracy per class (full test set, mean over seeds)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, ncol=min(4, len(per_class)))
+    return common.save(fig, out_dir / "per_class.png")
+
+
+def _eps_curve(result: dict[str, Any], done: Sequence[dict[str, Any]], colour: dict[str, Any],
+               out_dir: Path) -> Optional[Path]:
+    """PGD-20 accuracy against eps on the first ``eps_curve_n`` test images, mean over seeds."""
+    spec = result["spec"]
+    curves = {lab: [c["eps_curve"] for c in done if c["label"] == lab and c.get("eps_curve")] for lab in colour}
+    curves = {lab: v for lab, v in curves.items() if v}
+    if not curves:
+        return None
+    fig = common.figure(6.5, 4.8)
+    ax = fig.subplots()
+    for lab, cvs in curves.items():
+        eps = [p[0] for p in cvs[0]]
+        acc = np.mean(np.array([[p[1] for p in cv] for cv in cvs]), axis=0) * 100
+        ax.plot(eps, acc, marker="o", markersize=3, color=colour[lab], label=f"{lab} (n={len(cvs)})")
+    train_eps = next((c["eps"] for c in done if c.get("eps") is not None), None)
+    if train_eps is not None:
+        ax.axvline(train_eps, color=C_OTHER, lw=1, ls="-.", label="training eps")
+    ax.set(xlabel="L-inf eps", ylabel=f"{attack_label('pgd20')} accuracy (%)", ylim=(0, 100),
+           title=f"robust accuracy against eps (first {spec.get('eps_curve_n')} test images, mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return common.save(fig, out_dir / "eps_curve.png")

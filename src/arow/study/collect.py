@@ -1,0 +1,238 @@
+"""The comparison of a study, rebuilt from its folder alone: ``results.md``, ``.csv``, ``.json`` and
+the figures (``arow study --collect DIR`` runs only this).
+
+Each cell's run folder is read with :func:`arow.reporting.records.read_run`; a cell counts as done
+when it has the study's evaluation (see :mod:`arow.study.cells`), and a damaged file shows as that
+cell's error, never as a silently missing number. Per row and metric: mean ± sample std over the
+seeds that finished (:func:`arow.reporting.stats.summarize`); against the baseline, paired by seed:
+:func:`arow.reporting.comparison.comparison_table` with the study's analysis plan (its primary
+tests corrected, everything else exploratory). An exploratory study (``eval_n``: every run on the
+first N test images) is marked so on every page, and its plan is not applied: no comparison on a
+subset is a primary test.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import time
+from typing import Any, Optional, Sequence, Union
+
+from ..reporting.comparison import comparison_table, seed_values
+from ..reporting.labels import metric_label
+from ..reporting.plots import study_plots
+from ..reporting.stats import paired, summarize
+from ..reporting.tables import markdown_table
+from ..runs.checkpoint import atomic_write_text, dump_json
+from ..runs.rundir import RunFolderError
+from ..runs.selection import reported_prefix
+from ..runs.studydir import StudyDir
+from .cells import Evaluation, autoattack_eval, eps_curve_of, has_main_eval, main_eval, read_record
+from .spec import Cell, StudyError, StudySpec, metric_names
+
+PathLike = Union[str, os.PathLike]
+#: the reported model's last validation on the held-out training split (never the test set)
+VAL_METRICS = ("val_robust", "val_clean")
+VAL_KEYS = (("val_pgd_acc", "val_robust"), ("val_clean_acc", "val_clean"))
+
+
+def load_study(path: PathLike) -> tuple[StudyDir, StudySpec]:
+    """The study folder ``path`` and the study its ``study.json`` holds."""
+    folder = StudyDir(path)
+    stored = folder.read_spec()
+    if stored is None:
+        raise StudyError(f"{folder.path} is not a study folder (no {StudyDir.SPEC})")
+    return folder, StudySpec.from_dict(stored)
+
+
+def images_text(spec: StudySpec) -> str:
+    """Which test images the study's attacks ran on, as a column heading says it."""
+    return "full test set" if spec.eval_n is None else f"first {spec.eval_n} test images, SUBSET"
+
+
+# --------------------------------------------------------------------------- one cell
+def cell_result(folder: StudyDir, spec: StudySpec, cell: Cell) -> dict[str, Any]:
+    """What the cell's folder holds: status (done, unfinished, missing, failed, unreadable), the
+    accuracies of the study's metrics, and what the figures use."""
+    run, ev = folder.cell(cell.name), Evaluation.of(spec, cell.variant)
+    r: dict[str, Any] = {"label": cell.variant.label, "method": cell.variant.method, "seed": cell.seed,
+                         "folder": os.path.relpath(run.path, folder.path), "status": "missing", "accuracy": {}}
+    try:
+        rec, failed, curve = read_record(run), run.read_failure(), eps_curve_of(ev, run)
+        points = [(float(p["eps"]), float(p["accuracy"])) for p in curve["points"]] if curve else None
+    except (RunFolderError, KeyError, TypeError, ValueError) as e:
+        return {**r, "status": "unreadable", "error": str(e).strip().splitlines()[0] if str(e).strip() else repr(e)}
+    e = main_eval(ev, run, rec)
+    if has_main_eval(ev, e):
+        assert e is not None
+        r["accuracy"].update({k: v for k, v in e.accuracy.items() if k in metric_names(spec)})
+        r.update(per_class=e.data.get("per_class", {}), test_set_size=e.test_set_size, n=e.n, subset=e.subset,
+                 eps=e.data.get("eps"), dataset=e.data.get("dataset"), guards_ran=e.data.get("guards_ran"),
+                 status="done")
+    elif rec is not None:
+        r["status"] = "unfinished"
+    aa = autoattack_eval(ev, run, rec)
+    if aa is not None:
+        r["accuracy"]["autoattack"] = aa.accuracy["autoattack"]
+    elif ev.autoattack_n and r["status"] == "done":
+        r["status"] = "unfinished"
+    if points is not None:
+        r["eps_curve"] = points
+    metrics = [m for m in rec.metrics if "seconds" in m] if rec is not None else []
+    if metrics and rec is not None and rec.finished:  # a finished training run (not one still going)
+        r["seconds_per_epoch"] = sum(m["seconds"] for m in metrics) / len(metrics)
+        r["epochs"] = len(metrics)
+        last = metrics[-1]  # the reported model's validation on the held-out training split
+        pre = reported_prefix(last)
+        for key, name in VAL_KEYS:
+            if last.get(pre + key) is not None:
+                r["accuracy"][name] = last[pre + key]
+    if failed:
+        r.update(status="failed", error=failed.get("error"), failed_step=failed.get("step"))
+    elif rec is not None and rec.failed and r["status"] != "done":
+        r.update(status="failed", error=rec.failure, failed_step="train")
+    return r
+
+
+# --------------------------------------------------------------------------- the rows
+def _rows(spec: StudySpec, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per row: each metric's values by seed with their summary, and the paired difference with the baseline."""
+    metrics, rows = metric_names(spec), []
+    for v in spec.variants:
+        done = [r for r in cells if r["label"] == v.label and r["status"] not in ("failed", "unreadable")]
+        row: dict[str, Any] = {"label": v.label, "method": v.method, "method_args": v.method_args,
+                               "overrides": v.overrides, "metrics": {}, "paired": {}}
+        for m in metrics + list(VAL_METRICS) + ["seconds_per_epoch"]:
+            vals = {r["seed"]: (r.get(m) if m == "seconds_per_epoch" else r["accuracy"].get(m)) for r in done}
+            vals = {s: x for s, x in vals.items() if x is not None}
+            row["metrics"][m] = {"per_seed": vals, **dataclasses.asdict(summarize(list(vals.values())))}
+        rows.append(row)
+    base = next(r for r in rows if r["label"] == spec.baseline)
+    for row in rows:
+        for m in metrics + list(VAL_METRICS):
+            row["paired"][m] = dataclasses.asdict(paired(row["metrics"][m]["per_seed"], base["metrics"][m]["per_seed"]))
+    return rows
+
+
+def collect(path: PathLike, *, plots: bool = True, baseline: Optional[str] = None) -> dict[str, Any]:
+    """Build the comparison from whatever cells have finished; writes results.md/.csv/.json (+ PNGs).
+
+    ``baseline`` compares against another row than the study's own baseline; those results go to
+    ``results_vs_<baseline>.md/.csv/.json`` (no PNGs), next to the study's own. An exploratory study
+    (``eval_n``) gets no PNGs either: their axes speak of the full test set."""
+    folder, spec = load_study(path)
+    stem = StudyDir.RESULTS
+    if baseline is not None and baseline != spec.baseline:
+        if baseline not in [v.label for v in spec.variants]:
+            raise StudyError(f"--baseline {baseline!r} is not a row of {folder.path} "
+                             f"({', '.join(v.label for v in spec.variants)})")
+        spec = dataclasses.replace(spec, baseline=baseline)
+        stem, plots = f"{StudyDir.RESULTS}_vs_{baseline}", False
+    cells = [cell_result(folder, spec, c) for c in spec.cells()]
+    result = {"spec": spec.to_dict(), "metrics": metric_names(spec), "cells": cells, "rows": _rows(spec, cells),
+              "baseline": spec.baseline, "exploratory": spec.exploratory, "eval_n": spec.eval_n,
+              "test_images": images_text(spec),
+              "interval": "95% Student-t interval of the mean paired difference over seeds (df = pairs - 1)",
+              "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+    files = {ext: folder.results(stem, ext) for ext in ("md", "csv", "json")}
+    atomic_write_text(dump_json(result) + "\n", files["json"])
+    atomic_write_text(_csv(cells, result["metrics"]), files["csv"])
+    atomic_write_text(markdown(result, spec), files["md"])
+    result["files"] = [p.name for p in files.values()]
+    if plots and not spec.exploratory:  # the figures' axes name the full test set: none for a subset study
+        result["plots"] = [str(p) for p in study_plots(result, folder.path)]
+    return result
+
+
+# --------------------------------------------------------------------------- the pages
+def _pct(x: Optional[float], digits: int = 2) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}"
+
+
+def _ms(s: dict[str, Any], scale: float = 100.0, unit: str = "") -> str:
+    if s["mean"] is None:
+        return "-"
+    mean = f"{scale * s['mean']:.2f}{unit}"
+    return mean if s["std"] is None else f"{mean} ± {scale * s['std']:.2f}"
+
+
+def _columns(spec: StudySpec) -> list[tuple[str, str]]:
+    where = images_text(spec)
+    return [(m, metric_label(m, n=spec.aa_n) if m == "autoattack" else f"{metric_label(m)} ({where})")
+            for m in metric_names(spec)]
+
+
+def _intro(result: dict[str, Any], spec: StudySpec) -> list[str]:
+    cells = result["cells"]
+    n_test = next((c.get("test_set_size") for c in cells if c.get("test_set_size")), None)
+    eps = next((c.get("eps") for c in cells if c.get("eps") is not None), None)
+    if spec.exploratory:
+        title = [f"# EXPLORATORY study results: a test SUBSET of {spec.eval_n} images ({result['written']})", "",
+                 f"**Every run was evaluated on the first {spec.eval_n} of the {n_test} test images only** "
+                 "(`eval_n`): a smoke test of the set-up, not a result. These numbers are not full-test-set "
+                 "numbers and must not be compared with any; no comparison below is a primary test (the "
+                 "analysis plan is not applied to a subset). No figures are drawn for a subset study.", ""]
+    else:
+        title = [f"# Study results ({result['written']})", ""]
+    where = "the full test set" if not spec.exploratory else f"the first {spec.eval_n} test images"
+    aa = (f"AutoAttack is the standard version on the first {spec.aa_n} test images (the same images for every "
+          f"run); the other attacks and clean accuracy are on {where}." if spec.aa_n else
+          f"AutoAttack was not run; the attacks and clean accuracy are on {where}.")
+    return title + [f"Preset `{spec.preset or 'default'}`" + (f" with {spec.overrides}" if spec.overrides else "")
+                    + f"; seeds {spec.seeds}; eps {eps}; test set of {n_test} images. Accuracy in %, mean ± sample "
+                    f"std over the seeds that finished (n). {aa}"]
+
+
+def markdown(result: dict[str, Any], spec: StudySpec) -> str:
+    """``results.md``: the means, the comparison with the baseline, the validation, every run."""
+    rows, cells, cols = result["rows"], result["cells"], _columns(spec)
+    out = _intro(result, spec) + ["", "## Mean over seeds", ""]
+    table = [[r["label"], str(max((r["metrics"][m]["n"] for m, _ in cols), default=0))]
+             + [_ms(r["metrics"][m]) for m, _ in cols] + [_ms(r["metrics"]["seconds_per_epoch"], 1.0, " s")]
+             for r in rows]
+    out.append(markdown_table(table, ["method", "n"] + [lab for _, lab in cols] + ["s / epoch"]))
+    out += ["", f"## Against `{result['baseline']}`, paired by seed", ""]
+    out.append(comparison_table(seed_values(rows), result["baseline"], metric_names(spec),
+                                None if spec.exploratory else spec.plan).rstrip("\n"))
+    out += ["", "## Held-out validation (last epoch)", "",
+            "Accuracy of the reported model on the held-out split of the TRAINING set (the number model "
+            "selection and recipe choices use; never the test set), mean ± sample std over seeds, and the "
+            f"paired difference against `{result['baseline']}` with its 95% Student-t interval.", ""]
+    table = []
+    for r in rows:
+        line = [r["label"]] + [_ms(r["metrics"][m]) for m in VAL_METRICS]
+        for m in VAL_METRICS:
+            p = r["paired"][m]
+            line.append("-" if p["mean"] is None or r["label"] == result["baseline"] else
+                        f"{100 * p['mean']:+.2f}" + ("" if p["lo"] is None else
+                                                     f" [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}]"))
+        table.append(line)
+    out.append(markdown_table(table, ["method", "val robust", "val clean", "paired robust", "paired clean"]))
+    out += ["", "## Every run", ""]
+    table = []
+    for c in cells:
+        acc = c["accuracy"]
+        status = c["status"] if c["status"] not in ("failed", "unreadable") else \
+            f"{c['status']}" + (f" ({c['failed_step']})" if c.get("failed_step") else "") + f": {c.get('error')}"
+        table.append([c["label"], str(c["seed"])] + [_pct(acc.get(m)) for m, _ in cols]
+                     + [_pct(acc.get("val_robust")), _pct(acc.get("val_clean"))]
+                     + [f"{c['seconds_per_epoch']:.0f}" if c.get("seconds_per_epoch") else "-", status])
+    out.append(markdown_table(table, ["method", "seed"] + [lab for _, lab in cols]
+                              + ["val robust", "val clean", "s / epoch", "status"]))
+    pending = [c for c in cells if c["status"] != "done"]
+    if pending:
+        out += ["", f"{len(pending)} of {len(cells)} runs are not finished or failed; the statistics above use "
+                "the finished ones only."]
+    return "\n".join(out) + "\n"
+
+
+def _csv(cells: list[dict[str, Any]], metrics: Sequence[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    metrics = [*metrics, *VAL_METRICS]
+    w.writerow(["label", "method", "seed", *metrics, "test_images", "seconds_per_epoch", "status", "error", "folder"])
+    for c in cells:
+        w.writerow([c["label"], c["method"], c["seed"], *[c["accuracy"].get(m, "") for m in metrics], c.get("n", ""),
+                    c.get("seconds_per_epoch", ""), c["status"], c.get("error", ""), c["folder"]])
+    return buf.getvalue()
