@@ -10,7 +10,8 @@ from arow.config import ConfigError, TrainConfig
 from arow.data import from_tensors
 from arow.pipelines import build_trainer
 from arow.runs.rundir import RunDir
-from arow.training.trainer import Callbacks, Trainer, lr_at
+from arow.training.errors import TrainingDiverged
+from arow.training.trainer import Callbacks, Trainer, loss_exploded, lr_at
 
 from conftest import fmnist_available, tiny_cnn
 
@@ -118,6 +119,8 @@ def test_schedules():
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(eps=-0.1), dict(lr=0), dict(batch_size=0),
+                                 dict(epochs=10**20), dict(epochs=10_001), dict(batch_size=10**20),
+                                 dict(batch_size=65_537),
                                  dict(schedule="linear"), dict(swa_start=50, epochs=10), dict(device="tpu")])
 def test_bad_config_values(bad):
     with pytest.raises(ConfigError):
@@ -395,3 +398,35 @@ def test_one_owner_says_which_model_is_reported():
     swa = _trainer(swa_start=1)
     result = swa.fit()
     assert swa.reported() == "swa" and result.model is swa.swa.model
+
+
+# --------------------------------------------------------------------------- a loss that explodes
+def test_a_huge_learning_rate_that_explodes_without_going_non_finite_stops_the_run(tmp_path, small):
+    data, val = small
+    out = tmp_path / "run"
+    cfg = _cfg(out, epochs=2, lr=100, warmup_epochs=0, schedule="constant", milestones=[])
+    seen = []
+
+    class Losses(Callbacks):
+        def on_step_record(self, record):
+            seen.append(record["train_loss"])
+
+    with pytest.raises(TrainingDiverged, match=r"epoch 1 \(exploded\)"):
+        _run(dataclasses.replace(cfg, log_every=1), data, val, callbacks=[Losses()])
+    # every step's loss stayed finite: the non-finite check alone would have let this run finish
+    assert seen and all(torch.isfinite(torch.tensor(seen))) and max(seen) > 1e4
+    assert json.loads((out / "diverged.json").read_text())["reason"] == "exploded"
+    assert not (out / "final.pt").exists()
+
+
+def test_the_explosion_limit_is_relative_to_the_first_epoch_with_a_floor():
+    assert not loss_exploded(2.3, None) and not loss_exploded(9_999.0, None) and loss_exploded(10_001.0, None)
+    assert not loss_exploded(9_999.0, 0.5)  # the floor, not 1000 x 0.5
+    assert not loss_exploded(49_000.0, 50.0) and loss_exploded(51_000.0, 50.0)
+    assert loss_exploded(float("inf"), 2.0) and not loss_exploded(float("nan"), 2.0)  # nan: the non-finite check's
+    trainer = _trainer()
+    trainer.history = [{"epoch": 1, "train_loss": 50.0}]
+    trainer._check_loss_exploded({"epoch": 2, "train_loss": 49_000.0}, 1)
+    with pytest.raises(TrainingDiverged, match=r"epoch 2 \(exploded\)") as err:
+        trainer._check_loss_exploded({"epoch": 2, "train_loss": 51_000.0}, 1)
+    assert err.value.info == {"epoch": 2, "step": None, "reason": "exploded", "lr": trainer.cfg.lr}

@@ -53,8 +53,8 @@ class TrainConfig:
     # optimisation
     # The defaults are the embedded Fashion-MNIST recipe (preset fmnist-arow) that `make demo` runs
     # on a 2-core CPU within 15 minutes, set-up included; the paper's CIFAR recipes are presets.
-    epochs: int = opt("optimisation", 7, "training epochs", lo=1)
-    batch_size: int = opt("optimisation", 128, "GLOBAL batch (split across torchrun processes)", lo=1)
+    epochs: int = opt("optimisation", 7, "training epochs", lo=1, hi=10_000)
+    batch_size: int = opt("optimisation", 128, "GLOBAL batch (split across torchrun processes)", lo=1, hi=65_536)
     lr: float = opt("optimisation", 0.1, "peak learning rate", lo=0, lo_open=True, hi=100)
     momentum: float = opt("optimisation", 0.9, "SGD momentum", lo=0, hi=1, hi_open=True)
     nesterov: bool = opt("optimisation", False, "Nesterov momentum")

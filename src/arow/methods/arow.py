@@ -5,7 +5,7 @@ import torch
 
 from .. import losses
 from .base import Hparam, Method, MethodOutput, Passes
-from .common import ATTACK_LOSS_HELP, SMOOTHING_HELP, forward_pair, training_attack
+from .common import ATTACK_LOSS_HELP, SMOOTHING_HELP, SMOOTHING_MAX, forward_pair, training_attack
 from .registry import METHODS
 
 Tensor = torch.Tensor
@@ -20,8 +20,9 @@ class ARoW(Method):
     """
 
     hparams = {
-        "lam": Hparam(3.5, "ARoW: the paper's lambda (the reference code's --lamb is 2*lambda)", min=0),
-        "smoothing": Hparam(0.2, SMOOTHING_HELP, min=0),
+        "lam": Hparam(3.5, "ARoW: the paper's lambda (the reference code's --lamb is 2*lambda); 0 to 100",
+                     min=0, max=100),
+        "smoothing": Hparam(0.2, SMOOTHING_HELP, min=0, max=SMOOTHING_MAX),
         "detach_weight": Hparam(False, "ARoW ablation: stop the gradient through 1 - p_y(x_adv)", bool),
         "weight": Hparam("arow", "ARoW: 'arow' weights by 1 - p_y(x_adv); 'cow' (ablation) by p_y(x)", str, choices=("arow", "cow")),
         "attack_loss": Hparam("kl", ATTACK_LOSS_HELP, str, choices=("kl", "ce")),

@@ -45,9 +45,10 @@ EPS = 1e-20  # the reference's guard in ||w|| / (||d|| + EPS)
 
 AWP_HPARAMS: dict[str, Hparam] = {
     "awp_gamma": Hparam(0.005, "AWP: size of the weight perturbation relative to each layer's weight norm "
-                               "(TRADES/ARoW/MART-AWP 0.005, PGD-AT-AWP 0.01)", min=0),
+                               "(TRADES/ARoW/MART-AWP 0.005, PGD-AT-AWP 0.01; at most 1, a perturbation as large as the weights)",
+                        min=0, max=1),
     "awp_start": Hparam(None, "AWP: first epoch (1-based) with AWP; default: epoch 10 of 120 scaled to --epochs "
-                              "(the TRADES-AWP and ARoW references), 1 for pgd-at-awp", int, min=1),
+                              "(the TRADES-AWP and ARoW references), 1 for pgd-at-awp", int, min=1, max=10_000),
 }
 
 

@@ -21,8 +21,10 @@ def kl_attack(model: nn.Module, x: Tensor, y: Tensor, threat, rng: Optional[Batc
     return pgd(model, x, y, threat, kl_loss(logits_clean), rng=rng)
 
 
+#: largest label smoothing alpha accepted: alpha must stay below 1 (alpha = 1 leaves only uniform targets)
+SMOOTHING_MAX = 0.99
 SMOOTHING_HELP = ("label smoothing alpha of the natural cross-entropy term (ARoW: 0.2, as its paper; TRADES: 0, "
-                  "as its paper; TRADES with alpha > 0 is an ablation)")
+                  "as its paper; TRADES with alpha > 0 is an ablation); 0 to 0.99")
 ATTACK_LOSS_HELP = ("loss the training attack maximises: kl = KL(p(x) || p(x')) (the paper), ce = cross-entropy "
                     "(the ARoW authors' choice for CIFAR-100, for stability)")
 

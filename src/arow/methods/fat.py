@@ -29,8 +29,10 @@ class FAT(Method):
 
     hparams = {
         "fat_tau": Hparam(None, "FAT: steps an example may still take after it is misclassified; default: "
-                                "the reference's dynamic tau 0 -> 1 -> 2 (epochs 50, 90 of 120)", int, min=0),
-        "fat_omega": Hparam(0.001, "FAT: std of the Gaussian noise added to every attack step (FAT: 0.001)", min=0),
+                                "the reference's dynamic tau 0 -> 1 -> 2 (epochs 50, 90 of 120)", int,
+                          min=0, max=10_000),
+        "fat_omega": Hparam(0.001, "FAT: std of the Gaussian noise added to every attack step, in pixel units "
+                                        "(FAT: 0.001; 0 to 1, the pixel range)", min=0, max=1),
     }
     paper = ("Zhang, Xu, Han, Niu, Cui, Sugiyama, Kankanhalli: Attacks Which Do Not Kill Training Make "
              "Adversarial Learning Stronger, ICML 2020")

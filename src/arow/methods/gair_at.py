@@ -55,9 +55,10 @@ class GAIRAT(Method):
     """
 
     hparams = {
-        "gair_lambda": Hparam(-1.0, "GAIR-AT: Lambda of the weight (1 + tanh(Lambda + 5 (1 - 2 kappa/K))) / 2"),
+        "gair_lambda": Hparam(-1.0, "GAIR-AT: Lambda of the weight (1 + tanh(Lambda + 5 (1 - 2 kappa/K))) / 2 "
+                                      "(-100 to 100; tanh saturates long before)", min=-100, max=100),
         "gair_start": Hparam(None, "GAIR-AT: first epoch (1-based) with reweighting; default: epoch 50 of 120, "
-                                   "scaled to --epochs", int, min=1),
+                                   "scaled to --epochs", int, min=1, max=10_000),
     }
     paper = ("Zhang, Zhu, Niu, Han, Sugiyama, Kankanhalli: Geometry-aware Instance-reweighted Adversarial "
              "Training, ICLR 2021")

@@ -71,9 +71,12 @@ class HAT(TRADES):
     """
 
     hparams = {
-        "beta": Hparam(2.5, "HAT: weight beta of its TRADES KL term (2.5, the HAT paper's CIFAR-10 setting)", min=0),
-        "hat_gamma": Hparam(0.25, "HAT: weight of the helper loss (0.25 as the ARoW reference; the HAT paper: 0.5)", min=0),
-        "hat_h": Hparam(2.0, "HAT: helper examples are x + h (x_adv - x), clamped to [0, 1]", min=0),
+        "beta": Hparam(2.5, "HAT: weight beta of its TRADES KL term (2.5, the HAT paper's CIFAR-10 setting; 0 to 100)",
+                        min=0, max=100),
+        "hat_gamma": Hparam(0.25, "HAT: weight of the helper loss (0.25 as the ARoW reference; the HAT paper: 0.5; 0 to 100)",
+                             min=0, max=100),
+        "hat_h": Hparam(2.0, "HAT: helper examples are x + h (x_adv - x), clamped to [0, 1] (h: 0 to 100)",
+                         min=0, max=100),
         "helper": Hparam(None, "HAT: run folder or checkpoint of a normally trained model (arow train --method "
                                "natural) whose predictions on x_adv label the helper examples", str,
                          accepts=(nn.Module, os.PathLike)),

@@ -16,7 +16,7 @@ Tensor = torch.Tensor
 class MART(Method):
     """MART (Wang et al. 2020): BCE(f(x_adv)) + lam KL(p(x)||p(x_adv)) (1 - p_y(x)); CE-PGD."""
 
-    hparams = {"lam": Hparam(6.0, "MART: weight of the KL term (MART: 6.0)", min=0)}
+    hparams = {"lam": Hparam(6.0, "MART: weight of the KL term (MART: 6.0; 0 to 100)", min=0, max=100)}
     paper = ("Wang, Zou, Yi, Bailey, Ma, Gu: Improving Adversarial Robustness Requires Revisiting "
              "Misclassified Examples, ICLR 2020")
     url = "https://openreview.net/forum?id=rklOg6EFwS"

@@ -5,7 +5,7 @@ import torch
 
 from .. import losses
 from .base import Hparam, Method, MethodOutput, Passes
-from .common import ATTACK_LOSS_HELP, SMOOTHING_HELP, forward_pair, training_attack
+from .common import ATTACK_LOSS_HELP, SMOOTHING_HELP, SMOOTHING_MAX, forward_pair, training_attack
 from .registry import METHODS
 
 Tensor = torch.Tensor
@@ -15,8 +15,8 @@ Tensor = torch.Tensor
 class TRADES(Method):
     """TRADES (Zhang et al. 2019): CE(f(x)) + beta KL(p(x) || p(x_adv)); KL-PGD from x + 0.001 N(0,1)."""
 
-    hparams = {"beta": Hparam(6.0, "TRADES: weight of the KL boundary term", min=0),
-               "smoothing": Hparam(0.0, SMOOTHING_HELP, min=0),
+    hparams = {"beta": Hparam(6.0, "TRADES: weight of the KL boundary term (0 to 100)", min=0, max=100),
+               "smoothing": Hparam(0.0, SMOOTHING_HELP, min=0, max=SMOOTHING_MAX),
                "attack_loss": Hparam("kl", ATTACK_LOSS_HELP, str, choices=("kl", "ce"))}
     paper = ("Zhang, Yu, Jiao, Xing, El Ghaoui, Jordan: Theoretically Principled Trade-off between "
              "Robustness and Accuracy, ICML 2019")

@@ -5,7 +5,8 @@ from typing import Any
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the weights became non-finite; the run stopped before saving anything from it.
+    """The loss or the weights became non-finite, or the loss exploded; the run stopped before saving
+    anything from it.
 
     ``info`` (epoch, step, reason, lr) is what the run folder records in ``diverged.json``; ``hint``
     (appended to the message) says what was kept: the loop knows only whether an epoch had finished,

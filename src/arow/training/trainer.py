@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 WEIGHT_BINS = 20  # histogram of ARoW's per-example weight, per epoch
 NONFINITE_CHECK_EVERY = 20  # steps between reads of the device-side "first non-finite loss" record
+#: an epoch's mean training loss above max(FLOOR, FACTOR x the first epoch's) stops the run ("exploded")
+EXPLODED_LOSS_FLOOR = 1e4
+EXPLODED_LOSS_FACTOR = 1000.0
 
 
 @dataclass
@@ -206,6 +209,7 @@ class Trainer:
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 record = self.train_epoch(epoch)
                 self._check_finite_weights(epoch)
+                self._check_loss_exploded(record, epoch)
                 record.update(self._validate_epoch(epoch))
                 self._select(record)
                 self.history.append(record)
@@ -405,6 +409,14 @@ class Trainer:
             step = int(first_bad)
             self._diverged(epoch, step if step >= 0 else None, "non-finite loss")
 
+    def _check_loss_exploded(self, record: dict[str, Any], epoch: int) -> None:
+        """Stop a run whose epoch mean training loss (already read on the host) exploded while staying
+        finite: above ``max(EXPLODED_LOSS_FLOOR, EXPLODED_LOSS_FACTOR x`` the first epoch's loss)."""
+        loss = record.get("train_loss")
+        first = self.history[0].get("train_loss") if self.history else None
+        if loss is not None and loss_exploded(float(loss), None if first is None else float(first)):
+            self._diverged(epoch, None, "exploded")
+
     def _check_finite_weights(self, epoch: int) -> None:
         flags = [torch.isfinite(p.detach()).all() for p in self.model.parameters()]
         if flags and not bool(torch.stack(flags).all()):
@@ -417,6 +429,19 @@ class Trainer:
         info = {"epoch": epoch + 1, "step": None if step is None else step + 1, "reason": reason, "lr": self.cfg.lr}
         hint = "; no epoch had finished, so nothing was saved" if epoch == 0 else ""
         raise TrainingDiverged(f"training diverged at {where} ({reason})", info, hint)
+
+
+def loss_exploded(loss: float, first: Optional[float]) -> bool:
+    """Whether an epoch's mean training loss ``loss`` exploded relative to ``first``, the run's first
+    epoch's (None in the first epoch): above ``max(EXPLODED_LOSS_FLOOR, EXPLODED_LOSS_FACTOR * first)``.
+    The losses of the methods here are O(1), so no normal run comes near.
+
+    >>> loss_exploded(2.3, None), loss_exploded(1.95e34, None), loss_exploded(5e4, 80.0), loss_exploded(9e4, 80.0)
+    (False, True, False, True)
+    """
+    limit = max(EXPLODED_LOSS_FLOOR, EXPLODED_LOSS_FACTOR * first) if first is not None and math.isfinite(first) \
+        else EXPLODED_LOSS_FLOOR
+    return loss > limit
 
 
 def sgd_param_groups(model: nn.Module, no_bn_decay: bool = False) -> list[dict[str, Any]]:
