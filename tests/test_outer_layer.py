@@ -249,7 +249,7 @@ def test_method_flag_help_points_shorthands_to_the_prefixed_flags():
     table = method_flag_help()
     assert list(table) == sorted(method_flags())
     assert table["lam"] == (float, "shorthand for the chosen method's lam (see the prefixed flags)")
-    assert table["trades_beta"] == (float, "TRADES: weight of the KL boundary term")
+    assert table["trades_beta"] == (float, "TRADES: weight of the KL boundary term (0 to 100)")
     assert table["detach_weight"][0] is bool
 
 
@@ -308,3 +308,14 @@ def test_train_and_evaluate_evaluates_the_model_it_holds_without_reading_it_back
     assert (saved["checkpoint"], saved["which"], saved["model"], saved["method"]) == (
         str(out / "final.pt"), "final", "small-cnn", "arow")
     assert run.evaluation.path == out / "eval_n40.json"
+
+
+def test_a_replayed_config_never_chooses_the_output_folder(tmp_path):
+    """A config.json from elsewhere (perhaps tampered) replays its recipe, not its ``out``: the run
+    writes to --out or the default folder, never into a folder the file names."""
+    victim = tmp_path / "victim"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"method": "trades", "epochs": 1, "out": str(victim)}))
+    assert resolve_config({}, {}, preset=str(path)).out != str(victim)
+    assert resolve_config({"out": str(tmp_path / "mine")}, {}, preset=str(path)).out == str(tmp_path / "mine")
+    assert resolve_config({}, {}, preset=str(path)).method == "trades"

@@ -160,8 +160,8 @@ def resolve_config(overrides: dict[str, Any], method_overrides: Optional[dict[st
     Args:
         overrides: config fields given now (None: not given)
         method_overrides: method hyper-parameters given now, by flag name (None: not given)
-        preset: recipe name (see `arow list`), YAML file, or a run's config.json to replay it; the
-            fields given override it
+        preset: recipe name (see `arow list`), YAML file, or a run's config.json to replay it (its recipe:
+            never its out folder); the fields given override it
         resume: continue the run in the config's out folder from its last.pt, with the config saved
             there (only how it runs may change)
 
@@ -173,6 +173,9 @@ def resolve_config(overrides: dict[str, Any], method_overrides: Optional[dict[st
         raise ConfigError("--preset cannot be combined with --resume: a resumed run continues with the config "
                           "saved in its folder (flags given with --resume may only change how it runs)")
     base: dict[str, Any] = load_preset(preset) if preset else {}
+    if base.get("out") is not None:  # a replayed config.json never chooses where this run writes
+        log.info("ignoring out=%s of %s: the run goes to --out (or the default folder)", base["out"], preset)
+        base["out"] = None
     if resume and overrides.get("out"):
         run = RunDir(overrides["out"])
         if run.has_checkpoint():  # the resumed run's own experiment is the base; changes are refused later
