@@ -52,7 +52,7 @@ def test_train_then_eval(tmp_path):
     (["train", "--method", "arow", "--beta", "3", "--epochs", "1"], "--beta does not apply"),
     (["train", "--preset", "no-such-preset"], "unknown preset"),
     (["train", "--val-attack", "pgdx", "--limit-train", "100", "--val-size", "20"], "unknown attack 'pgdx'"),
-    (["train", "--batch-size", "-4"], "--batch-size must be >= 1"),
+    (["train", "--batch-size", "-4"], "--batch-size must be in [1, 65536]"),
     (["eval", "/nonexistent/run"], "/nonexistent/run"),
     (["eval", "/nonexistent/run", "--attacks", "pgd20,bogus"], "/nonexistent/run"),
     (["eval", "/nonexistent/run", "--n", "0"], "--n must be a whole number >= 1"),
@@ -171,7 +171,7 @@ def test_eval_of_another_checkpoint_gets_its_own_file(tmp_path):
     (["--eval-n", "0"], "--eval-n must be >= 1"),
     (["--milestones", "1,0.5"], "--milestones must be"),
     (["--lam", "-1"], "lam must be >= 0"),
-    (["--smoothing", "1.5"], "smoothing must be in [0, 1)"),
+    (["--smoothing", "1.5"], "smoothing must be <= 0.99"),
 ])
 def test_bad_train_flags_fail_before_training(tmp_path, args, needle):
     r = arow("train", "--epochs", "2", "--limit-train", "100", "--val-size", "20", "--out", str(tmp_path / "o"),
