@@ -370,8 +370,9 @@ class Report:
             "val = held-out split of the TRAINING data at the last epoch (SWA model when SWA ran); "
             "best epoch = the checkpoint best.pt holds, selected on that split (never on the test set) "
             "with its validation robust accuracy in brackets.",
-            "Threat model: " + "; ".join(protocol) + ". PGD-20: CE, step eps/4, random start.",
+            "Threat model: " + "; ".join(protocol) + ".",
         ]
+        notes += [f"{attack_label(a)}: {'; '.join(d)}." for a, d in self.descriptions().items()]
         if any(r.subset for r in runs):
             notes.append("SUBSET, (n=N): evaluated on the first N test images only (eval_n<N>.json when the run has "
                          "no full-test-set eval.json); not comparable with full-test-set numbers, never pooled "
@@ -379,6 +380,18 @@ class Report:
         folders = [f"- {', '.join(str(r.path) for r in g.runs)}" for g in self.groups]
         return "\n".join(["# arow report", "", markdown_table(rows, cols), "",
                           *[f"- {n}" for n in notes], "", "Run folders, one line per row:", *folders, ""])
+
+    def descriptions(self) -> dict[str, list[str]]:
+        """Each attack column's settings as its evaluations describe them (several when runs differ)."""
+        out: dict[str, list[str]] = {}
+        for g in self.groups:
+            for r in g.runs:
+                described = (r.eval or {}).get("attacks")
+                for a in self.attacks:
+                    text = described.get(a) if isinstance(described, dict) else None
+                    if a != "clean" and isinstance(text, str) and text not in out.setdefault(a, []):
+                        out[a].append(text)
+        return {a: d for a, d in out.items() if d}
 
     def csv(self) -> str:
         """One CSV row per recipe: mean and std columns in %, seeds separated by ';'."""

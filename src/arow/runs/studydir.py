@@ -8,6 +8,9 @@ A study folder (``arow study --out DIR``) holds:
 ``cells/<name>/``        one ordinary run folder per cell (:class:`CellDir`)
 ``results.md``           the comparison (also ``.csv`` and ``.json``; against another baseline row
                          ``results_vs_<row>.*``) and the figures ``*.png``
+``collected.jsonl``      one line per comparison built from finished runs: when, and which rows,
+                         seeds and finished cells it saw (so rows or seeds added after results
+                         were seen are marked as such on the page)
 =======================  ====================================================================
 
 and each cell folder, besides what :class:`~arow.runs.rundir.RunDir` names, holds:
@@ -90,7 +93,7 @@ class CellDir(RunDir):
 class StudyDir:
     """A study folder and every file in it."""
 
-    SPEC, LOCK, CELLS, RESULTS = "study.json", ".lock", "cells", "results"
+    SPEC, LOCK, CELLS, RESULTS, COLLECTED = "study.json", ".lock", "cells", "results", "collected.jsonl"
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
@@ -118,6 +121,46 @@ class StudyDir:
 
     def write_spec(self, spec: dict[str, Any]) -> None:
         atomic_write_text(dump_json(spec) + "\n", self.file(self.SPEC))
+
+    def record_collect(self, entry: dict[str, Any]) -> None:
+        """Append one line to ``collected.jsonl``."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        append_line(self.file(self.COLLECTED), json.dumps(entry, sort_keys=True))
+
+    def read_collects(self) -> list[dict[str, Any]]:
+        """The lines of ``collected.jsonl``, oldest first ([] when there are none)."""
+        path = self.file(self.COLLECTED)
+        if not path.is_file():
+            return []
+        out = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RunFolderError(f"{path}, line {i}: not JSON ({e.msg})") from None
+            if not isinstance(entry, dict):
+                raise RunFolderError(f"{path}, line {i}: expected a JSON object")
+            out.append(entry)
+        return out
+
+    def published_files(self) -> list[Path]:
+        """The small files that let the comparison be rebuilt and re-tested image by image, relative to
+        the folder: ``study.json``, ``collected.jsonl`` and, per cell, ``cell.json``, ``config.json``,
+        ``metrics.jsonl``, every evaluation file (with its per-example verdicts), the eps curve and the
+        failure records. Never a checkpoint, a log or an evaluation's saved state."""
+        keep = [self.SPEC, self.COLLECTED]
+        per_cell = (CellDir.CELL, CellDir.CONFIG, CellDir.METRICS, CellDir.EPS_CURVE, CellDir.DIVERGED,
+                    CellDir.FAILED)
+        cells = self.path / self.CELLS
+        for d in sorted(cells.iterdir()) if cells.is_dir() else []:
+            if not d.is_dir() or d.is_symlink():
+                continue
+            run = CellDir(d)
+            names = [n for n in per_cell if run.file(n).is_file()] + list(run.eval_files())
+            keep += [f"{self.CELLS}/{d.name}/{n}" for n in dict.fromkeys(names)]
+        return [Path(k) for k in keep if (self.path / k).is_file() and not (self.path / k).is_symlink()]
 
     def lock(self) -> None:
         """Take the folder for this process, or fail with one line naming the ``arow study`` holding it."""

@@ -64,7 +64,8 @@ def cell_result(folder: StudyDir, spec: StudySpec, cell: Cell) -> dict[str, Any]
     except (RunFolderError, KeyError, TypeError, ValueError) as e:
         return {**r, "status": "unreadable", "error": str(e).strip().splitlines()[0] if str(e).strip() else repr(e)}
     e = main_eval(ev, run, rec)
-    if has_main_eval(ev, e):
+    evaluated = has_main_eval(ev, e)
+    if evaluated:
         assert e is not None
         r["accuracy"].update({k: v for k, v in e.accuracy.items() if k in metric_names(spec)})
         r.update(per_class=e.data.get("per_class", {}), test_set_size=e.test_set_size, n=e.n, subset=e.subset,
@@ -80,7 +81,9 @@ def cell_result(folder: StudyDir, spec: StudySpec, cell: Cell) -> dict[str, Any]
     if points is not None:
         r["eps_curve"] = points
     metrics = [m for m in rec.metrics if "seconds" in m] if rec is not None else []
-    if metrics and rec is not None and rec.finished:  # a finished training run (not one still going)
+    # a finished training run (not one still going): its final model exists, or it was evaluated (a
+    # published cell keeps its records, not its checkpoints)
+    if metrics and rec is not None and (rec.finished or evaluated):
         r["seconds_per_epoch"] = sum(m["seconds"] for m in metrics) / len(metrics)
         r["epochs"] = len(metrics)
         last = metrics[-1]  # the reported model's validation on the held-out training split
@@ -130,11 +133,12 @@ def collect(path: PathLike, *, plots: bool = True, baseline: Optional[str] = Non
         spec = dataclasses.replace(spec, baseline=baseline)
         stem, plots = f"{StudyDir.RESULTS}_vs_{baseline}", False
     cells = [cell_result(folder, spec, c) for c in spec.cells()]
+    written = time.strftime("%Y-%m-%d %H:%M:%S")
     result = {"spec": spec.to_dict(), "metrics": metric_names(spec), "cells": cells, "rows": _rows(spec, cells),
               "baseline": spec.baseline, "exploratory": spec.exploratory, "eval_n": spec.eval_n,
               "test_images": images_text(spec),
               "interval": "95% Student-t interval of the mean paired difference over seeds (df = pairs - 1)",
-              "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "added_after_results": added_after_results(folder, spec, cells, written), "written": written}
     files = {ext: folder.results(stem, ext) for ext in ("md", "csv", "json")}
     atomic_write_text(dump_json(result) + "\n", files["json"])
     atomic_write_text(_csv(cells, result["metrics"]), files["csv"])
@@ -143,6 +147,59 @@ def collect(path: PathLike, *, plots: bool = True, baseline: Optional[str] = Non
     if plots and not spec.exploratory:  # the figures' axes name the full test set: none for a subset study
         result["plots"] = [str(p) for p in study_plots(result, folder.path)]
     return result
+
+
+def publish_study(path: PathLike, dest: PathLike, *, plots: bool = True) -> dict[str, Any]:
+    """Copy what rebuilds and re-tests the study in ``path`` into ``dest`` (its spec, its collection
+    history and each cell's config, records and evaluations with their per-example verdicts: a few kB a
+    cell, no checkpoint; see :meth:`~arow.runs.studydir.StudyDir.published_files`), then build the
+    comparison there with :func:`collect`, from those files alone."""
+    folder, _ = load_study(path)
+    target = StudyDir(dest)
+    src, dst = folder.path.resolve(), target.path.resolve()
+    if dst == src or src in dst.parents:
+        raise StudyError(f"--to {target.path} must be outside the study folder {folder.path}")
+    if target.path.exists() and target.read_spec() is None and any(target.path.iterdir()):
+        raise StudyError(f"--to {target.path} exists and is not a published study: choose an empty or new folder")
+    for rel in folder.published_files():
+        out = target.path / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text((folder.path / rel).read_text(encoding="utf-8"), out)
+    return collect(target.path, plots=plots)
+
+
+# --------------------------------------------------------------------------- what was added after results
+def _planned(spec: StudySpec) -> dict[str, list[int]]:
+    """The seeds each row of ``spec`` plans, by row label."""
+    return {v.label: sorted(set(v.seeds or spec.seeds)) for v in spec.variants}
+
+
+def added_after_results(folder: StudyDir, spec: StudySpec, cells: list[dict[str, Any]],
+                        now: str) -> Optional[dict[str, Any]]:
+    """The cells whose row or seed was added to the study after a comparison with finished runs had been
+    built (``collected.jsonl``): ``{"since": time, "seen": [cells finished then], "cells": [added]}``, or
+    None when every cell was planned before the first results. Records this collection too."""
+    history = [h for h in folder.read_collects() if h.get("done")]
+    done = sorted(f"{c['label']}-s{c['seed']}" for c in cells if c["status"] == "done")
+    if done:
+        folder.record_collect({"time": now, "rows": _planned(spec), "done": done})
+    if not history:
+        return None
+    first = history[0]
+    planned = first.get("rows") if isinstance(first.get("rows"), dict) else {}
+    added = [f"{label}-s{seed}" for label, seeds in _planned(spec).items() for seed in seeds
+             if seed not in (planned.get(label) or [])]
+    return {"since": first.get("time"), "seen": first.get("done"), "cells": added} if added else None
+
+
+def _added_note(added: Optional[dict[str, Any]]) -> list[str]:
+    if not added:
+        return []
+    seen = added.get("seen") or []
+    return ["", f"**Added after results were seen.** The runs {', '.join(added['cells'])} were added to the study "
+            f"after its comparison was first built from finished runs ({added.get('since')}, with "
+            f"{len(seen)} run(s) finished: {', '.join(seen)}). Comparisons that use them were not fixed before "
+            "the data were seen: read their intervals and p-values as exploratory."]
 
 
 # --------------------------------------------------------------------------- the pages
@@ -187,7 +244,7 @@ def _intro(result: dict[str, Any], spec: StudySpec) -> list[str]:
 def markdown(result: dict[str, Any], spec: StudySpec) -> str:
     """``results.md``: the means, the comparison with the baseline, the validation, every run."""
     rows, cells, cols = result["rows"], result["cells"], _columns(spec)
-    out = _intro(result, spec) + ["", "## Mean over seeds", ""]
+    out = _intro(result, spec) + _added_note(result.get("added_after_results")) + ["", "## Mean over seeds", ""]
     table = [[r["label"], str(max((r["metrics"][m]["n"] for m, _ in cols), default=0))]
              + [_ms(r["metrics"][m]) for m, _ in cols] + [_ms(r["metrics"]["seconds_per_epoch"], 1.0, " s")]
              for r in rows]

@@ -1,6 +1,8 @@
 """The figures of a study (:func:`arow.study.collect.collect`'s result dict), written into its folder.
 
-``tradeoff.png`` (clean against robust accuracy, one point per run), ``bars.png`` (mean ± sample
+``tradeoff.png`` (clean against robust accuracy, one point per run), ``frontier.png`` (when a method
+has several rows that differ in one hyper-parameter: the means with their 95% intervals on both axes,
+one line per method in the order of that hyper-parameter), ``bars.png`` (mean ± sample
 std per metric), ``per_class.png`` and ``eps_curve.png`` (means over seeds). What holds in all of
 them: one colour per row of the study, the same in every figure; a row without finished runs is
 not drawn and has no legend entry; accuracy axes start at 0; a mean over one seed has no error
@@ -16,6 +18,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from ...methods import METHODS
 from ..labels import attack_label, metric_label
 from . import common
 from .common import C_OTHER
@@ -36,7 +39,7 @@ def study_plots(result: dict[str, Any], out_dir: PathLike) -> list[Path]:
     if not done:
         return []
     colour = study_colours(result)
-    written = [_tradeoff(result, done, colour, out_dir), _bars(result, colour, out_dir),
+    written = [_tradeoff(result, done, colour, out_dir), _frontier(result, colour, out_dir), _bars(result, colour, out_dir),
                _per_class(result, done, colour, out_dir), _eps_curve(result, done, colour, out_dir)]
     return [p for p in written if p is not None]
 
@@ -78,6 +81,69 @@ def _tradeoff(result: dict[str, Any], done: Sequence[dict[str, Any]], colour: di
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return common.save(fig, out_dir / "tradeoff.png")
+
+
+def _robust_metric(result: dict[str, Any], done: Sequence[dict[str, Any]]) -> Optional[str]:
+    have = [m for m in result["metrics"] if m != "clean" and any(m in c["accuracy"] for c in done)]
+    return ([m for m in have if m not in SUBSET_METRICS] or have or [None])[0]
+
+
+def frontier_lines(result: dict[str, Any]) -> list[tuple[str, Optional[str], list[tuple[Any, dict[str, Any]]]]]:
+    """The rows of each method as ``(method, varied hyper-parameter, [(its value, row), ...])``, sorted
+    by that value; a method whose rows differ in no or in several hyper-parameters has ``None`` there
+    and its rows in study order (their values: the row labels)."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in result["rows"]:
+        by_method.setdefault(r["method"], []).append(r)
+    out = []
+    for method, rows in by_method.items():
+        hp = METHODS.get(method).hparams if method in METHODS.names() else {}
+        args = [{**{k: h.default for k, h in hp.items()}, **(r.get("method_args") or {})} for r in rows]
+        varied = sorted(k for k in set().union(*args) if len({repr(a.get(k)) for a in args}) > 1)
+        if len(varied) == 1 and not any(r.get("overrides") for r in rows):
+            out.append((method, varied[0], sorted(((a.get(varied[0]), r) for a, r in zip(args, rows)),
+                                                  key=lambda t: t[0])))
+        else:
+            out.append((method, None, [(r["label"], r) for r in rows]))
+    return out
+
+
+def _frontier(result: dict[str, Any], colour: dict[str, Any], out_dir: Path) -> Optional[Path]:
+    """Means over seeds with their 95% Student-t intervals on both axes, one line per method through
+    its rows in the order of the hyper-parameter they vary; only when some method has several rows."""
+    done = [c for c in result["cells"] if c["status"] == "done"]
+    robust = _robust_metric(result, done)
+    lines = [ln for ln in frontier_lines(result) if ln[1] is not None]
+    if robust is None or not lines:
+        return None
+    fig = common.figure(7, 5.2)
+    ax = fig.subplots()
+    for method, key, points in frontier_lines(result):
+        first = next(r["label"] for r in result["rows"] if r["method"] == method)
+        drawn = []
+        for value, row in points:
+            x, y = row["metrics"]["clean"], row["metrics"][robust]
+            if x["mean"] is None or y["mean"] is None:
+                continue
+            err = [[100 * (s["mean"] - s["lo"]) if s["lo"] is not None else 0.0] for s in (x, y)]
+            err_hi = [[100 * (s["hi"] - s["mean"]) if s["hi"] is not None else 0.0] for s in (x, y)]
+            ax.errorbar([100 * x["mean"]], [100 * y["mean"]], xerr=[err[0], err_hi[0]], yerr=[err[1], err_hi[1]],
+                        fmt="o", color=colour[first], ms=6, capsize=3, lw=1)
+            name = f"{key} {value:g}" if key is not None and isinstance(value, (int, float)) else str(value)
+            ax.annotate(f"{name} (n={min(x['n'], y['n'])})", (100 * x["mean"], 100 * y["mean"]),
+                        textcoords="offset points", xytext=(6, 5), fontsize=7)
+            drawn.append((100 * x["mean"], 100 * y["mean"], row["label"]))
+        if key is not None and len(drawn) > 1:
+            ax.plot([d[0] for d in drawn], [d[1] for d in drawn], "-", color=colour[first], alpha=0.7,
+                    label=f"{method} (by {key})")
+        elif drawn:
+            ax.plot([], [], "o", color=colour[first], label=method)
+    spec = result["spec"]
+    ax.set(xlabel="clean accuracy, full test set (%)", ylabel=f"robust accuracy: {metric_text(robust, spec)}, "
+           "full test set (%)", title="clean / robust frontier\nmeans over seeds, 95% intervals, lines in hyper-parameter order")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return common.save(fig, out_dir / "frontier.png")
 
 
 def bar_panels(result: dict[str, Any]) -> list[tuple[str, list[str]]]:

@@ -1,0 +1,122 @@
+"""A study's evidence travels without its checkpoints, and a study that grew after its results were
+seen says so on its page."""
+import json
+from pathlib import Path
+
+import pytest
+
+from arow.runs.studydir import StudyDir
+from arow.study.collect import collect, publish_study
+from arow.study.spec import StudyError, StudySpec
+
+ACC = {"arow": {0: (0.85, 0.75, 0.74), 1: (0.84, 0.74, 0.73), 2: (0.86, 0.76, 0.75)},
+       "trades": {0: (0.84, 0.75, 0.745), 1: (0.845, 0.73, 0.72), 2: (0.85, 0.74, 0.74)}}
+
+
+def _study(path: Path, seeds) -> StudySpec:
+    spec = StudySpec.from_dict({"methods": ["arow", "trades"], "seeds": list(seeds), "aa_n": 0, "eps_curve_n": 0})
+    path.mkdir(exist_ok=True)
+    StudyDir(path).write_spec(spec.to_dict())
+    for label, by_seed in ACC.items():
+        for seed in seeds:
+            d = path / "cells" / f"{label}-s{seed}"
+            if d.exists():
+                continue
+            d.mkdir(parents=True)
+            clean, pgd, cw = by_seed[seed]
+            (d / "config.json").write_text(json.dumps({"method": label, "seed": seed}))
+            (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 10.0 + seed, "val_clean_acc": 0.8,
+                                                         "val_pgd_acc": 0.7}) + "\n")
+            (d / "eval.json").write_text(json.dumps({
+                "accuracy": {"clean": clean, "pgd20": pgd, "cw": cw}, "n": 10000, "test_set_size": 10000,
+                "subset": False, "guards_ran": True, "verdicts": {"pgd20": "packed-bits"}}))
+            for junk in ("final.pt", "last.pt", "best.pt", "study.log"):  # what publishing leaves behind
+                (d / junk).write_bytes(b"not for the repository")
+            (d / "eval_state").mkdir()
+            (d / "eval_state" / "pgd20.pt").write_bytes(b"x")
+    return spec
+
+
+def test_published_study_rebuilds_every_table_from_its_small_files(tmp_path):
+    src = tmp_path / "study"
+    _study(src, [0, 1, 2])
+    first = collect(src, plots=False)
+    assert first["cells"][0]["seconds_per_epoch"] == 10.0  # an evaluated cell counts as trained
+    dest = tmp_path / "docs" / "results" / "pub"
+    published = publish_study(src, dest, plots=False)
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert not [f for f in files if f.endswith(".pt") or "eval_state" in f or f.endswith(".log")], files
+    assert "cells/arow-s1/eval.json" in files and "cells/arow-s1/config.json" in files and "study.json" in files
+    assert json.loads((dest / "cells/arow-s1/eval.json").read_text())["verdicts"] == {"pgd20": "packed-bits"}
+    assert published["rows"] == first["rows"]
+    # nothing outside the published folder is needed to rebuild it
+    for p in sorted(src.rglob("*"), key=lambda p: -len(p.parts)):
+        p.unlink() if p.is_file() else p.rmdir()
+    again = collect(dest, plots=False)
+    assert again["rows"] == first["rows"]
+    assert (dest / "results.md").read_text().count("| arow ") >= 1
+
+
+def test_publishing_refuses_a_target_inside_the_study_or_a_foreign_folder(tmp_path):
+    src = tmp_path / "study"
+    _study(src, [0, 1])
+    with pytest.raises(StudyError, match="outside the study folder"):
+        publish_study(src, src / "pub", plots=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(StudyError, match="not a published study"):
+        publish_study(src, other, plots=False)
+
+
+def test_seeds_added_after_results_were_seen_are_marked(tmp_path):
+    src = tmp_path / "study"
+    _study(src, [0, 1])
+    assert collect(src, plots=False)["added_after_results"] is None
+    assert "Added after results were seen" not in (src / "results.md").read_text()
+    _study(src, [0, 1, 2])  # the study grows by a seed once its first comparison exists
+    res = collect(src, plots=False)
+    added = res["added_after_results"]
+    assert added["cells"] == ["arow-s2", "trades-s2"]
+    assert added["seen"] == ["arow-s0", "arow-s1", "trades-s0", "trades-s1"]
+    md = (src / "results.md").read_text()
+    assert "**Added after results were seen.**" in md and "arow-s2, trades-s2" in md
+    # recorded for good: a later collection still says so
+    assert collect(src, plots=False)["added_after_results"]["cells"] == ["arow-s2", "trades-s2"]
+
+
+def test_seeds_planned_before_any_result_are_not_marked(tmp_path):
+    """A comparison built while nothing had finished saw no results: growing after it is planning."""
+    src = tmp_path / "study"
+    _study(src, [0])
+    for d in (src / "cells").iterdir():
+        (d / "eval.json").unlink()
+    collect(src, plots=False)
+    _study(src, [0, 1])
+    for label in ACC:  # seed 0's evaluations arrive later
+        d = src / "cells" / f"{label}-s0"
+        (d / "eval.json").write_text((src / "cells" / f"{label}-s1" / "eval.json").read_text())
+    assert collect(src, plots=False)["added_after_results"] is None
+
+
+def test_the_frontier_joins_a_methods_rows_in_the_order_of_the_hyperparameter_they_vary(tmp_path):
+    from arow.reporting.plots.study import frontier_lines
+
+    def row(label, method, **args):
+        m = {"n": 2, "mean": 0.8, "std": 0.01, "lo": 0.79, "hi": 0.81}
+        return {"label": label, "method": method, "method_args": args, "overrides": {},
+                "metrics": {"clean": dict(m), "pgd20": dict(m, mean=0.7, lo=0.69, hi=0.71)}}
+
+    rows = [row("arow", "arow"), row("trades", "trades"), row("trades-b9", "trades", beta=9.0),
+            row("trades-b2", "trades", beta=2.0), row("arow-ls", "arow", label_smoothing=0.1, lam=5.0)]
+    lines = {m: (k, [v for v, _ in pts]) for m, k, pts in frontier_lines({"rows": rows})}
+    assert lines["trades"] == ("beta", [2.0, 6.0, 9.0])  # the default row takes the method's default
+    assert lines["arow"] == (None, ["arow", "arow-ls"])  # two hyper-parameters vary: not a line
+    cells = [{"label": r["label"], "seed": 0, "status": "done", "accuracy": {"clean": 0.8, "pgd20": 0.7}}
+             for r in rows]
+    from arow.reporting.plots.study import study_plots
+    written = study_plots({"rows": rows, "cells": cells, "metrics": ["pgd20", "clean"], "spec": {}}, tmp_path)
+    assert tmp_path / "frontier.png" in written
+    alone = [r for r in rows if r["method"] == "arow"][:1] + [r for r in rows if r["label"] == "trades"]
+    study_plots({"rows": alone, "cells": cells[:2], "metrics": ["pgd20", "clean"], "spec": {}}, tmp_path / "b")
+    assert not (tmp_path / "b" / "frontier.png").exists()  # one row per method: no frontier to draw
