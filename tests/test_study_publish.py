@@ -120,3 +120,34 @@ def test_the_frontier_joins_a_methods_rows_in_the_order_of_the_hyperparameter_th
     alone = [r for r in rows if r["method"] == "arow"][:1] + [r for r in rows if r["label"] == "trades"]
     study_plots({"rows": alone, "cells": cells[:2], "metrics": ["pgd20", "clean"], "spec": {}}, tmp_path / "b")
     assert not (tmp_path / "b" / "frontier.png").exists()  # one row per method: no frontier to draw
+
+
+def test_per_image_tests_come_from_the_stored_verdicts(tmp_path):
+    import numpy as np
+    import torch
+
+    from arow.evaluation.cascade import pack_verdicts
+
+    src = tmp_path / "study"
+    _study(src, [0, 1])
+    rng, n = np.random.default_rng(0), 10000
+    for seed in (0, 1):
+        base = rng.random(n) < 0.75
+        row = base.copy()
+        row[rng.choice(np.flatnonzero(~base), 200, replace=False)] = True  # only arow right on 200 images
+        row[rng.choice(np.flatnonzero(base), 100, replace=False)] = False  # only trades right on 100
+        for label, v in (("arow", row), ("trades", base)):
+            f = src / "cells" / f"{label}-s{seed}" / "eval.json"
+            ev = json.loads(f.read_text())
+            ev["verdicts"] = pack_verdicts({"pgd20": torch.from_numpy(v), "clean": torch.ones(n, dtype=torch.bool)})
+            f.write_text(json.dumps(ev))
+    res = collect(src, plots=False)
+    tests = {(t["metric"], t["seed"]): t for t in res["image_tests"]}
+    for seed in (0, 1):
+        t = tests["pgd20", seed]
+        assert (t["only_row"], t["only_baseline"]) == (200, 100)
+        assert t["diff"] == pytest.approx(0.01) and t["lo"] < t["diff"] < t["hi"]
+        assert t["p"] < 0.05
+        assert tests["clean", seed]["p"] == 1.0 and tests["clean", seed]["diff"] == 0  # no discordant image
+    assert "## Per image, seed by seed" in (src / "results.md").read_text()
+    assert not any("_verdicts" in c for c in res["cells"])  # not copied into results.json

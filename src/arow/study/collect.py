@@ -22,7 +22,8 @@ from typing import Any, Optional, Sequence, Union
 from ..reporting.comparison import comparison_table, seed_values
 from ..reporting.labels import metric_label
 from ..reporting.plots import study_plots
-from ..reporting.stats import paired, summarize
+from ..evaluation.cascade import unpack_verdicts
+from ..reporting.stats import mcnemar, paired, paired_bootstrap, summarize
 from ..reporting.tables import markdown_table
 from ..runs.checkpoint import atomic_write_text, dump_json
 from ..runs.rundir import RunFolderError
@@ -71,6 +72,8 @@ def cell_result(folder: StudyDir, spec: StudySpec, cell: Cell) -> dict[str, Any]
         r.update(per_class=e.data.get("per_class", {}), test_set_size=e.test_set_size, n=e.n, subset=e.subset,
                  eps=e.data.get("eps"), dataset=e.data.get("dataset"), guards_ran=e.data.get("guards_ran"),
                  status="done")
+        if isinstance(e.data.get("verdicts"), dict):  # for the per-image tests; not kept in results.json
+            r["_verdicts"] = e.data["verdicts"]
     elif rec is not None:
         r["status"] = "unfinished"
     aa = autoattack_eval(ev, run, rec)
@@ -134,7 +137,9 @@ def collect(path: PathLike, *, plots: bool = True, baseline: Optional[str] = Non
         stem, plots = f"{StudyDir.RESULTS}_vs_{baseline}", False
     cells = [cell_result(folder, spec, c) for c in spec.cells()]
     written = time.strftime("%Y-%m-%d %H:%M:%S")
+    images = image_tests(cells, spec)
     result = {"spec": spec.to_dict(), "metrics": metric_names(spec), "cells": cells, "rows": _rows(spec, cells),
+              "image_tests": images,
               "baseline": spec.baseline, "exploratory": spec.exploratory, "eval_n": spec.eval_n,
               "test_images": images_text(spec),
               "interval": "95% Student-t interval of the mean paired difference over seeds (df = pairs - 1)",
@@ -166,6 +171,58 @@ def publish_study(path: PathLike, dest: PathLike, *, plots: bool = True) -> dict
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text((folder.path / rel).read_text(encoding="utf-8"), out)
     return collect(target.path, plots=plots)
+
+
+# --------------------------------------------------------------------------- per image
+def image_tests(cells: list[dict[str, Any]], spec: StudySpec) -> list[dict[str, Any]]:
+    """Each row against the baseline, seed by seed, on the same test images: the images only one of the
+    two classified correctly, the exact McNemar p-value and the paired bootstrap interval of the accuracy
+    difference (:func:`~arow.reporting.stats.mcnemar`, :func:`~arow.reporting.stats.paired_bootstrap`),
+    from the per-example verdicts each evaluation stores. This is the test-set sampling noise of one seed
+    (how far one model pair's difference is from chance over these images), not the seed-to-seed
+    variation the paired-by-seed comparison measures. Pops the cells' verdicts."""
+    verdicts: dict[tuple[str, int], dict[str, Any]] = {}
+    for c in cells:
+        packed = c.pop("_verdicts", None)
+        if packed is not None and c.get("n"):
+            try:
+                verdicts[c["label"], c["seed"]] = unpack_verdicts(packed, int(c["n"]))
+            except (ValueError, TypeError):
+                c["verdicts_error"] = "per-example verdicts unreadable"
+    out = []
+    for v in spec.variants:
+        if v.label == spec.baseline:
+            continue
+        for m in [m for m in metric_names(spec) if m != "autoattack"]:
+            for seed in sorted({s for (lab, s) in verdicts if lab == v.label}):
+                a, b = verdicts.get((v.label, seed), {}).get(m), verdicts.get((spec.baseline, seed), {}).get(m)
+                if a is None or b is None or a.shape != b.shape:
+                    continue
+                mc, bs = mcnemar(a, b), paired_bootstrap(a, b, seed=seed)
+                out.append({"row": v.label, "metric": m, "seed": seed, "only_row": mc.only_a,
+                            "only_baseline": mc.only_b, "diff": bs.diff, "lo": bs.lo, "hi": bs.hi, "p": mc.p_value})
+    return out
+
+
+def _image_section(tests: list[dict[str, Any]], baseline: str) -> list[str]:
+    if not tests:
+        return []
+    table, groups = [], {}
+    for t in tests:
+        groups.setdefault((t["row"], t["metric"]), []).append(t)
+    for (row, metric), ts in groups.items():
+        up = sum(t["p"] < 0.05 and t["diff"] > 0 for t in ts)
+        down = sum(t["p"] < 0.05 and t["diff"] < 0 for t in ts)
+        table.append([row, metric_label(metric), "; ".join(f"s{t['seed']} {100 * t['diff']:+.2f} (p {t['p']:.2g})"
+                                                           for t in ts), f"{up} / {down} of {len(ts)}"])
+    return ["", f"## Per image, seed by seed, against `{baseline}`", "",
+            "Each seed's two models on the same test images: the accuracy difference in points and the exact "
+            "McNemar p-value over the images only one of them classified correctly (nominal, uncorrected). "
+            "It measures how far one pair of models differs beyond the sampling of test images, not whether "
+            "the methods differ: that is the paired-by-seed comparison above. The per-seed counts of "
+            "discordant images and bootstrap intervals are in results.json (`image_tests`).", "",
+            markdown_table(table, ["row", "metric", "per seed: difference (McNemar p)",
+                                   "seeds p < 0.05 higher / lower"])]
 
 
 # --------------------------------------------------------------------------- what was added after results
@@ -252,6 +309,7 @@ def markdown(result: dict[str, Any], spec: StudySpec) -> str:
     out += ["", f"## Against `{result['baseline']}`, paired by seed", ""]
     out.append(comparison_table(seed_values(rows), result["baseline"], metric_names(spec),
                                 None if spec.exploratory else spec.plan).rstrip("\n"))
+    out += _image_section(result.get("image_tests") or [], result["baseline"])
     out += ["", "## Held-out validation (last epoch)", "",
             "Accuracy of the reported model on the held-out split of the TRAINING set (the number model "
             "selection and recipe choices use; never the test set), mean ± sample std over seeds, and the "
