@@ -50,3 +50,20 @@ def test_published_tables_follow_from_their_per_seed_values(path):
 
 def test_the_published_studies_are_found():
     assert len(RESULTS) >= 5
+
+
+PAGES = [p for p in sorted((Path(__file__).resolve().parents[1] / "docs" / "results").glob("*.md"))
+         if (p.with_suffix("") / "results.json").is_file()
+         and json.loads((p.with_suffix("") / "results.json").read_text()).get("spec", {}).get("plan")]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_a_planned_studys_page_says_no_more_than_its_verdicts(page):
+    """The prose of a page whose study fixed an analysis plan is checked against the verdicts the
+    study's statistics generate (the plan's primary tests corrected, the rest exploratory)."""
+    from arow.reporting.comparison import check_wording, seed_values, verdict_sentences
+
+    result = json.loads((page.with_suffix("") / "results.json").read_text())
+    metrics = [m for m in result["metrics"] if m in result["rows"][0]["metrics"]]
+    verdicts = verdict_sentences(seed_values(result["rows"]), result["baseline"], metrics, result["spec"]["plan"])
+    assert check_wording(page.read_text(), verdicts) == []
