@@ -11,6 +11,11 @@ A study folder (``arow study --out DIR``) holds:
 ``collected.jsonl``      one line per comparison built from finished runs: when, and which rows,
                          seeds and finished cells it saw (so rows or seeds added after results
                          were seen are marked as such on the page)
+``jobs.json``            written by ``arow study --launcher slurm``: each submitted cell's job id,
+                         cluster and log files (what ``arow study --status`` asks the cluster about)
+``slurm/``               submitit's folder: the sbatch scripts, the jobs' pickles and their logs
+                         (``<job id>_<task>_log.out`` / ``.err``); ``arow train --launcher slurm``
+                         keeps one in its run folder too (:func:`submitit_folder`)
 =======================  ====================================================================
 
 and each cell folder, besides what :class:`~arow.runs.rundir.RunDir` names, holds:
@@ -90,10 +95,16 @@ class CellDir(RunDir):
         return self.eval_path("final", n, full=n + 1)
 
 
+def submitit_folder(path: PathLike) -> Path:
+    """submitit's folder (sbatch scripts, pickles, logs) of a study folder or of a run folder."""
+    return Path(path) / StudyDir.SUBMITIT
+
+
 class StudyDir:
     """A study folder and every file in it."""
 
     SPEC, LOCK, CELLS, RESULTS, COLLECTED = "study.json", ".lock", "cells", "results", "collected.jsonl"
+    JOBS, SUBMITIT = "jobs.json", "slurm"
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
@@ -161,6 +172,13 @@ class StudyDir:
             names = [n for n in per_cell if run.file(n).is_file()] + list(run.eval_files())
             keep += [f"{self.CELLS}/{d.name}/{n}" for n in dict.fromkeys(names)]
         return [Path(k) for k in keep if (self.path / k).is_file() and not (self.path / k).is_symlink()]
+
+    def read_jobs(self) -> dict[str, Any]:
+        """``jobs.json``: {cell: {"job_id", "cluster", "stdout", "stderr", "submitted"}}; {} before any submission."""
+        return _read_json_object(self.file(self.JOBS), "job record") or {}
+
+    def write_jobs(self, jobs: dict[str, Any]) -> None:
+        atomic_write_text(dump_json(jobs) + "\n", self.file(self.JOBS))
 
     def lock(self) -> None:
         """Take the folder for this process, or fail with one line naming the ``arow study`` holding it."""

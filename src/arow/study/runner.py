@@ -102,17 +102,22 @@ class Study:
         if jobs < 1:
             raise StudyError(f"--jobs must be >= 1, got {jobs}")
         pool = _CellPool(self.dir, jobs, echo)
+        todo = self.unfinished(plans)
+        pool.status.update({plan.name: "done" for plan in plans if plan not in todo})
+        return pool.run(todo)
+
+    def unfinished(self, plans: list[CellPlan]) -> list[CellPlan]:
+        """The cells with a step still to run (:func:`~arow.study.cells.pending_steps`), in order; a cell
+        with a damaged file counts as unfinished (its own process reports the damage)."""
         todo = []
         for plan in plans:
             try:
                 finished = not pending_steps(plan, self.dir.cell(plan.name))
-            except RunFolderError:  # a damaged file: the cell's own process reports it
+            except RunFolderError:
                 finished = False
-            if finished:
-                pool.status[plan.name] = "done"
-            else:
+            if not finished:
                 todo.append(plan)
-        return pool.run(todo)
+        return todo
 
 
 class _CellPool:
