@@ -27,6 +27,18 @@ Rows, in the order they run (the budget skips what no longer fits, and says so i
   images with ResNet-18 in float32 (TF32 on), on a model whose predictions no attack can change
   (:class:`Unbreakable`), so every sub-attack runs its whole budget on every image: an upper bound
   on the time per image, projected to the 10k test set.
+- ``eval-batch``: AutoAttack through the evaluation cascade at evaluation batch 100 (the CPU's
+  default) and 500 (CUDA's) on 500 :class:`Unbreakable` images, iterations cut (NON-STANDARD; the
+  throughput per iteration is compared): a cascade attack gets one evaluation batch per call.
+- ``bf16-stem``: PGD-20 accuracy at eps 8/255 of one ResNet-18 (made robust by a short PGD-AT run on
+  synthetic class patterns) with its input and first convolution in float32 and in bf16, from the
+  same random starts: whether bf16 there weakens the attack.
+- ``syncbn``: PyTorch's ``SyncBatchNorm`` against arow's ``GlobalBatchNorm`` in a train-mode forward
+  and backward, process group of one: at world size 1 only the host-sync count means something
+  (SyncBatchNorm runs plain BatchNorm; GlobalBatchNorm is sent through its all-reduces).
+- ``attack-compile``: the training attack (PGD-K, bf16 autocast) on ResNet-18 at per-rank batch 16
+  and 128, eager against ``torch.compile(mode="reduce-overhead")`` (CUDA graphs): whether capturing
+  the attack pays where launches dominate.
 - ``compiled``: the ``train`` rows with ``torch.compile`` (``--compile`` of arow), dynamo's caches
   reset before and after each row (``torch._dynamo.reset()``); reports the graphs, the compilations
   of each frame (arow's model compiles three times by design: training, attack, clean target),
@@ -35,7 +47,8 @@ Rows, in the order they run (the budget skips what no longer fits, and says so i
 
 Every timing warms up first with the shapes it then times (cuDNN autotuning stays outside the
 timed loop) and sits between ``torch.cuda.synchronize()`` calls. Every row runs under its own time
-limit (SIGALRM) inside ``--budget``. ``--dry-run`` runs everything on the CPU with tiny models
+limit (SIGALRM) inside ``--budget``; below the table, each row that settles a question says which
+and with what threshold. ``--dry-run`` runs everything on the CPU with tiny models
 (ResNet [1,1,1,1], PreAct ResNet [1,1,1,1], WRN-10-1; 8x8 images; batch 4; K = 2; 1 step each),
 ``torch.compile`` with the ``eager`` backend and a NON-STANDARD AutoAttack budget; on the CPU the
 host-sync column counts host-syncing operators with a dispatch mode instead. Exit status: 0 if
@@ -74,8 +87,12 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step, also when imported from elsewhere
 
-from arow.attacks.autoattack import AutoAttackSettings, run_autoattack  # noqa: E402
+from arow.attacks import ce_loss, pgd  # noqa: E402
+from arow.attacks.autoattack import AutoAttackSettings, get_autoattack, run_autoattack  # noqa: E402
 from arow.config.schema import TrainConfig  # noqa: E402
+from arow.distributed import GlobalBatchNorm, convert_sync_batchnorm  # noqa: E402
+from arow.evaluation.cascade import evaluate as run_attacks, float32_kernels  # noqa: E402
+from arow.threat import ThreatModel  # noqa: E402
 from arow.data import Loader, TensorData  # noqa: E402
 from arow.data.extra import MixedLoader, load_extra  # noqa: E402
 from arow.models import PreActResNet, ResNet, build_model, wide_resnet  # noqa: E402
@@ -97,7 +114,10 @@ EPOCH_TARGET_S = {"resnet18": 6.0, "wrn-34-10": 60.0}
 AA_TARGET_S = 300.0
 AGREEMENT_TOLERANCE = 0.02  # bf16 vs float32 training loss, relative, per step
 EXTRA_FRACTION = 0.7  # the generated-data recipes' share of extra images per batch
-KINDS = ("train", "agreement", "ddp", "loader", "autoattack", "compiled")
+KINDS = ("train", "agreement", "ddp", "loader", "autoattack", "eval-batch", "bf16-stem", "syncbn", "attack-compile",
+         "compiled")
+ATTACK_BATCHES = (16, 128)  # per-rank batches of the attack-compile rows: 8 GPUs x 16, and one GPU's 128
+STEM_MARGIN = 0.01  # PGD-20 accuracy a bf16 stem may add (1 point) before it counts as weakening the attack
 PLAIN: dict[tuple[str, str], float] = {}  # images/s of the plain TRADES step per (model, precision)
 
 
@@ -120,15 +140,23 @@ class Scale:
     dry: bool
     caps: dict[str, float] = field(default_factory=dict)  # seconds each kind of row may take
     needs: dict[str, float] = field(default_factory=dict)  # seconds that must be left to start one
+    attack_batches: tuple[int, ...] = ATTACK_BATCHES
+    eval_n: int = 500  # images of the eval-batch rows (AutoAttack at evaluation batch 100 and 500)
+    eval_batches: tuple[int, int] = (100, 500)
+    stem_train: int = 150  # PGD-AT steps that make the bf16-stem row's model robust enough to measure
+    stem_n: int = 1000  # test images of the bf16-stem row
 
 
 FULL = Scale(batch=128, size=32, k=10, warmup=3, timed=20, aa_n=256, aa_n_iter=None, aa_queries=None,
              loader_real=50_000, loader_extra=100_000, loader_batches=50, agree_steps=5, dry=False,
-             caps={"train": 75, "agreement": 45, "ddp": 45, "loader": 30, "autoattack": 150, "compiled": 150},
-             needs={"train": 20, "agreement": 15, "ddp": 15, "loader": 10, "autoattack": 60, "compiled": 60})
+             caps={"train": 75, "agreement": 45, "ddp": 45, "loader": 30, "autoattack": 150, "eval-batch": 60,
+                   "bf16-stem": 45, "syncbn": 30, "attack-compile": 90, "compiled": 150},
+             needs={"train": 20, "agreement": 15, "ddp": 15, "loader": 10, "autoattack": 60, "eval-batch": 30,
+                    "bf16-stem": 20, "syncbn": 10, "attack-compile": 45, "compiled": 60})
 DRY = Scale(batch=4, size=8, k=2, warmup=1, timed=1, aa_n=8, aa_n_iter=2, aa_queries=5, loader_real=16,
             loader_extra=64, loader_batches=2, agree_steps=2, dry=True, caps={k: 60 for k in KINDS},
-            needs={k: 0 for k in KINDS})
+            needs={k: 0 for k in KINDS}, attack_batches=(4,), eval_n=8, eval_batches=(4, 8), stem_train=2,
+            stem_n=8)
 
 
 # --------------------------------------------------------------------------- the table
@@ -147,6 +175,7 @@ class Row:
     check: str = ""
     notes: str = ""
     failed: bool = False
+    decides: str = ""  # printed under the table: what the row's numbers settle
 
     def cells(self) -> list[str]:
         return [self.what, self.model, self.precision, self.compile, rate(self.images_s), self.implied, self.target,
@@ -657,13 +686,219 @@ def autoattack_row(sc: Scale, device: torch.device, budget: Budget) -> Row:
     return row
 
 
+# --------------------------------------------------------------------------- the GPU path's open questions
+def eval_batch_row(sc: Scale, device: torch.device, budget: Budget) -> Row:
+    """AutoAttack through the evaluation cascade at evaluation batch 100 and 500 (the CPU's and CUDA's
+    defaults): a cascade attack gets at most one evaluation batch per call, so this is AutoAttack's
+    own batch. :class:`Unbreakable` keeps every image robust (the whole budget runs on each); the
+    iterations are cut (NON-STANDARD), the throughput per iteration is what is compared."""
+    small, large = sc.eval_batches
+    row = Row(f"AutoAttack at eval batch {small} vs {large}", "resnet18", label("fp32", device), "off")
+    torch.manual_seed(0)
+    model = Unbreakable(build("resnet18", sc)).to(device).eval()
+    x, y = brightness_images(sc.eval_n, sc.size)
+    x, y = x.to(device), y.to(device)
+    n_iter, queries = (sc.aa_n_iter, sc.aa_queries) if sc.dry else (10, 100)
+    rates, robust = {}, {}
+    with float32_kernels(False):  # as the evaluation runs: strict float32, no cuDNN autotuning
+        for b in (small, large):
+            if not sc.dry:  # the same shapes once, kernels loaded
+                run_attacks(model, x, y, ["clean", get_autoattack(EPS, n_iter=1, square_queries=1)], eps=EPS,
+                            batch_size=b)
+            atk = get_autoattack(EPS, n_iter=n_iter, square_queries=queries)
+            sync(device)
+            t0 = time.perf_counter()
+            res = run_attacks(model, x, y, ["clean", atk], eps=EPS, batch_size=b)
+            sync(device)
+            rates[b], robust[b] = sc.eval_n / (time.perf_counter() - t0), int(res.correct[atk.name].sum())
+    row.images_s = rates[large]
+    row.implied = f"{rates[large] / rates[small]:.2f}x batch {small} ({rate(rates[small])} images/s)"
+    row.check = f"{'pass' if robust[small] == robust[large] == sc.eval_n else 'FAIL'}: {robust[large]} and " \
+                f"{robust[small]} of {sc.eval_n} robust to the end"
+    row.failed = not robust[small] == robust[large] == sc.eval_n
+    row.notes = f"NON-STANDARD budget ({n_iter} iterations, Square {queries} queries), {sc.eval_n} images"
+    row.decides = (f"the CUDA default evaluation batch ({large}, arow.evaluation.cascade.EVAL_BATCH_SIZE_CUDA): kept "
+                   f"if AutoAttack runs at least 1.1x faster at {large} than at {small}, else set back to {small}")
+    return row
+
+
+def prototype_images(n: int, sc: Scale, seed: int) -> tuple[Tensor, Tensor]:
+    """A learnable CIFAR-shaped task: each class a fixed smooth pattern, under heavy noise."""
+    protos = F.interpolate(torch.rand(CLASSES, 3, 4, 4, generator=torch.Generator().manual_seed(99)), size=sc.size,
+                           mode="bilinear", align_corners=False)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, CLASSES, (n,), generator=g)
+    return (0.4 * protos[y] + 0.6 * torch.rand(n, 3, sc.size, sc.size, generator=g)).clamp(0, 1), y
+
+
+class BF16Conv(nn.Module):
+    """``conv`` computed in bf16 (input, weight and bias rounded), its output back in float32."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.conv
+        bias = c.bias.bfloat16() if c.bias is not None else None
+        return F.conv2d(x.bfloat16(), c.weight.bfloat16(), bias, c.stride, c.padding, c.dilation, c.groups).float()
+
+
+class BF16Stem(nn.Module):
+    """``net`` with its input rounded to bf16 and its first convolution in bf16; the rest float32
+    (``net`` itself is changed: its first convolution is replaced by a :class:`BF16Conv`)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        parent, name = next((m, k) for m in net.modules() for k, c in m.named_children() if isinstance(c, nn.Conv2d))
+        setattr(parent, name, BF16Conv(getattr(parent, name)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.bfloat16().float())
+
+
+def bf16_stem_row(sc: Scale, device: torch.device, budget: Budget) -> Row:
+    """PGD-20 accuracy at eps 8/255 of one model with the input and first convolution in float32 and
+    in bf16, from the same random starts. The model is made robust enough to measure first: PGD-AT
+    (PGD-3) for ``stem_train`` steps on a learnable synthetic task."""
+    row = Row("bf16 vs float32 stem, PGD-20", "resnet18", "float32 / bf16 stem", "off")
+    torch.manual_seed(0)
+    net = build("resnet18", sc).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    x, y = prototype_images(sc.batch * 8, sc, seed=1)
+    x, y = x.to(device), y.to(device)
+    attack = ThreatModel(eps=EPS, steps=3)
+    for step in range(sc.stem_train):
+        j = torch.randint(0, len(x), (sc.batch,), device=device)
+        x_adv = pgd(net, x[j], y[j], attack, ce_loss)
+        net.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = F.cross_entropy(net(x_adv).float(), y[j])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    net.eval()
+    xt, yt = prototype_images(sc.stem_n, sc, seed=2)
+    xt, yt = xt.to(device), yt.to(device)
+    with float32_kernels(False):
+        fp32 = run_attacks(net, xt, yt, ["clean", "pgd20"], eps=EPS)
+        bf16 = run_attacks(BF16Stem(net), xt, yt, ["clean", "pgd20"], eps=EPS)  # the same starts (seed 0)
+    a32, a16 = fp32.accuracy["pgd20"], bf16.accuracy["pgd20"]
+    differ = int((fp32.correct["pgd20"] != bf16.correct["pgd20"]).sum())
+    meaningful = 0.1 <= a32 <= 0.9
+    verdict = "n/a (dry run)" if sc.dry else "inconclusive" if not meaningful else \
+        "bf16 stem weakens PGD" if a16 - a32 > STEM_MARGIN else "no difference beyond 1 point"
+    row.check = f"{verdict}: PGD-20 {100 * a32:.1f}% float32, {100 * a16:.1f}% bf16 stem; {differ} verdicts differ"
+    row.notes = (f"clean {100 * fp32.accuracy['clean']:.1f}% / {100 * bf16.accuracy['clean']:.1f}%; {sc.stem_n} images; "
+                 f"model: {sc.stem_train} PGD-AT steps on synthetic patterns (needs PGD-20 in 10-90% to decide)")
+    row.decides = ("whether bf16 autocast, which also runs the first convolution on bf16-rounded inputs (training's "
+                   "attack on CUDA), weakens PGD at 8/255: if the bf16 stem raises PGD-20 accuracy by more than "
+                   "1 point, keep the input and first convolution in float32 under autocast")
+    return row
+
+
+def _bn_step(net: nn.Module, x: Tensor, y: Tensor) -> None:
+    F.cross_entropy(net(x).float(), y).backward()
+
+
+def syncbn_row(sc: Scale, device: torch.device, budget: Budget) -> Row:
+    """SyncBatchNorm against arow's GlobalBatchNorm in one train-mode forward and backward, in a
+    process group of one. At world size 1 PyTorch's SyncBatchNorm runs plain BatchNorm, and
+    GlobalBatchNorm is sent through its all-reduce path by reporting a world size of 2 to it (the
+    all-reduces of one process change nothing): host syncs per step, and speed only as a hint."""
+    cuda = device.type == "cuda"
+    row = Row("SyncBatchNorm vs GlobalBatchNorm", "resnet18", label("fp32", device), "off")
+    data = synthetic(sc.batch, sc).to(device)
+    found: dict[str, tuple[int, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.FileStore(str(Path(tmp) / "store"), 1), rank=0,
+                                world_size=1)
+        try:
+            for kind in ("GlobalBatchNorm", "SyncBatchNorm") if cuda else ("GlobalBatchNorm",):
+                torch.manual_seed(0)
+                net = build("resnet18", sc)
+                net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if kind == "SyncBatchNorm" else \
+                    convert_sync_batchnorm(net, torch.device("cpu"))  # the CPU's conversion: GlobalBatchNorm
+                net = net.to(device).train()
+                assert kind != "GlobalBatchNorm" or any(isinstance(m, GlobalBatchNorm) for m in net.modules())
+                forced = mock.patch.object(dist, "get_world_size", lambda *a, **k: 2) if kind == "GlobalBatchNorm" \
+                    else contextlib.nullcontext()
+                with forced:
+                    step = functools.partial(_bn_step, net, data.x, data.y)
+                    step()  # warm-up
+                    syncs, _ = _count_syncs(step, device)
+                    n = max(sc.timed, 1)
+                    _, seconds = _count_syncs(lambda: [step() for _ in range(n)], device)
+                found[kind] = (syncs, sc.batch * n / seconds)
+        finally:
+            dist.destroy_process_group()
+    row.images_s = found["GlobalBatchNorm"][1]
+    row.sync = f"Global {found['GlobalBatchNorm'][0]}" + (f" / Sync {found['SyncBatchNorm'][0]}" if cuda else "") + \
+        " per step"
+    row.implied = f"SyncBatchNorm {rate(found['SyncBatchNorm'][1])} images/s" if cuda else \
+        "SyncBatchNorm: n/a (refuses CPU tensors)"
+    row.failed = found["GlobalBatchNorm"][0] > 0
+    row.check = f"{'FAIL' if row.failed else 'pass'}: GlobalBatchNorm adds {found['GlobalBatchNorm'][0]} host syncs"
+    row.notes = ("world size 1: shows the host-sync count only (SyncBatchNorm runs plain BatchNorm, GlobalBatchNorm's "
+                 "all-reduces move nothing); their speeds compare only with >= 2 GPUs")
+    row.decides = ("whether GlobalBatchNorm (the CPU/gloo conversion) could serve CUDA too: only if it adds no host "
+                   "sync (this row) and is not slower than SyncBatchNorm with >= 2 GPUs (a multi-GPU run)")
+    return row
+
+
+def attack_compile_row(batch: int, sc: Scale, device: torch.device, budget: Budget) -> Row:
+    """The training attack (PGD-K on cross-entropy, eval mode, frozen weights, bf16 autocast on CUDA)
+    on ResNet-18 at per-rank batch ``batch``, eager against the model captured with
+    ``torch.compile(mode="reduce-overhead")`` (inductor and CUDA graphs; the ``eager`` backend in a
+    dry run). Compilation and graph capture happen in the warm-up, outside the timing."""
+    row = Row(f"attack PGD-{sc.k}, batch {batch}", "resnet18", "bf16" if device.type == "cuda" else "float32 (CPU)",
+              "reduce-overhead" if not sc.dry else "eager backend")
+    torch.manual_seed(0)
+    net = build("resnet18", sc).to(device).to(memory_format=torch.channels_last).eval()
+    data = synthetic(batch, sc).to(device)
+    threat = ThreatModel(eps=EPS, steps=sc.k)
+    compiled = torch.compile(net, backend="eager") if sc.dry else torch.compile(net, mode="reduce-overhead")
+
+    def attack(model: nn.Module) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pgd(model, data.x, data.y, threat, ce_loss)
+
+    def timed(model: nn.Module, n: int) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            attack(model)
+        sync(device)
+        return time.perf_counter() - t0
+
+    rates, warm = {}, {}
+    for name, model in (("eager", net), ("compiled", compiled)):
+        warm[name] = timed(model, sc.warmup)  # compilation, CUDA-graph capture, cuDNN autotuning
+        n = timed_steps(sc, timed(model, 1), 0.3 * budget.row_left())
+        rates[name] = batch * n / timed(model, n)
+    row.images_s = rates["compiled"]
+    row.implied = f"eager {rate(rates['eager'])} images/s: {rates['compiled'] / rates['eager']:.2f}x"
+    row.notes = f"warm-up {warm['compiled']:.1f} s compiled, {warm['eager']:.1f} s eager; images/s of whole attacks"
+    row.decides = (f"whether arow should capture the attack with CUDA graphs at small per-rank batches (many GPUs): "
+                   f"worth an option if reduce-overhead is >= 1.2x eager at batch {sc.attack_batches[0]}")
+    return row
+
+
 # --------------------------------------------------------------------------- the run
-def plan(models: list[str], precisions: list[str], compile_modes: list[bool], kinds: set[str]) -> list[tuple]:
-    """The rows in the order they run: eager training, the checks, AutoAttack, then compiled training."""
+def plan(models: list[str], precisions: list[str], compile_modes: list[bool], kinds: set[str],
+         batches: tuple[int, ...] = ATTACK_BATCHES) -> list[tuple]:
+    """The rows in the order they run: eager training, the checks, AutoAttack, the evaluation's and
+    the attack's questions, then compiled training."""
     rows: list[tuple] = []
     if "train" in kinds and False in compile_modes:
         rows += [("train", (m, p, False)) for m in models for p in precisions]
-    rows += [(k, ()) for k in ("agreement", "ddp", "loader", "autoattack") if k in kinds]
+    rows += [(k, ()) for k in ("agreement", "ddp", "loader", "autoattack", "eval-batch", "bf16-stem", "syncbn")
+             if k in kinds]
+    if "attack-compile" in kinds:
+        rows += [("attack-compile", (b,)) for b in batches]
     if "compiled" in kinds and True in compile_modes:  # the models with a target first
         ranked = sorted(models, key=lambda m: m not in EPOCH_TARGET_S)
         rows += [("compiled", (m, p, True)) for p in precisions for m in ranked]
@@ -674,8 +909,10 @@ def run_row(kind: str, args: tuple, sc: Scale, device: torch.device, budget: Bud
     """One row under its time limit; a row that does not fit the budget left is listed as skipped,
     one that runs out of time or fails is listed with why."""
     fn = {"train": train_row, "compiled": train_row, "agreement": agreement_row, "ddp": ddp_row,
-          "loader": loader_row, "autoattack": autoattack_row}[kind]
-    stub = Row("ARoW train step", args[0], label(args[1], device), "on" if args[2] else "off") if args else Row(kind)
+          "loader": loader_row, "autoattack": autoattack_row, "eval-batch": eval_batch_row, "bf16-stem": bf16_stem_row,
+          "syncbn": syncbn_row, "attack-compile": attack_compile_row}[kind]
+    stub = Row("ARoW train step", args[0], label(args[1], device), "on" if args[2] else "off") \
+        if kind in ("train", "compiled") else Row(" ".join([kind, *map(str, args)]))
     left = budget.left()
     if left < sc.needs[kind]:
         stub.notes = f"skipped: {max(left, 0):.0f} s of the budget left"
@@ -753,7 +990,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(1)  # tiny operators: one thread is faster, and kinder to a shared machine
     budget = Budget(a.budget)
     rows = []
-    for kind, args in plan(models, precisions, modes, kinds):
+    for kind, args in plan(models, precisions, modes, kinds, sc.attack_batches):
         rows.append(run_row(kind, args, sc, device, budget))
         what = " ".join([kind, *(map(str, args[:2]))])
         print(f"gpu_check: {what} done ({time.monotonic() - START:.0f} s)", file=sys.stderr, flush=True)
@@ -762,6 +999,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     late = sum(r.notes.startswith("timed out") for r in rows)
     print(describe(device, sc, a.budget))
     print(markdown(rows))
+    decides = list(dict.fromkeys(f"- {r.what.split(',')[0]}: {r.decides}" for r in rows if r.decides))
+    if decides:
+        print("What these rows decide:\n" + "\n".join(decides))
     print(f"{len(rows)} rows in {time.monotonic() - START:.0f} s: {failed} failed, {late} timed out, {skipped} "
           f"skipped for the budget. "
           f"images/s: ours = arow's Trainer, plain = the inline TRADES step with the same passes; the targets are "

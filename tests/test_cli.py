@@ -133,8 +133,11 @@ def test_paper_preset_runs_end_to_end_on_cifar_format_files(tmp_path):
     assert ev["n"] == 40 and ev["eps"] == pytest.approx(8 / 255) and ev["subset"] is False
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["swa_start"] == 1 and cfg["augment"] == "crop+flip"
+    # a shorter --epochs scales the preset's SWA start (51 of 120 -> 4 of 10); a --swa-start given past it is refused
+    r = arow("train", "--preset", "cifar10-resnet18", "--epochs", "10", "--print-config")
+    assert r.returncode == 0 and json.loads(r.stdout)["swa_start"] == 4, r.stderr
     r = arow("train", "--preset", "cifar10-resnet18", "--data-dir", str(tmp_path / "data"), "--epochs", "10",
-             "--out", str(tmp_path / "r2"))
+             "--swa-start", "51", "--out", str(tmp_path / "r2"))
     assert r.returncode == 2 and "--swa-start 0 turns SWA off" in r.stderr
 
 
@@ -198,7 +201,8 @@ def test_model_loading_subcommands_share_their_flags():
         a = vars(p.parse_args(argv))
         if argv[0] == "eval":  # flags of EvalSettings: not given is None, the settings' default
             a = vars(EvalSettings.from_flags(a))
-        assert (a["which"], a["batch_size"], a["device"], a["data_dir"]) == ("final", 100, "auto", None), argv
+        # batch size None: the device's default (100 on the CPU, 500 on CUDA)
+        assert (a["which"], a["batch_size"], a["device"], a["data_dir"]) == ("final", None, "auto", None), argv
     assert p.parse_args(["export", "RUN", "--out", "O", "--which", "best"]).which == "best"
     plot_help = p._subparsers._group_actions[0].choices["plot"].format_help()
     assert "eps curve (with --eps-curve):\n  --n N" in plot_help

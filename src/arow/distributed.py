@@ -9,13 +9,20 @@ machines use torchrun's usual rendezvous flags (``--nnodes``, ``--node-rank``,
 from __future__ import annotations
 
 import os
+import pickle
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+T = TypeVar("T")
+#: an error as it travels between ranks: its class's module and name, its message and its arguments
+#: (when they are plain values: what rebuilds it; a KeyError's message is its argument quoted)
+Failure = tuple[str, str, str, tuple]
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,99 @@ def raise_together(error: Optional[str], exc_type: type = ValueError) -> None:
     error = broadcast_object(error)
     if error:
         raise exc_type(error)
+
+
+def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` run on rank 0 only, its result returned on every rank.
+
+    The other ranks wait in a broadcast meanwhile. When ``fn`` raises on rank 0, the error is
+    broadcast in place of the result and every rank raises it (rank 0 the original, the others an
+    exception of the same class with the same message; :class:`RuntimeError` when that class cannot
+    be rebuilt from its message), instead of leaving the others waiting until the collective's
+    timeout. Single-process this simply calls ``fn``.
+
+    >>> on_main(sum, [1, 2])
+    3
+    """
+    d = info()
+    if not d.enabled:
+        return fn(*args, **kwargs)
+    error: Optional[Exception] = None
+    result: Any = None
+    if d.is_main:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - raised again below, on every rank
+            error = e
+    failure, result = _broadcast_outcome((_failure(error), None) if error is not None else (None, result))
+    if failure is not None:
+        if error is not None:
+            raise error
+        raise _rebuild(failure)
+    return result
+
+
+def agree_on_errors(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` run on every rank (its own share of some work); when it raised on
+    any rank, every rank raises that error (the lowest failing rank's), so that no rank is left
+    waiting at its next collective call for one that stopped. Costs one small all-gather.
+    Single-process this simply calls ``fn``.
+
+    >>> agree_on_errors(max, 2, 5)
+    5
+    """
+    d = info()
+    if not d.enabled:
+        return fn(*args, **kwargs)
+    error: Optional[Exception] = None
+    result: Any = None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - raised again below, on every rank
+        error = e
+    failures: list[Optional[Failure]] = [None] * d.world_size
+    dist.all_gather_object(failures, _failure(error) if error is not None else None)
+    first = next((f for f in failures if f is not None), None)
+    if first is None:
+        return result
+    if error is not None and _failure(error) == first:
+        raise error
+    raise _rebuild(first) from error
+
+
+def _failure(error: Exception) -> Failure:
+    plain = all(isinstance(a, (str, int, float, bool, type(None))) for a in error.args)
+    return type(error).__module__, type(error).__qualname__, str(error), tuple(error.args) if plain else (str(error),)
+
+
+def _rebuild(failure: Failure) -> Exception:
+    """The exception ``failure`` describes: its class (looked up among the modules already imported,
+    nothing is imported for it) built from its arguments when that gives the same message, else a
+    :class:`RuntimeError` with the message."""
+    module, qualname, message, args = failure
+    cls: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            error = cls(*args)
+            if str(error) == message:
+                return error
+        except Exception:  # noqa: BLE001 - a class that takes other arguments
+            pass
+    return RuntimeError(message)
+
+
+def _broadcast_outcome(outcome: tuple[Optional[Failure], Any]) -> tuple[Optional[Failure], Any]:
+    """Rank 0's ``(failure, result)`` on every rank. A result that cannot be pickled becomes a
+    failure on every rank: rank 0 pickles before its first collective call, so nothing was sent yet."""
+    try:
+        return broadcast_object(outcome)
+    except (pickle.PicklingError, TypeError, AttributeError) as e:
+        if not info().is_main:
+            raise
+        return broadcast_object((_failure(RuntimeError(f"rank 0's result could not be sent to the other ranks: "
+                                                       f"{e}")), None))
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -41,7 +41,7 @@ from . import distributed
 from .attacks import get_attack
 from .training.callbacks import plot_run_safely
 from .reporting.robustbench import model_info, write_model_info
-from .evaluation.cascade import EVAL_BATCH_SIZE, Progress
+from .evaluation.cascade import Progress
 from .evaluation.protocol import build_attacks, evaluate
 from .evaluation.report import EvalReport, RobustnessGuardError
 from .evaluation.settings import EvalSettings, GuardSettings, eval_settings, resolve_threat
@@ -322,7 +322,7 @@ def evaluate_model(
     guards_n: int = 200,
     guards_seed: Optional[int] = None,
     allow_guard_failures: bool = False,
-    batch_size: int = EVAL_BATCH_SIZE,
+    batch_size: Optional[int] = None,
     device: Optional[str] = None,
     progress: Optional[Progress] = None,
     name: str = "custom",

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..rng import NoiseSource
+from ..rng import ExampleRNG, NoiseSource
 from ..threat import ThreatModel
 from .base import AttackLoss, ce_loss, frozen_eval, unwrap
 
@@ -51,6 +51,7 @@ def pgd(
     bounds = threat.bounds(x)  # L-inf: x -/+ eps once per attack, not at every step
     # No host synchronisation in the loop: the first fooling iterate is kept with torch.where (a
     # boolean-mask assignment would read the mask's count back from the device at every step).
+    rng = device_noise(rng, x.device)
     with frozen_eval(net), torch.enable_grad():
         for _ in range(restarts):
             x_adv = threat.init(x, rng)
@@ -73,3 +74,45 @@ def pgd(
             fooled |= fooled_now
             best = torch.where(fooled.view(rows), best, x_adv)  # last iterate for the examples nothing fooled yet
     return best.detach()
+
+
+class PinnedNoise:
+    """An :class:`~arow.rng.ExampleRNG` whose rows reach a CUDA device without blocking the host.
+
+    Each example's random start comes from its own CPU generator (its numbers do not depend on the
+    batch, the batch size or the device, and a CPU run stays bit for bit what it was), so the
+    noise is drawn on the CPU; here it is put in pinned (page-locked) memory and copied to the
+    device with ``non_blocking=True``, instead of a pageable copy that makes the host wait for it.
+    The numbers are the ExampleRNG's, unchanged.
+    """
+
+    def __init__(self, rng: ExampleRNG, device: torch.device) -> None:
+        self.rng, self.device = rng, device
+
+    def rand_like(self, x: Tensor) -> Tensor:
+        """Uniform [0, 1) noise shaped like ``x``, one generator per row, on ``x``'s device."""
+        return self._moved(self.rng.rand_like, x)
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        """Standard normal noise shaped like ``x``, one generator per row, on ``x``'s device."""
+        return self._moved(self.rng.randn_like, x)
+
+    def _moved(self, draw: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        host = draw(torch.empty(x.shape, dtype=x.dtype))  # drawn on the CPU, where the generators are
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(x.device, non_blocking=True)
+
+
+def device_noise(rng: Optional[NoiseSource], device: torch.device) -> Optional[NoiseSource]:
+    """``rng`` as an attack on ``device`` draws from it: an :class:`~arow.rng.ExampleRNG` through
+    :class:`PinnedNoise` on CUDA (same numbers, no blocking copy); anything else as it is (a
+    ``BatchRNG`` already draws on the device; None is torch's global generator of the device).
+
+    >>> rng = ExampleRNG(0, torch.arange(3))
+    >>> device_noise(rng, torch.device("cpu")) is rng
+    True
+    """
+    if isinstance(rng, ExampleRNG) and device.type == "cuda":
+        return PinnedNoise(rng, device)
+    return rng

@@ -4,7 +4,7 @@ attacks), what it is asked to do (:class:`EvalSettings`, :class:`GuardSettings`)
 exports, your own factory, TorchScript and exported programs, the last two only when trusted), and
 the eps curve. The attack cascade itself (per-example verdicts, resumable, no guards) is
 :func:`arow.evaluation.cascade.evaluate`."""
-from .cascade import EVAL_BATCH_SIZE, EvalResult
+from .cascade import EVAL_BATCH_SIZE, EvalResult, default_eval_batch
 from .curve import eps_curve
 from .guards import GuardResult, run_guards
 from .protocol import evaluate
@@ -14,4 +14,4 @@ from .sources import LoadedModel, ModelSource, load_source, open_source
 
 __all__ = ["evaluate", "EvalSettings", "GuardSettings", "EvalReport", "RobustnessGuardError", "resolve_threat",
            "load_source", "open_source", "LoadedModel", "ModelSource", "eps_curve", "EvalResult", "EVAL_BATCH_SIZE",
-           "run_guards", "GuardResult"]
+           "default_eval_batch", "run_guards", "GuardResult"]

@@ -15,13 +15,14 @@ Every attack searches the same threat model, the L-inf or the L2 ball (``norm``)
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import re
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -95,9 +96,74 @@ def _combine(mask: Tensor) -> Tensor:
     return distributed.all_reduce_sum(mask.to(torch.int32)) > 0
 
 
-#: default evaluation batch: PGD-20 on a 2-core CPU ran 1.8x faster at 100 than at 500 (small CNN,
-#: Fashion-MNIST; benchmarks/bench_eval.py), with the same verdicts (each example's random start is its own)
+#: default evaluation batch on the CPU: PGD-20 on a 2-core CPU ran 1.8x faster at 100 than at 500 (small
+#: CNN, Fashion-MNIST; benchmarks/bench_eval.py), with the same verdicts (each example's random start is its own)
 EVAL_BATCH_SIZE = 100
+#: default evaluation batch on CUDA: a GPU needs large batches to be busy, and AutoAttack (a cascade
+#: attack) gets at most one evaluation batch per call; not measured yet (benchmarks/gpu_check.py)
+EVAL_BATCH_SIZE_CUDA = 500
+
+
+def default_eval_batch(device: Union[str, torch.device]) -> int:
+    """The evaluation batch used when none is given: :data:`EVAL_BATCH_SIZE` (100) on the CPU,
+    :data:`EVAL_BATCH_SIZE_CUDA` (500) on CUDA. PGD's and CW's verdicts do not depend on it.
+
+    >>> default_eval_batch("cpu"), default_eval_batch(torch.device("cuda", 1))
+    (100, 500)
+    """
+    return EVAL_BATCH_SIZE_CUDA if torch.device(device).type == "cuda" else EVAL_BATCH_SIZE
+
+
+def _get_tf32() -> list[tuple[Any, str, Any]]:
+    """The TF32 switches of float32 matmuls and cuDNN convolutions as ``(owner, attribute, value)``.
+
+    Read through the legacy ``allow_tf32`` flags where they can be read; a process that set TF32
+    through PyTorch's newer ``fp32_precision`` API cannot read those (PyTorch refuses a mix of the
+    two), and its ``fp32_precision`` values are kept instead."""
+    saved = []
+    for legacy, modern in ((torch.backends.cuda.matmul, "matmul"), (torch.backends.cudnn, "conv")):
+        try:
+            saved.append((legacy, "allow_tf32", bool(legacy.allow_tf32)))
+        except RuntimeError:  # TF32 set with the fp32_precision API: restore through it
+            owner = torch.backends.cuda.matmul if modern == "matmul" else torch.backends.cudnn.conv
+            saved.append((owner, "fp32_precision", owner.fp32_precision))
+    return saved
+
+
+@contextlib.contextmanager
+def float32_kernels(tf32: bool = False, *, benchmark: Optional[bool] = False) -> Iterator[None]:
+    """TF32 for float32 matmuls and cuDNN convolutions set to ``tf32``, and cuDNN's autotuner
+    (``torch.backends.cudnn.benchmark``) to ``benchmark`` (None: left as it is), while inside; the
+    process's own flags are restored on exit, whichever API set them.
+
+    On CUDA (Ampere and later) TF32 rounds the inputs of float32 matmuls and convolutions to 10
+    mantissa bits: faster, but no longer what the model computes in float32; training turns the
+    autotuner on, which re-tunes every new batch shape. On the CPU the flags have no effect, but
+    they are set and restored all the same.
+
+    >>> with float32_kernels(False):
+    ...     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+    (False, False, False)
+    """
+    saved = _get_tf32()
+    autotune = torch.backends.cudnn.benchmark
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32)
+    if benchmark is not None:
+        torch.backends.cudnn.benchmark = bool(benchmark)
+    try:
+        yield
+    finally:
+        for owner, attr, value in saved:
+            setattr(owner, attr, value)
+        torch.backends.cudnn.benchmark = autotune
+
+
+def precision_record(device: torch.device, tf32: bool) -> dict[str, str]:
+    """What eval.json records about how the attacks computed: the float32 matmul/convolution
+    precision (``"ieee"`` or ``"tf32"``, as PyTorch names them) and the device's name."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"float32_matmul": "tf32" if tf32 else "ieee", "device": name}
+
 
 #: part of the resume key: state saved by arow <= 0.3.0 (PGD's random start drawn per batch) is not reused
 _RNG_SCHEME = "per-example-start-1"
@@ -122,7 +188,7 @@ def evaluate(
     eps: float,
     norm: str = "linf",
     num_classes: Optional[int] = None,
-    batch_size: int = EVAL_BATCH_SIZE,
+    batch_size: Optional[int] = None,
     progress: Optional[Progress] = None,
     seed: int = 0,
     state_dir: Optional[Union[str, Path]] = None,
@@ -133,7 +199,8 @@ def evaluate(
     ``"l2"``); an :class:`Attack` passed in must search the same norm. Every adversarial example
     is checked to lie in that ball and in [0, 1].
 
-    Attacks run in float32 (no autocast) on batches of ``batch_size`` examples. Their random
+    Attacks run in float32 (no autocast) on batches of ``batch_size`` examples (default:
+    :func:`default_eval_batch` of ``x``'s device). Their random
     starts come from ``seed``: the same call gives the same verdicts, with any number of
     torchrun processes (the batches are the same; ranks take every N-th one), and the caller's
     global RNG state is left untouched. ``state_dir`` (e.g. ``RUN/eval_state``) keeps each
@@ -148,6 +215,7 @@ def evaluate(
     if not eps >= 0:  # also NaN
         raise ValueError(f"eps must be >= 0, got {eps}")
     check_norm(norm)
+    batch_size = default_eval_batch(x.device) if batch_size is None else batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if state_dir is not None and Path(state_dir).is_symlink():  # planted: state would be written (and deleted) there
@@ -170,7 +238,6 @@ def _evaluate(model, x, y, attacks, *, eps, norm, num_classes, batch_size, progr
     ball = ThreatModel(eps=eps, norm=norm)
     n = len(x)
     num_classes = num_classes or int(y.max()) + 1
-    d = distributed.info()
     lo, hi = distributed.shard_range(n)
     clean_ok = torch.zeros(n, dtype=torch.bool, device=x.device)
     clean_ok[lo:hi] = predict(model, x[lo:hi], batch_size) == y[lo:hi]
@@ -187,31 +254,12 @@ def _evaluate(model, x, y, attacks, *, eps, norm, num_classes, batch_size, progr
             base = robust if getattr(atk, "cascade", False) else clean_ok
             todo = base.nonzero().squeeze(1)
             fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
-            starts = range(0, len(todo), batch_size)
-            example_seed = _batch_seed(seed, atk.name, 0)  # one per attack: each example's start is its own
-            mine = list(starts)[d.rank :: d.world_size]  # round robin: equal work per rank
-            total, done = sum(min(batch_size, len(todo) - s) for s in mine), 0
             stage = _Stage(Path(state_dir), atk, {**key, "other attack settings": _digest(atk.name, atk.description)},
                            todo, fooled) if state_dir is not None else None
-            for start in mine:
-                idx = todo[start : start + batch_size]
-                if stage is not None and start in stage.done:  # finished before an interruption
-                    done += len(idx)
-                    continue
-                kw: dict[str, Any] = {}
-                if stage is not None and atk.resumable:
-                    kw["state_path"] = stage.batch_path(start)
-                if atk.per_example_rng:
-                    kw["rng"] = ExampleRNG(example_seed, idx)
-                with private_rng(x.device, _batch_seed(seed, atk.name, start // batch_size)):
-                    x_adv = atk(model, x[idx], y[idx], **kw)
-                _check_ball(x_adv, x[idx], ball, atk.name)
-                fooled[idx] = predict(model, x_adv, batch_size) != y[idx]
-                done += len(idx)
-                if stage is not None:
-                    stage.save(start, fooled, time.perf_counter() - t0)
-                if progress is not None:  # this rank's share
-                    progress(atk.name, done, total)
+            # an error in one rank's share (an attack leaving the ball) is raised on every rank: the
+            # others would otherwise wait for it in _combine until the process group's timeout
+            distributed.agree_on_errors(_attack_share, model, x, y, atk, todo, fooled, ball, batch_size, seed,
+                                        stage, progress, t0)
             if stage is not None:
                 t0 -= stage.seconds_before  # report the time of the interrupted runs too
             verdict = base & ~_combine(fooled)
@@ -227,6 +275,38 @@ def _evaluate(model, x, y, attacks, *, eps, norm, num_classes, batch_size, progr
     settings = {a.name: dict(a.meta) for a in built if getattr(a, "meta", None)}
     return EvalResult(n, eps, accuracy, per_class, correct, seconds, descriptions, num_classes, settings, seed,
                       norm)
+
+
+def _attack_share(model: nn.Module, x: Tensor, y: Tensor, atk: Attack, todo: Tensor, fooled: Tensor,
+                  ball: ThreatModel, batch_size: int, seed: int, stage: Optional["_Stage"],
+                  progress: Optional[Progress], t0: float) -> None:
+    """This rank's batches of ``atk`` on the examples ``todo``: whom it fooled goes into ``fooled``.
+
+    The batches are cut from ``todo`` in order and dealt round robin to the ranks (equal work per
+    rank); a batch ``stage`` already holds is skipped, each finished one saved there."""
+    d = distributed.info()
+    example_seed = _batch_seed(seed, atk.name, 0)  # one per attack: each example's start is its own
+    mine = list(range(0, len(todo), batch_size))[d.rank :: d.world_size]
+    total, done = sum(min(batch_size, len(todo) - s) for s in mine), 0
+    for start in mine:
+        idx = todo[start : start + batch_size]
+        if stage is not None and start in stage.done:  # finished before an interruption
+            done += len(idx)
+            continue
+        kw: dict[str, Any] = {}
+        if stage is not None and atk.resumable:
+            kw["state_path"] = stage.batch_path(start)
+        if atk.per_example_rng:
+            kw["rng"] = ExampleRNG(example_seed, idx)
+        with private_rng(x.device, _batch_seed(seed, atk.name, start // batch_size)):
+            x_adv = atk(model, x[idx], y[idx], **kw)
+        _check_ball(x_adv, x[idx], ball, atk.name)
+        fooled[idx] = predict(model, x_adv, batch_size) != y[idx]
+        done += len(idx)
+        if stage is not None:
+            stage.save(start, fooled, time.perf_counter() - t0)
+        if progress is not None:  # this rank's share
+            progress(atk.name, done, total)
 
 
 def _digest(*items: Any) -> str:

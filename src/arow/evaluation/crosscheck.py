@@ -140,12 +140,9 @@ def cross_check(model: nn.Module, x: Tensor, y: Tensor, guards: GuardResults, re
     Passes when they are equal; when not, reruns the guard run's batches that hold the differences
     (see the module docstring) and fails on any change there (state or randomness inside the model)
     or on more differences than batch composition explains. Under torchrun rank 0 computes and
-    every rank receives the verdict.
+    every rank receives the verdict (or raises rank 0's error).
     """
-    if distributed.info().enabled:
-        return distributed.broadcast_object(_check(model, x, y, guards, result, attacks)
-                                            if distributed.info().is_main else None)
-    return _check(model, x, y, guards, result, attacks)
+    return distributed.on_main(_check, model, x, y, guards, result, attacks)
 
 
 def _check(model: nn.Module, x: Tensor, y: Tensor, guards: GuardResults, result: EvalResult,
@@ -205,11 +202,8 @@ def held_out_check(model: nn.Module, x: Tensor, y: Tensor, guards: GuardResults,
     trusting the gradient fails (:func:`~arow.evaluation.verdicts.margin_attacks`): that is what
     only a misleading gradient explains. It catches a model that is honest on the images it was
     shown first (the guard subset) and masks its gradients on all others. Under torchrun rank 0
-    computes and every rank receives the verdict."""
-    args = (model, x, y, guards, result, batch_size, steps, tol)
-    if distributed.info().enabled:
-        return distributed.broadcast_object(_held_out(*args) if distributed.info().is_main else None)
-    return _held_out(*args)
+    computes and every rank receives the verdict (or raises rank 0's error)."""
+    return distributed.on_main(_held_out, model, x, y, guards, result, batch_size, steps, tol)
 
 
 def _held_out(model: nn.Module, x: Tensor, y: Tensor, guards: GuardResults, result: EvalResult, batch_size: int,

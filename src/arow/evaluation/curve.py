@@ -8,17 +8,18 @@ attack at several multiples of its training eps and writes ``eps_curve.json`` in
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from .. import distributed
 from ..data import load_dataset
 from ..runs.checkpoint import Which
 from ..runs.rundir import RunDir
-from .cascade import EVAL_BATCH_SIZE
+from .cascade import evaluate as run_attacks
 from .protocol import evaluate
 from .settings import EvalSettings, GuardSettings, resolve_threat
 from .sources import open_source
@@ -39,14 +40,15 @@ def eps_curve(
     which: Which = "final",
     device: str = "auto",
     data_dir: Optional[str] = None,
-    batch_size: int = EVAL_BATCH_SIZE,
+    batch_size: Optional[int] = None,
 ) -> dict[str, Any]:
     """Robust accuracy at ``factors`` times the training eps on the first ``n`` test images (None: all).
 
     Each point is :func:`arow.evaluation.protocol.evaluate` with ``clean`` and ``attack`` (only
     ``clean`` at eps 0, where the attack cannot move) and without the guards, which belong to the
     evaluation at the training eps (``arow eval``). Writes ``eps_curve.json`` into the run folder
-    and returns its content.
+    and returns its content; one line is logged when it starts, the points only at debug level
+    (``arow plot --eps-curve`` prints them as one table: :func:`arow.reporting.plots.eps_curve_table`).
 
     Args:
         run_dir: the run folder
@@ -56,7 +58,8 @@ def eps_curve(
         which: the run's checkpoint: final, best (by validation) or last
         device: auto, cpu, cuda, cuda:1, ...
         data_dir: folder with the dataset files (default: the run's)
-        batch_size: examples per attack batch; the verdicts of PGD do not depend on it
+        batch_size: examples per attack batch (default: 100 on the CPU, 500 on CUDA); the verdicts of PGD do
+            not depend on it
     """
     run = Path(run_dir)
     if not run.is_dir():
@@ -72,18 +75,33 @@ def eps_curve(
     dev = distributed.resolve_device(device)
     model = src.load(dev).model
     data = load_dataset(str(src.dataset), root=data_dir or src.data_dir, split="test")
+    n_eval = min(n or len(data), len(data))
+    factors = sorted(set(float(f) for f in factors))
+    log.info("eps curve of %s: %s at %d radii on %d test images", run, attack, len(factors), n_eval)
     points = []
-    for f in sorted(set(float(f) for f in factors)):
+    for f in factors:
         e = f * train_eps
         attacks = ["clean"] if e == 0 else ["clean", attack]  # at eps 0 the attack cannot move: clean accuracy
-        report = evaluate(model, data, dataclasses.replace(base, attacks=attacks, eps=e, norm=norm),
-                          GuardSettings(enabled=False))
+        with _quiet(run_attacks.__module__):  # the curve is one table at the end, not two lines per point
+            report = evaluate(model, data, dataclasses.replace(base, attacks=attacks, eps=e, norm=norm),
+                              GuardSettings(enabled=False))
         acc = report.accuracy[attacks[-1]]
         points.append({"factor": f, "eps": e, "accuracy": acc})
-        log.info("eps %.4g (%.2g x train eps): %s %.2f%%", e, f, attack, 100 * acc)
-    n_eval = min(n or len(data), len(data))
+        log.debug("eps %.4g (%.2g x train eps): %s %.2f%%", e, f, attacks[-1], 100 * acc)
     out = {"run": str(run), "dataset": src.dataset, "method": src.info.get("method"), "norm": norm,
            "train_eps": train_eps, "attack": attack, "checkpoint": which, "n": n_eval, "test_set_size": len(data),
            "subset": n_eval < len(data), "points": points}
     RunDir(run).write_json(RunDir.EPS_CURVE, out)
     return out
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Warnings and errors only from the logger ``logger_name`` while inside."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -66,7 +66,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -77,7 +77,7 @@ from ..attacks import Attack, ce_loss, frozen_eval, get_attack, pgd, predict, un
 from ..attacks.autoattack import PYAUTOATTACK_NORMS
 from ..rng import private_rng
 from ..threat import ThreatModel, check_norm, norm_label
-from .cascade import EVAL_BATCH_SIZE
+from .cascade import default_eval_batch, float32_kernels
 from .crosscheck import reference_attack, reference_verdicts
 from .verdicts import (GuardResult, GuardResults, correct as _correct, draw_held_out, draw_subset, guard_seed,
                        late_count, margin_attacks, subset_digest)
@@ -150,7 +150,7 @@ def run_guards(
     norm: str = "linf",
     num_classes: Optional[int] = None,
     n: int = 200,
-    batch_size: int = EVAL_BATCH_SIZE,
+    batch_size: Optional[int] = None,
     seed: Optional[int] = None,
     square_queries: int = 250,
     only: Optional[Sequence[str]] = None,
@@ -171,8 +171,10 @@ def run_guards(
     also computes the verdicts of the attack the evaluation is cross-checked on
     (``results.reference``, see :mod:`arow.evaluation.crosscheck`), and ``transfer`` knows whether
     the evaluation reports a margin attack (CW, AutoAttack) itself.
+    ``batch_size`` defaults to :func:`~arow.evaluation.cascade.default_eval_batch` of ``x``'s device.
     Deterministic for a given seed; the caller's RNG state and the model are left as they
-    were. Under torchrun rank 0 computes and every rank receives the same results.
+    were. Under torchrun rank 0 computes and every rank receives the same results, or raises the
+    same error when rank 0 failed.
 
     >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     >>> rs = run_guards(m, torch.rand(8, 1, 2, 2), torch.randint(0, 3, (8,)), eps=0.1, only=["gradients"])
@@ -191,13 +193,12 @@ def run_guards(
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"the guards need as many labels as inputs (at least one), got {len(x)} and {len(y)}")
     built = [get_attack(a, eps, norm=norm) if isinstance(a, str) else a for a in attacks]
+    batch_size = default_eval_batch(x.device) if batch_size is None else batch_size
     given = seed is not None
     seed = int(seed) if given else guard_seed(model, x, y)
-    args = (model, x, y, eps, num_classes, n, batch_size, (seed, given), square_queries, names, surrogate, norm,
-            built, eval_seed)
-    if distributed.info().enabled:
-        return distributed.broadcast_object(_run(*args) if distributed.info().is_main else None)
-    return _run(*args)
+    # rank 0 alone runs them; an error there is raised on every rank, none is left waiting for it
+    return distributed.on_main(_run, model, x, y, eps, num_classes, n, batch_size, (seed, given), square_queries,
+                               names, surrogate, norm, built, eval_seed)
 
 
 def _reported_margin_attacks(attacks: Sequence[Attack]) -> list[str]:
@@ -243,15 +244,9 @@ def tripped(results: Sequence[GuardResult]) -> list[GuardResult]:
     return [r for r in results if not r.passed]
 
 
-@contextlib.contextmanager
-def _exact_float32() -> Iterator[None]:
+def _exact_float32() -> contextlib.AbstractContextManager[None]:
     # TF32 convolutions pick batch-size-dependent kernels: differences that are not the model's
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    return float32_kernels(False, benchmark=None)
 
 
 def _verdict(name: str, value: float, limit: float, label: str, problem: str) -> GuardResult:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from .. import distributed
 from ..attacks import Attack, get_attack
 from ..data import TensorData
-from .cascade import Progress
+from .cascade import Progress, default_eval_batch, float32_kernels, precision_record
 from .cascade import evaluate as run_attacks
 from .crosscheck import check_after_evaluation
 from .guards import run_guards
@@ -36,7 +36,10 @@ def evaluate(model: nn.Module, data: TensorData, settings: EvalSettings, guards:
     ``guards.enabled`` is False; the report then says so), then ``settings.attacks`` in order at
     ``settings.eps`` in ``settings.norm`` (decided beforehand, see
     :func:`~arow.evaluation.settings.resolve_threat`). A tripped guard sets ``report.error`` and
-    the attacks do not run, unless ``guards.allow_failures``.
+    the attacks do not run, unless ``guards.allow_failures``. Everything runs with TF32 set to
+    ``settings.tf32`` (default off: strict float32) and cuDNN's autotuner off, the process's own
+    flags restored afterwards; the report records both (``float32_matmul``, ``device``) and the
+    batch size (``settings.batch_size``, default :func:`~arow.evaluation.cascade.default_eval_batch`).
 
     ``on_guards(report)`` is called as soon as the guards have run; ``state_dir`` keeps the
     attacks' finished batches so that an interrupted evaluation continues; ``info`` (what is known
@@ -49,25 +52,30 @@ def evaluate(model: nn.Module, data: TensorData, settings: EvalSettings, guards:
     norm = settings.norm or "linf"
     attacks = build_attacks(settings.attacks, settings.eps, norm)
     dev = distributed.resolve_device(settings.device, distributed.info().local_rank)
+    batch = settings.batch_size if settings.batch_size is not None else default_eval_batch(dev)
     full = len(data)
     if settings.n is not None:
         data = data.subset(settings.n)
     subset = len(data) < full
-    described: dict[str, Any] = {"dataset": data.name, "test_set_size": full, "subset": subset, **(info or {})}
+    described: dict[str, Any] = {"dataset": data.name, "test_set_size": full, "subset": subset, **(info or {}),
+                                 **precision_record(dev, settings.tf32), "batch_size": batch}
     if subset:
         described["warning"] = (f"evaluated on a subset ({len(data)} of {full} test images); not a full-test-set "
                                 f"number")
     model, data = model.to(dev).eval(), data.to(dev)
     report = EvalReport(None, described)
-    if guards.enabled and not _run_guards(report, model, data, settings.eps, norm, settings.batch_size, guards,
-                                          on_guards, attacks):
-        return report
-    t0 = time.perf_counter()
-    report.result = run_attacks(model, data.x, data.y, attacks, eps=settings.eps, norm=norm,
-                                num_classes=data.num_classes, batch_size=settings.batch_size, progress=progress,
-                                state_dir=state_dir)
-    log.debug("evaluation took %.0fs", time.perf_counter() - t0)
-    check_after_evaluation(report, model, data.x, data.y, attacks, guards.allow_failures, settings.batch_size)
+    # one float32 precision for the guards, the attacks and the cross-check, and no cuDNN autotuning
+    # (training leaves it on; it would re-tune every new batch shape): the process's flags come back after
+    with float32_kernels(settings.tf32, benchmark=False):
+        if guards.enabled and not _run_guards(report, model, data, settings.eps, norm, batch, guards, on_guards,
+                                              attacks):
+            return report
+        t0 = time.perf_counter()
+        report.result = run_attacks(model, data.x, data.y, attacks, eps=settings.eps, norm=norm,
+                                    num_classes=data.num_classes, batch_size=batch, progress=progress,
+                                    state_dir=state_dir)
+        log.debug("evaluation took %.0fs", time.perf_counter() - t0)
+        check_after_evaluation(report, model, data.x, data.y, attacks, guards.allow_failures, batch)
     return report
 
 

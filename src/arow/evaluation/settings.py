@@ -26,7 +26,7 @@ import torch
 from ..attacks import Attack
 from ..data import DATASETS
 from ..threat import NORMS, check_eps, check_norm
-from .cascade import EVAL_BATCH_SIZE
+from .cascade import EVAL_BATCH_SIZE, EVAL_BATCH_SIZE_CUDA
 
 S = TypeVar("S", bound="_Flagged")
 
@@ -93,8 +93,9 @@ class EvalSettings(_Flagged):
                                            "your own model)")
     data_dir: Optional[str] = setting(None, "folder with the dataset files (default: the run's)", metavar="DIR")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
-    batch_size: int = setting(EVAL_BATCH_SIZE, "examples per attack batch; the verdicts of PGD and CW do not depend "
-                                               "on it, and 100 was the fastest measured on a CPU", lo=1)
+    batch_size: Optional[int] = setting(None, f"examples per attack batch (default: {EVAL_BATCH_SIZE} on the CPU, "
+                                              f"the fastest measured there, {EVAL_BATCH_SIZE_CUDA} on CUDA); the "
+                                              f"verdicts of PGD and CW do not depend on it", lo=1)
     resume: bool = setting(True, "continue an interrupted evaluation from DIR/eval_state instead of recomputing "
                                  "everything")
     json_out: Optional[str] = setting(None, "where to write the results (default: DIR/eval.json of a run, "
@@ -104,6 +105,10 @@ class EvalSettings(_Flagged):
                                                "autoattack ran: DIR/robustbench.json on the full test set in the "
                                                "trained norm, else DIR/robustbench_n<N>[_l2].json)",
                                       metavar="FILE")
+    tf32: bool = setting(False, "let float32 matmuls and convolutions use TF32 on CUDA (Ampere and later) during the "
+                                "attacks: faster, but 10-bit mantissas instead of float32's (default: off, strict "
+                                "float32 whatever the process set; the guards' own checks always run so; recorded in "
+                                "the results as float32_matmul; no effect on the CPU)")
 
     def check(self) -> "EvalSettings":
         """The settings with every value checked (one line naming the flag otherwise) and the attack
@@ -124,6 +129,8 @@ class EvalSettings(_Flagged):
         if self.dataset is not None and self.dataset not in DATASETS:
             raise ValueError(f"--dataset must be one of {', '.join(DATASETS.names())}, got {self.dataset!r}")
         _check_device(self.device)
+        if not isinstance(self.tf32, bool):
+            raise ValueError(f"--tf32 must be True or False, got {self.tf32!r}")
         names = {a if isinstance(a, str) else a.name for a in attacks}
         if self.robustbench and not {"clean", "autoattack"} <= names:
             raise ValueError("--robustbench needs both clean and autoattack in --attacks")

@@ -28,6 +28,7 @@ import torch.nn as nn
 from ..attacks import cw_loss, pgd
 from ..attacks.autoattack import digest
 from ..attacks.base import AttackLoss
+from ..attacks.pgd import device_noise
 from ..modules import unwrap
 from ..rng import ExampleRNG, NoiseSource
 from ..threat import ThreatModel
@@ -166,7 +167,7 @@ def checked_pgd(net: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, loss:
     ``loss`` on the model's forward pass (a backward pass that lies about the direction is ignored).
     ``rng``: where the random start comes from (default: torch's global generator).
     """
-    x_adv, best = threat.init(x, rng), x.clone()
+    x_adv, best = threat.init(x, device_noise(rng, x.device)), x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     shape = (-1,) + (1,) * (x.dim() - 1)
     for _ in range(threat.steps):

@@ -1,0 +1,325 @@
+"""The evaluation on a GPU, checked where a CPU can check it: the float32 precision (TF32) and cuDNN's
+autotuner pinned for the evaluation and restored after it, the device-dependent default batch and
+the verdicts' independence of it, the random starts' copy to the device, and errors of one rank of a
+torchrun evaluation raised on every rank instead of leaving the others waiting."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from arow.attacks import Attack, pgd
+from arow.attacks.pgd import PinnedNoise, device_noise
+from arow.data import TensorData
+from arow.evaluation import cascade, protocol
+from arow.evaluation.curve import eps_curve
+from arow.evaluation.guards import run_guards
+from arow.evaluation.protocol import evaluate
+from arow.evaluation.settings import EvalSettings, GuardSettings
+from arow.pipelines import evaluate_model
+from arow.pseudo import pseudo_label
+from arow.rng import ExampleRNG
+from arow.threat import ThreatModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+EPS = 0.1
+WORLD, SPAWN_TIMEOUT_S = 2, 180
+
+
+def _flags() -> tuple[bool, bool, bool]:
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+
+
+@pytest.fixture
+def process_flags():
+    """The process's TF32 and autotuner flags put back after the test, through the legacy API (a test
+    that used the newer fp32_precision API would otherwise leave the legacy flags unreadable)."""
+    matmul, conv, bench = _flags()
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+    torch.backends.cudnn.benchmark = bench
+
+
+class FlagRecorder(nn.Module):
+    """A small classifier whose forward records the precision flags it runs under, and the batch
+    size, when an attack calls it (input gradients on)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+        self.seen: list[tuple[bool, bool, bool]] = []
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            self.seen.append(_flags())
+            self.batches.append(len(x))
+        return self.net(x)
+
+
+def toy(n: int = 60, seed: int = 0, dtype: torch.dtype = torch.float32) -> TensorData:
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    y = torch.arange(n) % 3
+    x = (0.6 * protos[y] + 0.4 * torch.rand(n, 1, 4, 4, generator=g, dtype=dtype)).clamp(0, 1)
+    return TensorData(x, y, 3, "toy")
+
+
+# --------------------------------------------------------------------------- TF32 and cuDNN's autotuner
+@pytest.mark.parametrize("tf32", [False, True])
+def test_attacks_run_with_the_evaluations_tf32_setting_and_the_process_flags_come_back(tf32, process_flags):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32  # the process's own
+    torch.backends.cudnn.benchmark = True  # as training leaves it on CUDA
+    model = FlagRecorder()
+    report = evaluate(model, toy(), EvalSettings(attacks=["clean", "pgd3"], eps=EPS, device="cpu", tf32=tf32),
+                      GuardSettings(enabled=False))
+    assert model.seen and set(model.seen) == {(tf32, tf32, False)}  # every attack forward, autotuner off
+    assert _flags() == (not tf32, not tf32, True)  # restored
+    record = report.to_json()  # what eval.json holds
+    assert record["float32_matmul"] == ("tf32" if tf32 else "ieee") and record["device"] == "cpu"
+    assert json.loads(json.dumps(record))["float32_matmul"] == record["float32_matmul"]
+
+
+def test_guarded_evaluation_restores_the_flags_and_records_them(process_flags):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    model = FlagRecorder()
+    report = evaluate(model, toy(), EvalSettings(attacks=["clean", "pgd3"], eps=EPS, device="cpu"),
+                      GuardSettings(n=20))
+    assert report.guards_ran and model.seen
+    assert all(not matmul and not conv and not bench for matmul, conv, bench in model.seen)  # guards and attacks
+    assert _flags() == (True, True, True)
+    assert report.to_json()["float32_matmul"] == "ieee"
+
+
+def test_flags_set_with_the_fp32_precision_api_come_back(process_flags):
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this PyTorch has no fp32_precision API")
+    matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
+    model = FlagRecorder()
+    evaluate(model, toy(), EvalSettings(attacks=["clean", "pgd2"], eps=EPS, device="cpu"), GuardSettings(n=10))
+    assert model.seen and set(model.seen) == {(False, False, False)}
+    assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+
+
+def test_tf32_setting_is_a_checked_flag():
+    assert EvalSettings().tf32 is False
+    assert EvalSettings.from_flags({"tf32": True}).tf32 is True
+    with pytest.raises(ValueError, match="--tf32"):
+        EvalSettings(tf32="yes").check()  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- the default evaluation batch
+def test_default_batch_depends_on_the_device():
+    assert cascade.default_eval_batch("cpu") == 100
+    assert cascade.default_eval_batch(torch.device("cuda")) == cascade.default_eval_batch("cuda:1") == 500
+    assert EvalSettings().batch_size is None  # decided once the device is known
+    for fn in (cascade.evaluate, run_guards, eps_curve, evaluate_model, pseudo_label):
+        assert inspect.signature(fn).parameters["batch_size"].default is None, fn.__qualname__
+
+
+def test_evaluation_takes_its_default_batch_from_the_device(monkeypatch):
+    data = toy()
+    report = evaluate(FlagRecorder(), data, EvalSettings(attacks=["clean", "pgd2"], eps=EPS, device="cpu"),
+                      GuardSettings(enabled=False))
+    assert report.info["batch_size"] == 100
+    asked = []
+    monkeypatch.setattr(protocol, "default_eval_batch", lambda dev: asked.append(dev) or 7)
+    model = FlagRecorder()
+    report = evaluate(model, data, EvalSettings(attacks=["clean", "pgd2"], eps=EPS, device="cpu"),
+                      GuardSettings(n=20))
+    assert asked == [torch.device("cpu")] and report.info["batch_size"] == 7
+    assert max(model.batches) == 7  # the guards' and the attacks' batches
+
+
+def test_pgd_and_cw_verdicts_are_the_same_at_batch_100_and_500():
+    """Each example's random start is its own: the CPU and the CUDA default batch give the same
+    verdicts (float64, so that no rounding difference between batch shapes can flip a step)."""
+    g = torch.Generator().manual_seed(3)
+    protos = torch.rand(3, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    y = torch.arange(520) % 3
+    x = (0.5 * protos[y] + 0.5 * torch.rand(520, 16, generator=g, dtype=torch.float64)).view(-1, 1, 4, 4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(150):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    runs = {b: cascade.evaluate(model, x, y, ["clean", "pgd3r2", "cw3"], eps=EPS, batch_size=b) for b in (100, 500)}
+    for name in ("pgd3r2", "cw3", "worst_case"):
+        assert torch.equal(runs[100].correct[name], runs[500].correct[name]), name
+    acc = runs[100].accuracy
+    assert 0.5 < acc["worst_case"] < acc["pgd3r2"] < acc["clean"]  # the attacks decide something
+
+
+# --------------------------------------------------------------------------- the random starts' copy
+def test_per_example_noise_is_pinned_and_copied_without_blocking_only_on_cuda(monkeypatch):
+    pinned: list[tuple[int, ...]] = []
+
+    def pin(self: torch.Tensor) -> torch.Tensor:
+        pinned.append(tuple(self.shape))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    idx = torch.tensor([4, 9, 2])
+    x = torch.zeros(3, 1, 4, 4, dtype=torch.float64)
+    rng = ExampleRNG(5, idx)
+    assert device_noise(rng, torch.device("cpu")) is rng and device_noise(None, torch.device("cuda")) is None
+    on_cuda = device_noise(ExampleRNG(5, idx), torch.device("cuda"))
+    assert isinstance(on_cuda, PinnedNoise)
+    u, n = on_cuda.rand_like(x), on_cuda.randn_like(x)  # x on the CPU here: the copy is a no-op
+    assert pinned == [(3, 1, 4, 4), (3, 1, 4, 4)]
+    assert torch.equal(u, rng.rand_like(x)) and torch.equal(n, rng.randn_like(x)) and u.dtype == torch.float64
+    pinned.clear()
+    tm = ThreatModel(eps=EPS, steps=2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).double()
+    a = pgd(model, x, torch.zeros(3, dtype=torch.long), tm, rng=ExampleRNG(5, idx))
+    b = pgd(model, x, torch.zeros(3, dtype=torch.long), tm, rng=ExampleRNG(5, idx))
+    assert pinned == [] and torch.equal(a, b)  # the CPU path: nothing pinned, the same numbers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_per_example_noise_on_cuda_is_the_cpus():
+    idx = torch.arange(6)
+    x = torch.zeros(6, 3, 8, 8, device="cuda")
+    on_cuda = device_noise(ExampleRNG(2, idx), x.device)
+    u = on_cuda.rand_like(x)
+    assert u.is_cuda and torch.equal(u.cpu(), ExampleRNG(2, idx).rand_like(x.cpu()))
+
+
+# --------------------------------------------------------------------------- errors reach every rank
+def _outcome(fn, *args) -> list:
+    """``[exception class name, message]`` of what ``fn(*args)`` raised, or ``["ok", result]``."""
+    try:
+        return ["ok", fn(*args)]
+    except Exception as e:  # noqa: BLE001 - the test compares what each rank raised
+        return [type(e).__name__, str(e)]
+
+
+class Boom(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the model failed on rank 0")
+
+
+def _fail_on_rank0() -> int:
+    from arow import distributed
+
+    if distributed.info().rank == 0:
+        raise ValueError("ball check failed: max L-inf |delta| 0.5 (eps 0.1)")
+    return 1
+
+
+def _fail_on_rank1() -> int:
+    from arow import distributed
+
+    if distributed.info().rank == 1:
+        raise KeyError("rank 1 only")
+    return distributed.info().rank
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from arow import distributed
+
+    distributed.setup("cpu")
+    out = {"on_main_error": _outcome(distributed.on_main, _fail_on_rank0),
+           "on_main_result": _outcome(distributed.on_main, lambda: distributed.info().rank + 41),
+           "agree": _outcome(distributed.agree_on_errors, _fail_on_rank1)}
+    data = toy(40)
+    out["guards"] = _outcome(lambda: run_guards(Boom(), data.x, data.y, eps=EPS, n=10, only=["gradients"]))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    y = model(data.x).argmax(1)  # every example correct: both ranks get batches to attack
+    leaves = Attack("leaves-ball", lambda m, x, y: (x + 0.5).clamp(0, 1) if distributed.info().rank == 1 else x)
+    out["ball"] = _outcome(lambda: cascade.evaluate(model, data.x, y, ["clean", leaves], eps=EPS, batch_size=10)
+                           and "no error")
+    distributed.barrier()  # nothing desynchronised: every rank still meets the others here
+    (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(out))
+    distributed.teardown()
+    os._exit(0)  # see tests/test_distributed.py: gloo's threads and interpreter shutdown
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank_and_nothing_hangs(tmp_path):
+    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"the ranks did not finish within {SPAWN_TIMEOUT_S}s: one waits for a rank that failed")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[0] == ranks[1]  # the same outcome, error class and message on both ranks
+    out = ranks[0]
+    assert out["on_main_error"] == ["ValueError", "ball check failed: max L-inf |delta| 0.5 (eps 0.1)"]
+    assert out["on_main_result"] == ["ok", 41]  # rank 0's result everywhere
+    assert out["agree"] == ["KeyError", "'rank 1 only'"]
+    assert out["guards"] == ["RuntimeError", "the model failed on rank 0"]
+    assert out["ball"][0] == "RuntimeError" and "attack leaves-ball left the threat model" in out["ball"][1]
+
+
+# --------------------------------------------------------------------------- the GPU check's rows for these questions
+@pytest.fixture(scope="module")
+def gpu_check():
+    import sys
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        import gpu_check
+
+        yield gpu_check
+    finally:
+        sys.path.remove(bench)
+
+
+def test_gpu_check_plans_the_evaluation_and_attack_rows_before_compiled_training(gpu_check):
+    rows = gpu_check.plan(list(gpu_check.MODELS), ["bf16"], [False, True], set(gpu_check.KINDS))
+    kinds = [k for k, _ in rows]
+    first_compiled = kinds.index("compiled")
+    for kind in ("eval-batch", "bf16-stem", "syncbn", "attack-compile"):
+        assert kind in kinds[:first_compiled], kind
+    assert [a for k, a in rows if k == "attack-compile"] == [(16,), (128,)]
+    assert gpu_check.main(["--dry-run", "--only", "nope"]) == 2  # the new kinds are checked like the others
+
+
+def test_gpu_check_bf16_stem_rounds_the_input_and_the_first_convolution_only(gpu_check):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.Flatten())
+    x = torch.rand(2, 3, 6, 6)
+    ref = net(x)
+    stem = gpu_check.BF16Stem(net)
+    convs = [m for m in stem.modules() if isinstance(m, (nn.Conv2d, gpu_check.BF16Conv))]
+    assert isinstance(net[0], gpu_check.BF16Conv) and isinstance(net[2], nn.Conv2d)
+    assert len(convs) == 3  # the wrapper and its float32 weights, and the second convolution untouched
+    out = stem(x)
+    assert out.dtype == torch.float32 and not torch.equal(out, ref)
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+
+
+def test_gpu_check_syncbn_row_counts_global_batchnorm_host_syncs_on_the_cpu(gpu_check):
+    row = gpu_check.run_row("syncbn", (), gpu_check.DRY, torch.device("cpu"), gpu_check.Budget(1e9))
+    assert not row.failed and row.sync == "Global 0 per step" and row.check.startswith("pass"), row.notes
+    assert "world size 1" in row.notes and row.decides
