@@ -25,7 +25,7 @@ from .attacks.base import frozen_eval
 from .runs.checkpoint import Which
 from .data import DATASETS, DataError, load_dataset
 from .data.extra import labelled_positions, read_extra
-from .evaluation.cascade import EVAL_BATCH_SIZE
+from .evaluation.cascade import default_eval_batch
 from .modules import unwrap
 from .runs.checkpoint import _atomic_write
 from .config.schema import TrainConfig
@@ -87,7 +87,8 @@ def predict(model: nn.Module, images: np.ndarray, *, batch_size: int = 500,
     labels, conf = np.empty(len(images), np.int64), np.empty(len(images), np.float32)
     with frozen_eval(unwrap(model)) as net:  # the images are converted a batch at a time (they may be memory-mapped)
         for lo in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[lo : lo + batch_size])).to(device)
+            # a copy of the batch: a memory-mapped file's pages are read-only, which torch.from_numpy warns about
+            x = torch.from_numpy(np.array(images[lo : lo + batch_size], copy=True)).to(device)
             x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
             p, k = torch.softmax(net(x).float(), dim=1).max(dim=1)
             labels[lo : lo + len(x)] = k.cpu().numpy()
@@ -145,7 +146,7 @@ def unlabelled_images(data: str, *, num_classes: int, image_shape: tuple[int, in
 
 
 def pseudo_label(model_source: PathLike, data: str, out: Optional[PathLike] = None, *,
-                 which: Which = "final", batch_size: int = EVAL_BATCH_SIZE,
+                 which: Which = "final", batch_size: Optional[int] = None,
                  device: str = "auto", data_dir: Optional[str] = None,
                  exclude_kept: Optional[PathLike] = None) -> PseudoLabels:
     """Label the images of ``data`` with the model of ``model_source`` and write them to ``out`` (an
@@ -160,7 +161,7 @@ def pseudo_label(model_source: PathLike, data: str, out: Optional[PathLike] = No
             optional split: fashion-mnist, cifar10:train (default split train)
         out: the .npz to write (image, label = argmax, confidence = max softmax)
         which: the run's checkpoint: final, best (by validation) or last
-        batch_size: images per forward pass
+        batch_size: images per forward pass (default: 100 on the CPU, 500 on CUDA)
         device: auto, cpu, cuda, cuda:1, ...
         data_dir: folder with the dataset files
         exclude_kept: leave out the training images a run folder used as labelled data (its
@@ -180,7 +181,8 @@ def pseudo_label(model_source: PathLike, data: str, out: Optional[PathLike] = No
                                        data_dir=data_dir, exclude_kept=exclude_kept)
     dev = distributed.resolve_device(device)
     model = model_from_checkpoint(ckpt, device=dev)
-    labels, conf = predict(model, images, batch_size=batch_size, device=dev)
+    labels, conf = predict(model, images, batch_size=default_eval_batch(dev) if batch_size is None else batch_size,
+                           device=dev)
     source.update(model=str(ckpt.get("path", model_source)))
     result = PseudoLabels(images, labels, conf, source=source)
     if out is not None:

@@ -143,6 +143,28 @@ def add_function_flags(p: Any, fn: Callable[..., Any], names: Optional[Sequence[
         p.add_argument(flag, *more.pop("aliases", ()), dest=name, **{**kw, **more})
 
 
+class NegatedSwitch(argparse.Action):
+    """The switch of a setting named in the negative, ``no_x``: ``--no-x`` sets it (True), ``--x``
+    clears it (False); not given, it stays at its default.
+
+    >>> p = argparse.ArgumentParser()
+    >>> _ = p.add_argument("--no-bn-decay", "--bn-decay", dest="no_bn_decay", action=NegatedSwitch)
+    >>> [p.parse_args(a).no_bn_decay for a in (["--no-bn-decay"], ["--bn-decay"], [])]
+    [True, False, None]
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, default: Any = None, help: Optional[str] = None,
+                 **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        setattr(namespace, self.dest, bool(option_string and option_string.startswith("--no-")))
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
 def call_args(a: argparse.Namespace, fn: Callable[..., Any], **override: Any) -> dict[str, Any]:
     """The values in ``a`` that ``fn`` takes, as keyword arguments (``override`` added)."""
     given = vars(a)
@@ -173,7 +195,10 @@ def add_dataclass_flags(p: Any, cls: type, *, choices: Optional[Mapping[str, Seq
         shown = f" (default {_show(default)})" if default not in (None, False, [], {}) else ""
         g = groups.get(meta.get("group"), p)
         flag = "--" + name.replace("_", "-")
-        if kind is bool:
+        if kind is bool and name.startswith("no_"):  # --no-bn-decay and --bn-decay, not --no-no-bn-decay
+            g.add_argument(flag, "--" + name[3:].replace("_", "-"), dest=name, action=NegatedSwitch, default=None,
+                           help=meta["help"] + shown)
+        elif kind is bool:
             g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                            help=meta["help"] + shown)
         elif many and kind is str and not meta.get("comma"):

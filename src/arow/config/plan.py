@@ -182,7 +182,10 @@ def resolve_config(overrides: dict[str, Any], method_overrides: Optional[dict[st
             base = dict(run.load_resume_state()["config"])
     preset_method = base.get("method", "arow")
     preset_norm = base.get("norm", "linf")
+    preset_epochs = base.get("epochs")
     base.update({k: v for k, v in overrides.items() if v is not None and k != "method_args"})
+    if not resume and preset_epochs is not None:
+        base.update(fit_epoch_values(base, preset_epochs, given=[k for k, v in overrides.items() if v is not None]))
     if not resume and base.get("norm", "linf") != preset_norm and overrides.get("eps") is None \
             and base.get("eps") is not None:
         # a preset's eps is a radius in its own norm (8/255 L-inf): --norm l2 takes the data set's L2 default
@@ -196,6 +199,39 @@ def resolve_config(overrides: dict[str, Any], method_overrides: Optional[dict[st
     if cfg.out is None:
         cfg = dataclasses.replace(cfg, out=f"runs/{cfg.dataset}-{cfg.method}-{cfg.model}-s{cfg.seed}")
     return resolve(cfg)
+
+
+#: the settings that count epochs, which a shorter --epochs may leave beyond the run's end
+EPOCH_VALUES = ("swa_start", "warmup_epochs", "milestones")
+
+
+def fit_epoch_values(base: dict[str, Any], preset_epochs: Any, given: Any = ()) -> dict[str, Any]:
+    """The epoch-counting settings of a preset (:data:`EPOCH_VALUES`) that a shorter ``--epochs``
+    leaves beyond the run's end (they would never take effect, or be refused), scaled by
+    ``epochs / preset_epochs``, each with one logged line: milestones become fractions of
+    ``--epochs``. Those ``given`` on the command line are kept as they are (and refused if out of
+    range by :meth:`TrainConfig.validate`).
+
+    >>> fit_epoch_values({"epochs": 4, "swa_start": 51, "warmup_epochs": 0}, 120)
+    {'swa_start': 2}
+    """
+    epochs = base.get("epochs")
+    if not (isinstance(epochs, int) and isinstance(preset_epochs, (int, float)) and 0 < epochs < preset_epochs):
+        return {}
+    scale, fitted = epochs / preset_epochs, {}
+    swa, warmup, milestones = (base.get(k) for k in EPOCH_VALUES)
+    if "swa_start" not in given and isinstance(swa, (int, float)) and swa > epochs:
+        fitted["swa_start"] = min(max(1, round(swa * scale)), epochs)
+    if "warmup_epochs" not in given and isinstance(warmup, (int, float)) and warmup >= epochs:
+        fitted["warmup_epochs"] = warmup * scale
+    numbers = isinstance(milestones, list) and all(isinstance(m, (int, float)) for m in milestones)
+    if "milestones" not in given and numbers and milestones and all(1 <= m < preset_epochs for m in milestones) \
+            and any(m >= epochs for m in milestones):  # fractions (< 1) follow --epochs by themselves
+        fitted["milestones"] = [round(m / preset_epochs, 6) for m in milestones]
+    for k, v in fitted.items():
+        log.info("%s %s of the preset (set for %s epochs) is past --epochs %d: scaled to %s%s", k, base[k],
+                 preset_epochs, epochs, v, " (fractions of --epochs)" if k == "milestones" else "")
+    return fitted
 
 
 def _method_args(base: dict[str, Any], preset_method: str, method_overrides: dict[str, Any]) -> dict[str, Any]:

@@ -55,10 +55,13 @@ class TrainConfig:
     # on a 2-core CPU within 15 minutes, set-up included; the paper's CIFAR recipes are presets.
     epochs: int = opt("optimisation", 7, "training epochs", lo=1, hi=10_000)
     batch_size: int = opt("optimisation", 128, "GLOBAL batch (split across torchrun processes)", lo=1, hi=65_536)
+    optimizer: str = opt("optimisation", "sgd", "optimiser: sgd (with --momentum, --nesterov) or adamw "
+                         "(torch.optim.AdamW with --lr and --weight-decay as decoupled decay, default betas)",
+                         choices=("sgd", "adamw"))
     lr: float = opt("optimisation", 0.1, "peak learning rate", lo=0, lo_open=True, hi=100)
     momentum: float = opt("optimisation", 0.9, "SGD momentum", lo=0, hi=1, hi_open=True)
     nesterov: bool = opt("optimisation", False, "Nesterov momentum")
-    weight_decay: float = opt("optimisation", 5e-4, "SGD weight decay", lo=0, hi=1)
+    weight_decay: float = opt("optimisation", 5e-4, "weight decay", lo=0, hi=1)
     no_bn_decay: bool = opt("optimisation", False, "no weight decay on BatchNorm parameters: the scale (weight) "
                             "and shift (bias) of every BatchNorm layer; all other parameters (conv and linear "
                             "weights, linear biases) keep --weight-decay (the generated-data scripts)")
@@ -126,6 +129,13 @@ class TrainConfig:
     sync_bn: bool = opt("runtime", True, "SyncBatchNorm under DDP (a DDP run then equals a 1-process run)")
     out: Optional[str] = opt("runtime", None, "run folder", runtime=True)
     tensorboard: bool = opt("runtime", False, "also log to TensorBoard", runtime=True)
+    wandb: bool = opt("runtime", False, "also log to Weights & Biases (pip install -e '.[wandb]'); W&B's own "
+                      "settings apply: WANDB_MODE=offline logs without network, WANDB_DIR (default: the run "
+                      "folder) says where its files go", runtime=True)
+    wandb_project: str = opt("runtime", "arow", "W&B project of --wandb", runtime=True)
+    mlflow: bool = opt("runtime", False, "also log to MLflow (pip install -e '.[mlflow]')", runtime=True)
+    mlflow_uri: Optional[str] = opt("runtime", None, "MLflow tracking URI of --mlflow (default: MLFLOW_TRACKING_URI "
+                                    "if set, else a local file store, file:DIR/mlruns)", runtime=True)
     log_every: int = opt("runtime", 0, "also log a step record (loss and its parts, lr, gradient norm) to "
                          "metrics.jsonl and TensorBoard every N optimiser steps (0: once per epoch only)",
                          lo=0, runtime=True)
@@ -182,6 +192,8 @@ class TrainConfig:
             raise ConfigError(f"--milestones must be epochs (>= 1) or all fractions in (0, 1), got {self.milestones}")
         if not self.warmup_epochs < self.epochs:
             raise ConfigError(f"--warmup-epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
+        if self.nesterov and self.optimizer != "sgd":
+            raise ConfigError(f"--nesterov applies to --optimizer sgd only, not {self.optimizer}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} must be divisible by --grad-accum {self.grad_accum} "
                               f"(micro-batches of equal size)")

@@ -33,7 +33,7 @@ import torch
 
 from ..registry import Registry
 from ..threat import check_norm
-from .loader import AUGMENTATIONS, Loader, batches, hflip, random_crop
+from .loader import AUGMENTATIONS, Loader, batches, channels_first, hflip, random_crop
 from .readers import (
     FASHION_MNIST_ROOT,
     DataError,
@@ -210,6 +210,8 @@ def from_tensors(
     """Wrap your own images and labels after validating them.
 
     ``x``: 4-D (N, C, H, W) with N >= 1, either finite floats in [0, 1] or uint8 (divided by 255).
+    Channels-last images (N, H, W, C) are refused with one line, or transposed when ``name`` is a
+    built-in data set whose shape they match (:func:`~arow.data.loader.channels_first`).
     ``y``: 1-D integer labels in ``0..num_classes-1``; ``num_classes`` defaults to ``max(y) + 1``.
     Anything else raises :class:`DataError` (a ``ValueError``) naming the argument.
 
@@ -218,6 +220,8 @@ def from_tensors(
     (torch.float32, 3)
     """
     x, y = _as_tensor(x, "x"), _as_tensor(y, "y")
+    info = DATASETS.get(name) if name in DATASETS else None  # a built-in data set's shape decides a channels-last x
+    x = channels_first(x, (info.in_channels, info.image_size) if info is not None else None)
     if x.dim() != 4:
         raise DataError(f"x: expected images of shape (N, C, H, W), got {tuple(x.shape)}")
     if len(x) == 0:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .readers import DataError
+
 if TYPE_CHECKING:
     from . import TensorData
 
@@ -70,6 +72,33 @@ def batches(data: "TensorData", batch_size: int) -> Iterator[tuple[torch.Tensor,
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     for lo in range(0, len(data), batch_size):
         yield data.x[lo : lo + batch_size], data.y[lo : lo + batch_size]
+
+
+def channels_first(x: torch.Tensor, declared: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Images ``x`` in the (N, C, H, W) layout arow's models take, for images that may be channels-last.
+
+    Images that look channels-last, (N, H, W, C) with C in {1, 3} and H, W > C (as numpy arrays
+    and image files usually are), are transposed with a logged note when ``declared``, the data
+    set's ``(channels, image size)``, says so unambiguously, and refused with one line
+    (:class:`~arow.data.readers.DataError`) otherwise, so that they never reach a convolution.
+    Anything else is returned as it is.
+
+    >>> channels_first(torch.zeros(2, 28, 28, 1), declared=(1, 28)).shape
+    torch.Size([2, 1, 28, 28])
+    >>> channels_first(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 3, 32, 32])
+    """
+    if x.dim() != 4:
+        return x
+    _, h, w, c = x.shape
+    if not (c in (1, 3) and h > c and w > c):
+        return x
+    if declared is not None and declared == (c, h) and h == w:
+        log.info("x: channels-last images %s (N, H, W, C) transposed to (N, C, H, W), as the data set has %d "
+                 "channel(s) of %dx%d", tuple(x.shape), c, h, w)
+        return x.permute(0, 3, 1, 2).contiguous()
+    raise DataError(f"x: shape {tuple(x.shape)} looks channels-last (N, H, W, C); arow takes (N, C, H, W): pass "
+                    f"x.permute(0, 3, 1, 2) (a tensor) or x.transpose(0, 3, 1, 2) (a numpy array)")
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -117,3 +117,36 @@ class EMA(SWA):
             self.calibrated = True
             return
         super().recalibrate(batches, amp)
+
+    def initial_share(self, updates: int) -> float:
+        """The weight the average still gives the weights it started from after ``updates`` updates:
+        the product of the decays, ``decay ** updates`` without warm-up.
+
+        >>> round(EMA(nn.Linear(1, 1), 0.99).initial_share(100), 3)
+        0.366
+        """
+        if not self.warmup:
+            return self.decay ** max(updates, 0)
+        share = 1.0
+        for t in range(max(updates, 0)):
+            share *= self.decay_at(t)
+            if share < 1e-12:
+                break
+        return share
+
+
+#: the EMA model is flagged when the weights it started from keep more than this share of it at the end
+EMA_INITIAL_SHARE_WARNING = 0.05
+
+
+def short_ema_warning(ema: EMA, updates: int) -> str:
+    """A warning for an EMA that ``updates`` updates in all leave close to the weights it started
+    from (the random initial ones): more than :data:`EMA_INITIAL_SHARE_WARNING` of the average, when
+    the run is short against the EMA's horizon ``1 / (1 - decay)``. Empty when it is not."""
+    share = ema.initial_share(updates)
+    if share <= EMA_INITIAL_SHARE_WARNING:
+        return ""
+    return (f"--ema {ema.decay:g} averages over about {1 / (1 - ema.decay):.0f} optimiser steps, but this run takes "
+            f"{updates}: the EMA model, which is validated and saved as the run's model (final.pt), keeps "
+            f"{100 * share:.0f}% of the initial weights. Turn on --ema-warmup (ema_warmup=True), lower --ema, "
+            f"or train longer")

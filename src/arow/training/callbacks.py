@@ -2,9 +2,11 @@
 
 The :class:`~arow.training.trainer.Trainer` computes; everything that writes somewhere is a callback:
 :class:`RunWriter` (the run folder: config, metrics, checkpoints), :class:`TensorBoardWriter`,
-:class:`PlotWriter`, and the CLI's progress bars. Pass your own in ``Trainer(..., callbacks=[...])``.
+:class:`TrackerWriter` (W&B, MLflow), :class:`PlotWriter`, and the CLI's progress bars. Pass your
+own in ``Trainer(..., callbacks=[...])``: any object with some of the hooks of :class:`Callbacks`
+(no subclassing needed; a hook it lacks is not called).
 
->>> class PrintLoss(Callbacks):
+>>> class PrintLoss:
 ...     def on_epoch_end(self, record):
 ...         print(record["epoch"], round(record["train_loss"], 2))
 """
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Iterable
+from typing import Any, Optional, Sequence
 
 from .. import distributed
 from ..config.plan import saved_config
@@ -21,6 +24,7 @@ from ..reporting.plots import plot_run
 from ..runs.rundir import RunDir, RunFolderError
 from ..runs.selection import reported_prefix
 from .errors import TrainingDiverged
+from .trackers import Tracker, open_trackers
 
 # The hooks receive the Trainer and its TrainResult (arow.training.trainer); the annotations name
 # them as strings, so this module does not import the loop that imports it.
@@ -29,12 +33,31 @@ log = logging.getLogger(__name__)
 
 
 class Callbacks:
-    """Hooks of :meth:`Trainer.fit`, all optional. ``self.trainer`` is set by ``on_fit_start``.
+    """Hooks of :meth:`Trainer.fit`, all optional; subclassing is optional too: ``callbacks`` may be
+    any objects, and the Trainer calls a hook only on those that have it (see :data:`HOOKS`).
 
-    Order per epoch: ``on_epoch_start``, ``on_step`` per batch (after ``on_step_record`` on the
-    steps ``--log-every N`` logs), ``on_validation_start``, ``on_epoch_end`` (the run folder's
-    epoch files are written before the user's hooks see it).
-    ``close`` runs last, also when the fit ends with an exception (passed as ``error``).
+    ``on_fit_start(trainer)``
+        once, before the first epoch (of a resumed run too); here ``self.trainer`` is set.
+    ``on_epoch_start(epoch, epochs, steps)``
+        before each epoch: ``epoch`` 0-based, ``epochs`` the run's total, ``steps`` its batches.
+    ``on_step_record(record)``
+        on the optimiser steps that ``--log-every N`` logs (``log_every``), before that step's
+        ``on_step``: ``record`` holds ``step``, ``epoch_float``, ``lr``, ``grad_norm`` and the
+        means of the loss and its parts since the previous record.
+    ``on_step(step)``
+        after each optimiser step, ``step`` 0-based within the epoch.
+    ``on_validation_start()``
+        before each validation on the held-out split (once per model validated: the trained
+        one, then the SWA or EMA average if one runs).
+    ``on_epoch_end(record)``
+        after each epoch's validation and model selection; ``record`` is the epoch's line of
+        ``metrics.jsonl`` (``epoch`` 1-based, ``lr``, ``train_loss`` and the method's parts,
+        ``val_clean_acc``, ``val_pgd_acc``, ``seconds``, ...). The run folder's epoch files are
+        written before the user's hooks see it.
+    ``on_fit_end(result)``
+        once, with the :class:`~arow.training.trainer.TrainResult`, after the last epoch.
+    ``close(error)``
+        last, also when the fit ends with an exception (passed as ``error``; None otherwise).
     """
 
     trainer: Optional["Trainer"] = None
@@ -187,13 +210,7 @@ class TensorBoardWriter(Callbacks):
         from torch.utils.tensorboard.summary import hparams
 
         w = self._open()
-        last = result.history[-1]
-        pre = reported_prefix(last)
-        metrics = {f"hparam/final_{k}": last[f"{pre}{k}"] for k in ("val_clean_acc", "val_pgd_acc")
-                   if isinstance(last.get(f"{pre}{k}"), (int, float))}
-        if self.trainer.best.get("epoch") is not None:
-            metrics["hparam/best_val_pgd_acc"] = float(self.trainer.best["val_pgd_acc"])
-            metrics["hparam/best_epoch"] = float(self.trainer.best["epoch"])
+        metrics = {f"hparam/{k}": v for k, v in final_metrics(self.trainer, result.history).items()}
         exp, ssi, sei = hparams(hparam_values(self.trainer.resolved_config()), metrics)
         file_writer = w._get_file_writer()  # the run's own event file (add_hparams would open a sub-run)
         for summary in (exp, ssi, sei):
@@ -206,6 +223,53 @@ class TensorBoardWriter(Callbacks):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+class TrackerWriter(Callbacks):
+    """The records of metrics.jsonl to an experiment tracker (:mod:`arow.training.trackers`: W&B,
+    MLflow), against the global optimiser step and under TensorBoard's names (``train/loss``,
+    ``val/pgd_acc``, ``lr``; step records ``train_step/<part>``). When the fit starts, the resolved
+    config's settings (:func:`hparam_values`) become the tracker run's parameters; when it ends, the
+    final and best validation numbers (:func:`final_metrics`) its summary; the tracker's run is closed
+    also when training fails."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        super().on_fit_start(trainer)
+        out = trainer.cfg.out
+        self.tracker.start(Path(out).name if out else None, hparam_values(trainer.resolved_config()))
+
+    def on_step_record(self, record: dict[str, Any]) -> None:
+        self.tracker.log({k if k == "lr" else f"train_step/{k.removeprefix('train_')}": v for k, v in _scalars(record)
+                          if k not in ("step", "epoch_float")}, int(record["step"]))
+
+    def on_epoch_end(self, record: dict[str, Any]) -> None:
+        step_lr = self.trainer.cfg.log_every > 0  # with step records, ``lr`` is the per-step schedule
+        self.tracker.log({tensorboard_tag(k): v for k, v in _scalars(record) if not (k == "lr" and step_lr)},
+                         int(self.trainer.global_step))
+
+    def on_fit_end(self, result: "TrainResult") -> None:
+        self.tracker.summary(final_metrics(self.trainer, result.history), int(self.trainer.global_step))
+
+    def close(self, error: Optional[BaseException] = None) -> None:
+        self.tracker.finish(error)
+
+
+def final_metrics(trainer: "Trainer", history: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """A finished fit's numbers: ``final_val_clean_acc`` and ``final_val_pgd_acc`` of the model the run
+    reports (SWA, else EMA, else the last epoch's), ``best_val_pgd_acc`` and ``best_epoch``."""
+    if not history:
+        return {}
+    last = history[-1]
+    pre = reported_prefix(last)
+    metrics = {f"final_{k}": float(last[f"{pre}{k}"]) for k in ("val_clean_acc", "val_pgd_acc")
+               if isinstance(last.get(f"{pre}{k}"), (int, float))}
+    if trainer.best.get("epoch") is not None:
+        metrics["best_val_pgd_acc"] = float(trainer.best["val_pgd_acc"])
+        metrics["best_epoch"] = float(trainer.best["epoch"])
+    return metrics
 
 
 def tensorboard_tag(key: str) -> str:
@@ -266,18 +330,54 @@ class PlotWriter(Callbacks):
         plot_run_safely(self.run.path)
 
 
-def callback_list(callbacks: Union[Callbacks, Sequence[Callbacks], None]) -> list[Callbacks]:
-    """``callbacks`` as a list: one callback, several, or none."""
+#: the hooks a training callback may have, in the order a fit first calls them (see :class:`Callbacks`)
+HOOKS = ("on_fit_start", "on_epoch_start", "on_step_record", "on_step", "on_validation_start", "on_epoch_end",
+         "on_fit_end", "close")
+
+
+def _has_hooks(obj: Any) -> bool:
+    return isinstance(obj, Callbacks) or any(callable(getattr(obj, h, None)) for h in HOOKS)
+
+
+def callback_list(callbacks: Any) -> list[Any]:
+    """``callbacks`` as a list: one callback, several, or none. A callback is any object with one or
+    more of the :data:`HOOKS` (a :class:`Callbacks` subclass or not); anything else is refused with
+    one line (a ValueError), e.g. a class passed instead of an instance.
+
+    >>> class Printer:
+    ...     def on_epoch_end(self, record): print(record["epoch"])
+    >>> [type(cb).__name__ for cb in callback_list(Printer())]
+    ['Printer']
+    """
     if callbacks is None:
         return []
-    return [callbacks] if isinstance(callbacks, Callbacks) else list(callbacks)
+    if _has_hooks(callbacks) or not isinstance(callbacks, Iterable) or isinstance(callbacks, (str, bytes)):
+        callbacks = [callbacks]
+    items = list(callbacks)
+    for cb in items:
+        if isinstance(cb, type):
+            raise ValueError(f"callbacks: {cb.__name__} is a class; pass an instance, e.g. "
+                             f"callbacks=[{cb.__name__}()]")
+        if not _has_hooks(cb):
+            raise ValueError(f"callbacks: a {type(cb).__name__} has none of the hooks a training callback "
+                             f"may have ({', '.join(HOOKS)})")
+    return items
+
+
+def call_hook(callbacks: Sequence[Any], hook: str, *args: Any) -> None:
+    """Call ``hook`` with ``args`` on each of ``callbacks`` that has it, in order."""
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            fn(*args)
 
 
 def run_writers(run: Optional[RunDir], cfg: TrainConfig, *, resume: bool = False,
                 plots: bool = True) -> list[Callbacks]:
     """The callbacks that keep the run folder ``run`` (None: no folder) for this process, first in the
-    fit's list: :class:`RunWriter`, :class:`PlotWriter` (``plots``) and :class:`TensorBoardWriter`
-    (``cfg.tensorboard``) on rank 0, none on the other ranks. A folder that already holds a run is
+    fit's list: :class:`RunWriter`, :class:`PlotWriter` (``plots``), :class:`TensorBoardWriter`
+    (``cfg.tensorboard``) and a :class:`TrackerWriter` per tracker (``cfg.wandb``, ``cfg.mlflow``: their
+    packages checked now) on rank 0, none on the other ranks. A folder that already holds a run is
     refused unless ``resume``; under torchrun every rank raises rank 0's verdict together."""
     dist = distributed.info()
     writers: list[Callbacks] = []
@@ -293,6 +393,7 @@ def run_writers(run: Optional[RunDir], cfg: TrainConfig, *, resume: bool = False
                 if run is None:
                     raise ConfigError("--tensorboard needs a run folder (--out) to write DIR/tensorboard into")
                 writers.append(TensorBoardWriter(run.file(RunDir.TENSORBOARD)))
+            writers += [TrackerWriter(t) for t in open_trackers(cfg, run.path if run is not None else None)]
         except ValueError as e:
             if not dist.enabled:
                 raise

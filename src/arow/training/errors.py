@@ -20,3 +20,7 @@ class TrainingDiverged(RuntimeError):
 
     def __str__(self) -> str:
         return super().__str__() + self.hint
+
+
+class ModelOutputError(ValueError):
+    """The model's forward does not return what training needs: one tensor of logits (N, classes)."""

@@ -1,18 +1,21 @@
 """Where and how a model runs: device placement, memory format, mixed precision, compile, DDP.
 
 One function prepares a model for training (:func:`prepare_model`); one decides mixed precision
-(:func:`use_amp`). Nothing here changes what is computed, only how fast.
+(:func:`use_amp`). Nothing here changes what is computed, only how fast. :func:`check_logits`
+refuses a model whose forward returns something else than logits before any of it is used.
 """
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
 
 from .. import distributed
+from .errors import ModelOutputError
 
 if TYPE_CHECKING:
     from ..config.schema import TrainConfig
@@ -88,3 +91,38 @@ def _buffer_sync(every_forward: bool) -> dict[str, bool]:
     """DDP's switch for broadcasting buffers from rank 0 before every forward (renamed in torch 2.13)."""
     params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
     return {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": every_forward}
+
+
+def check_logits(output: Any) -> None:
+    """Refuse, with one line naming the fix, a model output that is not one tensor of logits
+    (batch, classes): a tuple or list such as ``(logits, features)``, a dict, or another shape.
+
+    >>> check_logits(torch.zeros(2, 10))
+    >>> try:
+    ...     check_logits((torch.zeros(2, 10), torch.zeros(2, 64)))
+    ... except ModelOutputError as e:
+    ...     print(str(e).split(": ")[0])
+    the model returns a tuple of 2 items, not a tensor of logits
+    """
+    if isinstance(output, torch.Tensor):
+        if output.dim() != 2:
+            raise ModelOutputError(f"the model returns a tensor of shape {tuple(output.shape)}; training needs "
+                                   f"logits of shape (batch, classes)")
+        return
+    if isinstance(output, Mapping):
+        keys = list(output)
+        what = f"a dict (keys {', '.join(map(repr, keys[:5]))})"
+        pick = f"model(x)[{next((k for k in keys if 'logit' in str(k)), keys[0] if keys else 'logits')!r}]"
+    elif isinstance(output, (tuple, list)):
+        what, pick = f"a {type(output).__name__} of {len(output)} items", "model(x)[0]"
+    else:
+        what, pick = f"a {type(output).__name__}", "the logits"
+    raise ModelOutputError(f"the model returns {what}, not a tensor of logits: make its forward return the "
+                           f"logits only, or wrap it in a module whose forward returns {pick}")
+
+
+def check_logits_once(model: nn.Module) -> RemovableHandle:
+    """A forward hook on ``model`` that checks its output with :func:`check_logits` where the logits
+    are first used (the method's or the attack's first forward); the caller removes it after the
+    first step, so later steps pay nothing."""
+    return model.register_forward_hook(lambda module, args, output: check_logits(output))

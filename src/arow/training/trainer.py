@@ -14,28 +14,30 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
 
 from .. import __version__, distributed
 from ..attacks import get_attack
 from ..config.plan import ensure_resolved
 from ..config.schema import ConfigError, TrainConfig
-from ..data import TensorData
+from ..data import TensorData, as_data
 from ..data.extra import ExtraData, train_loader
 from ..evaluation.cascade import evaluate
+from ..modules import unwrap
 from ..methods import Method, MethodOutput, build_method
 from ..models.spec import ModelSpec
 from ..rng import BatchRNG
 from ..runs.checkpoint import CheckpointError, plain_state_dict, rng_state, set_rng_state
 from ..runs.selection import reported_model, reported_prefix, selection_key
 from ..threat import ThreatModel
-from .averaging import EMA, SWA
-from .callbacks import Callbacks, RunWriter, callback_list
+from .averaging import EMA, SWA, short_ema_warning
+from .callbacks import Callbacks, RunWriter, call_hook, callback_list
 from .errors import TrainingDiverged
-from .runtime import prepare_model, use_amp
+from .runtime import check_logits_once, prepare_model, use_amp
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -91,6 +93,14 @@ class Trainer:
     and continues a run (``resume``), :func:`arow.pipelines.train_run` also loads the data and builds
     the model. To continue from a state yourself: :meth:`load_state_dict`.
 
+    ``train_data`` (and ``val_data``) is a :class:`~arow.data.TensorData`, or anything
+    :func:`arow.data.as_data` reads, as :func:`arow.evaluate` does: a torch ``Dataset`` of
+    ``(image, label)`` pairs or a ``DataLoader`` of ``(images, labels)`` batches, read ONCE into
+    memory. The Trainer then batches (``cfg.batch_size``), shuffles and augments (``cfg.augment``)
+    itself every epoch: a DataLoader's own batch size, sampler and random transforms apply to that
+    one read only. The model's forward must return the logits alone (checked on the first batch).
+    ``callbacks`` are any objects with some of the hooks of :class:`~arow.training.callbacks.Callbacks`.
+
     >>> from arow.data import from_tensors
     >>> from arow.models import build_model
     >>> data = from_tensors(torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)))
@@ -105,14 +115,15 @@ class Trainer:
         self,
         cfg: TrainConfig,
         model: nn.Module,
-        train_data: TensorData,
-        val_data: Optional[TensorData] = None,
+        train_data: Any,
+        val_data: Any = None,
         *,
         method: Optional[Method] = None,
         model_spec: Union[ModelSpec, Mapping[str, Any], None] = None,
-        callbacks: Union[Callbacks, Sequence[Callbacks], None] = None,
+        callbacks: Union[Callbacks, Sequence[Any], Any, None] = None,
         extra: Optional[ExtraData] = None,
     ) -> None:
+        train_data, val_data = in_memory(train_data, "train_data"), in_memory(val_data, "val_data")
         self.cfg = cfg = plan_training(cfg, model, train_data, model_spec=model_spec, method=method)
         self.dist = distributed.setup(cfg.device)
         self.device = distributed.resolve_device(cfg.device, self.dist.local_rank)
@@ -127,9 +138,7 @@ class Trainer:
         # a MixedLoader with --extra-data (arow.data.extra), else a Loader of the real data
         self.loader = train_loader(cfg, self.train_data, extra, rank=self.dist.rank, world_size=self.dist.world_size)
         self.model, self.train_model = prepare_model(model, cfg, self.device, self.dist)
-        self.opt = torch.optim.SGD(sgd_param_groups(self.model, cfg.no_bn_decay), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
-                                   **_sgd_kernel(self.device))
+        self.opt = build_optimizer(self.model, cfg, self.device)
         self.swa = SWA(self.model) if cfg.swa_start is not None else None
         self.ema = EMA(self.model, cfg.ema, warmup=cfg.ema_warmup, bn=cfg.ema_bn) if cfg.ema is not None else None
         self.history: list[dict[str, Any]] = []
@@ -137,6 +146,7 @@ class Trainer:
         self.global_step = 0  # optimiser steps taken since the run began (step records, TensorBoard)
         self.best: dict[str, Any] = {"val_pgd_acc": -1.0, "epoch": None}
         self.callbacks = callback_list(callbacks)
+        self._logits_check: Optional[RemovableHandle] = None  # set by fit() until the first step
         if cfg.out and self.dist.is_main and not any(isinstance(cb, RunWriter) for cb in self.callbacks):
             log.warning("nothing is written to %s: a Trainer keeps no run folder itself "
                         "(arow.pipelines.build_trainer adds its writers)", cfg.out)
@@ -204,8 +214,11 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train up to ``cfg.epochs``; returns the final model (SWA average if SWA ran) in eval mode."""
         error: Optional[BaseException] = None
+        # the model's output is checked where its logits are first used (the first step), then unhooked
+        self._logits_check = check_logits_once(unwrap(self.train_model))
         try:
             self._call_start()
+            self._warn_short_ema()
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 record = self.train_epoch(epoch)
                 self._check_finite_weights(epoch)
@@ -213,27 +226,38 @@ class Trainer:
                 record.update(self._validate_epoch(epoch))
                 self._select(record)
                 self.history.append(record)
-                for cb in self.callbacks:
-                    cb.on_epoch_end(record)
+                call_hook(self.callbacks, "on_epoch_end", record)
             final = self.final_model()
             out = Path(self.cfg.out) if self.cfg.out else None
             result = TrainResult(final.eval(), self.history, out, self.best.get("epoch"))
-            for cb in self.callbacks:
-                cb.on_fit_end(result)
+            call_hook(self.callbacks, "on_fit_end", result)
             distributed.barrier()
             return result
         except BaseException as e:
             error = e
             raise
         finally:
-            for cb in self.callbacks:
-                cb.close(error)
+            self._end_logits_check()
+            call_hook(self.callbacks, "close", error)
+
+    def _end_logits_check(self) -> None:
+        if self._logits_check is not None:
+            self._logits_check.remove()
+            self._logits_check = None
+
+    def _warn_short_ema(self) -> None:
+        """One warning when the EMA model would stay close to the initial weights (see
+        :func:`~arow.training.averaging.short_ema_warning`)."""
+        if self.ema is not None and self.dist.is_main and self.start_epoch < self.cfg.epochs:
+            updates = self.ema.n_averaged + (self.cfg.epochs - self.start_epoch) * len(self.loader)
+            warning = short_ema_warning(self.ema, updates)
+            if warning:
+                log.warning(warning)
 
     def _call_start(self) -> None:
         error = None
         try:
-            for cb in self.callbacks:
-                cb.on_fit_start(self)
+            call_hook(self.callbacks, "on_fit_start", self)
         except ValueError as e:
             if not self.dist.enabled:
                 raise
@@ -248,7 +272,8 @@ class Trainer:
         for prefix, avg in self._averages().items():
             if avg.n_averaged > 0 and self.val_data is not None:
                 avg.recalibrate(self.loader, amp=self.amp)
-                record.update({f"{prefix}_{k}": v for k, v in self.validate(avg.model).items()})
+                scores = self.validate(avg.model, label=f"{prefix.upper()} model")
+                record.update({f"{prefix}_{k}": v for k, v in scores.items()})
         return record
 
     def _select(self, record: dict[str, Any]) -> None:
@@ -281,8 +306,7 @@ class Trainer:
         self.method.set_epoch(epoch, cfg.epochs)
         self.loader.set_epoch(epoch)
         steps = len(self.loader)
-        for cb in self.callbacks:
-            cb.on_epoch_start(epoch, cfg.epochs, steps)
+        call_hook(self.callbacks, "on_epoch_start", epoch, cfg.epochs, steps)
         self.train_model.train()
         # Metrics are summed on the device and read once per epoch (and on --log-every steps):
         # nothing else in this loop waits for the GPU (no .item(), no float(tensor), no
@@ -300,6 +324,7 @@ class Trainer:
             for g in self.opt.param_groups:
                 g["lr"] = lr
             outs = self._forward_backward(x, y, _step_seed(cfg.seed, epoch, step))
+            self._end_logits_check()
             # The first non-finite loss is recorded on the device and read every few steps (a read
             # per step would stall a GPU); nothing of an epoch is saved before its end, so the run
             # stops with every earlier checkpoint intact and names the exact step.
@@ -328,8 +353,7 @@ class Trainer:
                     hist += (b[:, None] == bins).sum(0)  # histc's bins, without its atomics
             if cfg.log_every and self.global_step % cfg.log_every == 0:  # device values read only here
                 self._log_step(epoch + (step + 1) / steps, lr, sums, count, window)
-            for cb in self.callbacks:
-                cb.on_step(step)
+            call_hook(self.callbacks, "on_step", step)
         keys = sorted(sums)
         packed = distributed.all_reduce_sum(torch.stack([sums[k] for k in keys] + list(hist)))
         totals = dict(zip(keys, packed[: len(keys)].tolist()))
@@ -361,8 +385,7 @@ class Trainer:
         record.update({k: (v - window["totals"].get(k, 0.0)) / n for k, v in totals.items()})
         record["grad_norm"] = values[-1]
         window.update(count=count, totals=totals)
-        for cb in self.callbacks:
-            cb.on_step_record(record)
+        call_hook(self.callbacks, "on_step_record", record)
 
     def _forward_backward(self, x: Tensor, y: Tensor, seed: int) -> list[tuple[MethodOutput, Tensor]]:
         """The method's outputs and labels per micro-batch of this rank's batch, gradients summed.
@@ -391,16 +414,19 @@ class Trainer:
         return outs
 
     @torch.no_grad()
-    def validate(self, model: Optional[nn.Module] = None) -> dict[str, float]:
-        """Clean and PGD accuracy on the held-out split of the TRAINING data (never the test set)."""
+    def validate(self, model: Optional[nn.Module] = None, *, label: str = "") -> dict[str, float]:
+        """Clean and PGD accuracy on the held-out split of the TRAINING data (never the test set),
+        logged as one line (``label`` names the model, e.g. ``"EMA model"``; none: the trained one)."""
         if self.val_data is None:
             return {}
-        for cb in self.callbacks:
-            cb.on_validation_start()
-        with torch.enable_grad():
+        call_hook(self.callbacks, "on_validation_start")
+        with torch.enable_grad(), _quiet(evaluate.__module__):  # its bare per-attack lines: one labelled line
             attacks = ["clean"] if self.cfg.val_attack == "clean" else ["clean", self.val_attack]
             res = evaluate(model or self.model, self.val_data.x, self.val_data.y, attacks, eps=self.threat.eps,
                            norm=self.threat.norm, num_classes=self.val_data.num_classes, seed=self.cfg.seed)
+        if self.dist.is_main:
+            accs = ", ".join(f"{k} {100 * v:.2f}%" for k, v in res.accuracy.items() if k != "worst_case")
+            log.info("validation%s (held-out %d): %s", f", {label}" if label else "", len(self.val_data), accs)
         return {"val_clean_acc": res.accuracy["clean"], "val_pgd_acc": res.accuracy[self.cfg.val_attack]}
 
     def _check_finite_loss(self, first_bad: Tensor, epoch: int) -> None:
@@ -444,9 +470,22 @@ def loss_exploded(loss: float, first: Optional[float]) -> bool:
     return loss > limit
 
 
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimiser of ``cfg.optimizer`` over :func:`sgd_param_groups`: ``sgd`` (``lr``, ``momentum``,
+    ``weight_decay``, ``nesterov``; the fused kernel on CUDA) or ``adamw`` (``torch.optim.AdamW`` with
+    ``lr`` and ``weight_decay``, default betas and eps)."""
+    groups = sgd_param_groups(model, cfg.no_bn_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer != "sgd":
+        raise ConfigError(f"--optimizer must be one of sgd, adamw, got {cfg.optimizer!r}")
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov, **_sgd_kernel(device))
+
+
 def sgd_param_groups(model: nn.Module, no_bn_decay: bool = False) -> list[dict[str, Any]]:
-    """SGD's parameter groups: one, or with ``no_bn_decay`` a second without weight decay holding the
-    weight and bias of every BatchNorm layer (SyncBatchNorm included).
+    """The optimiser's parameter groups: one, or with ``no_bn_decay`` a second without weight decay
+    holding the weight and bias of every BatchNorm layer (SyncBatchNorm included).
 
     >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     >>> [len(g["params"]) for g in sgd_param_groups(net, no_bn_decay=True)]
@@ -474,17 +513,41 @@ def _acc(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
     sums[key] = sums[key] + value if key in sums else value
 
 
-def plan_training(cfg: TrainConfig, model: nn.Module, data: TensorData, *,
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Warnings and errors only from the logger ``logger_name`` while inside."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def in_memory(data: Any, what: str) -> Optional[TensorData]:
+    """``data`` as a :class:`TensorData` (None stays None): a Dataset or a DataLoader (anything
+    :func:`arow.data.as_data` reads) is read once into memory, with a note saying so."""
+    if data is None or isinstance(data, TensorData):
+        return data
+    td = as_data(data)
+    log.info("%s: read %d examples of the %s into memory; the Trainer batches, shuffles and augments them "
+             "itself (cfg.batch_size, cfg.augment)", what, len(td), type(data).__name__)
+    return td
+
+
+def plan_training(cfg: TrainConfig, model: nn.Module, data: Any, *,
                   model_spec: Union[ModelSpec, Mapping[str, Any], None] = None,
                   method: Optional[Method] = None) -> TrainConfig:
     """The config a Trainer trains on: ``cfg`` itself if it is resolved already, else resolved once
     (:func:`arow.config.plan.resolve`) for this model and data: without a model spec the run is named
     after the model's class; data that is not a built-in data set (``from_tensors``, ``as_data``;
     a model spec may say which data set it is) names the run's data and needs an eps (the config's,
-    or that of ``method`` when the caller built it)."""
+    or that of ``method`` when the caller built it); a Dataset or DataLoader is ``custom`` data, as
+    :func:`arow.data.as_data` names it."""
     spec = as_model_spec(model_spec, model)
     return ensure_resolved(cfg, model_name=None if model_spec is not None else spec.name,
-                           data_name=spec.dataset or data.name,
+                           data_name=spec.dataset or getattr(data, "name", "custom"),
                            method_eps=method.threat.eps if method is not None else None)
 
 

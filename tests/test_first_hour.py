@@ -1,0 +1,333 @@
+"""What a new user meets in the first hour: the Python path (data loaders, callbacks, model outputs,
+image layout, the optimiser) and the command line's small rough edges."""
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from arow.cli.commands import build_parser, main
+from arow.cli.flags import dataclass_flags
+from arow.config import ConfigError, TrainConfig, preset_description, preset_names, resolve_config
+from arow.data import DataError, TensorData, as_data, from_tensors
+from arow.training.callbacks import HOOKS, Callbacks
+from arow.training.errors import ModelOutputError
+from arow.training.trainer import Trainer
+
+from conftest import fmnist_available, tiny_cnn
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _cfg(**kw):
+    base = dict(epochs=1, batch_size=16, eps=0.1, attack_steps=1, val_size=0, device="cpu", val_attack="pgd2",
+                seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _images(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.arange(n) % 10
+
+
+@pytest.fixture()
+def arow_logger_level():
+    """``main`` sets the level of the ``arow`` logger (-v); put it back afterwards."""
+    logger = logging.getLogger("arow")
+    level = logger.level
+    yield logger
+    logger.setLevel(level)
+
+
+# --------------------------------------------------------------------------- a DataLoader as training data
+def test_a_trainer_takes_a_dataloader_read_once_and_batched_by_the_config():
+    x, y = _images(48)
+    loader = DataLoader(TensorDataset(x, y), batch_size=5, shuffle=False)
+    val = DataLoader(TensorDataset(*_images(16, seed=1)), batch_size=7)
+    torch.manual_seed(0)
+    trainer = Trainer(_cfg(), tiny_cnn(), loader, val)
+    assert isinstance(trainer.train_data, TensorData) and torch.equal(trainer.train_data.x, x)
+    assert len(trainer.val_data) == 16
+    assert len(trainer.loader) == math.ceil(48 / 16)  # the config's batch, not the DataLoader's
+    result = trainer.fit()
+    assert len(result.history) == 1 and "val_pgd_acc" in result.history[0]
+    # the same as training on the tensors themselves
+    torch.manual_seed(0)
+    ref = Trainer(_cfg(), tiny_cnn(), from_tensors(x, y), from_tensors(*_images(16, seed=1))).fit()
+    for p, q in zip(result.model.state_dict().values(), ref.model.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_a_run_folder_trainer_takes_a_dataloader_too(tmp_path):
+    from arow.pipelines import build_trainer
+
+    loader = DataLoader(TensorDataset(*_images(32)), batch_size=10)
+    result = build_trainer(_cfg(out=str(tmp_path / "run")), tiny_cnn(), loader).fit()
+    assert len(result.history) == 1 and (tmp_path / "run" / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------- callbacks without subclassing
+class EpochsOnly:
+    def __init__(self):
+        self.epochs = []
+
+    def on_epoch_end(self, record):
+        self.epochs.append(record["epoch"])
+
+
+class StepsAndEnd:
+    def __init__(self):
+        self.steps, self.ended, self.closed = 0, None, "not yet"
+
+    def on_step(self, step):
+        self.steps += 1
+
+    def on_fit_end(self, result):
+        self.ended = len(result.history)
+
+    def close(self, error=None):
+        self.closed = error
+
+
+def test_any_object_with_some_hooks_is_a_callback():
+    a, b = EpochsOnly(), StepsAndEnd()
+    Trainer(_cfg(epochs=2), tiny_cnn(), from_tensors(*_images(32)), callbacks=[a, b]).fit()
+    assert a.epochs == [1, 2]
+    assert b.steps == 4 and b.ended == 2 and b.closed is None
+    one = EpochsOnly()
+    Trainer(_cfg(), tiny_cnn(), from_tensors(*_images(32)), callbacks=one).fit()  # a single one, not in a list
+    assert one.epochs == [1]
+
+
+def test_a_callback_without_hooks_or_a_class_is_refused_in_one_line():
+    data = from_tensors(*_images(32))
+    with pytest.raises(ValueError, match="has none of the hooks") as e:
+        Trainer(_cfg(), tiny_cnn(), data, callbacks=[object()])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"EpochsOnly is a class; pass an instance, e.g. callbacks=\[EpochsOnly\(\)\]"):
+        Trainer(_cfg(), tiny_cnn(), data, callbacks=[EpochsOnly])
+
+
+def test_the_hooks_are_documented_where_users_look():
+    doc = Callbacks.__doc__
+    usage = (ROOT / "docs" / "usage.md").read_text()
+    for hook in HOOKS:
+        assert f"``{hook}(" in doc, hook
+        assert f"`{hook}" in usage, hook
+
+
+# --------------------------------------------------------------------------- a model that returns more than logits
+class WithAux(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.net, self.kind = tiny_cnn(), kind
+
+    def forward(self, x):
+        logits = self.net(x)
+        if self.kind == "tuple":
+            return logits, logits.detach()
+        if self.kind == "dict":
+            return {"logits": logits, "aux": logits.detach()}
+        return logits
+
+
+@pytest.mark.parametrize("kind, needle", [("tuple", "a tuple of 2 items"), ("dict", "a dict (keys 'logits', 'aux')")])
+def test_a_model_returning_more_than_logits_gets_one_line_naming_the_fix(kind, needle):
+    trainer = Trainer(_cfg(), WithAux(kind), from_tensors(*_images(32)))
+    with pytest.raises(ModelOutputError) as e:
+        trainer.fit()
+    msg = str(e.value)
+    assert needle in msg and "return the logits only, or wrap it" in msg and "\n" not in msg
+    assert isinstance(e.value, ValueError)
+    assert not trainer.model._forward_hooks  # nothing is left on the model
+
+
+def test_the_output_check_runs_on_the_first_step_only(monkeypatch):
+    from arow.training import runtime
+
+    model = WithAux("logits")
+    trainer = Trainer(_cfg(epochs=2), model, from_tensors(*_images(32)), from_tensors(*_images(16, seed=1)))
+    checked_at = []
+    real = runtime.check_logits
+    monkeypatch.setattr(runtime, "check_logits", lambda out: checked_at.append(trainer.global_step) or real(out))
+    trainer.fit()
+    assert checked_at and set(checked_at) == {0}  # the forwards of the first step, none later
+    assert not model._forward_hooks  # unhooked: later steps and validation pay nothing
+
+
+# --------------------------------------------------------------------------- channels-last images
+def test_channels_last_images_are_refused_unless_the_data_set_says_so(caplog):
+    x, y = _images(8)
+    nhwc = x.permute(0, 2, 3, 1).contiguous()  # (8, 28, 28, 1)
+    with pytest.raises(DataError, match=r"looks channels-last \(N, H, W, C\).*permute\(0, 3, 1, 2\)") as e:
+        from_tensors(nhwc, y)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="channels-last"):
+        from_tensors(np.zeros((4, 32, 32, 3), np.uint8), [0, 1, 2, 3])
+    with pytest.raises(DataError, match="channels-last"):  # a loader's batches too
+        as_data(DataLoader(TensorDataset(nhwc, y), batch_size=4))
+    with caplog.at_level(logging.INFO):
+        d = from_tensors(nhwc, y, name="fashion-mnist")  # the data set's shape (1 x 28 x 28) decides
+    assert torch.equal(d.x, x) and "transposed" in caplog.text
+    with pytest.raises(DataError, match="channels-last"):  # does not fit the named data set's shape
+        from_tensors(torch.rand(2, 32, 32, 3), [0, 1], name="fashion-mnist")
+    assert torch.equal(from_tensors(x, y).x, x)  # (N, C, H, W) as it is
+    grey = torch.rand(2, 3, 8, 3)  # 3 channels of 8 x 3: not mistaken for channels-last
+    assert from_tensors(grey, [0, 1]).x.shape == (2, 3, 8, 3)
+
+
+# --------------------------------------------------------------------------- the optimiser
+def test_sgd_stays_the_default_and_adamw_takes_lr_and_weight_decay():
+    data = from_tensors(*_images(32))
+    sgd = Trainer(_cfg(lr=0.05, weight_decay=0.01, momentum=0.8), tiny_cnn(), data)
+    assert type(sgd.opt) is torch.optim.SGD and sgd.cfg.optimizer == "sgd"
+    g = sgd.opt.param_groups[0]
+    assert (g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) == (0.05, 0.8, 0.01, False)
+    adamw = Trainer(_cfg(optimizer="adamw", lr=1e-3, weight_decay=0.05, no_bn_decay=True), tiny_cnn(), data)
+    assert type(adamw.opt) is torch.optim.AdamW
+    decay, no_decay = adamw.opt.param_groups
+    assert decay["lr"] == 1e-3 and decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert decay["betas"] == (0.9, 0.999)
+    before = [p.detach().clone() for p in adamw.model.parameters()]
+    result = adamw.fit()
+    assert math.isfinite(result.history[0]["train_loss"])
+    assert any(not torch.equal(p, q) for p, q in zip(before, adamw.model.parameters()))
+
+
+def test_an_unknown_optimizer_is_one_line_listing_the_choices():
+    with pytest.raises(ValueError, match=r"--optimizer must be one of sgd, adamw, got 'adam'") as e:
+        Trainer(_cfg(optimizer="adam"), tiny_cnn(), from_tensors(*_images(32)))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="--nesterov applies to --optimizer sgd only"):
+        _cfg(optimizer="adamw", nesterov=True).validate()
+
+
+def test_the_optimizer_flag_is_generated_like_the_others():
+    p = build_parser()
+    a = p.parse_args(["train", "--optimizer", "adamw"])
+    assert resolve_config(dataclass_flags(a, TrainConfig)).optimizer == "adamw"
+    assert resolve_config(dataclass_flags(p.parse_args(["train"]), TrainConfig)).optimizer == "sgd"
+    with pytest.raises(SystemExit):
+        p.parse_args(["train", "--optimizer", "adam"])
+
+
+# --------------------------------------------------------------------------- flags named in the negative
+def test_a_no_setting_gets_a_flag_pair_not_no_no(capsys):
+    p = build_parser()
+    with pytest.raises(SystemExit):
+        p.parse_args(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--no-no-bn-decay" not in help_text and "--bn-decay" in help_text and "--no-bn-decay" in help_text
+    assert p.parse_args(["train", "--no-bn-decay"]).no_bn_decay is True
+    assert p.parse_args(["train", "--bn-decay"]).no_bn_decay is False
+    assert p.parse_args(["train"]).no_bn_decay is None  # not given: the preset or the default decides
+    off = resolve_config(dataclass_flags(p.parse_args(["train", "--bn-decay"]), TrainConfig),
+                         preset="cifar10-wrn28-10-ddpm")
+    assert off.no_bn_decay is False
+
+
+# --------------------------------------------------------------------------- what training prints
+def test_validation_lines_say_which_model_and_split(caplog):
+    data, val = from_tensors(*_images(32)), from_tensors(*_images(20, seed=1))
+    with caplog.at_level(logging.INFO):
+        Trainer(_cfg(ema=0.5), tiny_cnn(), data, val).fit()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("validation (held-out 20): clean ") and ", pgd2 " in m for m in lines), lines
+    assert any(m.startswith("validation, EMA model (held-out 20): clean ") for m in lines), lines
+    bare = [r.getMessage() for r in caplog.records if r.name == "arow.evaluation.cascade"]
+    assert not bare, bare
+
+
+def test_a_short_ema_run_warns_once_naming_the_warmup(caplog):
+    data = from_tensors(*_images(32))
+    with caplog.at_level(logging.WARNING):
+        Trainer(_cfg(ema=0.999), tiny_cnn(), data).fit()
+    warned = [r.getMessage() for r in caplog.records if "--ema-warmup" in r.getMessage()]
+    assert len(warned) == 1 and "about 1000 optimiser steps" in warned[0] and "takes 2" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        Trainer(_cfg(ema=0.999, ema_warmup=True), tiny_cnn(), data).fit()  # warm-up forgets the start quickly
+        Trainer(_cfg(ema=0.2), tiny_cnn(), data).fit()  # a horizon shorter than the run
+    assert "--ema-warmup" not in caplog.text
+
+
+@pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST not installed")
+def test_the_eps_curve_logs_no_line_per_point(tmp_path, caplog):
+    from arow.evaluation.curve import eps_curve
+    from arow.pipelines import train_run
+
+    out = tmp_path / "run"
+    train_run(TrainConfig(epochs=1, limit_train=64, val_size=0, batch_size=32, attack_steps=1, out=str(out),
+                          eval_attacks="", device="cpu"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        curve = eps_curve(out, n=20, factors=(0, 0.5, 1), attack="pgd2")
+    assert len(curve["points"]) == 3
+    info = [r.getMessage() for r in caplog.records if r.name.startswith("arow.evaluation")]
+    assert len(info) == 1 and info[0].startswith("eps curve of"), info
+
+
+# --------------------------------------------------------------------------- a shorter run than the preset's
+def test_a_preset_swa_start_beyond_a_shorter_run_is_scaled_with_a_note(caplog):
+    with caplog.at_level(logging.INFO):
+        cfg = resolve_config({"epochs": 4}, preset="cifar10-resnet18")
+    assert cfg.swa_start == 2 and cfg.epochs == 4  # 51 of 120 epochs -> 1.7 of 4
+    assert "swa_start 51 of the preset (set for 120 epochs) is past --epochs 4: scaled to 2" in caplog.text
+    assert resolve_config({"epochs": 60}, preset="cifar10-resnet18").swa_start == 51  # within the run: kept
+    with pytest.raises(ConfigError, match="--swa-start must be in"):  # the user's own value stays an error
+        resolve_config({"epochs": 4, "swa_start": 51}, preset="cifar10-resnet18")
+    with pytest.raises(ConfigError, match="--swa-start must be in"):
+        resolve_config({"epochs": 4, "swa_start": 51})
+
+
+def test_every_epoch_counting_preset_value_follows_a_shorter_run(tmp_path):
+    preset = tmp_path / "long.yaml"
+    preset.write_text("dataset: cifar10\nepochs: 10\nschedule: step\nmilestones: [6, 9]\nwarmup_epochs: 5\n")
+    cfg = resolve_config({"epochs": 4}, preset=str(preset))
+    assert cfg.milestone_epochs() == pytest.approx([2.4, 3.6]) and cfg.warmup_epochs == pytest.approx(2.0)
+    kept = resolve_config({"epochs": 8}, preset=str(preset))  # only the milestone at 9 is past 8: all scale
+    assert kept.milestone_epochs() == pytest.approx([4.8, 7.2]) and kept.warmup_epochs == 5
+
+
+# --------------------------------------------------------------------------- pseudo-labels of a memory-mapped file
+def test_pseudo_labelling_read_only_images_raises_no_numpy_warning():
+    code = ("import warnings, numpy as np, torch.nn as nn\n"
+            "from arow.pseudo import predict\n"
+            "warnings.filterwarnings('error', message='.*not writable')\n"
+            "a = np.zeros((5, 4, 4, 1), np.uint8); a.setflags(write=False)\n"
+            "labels, conf = predict(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), a, batch_size=2)\n"
+            "print(len(labels))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stdout.strip() == "5", r.stderr
+
+
+# --------------------------------------------------------------------------- arow list, -q and -v
+def test_list_prints_every_preset_description_whole(capsys, arow_logger_level):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())
+    for name in preset_names():
+        assert " ".join(preset_description(name).split()) in flat, name
+    assert " ..." not in out
+    assert max(len(line) for line in out.splitlines()) <= 100  # wrapped, at the default width
+
+
+def test_quiet_and_verbose_work_after_the_command_too(capsys, arow_logger_level):
+    p = build_parser()
+    assert p.parse_args(["eval", "-q", "RUN"]).quiet and p.parse_args(["-q", "eval", "RUN"]).quiet
+    assert p.parse_args(["eval", "RUN", "-v"]).verbose and p.parse_args(["-v", "eval", "RUN"]).verbose
+    assert not p.parse_args(["eval", "RUN"]).verbose
+    assert main(["list", "-v"]) == 0
+    assert arow_logger_level.level == logging.DEBUG
+    capsys.readouterr()
+    assert main(["-q", "list", "-v"]) == 2
+    assert "contradict" in capsys.readouterr().err
