@@ -306,7 +306,7 @@ def test_curves_use_the_step_records(logged_run):
 
 
 def test_tensorboard_groups_histogram_and_hparams(logged_run):
-    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'arow[tensorboard]')")
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install -e '.[tensorboard]')")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(logged_run / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})

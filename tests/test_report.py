@@ -215,7 +215,7 @@ def test_eps_curve_json_and_png(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One epoch of ARoW on 96 random images with TensorBoard on (skipped without tensorboard)."""
-    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'arow[tensorboard]')")
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install -e '.[tensorboard]')")
     from arow.config.schema import TrainConfig
     from arow.data import from_tensors
     from arow.models import build_model

@@ -215,7 +215,7 @@ def test_bad_launcher_settings_stop_with_one_line(tmp_path, fake_slurm, capsys):
 
 def test_without_submitit_the_launcher_stops_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "submitit", None)  # `import submitit` now fails as if not installed
-    line = "arow: error: --launcher slurm needs submitit: pip install 'arow[slurm]'"
+    line = "arow: error: --launcher slurm needs submitit: pip install -e '.[slurm]'"
     assert main(["study", "--methods", "arow", "--baseline", "arow", "--seeds", "0", "--out", str(tmp_path / "s"),
                  "--launcher", "slurm", "--time", "10"]) == 2
     assert one_line_error(capsys) == line

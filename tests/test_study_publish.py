@@ -151,3 +151,16 @@ def test_per_image_tests_come_from_the_stored_verdicts(tmp_path):
         assert tests["clean", seed]["p"] == 1.0 and tests["clean", seed]["diff"] == 0  # no discordant image
     assert "## Per image, seed by seed" in (src / "results.md").read_text()
     assert not any("_verdicts" in c for c in res["cells"])  # not copied into results.json
+
+
+def test_arow_study_publish_on_the_command_line(tmp_path, capsys):
+    from arow.cli.commands import main
+
+    src = tmp_path / "study"
+    _study(src, [0, 1])
+    assert main(["study", "--publish", str(src), "--to", str(tmp_path / "pub")]) == 0
+    assert (tmp_path / "pub" / "results.md").is_file() and not list((tmp_path / "pub").rglob("*.pt"))
+    capsys.readouterr()
+    assert main(["study", "--publish", str(src)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("arow: error: ") and "--to" in err and len(err.splitlines()) == 1

@@ -2,7 +2,8 @@
 
 A source is a run folder, an arow checkpoint (``.pt``), a safetensors export, your own model built
 by a Python factory (``pkg.module:function``) with weights, a TorchScript file or an exported
-program (``torch.export``, ``.pt2``). :func:`open_source` says what is known about it before
+program (``torch.export``, ``.pt2``), or a model of the RobustBench zoo by name (:func:`open_robustbench`,
+:mod:`arow.evaluation.zoo`). :func:`open_source` says what is known about it before
 anything is loaded (:class:`ModelSource`: the data set, norm and eps it was trained at, the run
 folder, the name its results are filed under); :meth:`ModelSource.load` then loads the model
 (:class:`LoadedModel`), an ``nn.Module`` in eval mode taking inputs in [0, 1] and returning logits.
@@ -13,7 +14,8 @@ programs ARE code (their graph runs with your permissions, and can read and writ
 loading one needs ``trust_code=True`` (``--trust-code``). The kind of a file is what it declares:
 ``.pt2`` (or ``model_format="exported-program"``) is an exported program, a TorchScript archive
 (or ``model_format="torchscript"``) TorchScript; a ``.pt`` file is never opened as an exported
-program, whatever it holds. A factory is your own code, named explicitly.
+program, whatever it holds. A factory is your own code, named explicitly. A RobustBench checkpoint is a
+pickle that the robustbench package loads with ``torch.load``: it needs ``trust_code=True`` too.
 
 >>> loaded = load_source("runs/fmnist-arow")                                     # doctest: +SKIP
 >>> loaded = load_source(None, model_factory="mypkg.nets:wrn", weights="wrn.safetensors",
@@ -40,6 +42,7 @@ from ..models.spec import ModelSpec
 from ..runs.checkpoint import read_checkpoint
 from ..runs.records import model_from_checkpoint, resolve_checkpoint
 from ..runs.rundir import RunDir
+from .zoo import ZooEntry, load_zoo_model, zoo_entry
 
 PathLike = Union[str, os.PathLike]
 #: the kinds of model files that are code, loaded only with ``trust_code=True``
@@ -77,7 +80,8 @@ class ModelSource:
     """What is known about a model before it is loaded (nothing has run yet).
 
     ``kind``: run, checkpoint, export (arow wrote it), factory (your function; its weights from
-    ``weights`` or from a run's checkpoint), torchscript, exported-program, or module (in memory).
+    ``weights`` or from a run's checkpoint), torchscript, exported-program, module (in memory), or
+    robustbench (a zoo model, ``path`` its checkpoint ``DIR/<dataset>/<threat model>/<NAME>.pt``).
     ``trained_norm``/``trained_eps``: what it was trained at (None: not known, your own model).
     ``run_dir`` and ``tag``: the run folder its results go to and the checkpoint it names
     (``eval_<tag>.json``); ``info``: what the results record about it (checkpoint, method, ...).
@@ -151,6 +155,8 @@ class ModelSource:
                 _load_state(model, self.checkpoint["model"], str(self.checkpoint.get("path")))
             elif self.weights is not None:
                 load_weights(model, self.weights)
+        elif self.kind == "robustbench":
+            model = load_zoo_model(_zoo_entry_at(self.name, Path(str(self.path))))
         else:
             model = _from_code_file(self.kind, Path(str(self.path)), device)
         return LoadedModel(model.to(device).eval(), self)
@@ -239,6 +245,42 @@ def open_source(source: Union[PathLike, nn.Module, None] = None, *, dataset: Opt
             src = _arow_source(path, kind, which, model_factory, weights, in_memory=model is not None)
             src = dataclasses.replace(src, module=model) if model is not None else src
     return _with_dataset(src, dataset)
+
+
+def open_robustbench(robustbench_model: str, model_dir: PathLike = "models", *, dataset: Optional[str] = None,
+                     threat_model: Literal["Linf", "L2"] = "Linf", trust_code: bool = False) -> ModelSource:
+    """A model of the RobustBench zoo (:mod:`arow.evaluation.zoo`): its name checked against robustbench's
+    zoo, its weights found on disk (nothing is downloaded) and the trust checked; nothing is loaded. Its
+    results go next to its checkpoint (``eval_<NAME>.json``); the radius defaults to RobustBench's.
+
+    >>> src = open_robustbench("Addepalli2021Towards_RN18", "models", trust_code=True)  # doctest: +SKIP
+
+    Args:
+        robustbench_model: evaluate this model of the RobustBench zoo (needs pip install -e '.[robustbench]'),
+            built and loaded by robustbench's own loader from ``model_dir``/<dataset>/<threat model>/NAME.pt;
+            the file must be there (nothing is downloaded). Its checkpoint is a pickle that robustbench
+            loads with torch.load: pass --trust-code if you trust it. --dataset defaults to cifar10
+        model_dir: the folder robustbench keeps its models in (its model_dir), holding
+            <dataset>/<threat model>/NAME.pt
+        dataset: the zoo's data set (cifar10 or cifar100; default cifar10)
+        threat_model: the zoo's threat model of ``robustbench_model``; the default --eps is RobustBench's,
+            8/255 for Linf and 0.5 for L2
+        trust_code: load the pickled checkpoint (robustbench's torch.load can run code from the file)
+    """
+    entry = zoo_entry(robustbench_model, model_dir, dataset or "cifar10", threat_model)
+    if not trust_code:
+        raise UserModelError(f"{entry.path}: a RobustBench checkpoint is a pickle (torch.save) that robustbench "
+                             f"loads with torch.load, which can run code from the file; pass --trust-code if you "
+                             f"trust where it came from")
+    info = {"model": entry.name, "source": "RobustBench model zoo", "checkpoint": str(entry.path),
+            "threat_model": entry.threat_model}
+    return ModelSource("robustbench", entry.name, path=entry.path, dataset=entry.dataset, trained_norm=entry.norm,
+                       trained_eps=entry.eps, info=info)
+
+
+def _zoo_entry_at(name: str, path: Path) -> ZooEntry:
+    """The zoo entry whose checkpoint is ``path`` (``DIR/<dataset>/<threat model>/<NAME>.pt``), checked again."""
+    return zoo_entry(name, path.parents[2], path.parent.parent.name, path.parent.name)
 
 
 def declared_kind(path: Path, model_format: Optional[str] = None) -> str:

@@ -13,6 +13,8 @@ A run folder (``arow train --out DIR``) holds:
 ``eval_state/``     the progress of an interrupted evaluation
 ``diverged.json``   written when training stopped on a non-finite loss or weight
 ``.lock``           held (``flock``) by the process that trains into the folder: pid and host
+``tensorboard/``    with ``--tensorboard``; ``mlruns/`` (MLflow's local store) and ``wandb/`` (W&B's
+                    files) with ``--mlflow`` / ``--wandb`` when no other place is configured
 ==================  =========================================================================
 
 Writes are atomic (temporary file, fsync, rename) and never follow a symlink planted in the folder.
@@ -61,6 +63,7 @@ class RunDir:
                                                      "robustbench.json")
     CURVES, PER_CLASS, WEIGHTS, EPS_CURVE, EPS_CURVE_PNG, TENSORBOARD = (
         "curves.png", "per_class.png", "weights.png", "eps_curve.json", "eps_curve.png", "tensorboard")
+    MLRUNS, WANDB = "mlruns", "wandb"
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)

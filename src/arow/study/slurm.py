@@ -1,4 +1,4 @@
-"""Studies and big runs on a Slurm cluster, through submitit (optional: ``pip install 'arow[slurm]'``).
+"""Studies and big runs on a Slurm cluster, through submitit (optional: ``pip install -e '.[slurm]'``).
 
 ``arow study STUDY.yaml --out DIR --launcher slurm`` (:func:`submit_study`) checks and prepares the
 study as ``arow study`` does (every cell's config resolved by ``arow train``'s resolver into its
@@ -58,7 +58,7 @@ Cluster = Literal["slurm", "local"]
 #: ``--launcher`` values: this machine's pool (or process), a Slurm cluster, and submitit's local
 #: executor standing in for Slurm (the same jobs, run on this machine: for tests)
 LAUNCHERS = {"local": None, "slurm": "slurm", "slurm-local": "local"}
-MISSING = "--launcher slurm needs submitit: pip install 'arow[slurm]'"
+MISSING = "--launcher slurm needs submitit: pip install -e '.[slurm]'"
 #: the cluster's job states (sacct) that mean "waiting to run" and "running"
 QUEUED = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD"})
 RUNNING = frozenset({"RUNNING", "COMPLETING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESIZING"})
