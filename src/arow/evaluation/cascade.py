@@ -365,3 +365,16 @@ def _check_ball(x_adv: Tensor, x: Tensor, ball: ThreatModel, name: str) -> None:
     if dev > ball.eps + 1e-5 or lo < 0.0 or hi > 1.0:
         raise RuntimeError(f"attack {name} left the threat model: max {ball.label} |delta| {dev:.4g} "
                            f"(eps {ball.eps}), range [{lo:.4g}, {hi:.4g}]")
+
+
+@contextlib.contextmanager
+def quiet_attack_lines() -> Iterator[None]:
+    """Inside, the cascade logs warnings and errors only, not its line per attack (for callers that
+    print the result their own way: a validation line, an eps-curve table)."""
+    logger = logging.getLogger(__name__)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -8,18 +8,17 @@ attack at several multiples of its training eps and writes ``eps_curve.json`` in
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from .. import distributed
 from ..data import load_dataset
 from ..runs.checkpoint import Which
 from ..runs.rundir import RunDir
-from .cascade import evaluate as run_attacks
+from .cascade import quiet_attack_lines
 from .protocol import evaluate
 from .settings import EvalSettings, GuardSettings, resolve_threat
 from .sources import open_source
@@ -82,7 +81,7 @@ def eps_curve(
     for f in factors:
         e = f * train_eps
         attacks = ["clean"] if e == 0 else ["clean", attack]  # at eps 0 the attack cannot move: clean accuracy
-        with _quiet(run_attacks.__module__):  # the curve is one table at the end, not two lines per point
+        with quiet_attack_lines():  # the curve is one table at the end, not two lines per point
             report = evaluate(model, data, dataclasses.replace(base, attacks=attacks, eps=e, norm=norm),
                               GuardSettings(enabled=False))
         acc = report.accuracy[attacks[-1]]
@@ -94,14 +93,3 @@ def eps_curve(
     RunDir(run).write_json(RunDir.EPS_CURVE, out)
     return out
 
-
-@contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """Warnings and errors only from the logger ``logger_name`` while inside."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ from ..config.plan import ensure_resolved
 from ..config.schema import ConfigError, TrainConfig
 from ..data import TensorData, as_data
 from ..data.extra import ExtraData, train_loader
-from ..evaluation.cascade import evaluate
+from ..evaluation.cascade import evaluate, quiet_attack_lines
 from ..modules import unwrap
 from ..methods import Method, MethodOutput, build_method
 from ..models.spec import ModelSpec
@@ -420,7 +420,7 @@ class Trainer:
         if self.val_data is None:
             return {}
         call_hook(self.callbacks, "on_validation_start")
-        with torch.enable_grad(), _quiet(evaluate.__module__):  # its bare per-attack lines: one labelled line
+        with torch.enable_grad(), quiet_attack_lines():  # its bare per-attack lines: one labelled line
             attacks = ["clean"] if self.cfg.val_attack == "clean" else ["clean", self.val_attack]
             res = evaluate(model or self.model, self.val_data.x, self.val_data.y, attacks, eps=self.threat.eps,
                            norm=self.threat.norm, num_classes=self.val_data.num_classes, seed=self.cfg.seed)
@@ -512,17 +512,6 @@ def _sgd_kernel(device: torch.device) -> dict[str, bool]:
 def _acc(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
     sums[key] = sums[key] + value if key in sums else value
 
-
-@contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """Warnings and errors only from the logger ``logger_name`` while inside."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def in_memory(data: Any, what: str) -> Optional[TensorData]:
