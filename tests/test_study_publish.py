@@ -164,3 +164,24 @@ def test_arow_study_publish_on_the_command_line(tmp_path, capsys):
     assert main(["study", "--publish", str(src)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("arow: error: ") and "--to" in err and len(err.splitlines()) == 1
+
+
+def test_rows_runs_some_rows_now_and_keeps_the_whole_study(tmp_path, monkeypatch):
+    import arow.study.runner as runner
+
+    seen = []
+    monkeypatch.setattr(runner.Study, "run", lambda self, plans, **kw: seen.extend(p.name for p in plans) or {})
+    monkeypatch.setattr(runner, "collect", lambda path: StudyDir(path).results(StudyDir.RESULTS, "md").write_text("x"))
+    spec = StudySpec.from_dict({"methods": ["arow", "trades", {"method": "trades", "label": "trades-b3.5",
+                                                                "method_args": {"beta": 3.5}}],
+                                "seeds": [0, 1], "aa_n": 0, "eps_curve_n": 0,
+                                "plan": {"primary_metrics": ["clean"], "baseline": "trades",
+                                         "comparisons": ["arow", "trades-b3.5"], "correction": "holm",
+                                         "alpha": 0.05}})
+    runner.run_study(tmp_path / "s", spec, rows="arow,trades")
+    assert seen == ["arow-s0", "trades-s0", "arow-s1", "trades-s1"]
+    stored = StudyDir(tmp_path / "s").read_spec()
+    assert [m if isinstance(m, str) else m["label"] for m in stored["methods"]] == ["arow", "trades", "trades-b3.5"]
+    assert (tmp_path / "s" / "cells" / "trades-b3.5-s1" / "cell.json").is_file()  # prepared, not run
+    with pytest.raises(StudyError, match="--rows trades-b9: not rows of the study"):
+        runner.run_study(tmp_path / "s", spec, rows="trades-b9")

@@ -176,7 +176,7 @@ def cmd_study(a: argparse.Namespace) -> int:
         submit_study(**call_args(a, submit_study, path=a.out, spec=spec, cluster=LAUNCHERS[a.launcher],
                                  echo=lambda s: print(s, flush=True)))
         return 0
-    failed, results = run_study(a.out, spec, jobs=a.jobs, echo=lambda s: print(s, flush=True))
+    failed, results = run_study(a.out, spec, jobs=a.jobs, rows=a.rows, echo=lambda s: print(s, flush=True))
     print(results)
     if failed:
         print(f"arow: {len(failed)} run(s) failed: {', '.join(failed)} (see results.md; rerun the command to "
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("spec", nargs="?", help="study YAML (methods, seeds, preset, overrides, ...); flags override it")
     add_dataclass_flags(st, StudySpec, skip=["overrides", "plan"])
     st.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run (repeatable)")
-    add_function_flags(st, run_study, ["jobs"])
+    add_function_flags(st, run_study, ["jobs", "rows"])
     _launcher_flags(st, submit_study, "submit the unfinished cells as one job array (one job per cell)",
                     ["time", "partition", "account", "gpus_per_cell", "cpus_per_cell", "mem", "constraint",
                      "sbatch_arg", "array_parallelism", "max_requeues"])

@@ -263,7 +263,7 @@ def prepare_study(path: PathLike, spec: StudySpec) -> str:
     return "\n".join([f"# {len(plans)} cells of study {study.path}, prepared"] + _listing(study, plans))
 
 
-def run_study(path: PathLike, spec: StudySpec, *, jobs: int = 1,
+def run_study(path: PathLike, spec: StudySpec, *, jobs: int = 1, rows: Optional[str] = None,
               echo: Callable[[str], None] = print) -> tuple[list[str], str]:
     """Run every unfinished cell of the study in ``path`` (:meth:`Study.run`), then build the comparison
     (:func:`~arow.study.collect.collect`); returns the names of the cells that failed and the text of
@@ -273,15 +273,23 @@ def run_study(path: PathLike, spec: StudySpec, *, jobs: int = 1,
         path: study folder (run folders go into PATH/cells)
         spec: what the study trains and how it scores it
         jobs: runs at once (one per GPU when several are visible, else sharing the CPU threads)
+        rows: run only these rows' cells now, comma-separated labels (e.g. the primary rows first); the
+            study keeps all its rows: study.json, the plan and the comparison are the whole study's
         echo: where the progress lines go
     """
     if jobs < 1:
         raise StudyError(f"--jobs must be >= 1, got {jobs}")
     plans = resolve_cells(spec)
+    labels = [v.label for v in spec.variants]
+    only = [r.strip() for r in (rows or "").split(",") if r.strip()]
+    unknown = [r for r in only if r not in labels]
+    if unknown:
+        raise StudyError(f"--rows {', '.join(unknown)}: not rows of the study ({', '.join(labels)})")
     study = Study(path, spec)
     study.dir.lock()
     try:
         study.prepare(plans)
+        plans = [p for p in plans if not only or p.label in only]
         what = "an EXPLORATORY study on the first %d test images" % spec.eval_n if spec.exploratory else "a study"
         log.info("%s: %s, %d runs (%d methods), %d at a time", path, what, len(plans), len(spec.variants), jobs)
         status = study.run(plans, jobs=jobs, echo=echo)
