@@ -331,3 +331,13 @@ def test_quiet_and_verbose_work_after_the_command_too(capsys, arow_logger_level)
     capsys.readouterr()
     assert main(["-q", "list", "-v"]) == 2
     assert "contradict" in capsys.readouterr().err
+
+
+def test_a_yaml_boolean_where_a_word_belongs_says_to_quote_it(tmp_path):
+    from arow.study.spec import StudyError, StudySpec
+    from arow.study.cells import resolve_cells
+
+    spec = StudySpec.from_dict({"methods": ["arow", "trades"], "overrides": {"amp": False}, "aa_n": 0,
+                                "eps_curve_n": 0})
+    with pytest.raises(StudyError, match=r"expected str, got bool False \(YAML reads off/on/yes/no as booleans"):
+        resolve_cells(spec)

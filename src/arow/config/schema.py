@@ -269,5 +269,7 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
         return float(value)
     wrong = not isinstance(value, origin) or (origin is int and isinstance(value, bool))
     if origin in (int, float, str, bool) and wrong:
-        raise ConfigError(f"config key {key!r}: expected {origin.__name__}, got {type(value).__name__} {value!r}")
+        hint = (" (YAML reads off/on/yes/no as booleans: quote the word, e.g. 'off')"
+                if origin is str and isinstance(value, bool) else "")
+        raise ConfigError(f"config key {key!r}: expected {origin.__name__}, got {type(value).__name__} {value!r}{hint}")
     return value
