@@ -341,3 +341,11 @@ def test_a_yaml_boolean_where_a_word_belongs_says_to_quote_it(tmp_path):
                                 "eps_curve_n": 0})
     with pytest.raises(StudyError, match=r"expected str, got bool False \(YAML reads off/on/yes/no as booleans"):
         resolve_cells(spec)
+
+
+def test_print_config_checks_hyperparameter_ranges(capsys):
+    from arow.cli.commands import main
+
+    assert main(["train", "--print-config", "--method", "trades", "--trades-beta", "-5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "arow: error: --beta must be >= 0, got -5.0"

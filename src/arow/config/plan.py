@@ -266,4 +266,9 @@ def _method_args(base: dict[str, Any], preset_method: str, method_overrides: dic
             raise ConfigError(f"--{dest.replace('_', '-')} does not apply to method {method!r} "
                               f"(it takes: {', '.join(takes) or 'none'})")
         margs[table[dest][method]] = value
+    for k, v in margs.items():  # each value within its stated range now, not when training starts
+        try:
+            allowed[k].check(k, v)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return margs
