@@ -1,6 +1,8 @@
 """Shared fixtures: small real data and a small model trained on it in a few seconds."""
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,23 @@ def trained_model(fmnist_small):
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(fn, tmp: Path, world: int, timeout_s: float, what: str = "distributed workers") -> None:
+    """Run ``fn(rank, world, port, tmp)`` in ``world`` spawned processes; fail (not hang) after ``timeout_s``."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=(world, _free_port(), str(tmp)), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{what} did not finish within {timeout_s}s (a rank hangs?)")

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 
+from conftest import _free_port, spawn_ranks
 from arow.attacks import Attack
 from arow.config.schema import ConfigError, TrainConfig
 from arow.data import TensorData
@@ -185,23 +183,9 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(fn, tmp: Path) -> None:
     """Run ``fn(rank, WORLD, port, tmp)`` in WORLD processes; fail (not hang) after a timeout."""
-    ctx = mp.start_processes(fn, args=(WORLD, _free_port(), str(tmp)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"distributed workers did not finish within {SPAWN_TIMEOUT_S}s (a rank hangs?)")
+    spawn_ranks(fn, tmp, WORLD, SPAWN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 
+from conftest import spawn_ranks
 from arow.attacks import Attack, pgd
 from arow.attacks.pgd import PinnedNoise, device_noise
 from arow.data import TensorData
@@ -254,22 +252,8 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     os._exit(0)  # see tests/test_distributed.py: gloo's threads and interpreter shutdown
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_error_on_one_rank_is_raised_on_every_rank_and_nothing_hangs(tmp_path):
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"the ranks did not finish within {SPAWN_TIMEOUT_S}s: one waits for a rank that failed")
+    spawn_ranks(_worker, tmp_path, WORLD, SPAWN_TIMEOUT_S, "the ranks (one waiting for a rank that failed?)")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert ranks[0] == ranks[1]  # the same outcome, error class and message on both ranks
     out = ranks[0]
