@@ -36,6 +36,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_timing, also when imported from elsewhere
+
+from bench_timing import Stopwatch  # noqa: E402
 
 from arow import load_model  # noqa: E402
 from arow.attacks import ce_loss, pgd  # noqa: E402
@@ -50,6 +53,19 @@ from arow.evaluation.cascade import evaluate  # noqa: E402
 from arow.evaluation.guards import run_guards  # noqa: E402
 from arow.models import build_model  # noqa: E402
 from arow.threat import ThreatModel  # noqa: E402
+
+
+def ready_model(ckpt: str | None, train_steps: int, eps: float, attack_steps: int, device: torch.device,
+                seed: int) -> tuple[torch.nn.Module, str, float]:
+    """The model to evaluate on ``device`` (the run folder or checkpoint ``ckpt``, else a small CNN
+    trained briefly), what it is, and the seconds it took to get ready."""
+    t0 = time.perf_counter()
+    if ckpt:
+        model, source = load_model(ckpt, device=device).eval(), ckpt
+    else:
+        model = train_small_cnn(train_steps, eps, attack_steps, device, seed)
+        source = f"small-cnn, {train_steps} Adam steps of PGD-{attack_steps} training"
+    return model, source, time.perf_counter() - t0
 
 
 def train_small_cnn(steps: int, eps: float, attack_steps: int, device: torch.device, seed: int) -> torch.nn.Module:
@@ -185,14 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
 
-    t0 = time.perf_counter()
-    if a.ckpt:
-        model = load_model(a.ckpt, device=device)
-        source = a.ckpt
-    else:
-        model = train_small_cnn(a.train_steps, a.eps, a.attack_steps, device, a.seed)
-        source = f"small-cnn, {a.train_steps} Adam steps of PGD-{a.attack_steps} training"
-    train_s = time.perf_counter() - t0
+    model, source, train_s = ready_model(a.ckpt, a.train_steps, a.eps, a.attack_steps, device, a.seed)
     test = load_dataset("fashion-mnist", split="test").subset(a.n).to(device)
     x, y = test.x, test.y
 
@@ -219,12 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     # interleaved (a, b, a, b, ...): load on a shared machine falls on both sides alike
     ours_t, direct_t = [], []
     for _ in range(a.repeats):
-        t0 = time.perf_counter()
-        res, ours = run_ours()
-        ours_t.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        theirs = run_direct()
-        direct_t.append(time.perf_counter() - t0)
+        with Stopwatch(device) as t:
+            res, ours = run_ours()
+        ours_t.append(t.seconds)
+        with Stopwatch(device) as t:
+            theirs = run_direct()
+        direct_t.append(t.seconds)
     ours_s, direct_s = statistics.median(ours_t), statistics.median(direct_t)
     ratios = [d / o for o, d in zip(ours_t, direct_t)]
 
@@ -248,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         print_breakdown(model, x, y, res.correct["pgd20"], a)
     if a.guards_n:  # what `arow eval` adds before evaluating
         full = load_dataset("fashion-mnist", split="test").subset(a.guards_n).to(device)
-        t0 = time.perf_counter()
-        results = run_guards(model, full.x, full.y, eps=a.eps, n=a.guards_n, batch_size=a.batch_size)
-        print(f"guards on {a.guards_n} images: {time.perf_counter() - t0:.1f}s; "
+        with Stopwatch(device) as t:
+            results = run_guards(model, full.x, full.y, eps=a.eps, n=a.guards_n, batch_size=a.batch_size)
+        print(f"guards on {a.guards_n} images: {t.seconds:.1f}s; "
               + ", ".join(f"{r.name} {'pass' if r.passed else 'FAIL'} ({r.seconds:.1f}s)" for r in results))
     return 0
 

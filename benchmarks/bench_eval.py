@@ -12,12 +12,14 @@ stay the same.
     python benchmarks/bench_eval.py --ckpt runs/fmnist-arow                # 2000 images, batches 100..2000, 1 and 2 threads
     python benchmarks/bench_eval.py --n 2000 --threads 1 --repeats 3       # trains a small CNN briefly first
     python benchmarks/bench_eval.py --n 100 --batch-sizes 50,100 --threads 1 --repeats 1 --train-steps 20   # smoke
-    python benchmarks/bench_eval.py --ckpt runs/fmnist-arow --device cuda --n 10000 --threads 1 \
-        --batch-sizes 100,500,1000,2000,5000
+    python benchmarks/bench_eval.py --ckpt runs/fmnist-arow --n 10000 --threads 1 \
+        --batch-sizes 100,500,1000,2000,5000                               # on the GPU when there is one
 
-On CUDA (``--device cuda``) every setting is warmed up once on its own batch shape before the
-timed repeats (cuDNN autotuning stays outside them) and the timers sit between
-``torch.cuda.synchronize()`` calls; ``--threads`` then only sets the CPU threads of the host side.
+``--device`` (default ``auto``: CUDA when PyTorch sees a GPU, else the CPU) places the model and
+the images. Every evaluation runs in the settings ``arow eval`` pins (strict float32: TF32 off,
+cuDNN's autotuner off; :func:`arow.evaluation.cascade.float32_kernels`). On CUDA every setting is
+warmed up once on its own batch shape before the timed repeats, and the timers wait for the
+device (``bench_timing.Stopwatch``); ``--threads`` then only sets the CPU threads of the host side.
 """
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ import copy
 import logging
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_autoattack, also when imported from elsewhere
 
-from bench_autoattack import markdown, train_small_cnn  # noqa: E402
+from bench_autoattack import markdown, ready_model  # noqa: E402
+from bench_timing import Stopwatch  # noqa: E402
 
-from arow import load_model  # noqa: E402
 from arow.distributed import resolve_device  # noqa: E402
 from arow.data import load_dataset  # noqa: E402
-from arow.evaluation.cascade import evaluate  # noqa: E402
+from arow.evaluation.cascade import EvalResult, evaluate, float32_kernels  # noqa: E402
 
 ATTACKS = ("clean", "pgd20")
 
@@ -75,18 +76,19 @@ def settings_for(batch_sizes: list[int], threads: list[int], cl_batches: list[in
     return rows + [Setting(t, b, True) for t in threads for b in cl_batches]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def evaluate_as_arow_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s: Setting,
+                          eps: float) -> EvalResult:
+    """``evaluate(clean, pgd20)`` at the setting's threads and batch, in the kernels ``arow eval`` pins."""
+    torch.set_num_threads(s.threads)
+    with float32_kernels():
+        return evaluate(model, x, y, list(ATTACKS), eps=eps, batch_size=s.batch)
 
 
 def run_one(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s: Setting, eps: float) -> None:
-    torch.set_num_threads(s.threads)
-    _sync(x.device)
-    t0 = time.perf_counter()
-    res = evaluate(model, x, y, list(ATTACKS), eps=eps, batch_size=s.batch)
-    _sync(x.device)
-    s.seconds.append(time.perf_counter() - t0)
+    """One timed repeat of setting ``s`` (the clock waits for the device at both ends)."""
+    with Stopwatch(x.device) as t:
+        res = evaluate_as_arow_eval(model, x, y, s, eps)
+    s.seconds.append(t.seconds)
     s.pgd_seconds.append(res.seconds["pgd20"])
     correct = {k: res.correct[k].cpu() for k in ATTACKS}
     if not s.correct:
@@ -102,7 +104,7 @@ def compare(s: Setting, first: Setting) -> str:
     return text if s.stable else text + "; repeats differ"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", help="arow run folder or checkpoint (default: train a small CNN briefly)")
     p.add_argument("--n", type=int, default=2000, help="first N test images (default 2000)")
@@ -116,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=300, help="without --ckpt: brief PGD training steps")
     p.add_argument("--attack-steps", type=int, default=3, help="PGD steps in the brief adversarial training")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--device", default="auto", help="auto (default: cuda if PyTorch sees a GPU, else cpu), cpu, "
+                   "cuda or cuda:N")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     batch_sizes, threads = parse_ints(a.batch_sizes), parse_ints(a.threads)
@@ -129,26 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         p.error(str(e).splitlines()[0])
 
-    t0 = time.perf_counter()
-    if a.ckpt:
-        model, source = load_model(a.ckpt, device=device).eval(), a.ckpt
-    else:
-        model = train_small_cnn(a.train_steps, a.eps, a.attack_steps, device, a.seed)
-        source = f"small-cnn, {a.train_steps} Adam steps of PGD-{a.attack_steps} training"
-    ready_s = time.perf_counter() - t0
+    model, source, ready_s = ready_model(a.ckpt, a.train_steps, a.eps, a.attack_steps, device, a.seed)
     test = load_dataset("fashion-mnist", split="test").subset(a.n).to(device)
     x, y = test.x, test.y
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last) if cl_batches else None
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
     rows = settings_for(batch_sizes, threads, cl_batches)
-    # untimed warm-up (oneDNN kernels, caches); on CUDA every setting's own batch shape (cuDNN autotuning)
+    # untimed warm-up (oneDNN kernels, caches); on CUDA every setting's own batch shape (cuDNN's first calls)
     warm = rows if device.type == "cuda" else (rows[0], *[r for r in rows if r.channels_last][:1])
     for s in warm:
         m, xs = (model_cl, x_cl) if s.channels_last else (model, x)
-        torch.set_num_threads(s.threads)
-        evaluate(m, xs[: min(len(x), s.batch)], y[: min(len(x), s.batch)], list(ATTACKS), eps=a.eps,
-                 batch_size=s.batch)
+        evaluate_as_arow_eval(m, xs[: min(len(x), s.batch)], y[: min(len(x), s.batch)], s, a.eps)
     for _ in range(a.repeats):
         for s in rows:
             m, xs = (model_cl, x_cl) if s.channels_last else (model, x)

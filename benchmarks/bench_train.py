@@ -5,6 +5,7 @@ Runs from a checkout without installing the package (it puts ``src/`` on the pat
     python benchmarks/bench_train.py --models small-cnn --threads 1 --repeats 3
     python benchmarks/bench_train.py --device cuda --json bench-h100.json
     python benchmarks/bench_train.py --device cuda --amp off --tf32 off   # strict float32, against the float32 peak
+    python benchmarks/bench_train.py --device cuda --compile   # exit status 1 if a row recompiled or ran eagerly
 
 ``--help`` lists the flags; what is timed, and the reference-style baseline, are in
 benchmarks/train_step.py; docs/performance.md shows measured results.
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1, help="alternate ours/reference N times, keep the best")
     b.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     b.add_argument("--no-reference", action="store_true", help="time our step only")
-    b.add_argument("--compile", action="store_true", help="torch.compile the model in our step")
+    b.add_argument("--compile", action="store_true", help="torch.compile the model in our step; dynamo is reset "
+                   "for every row, and a row whose timed steps compile again or run eagerly fails (exit status 1)")
     b.add_argument("--amp", default="auto", help="our step's precision: auto (bf16 on CUDA and native-bf16 CPUs), "
                    "off (float32), bf16, or a list timed side by side, e.g. off,bf16")
     b.add_argument("--device", default="auto")
@@ -73,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         atomic_write_text(json.dumps(res.to_json(), indent=2) + "\n", a.json)
         print(f"written {a.json}")
+    if res.failed:  # a compiled row timed eager code or a compilation: its number is not worth writing down
+        print(f"bench_train: error: {len(res.failed)} compiled row(s) compiled again or ran eagerly in their timed "
+              f"steps: {', '.join(f'{r.model}/{r.method}/batch {r.batch}/{r.precision}' for r in res.failed)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

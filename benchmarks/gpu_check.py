@@ -100,6 +100,7 @@ from arow.runs.checkpoint import atomic_write_text  # noqa: E402
 from arow.training.callbacks import Callbacks  # noqa: E402
 from arow.training.trainer import Trainer  # noqa: E402
 
+from bench_timing import Stopwatch  # noqa: E402
 from train_step import FallbackLog, dynamo_counts, dynamo_report  # noqa: E402
 from train_step import pinned_tf32 as tf32  # noqa: E402
 
@@ -241,11 +242,6 @@ class Budget:
         return self.deadline - time.monotonic()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def amp_of(precision: str) -> str:
     return "bf16" if precision == "bf16" else "off"
 
@@ -311,11 +307,9 @@ def run_steps(trainer: Trainer, n: int, epoch: int = 0) -> float:
     b = trainer.cfg.batch_size
     trainer.loader = Loader(trainer.train_data.subset(b * n), b, shuffle=True, augment="crop+flip",
                             seed=trainer.cfg.seed, drop_last=True)
-    sync(trainer.device)
-    t0 = time.perf_counter()
-    trainer.train_epoch(epoch)
-    sync(trainer.device)
-    return time.perf_counter() - t0
+    with Stopwatch(trainer.device) as t:
+        trainer.train_epoch(epoch)
+    return t.seconds
 
 
 # --------------------------------------------------------------------------- host synchronisation
@@ -464,12 +458,10 @@ def time_plain(name: str, sc: Scale, device: torch.device, precision: str, secon
     step = functools.partial(plain_trades_step, net, opt, data.x, data.y, sc.k, precision == "bf16")
 
     def timed(n: int) -> float:
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        sync(device)
-        return time.perf_counter() - t0
+        with Stopwatch(device) as t:
+            for _ in range(n):
+                step()
+        return t.seconds
 
     timed(sc.warmup)
     n = timed_steps(sc, timed(1) if sc.timed > 1 else math.nan, seconds)
@@ -610,23 +602,21 @@ def loader_row(sc: Scale, device: torch.device, budget: Budget) -> Row:
 
 def _count_syncs(fn: Callable[[], Any], device: torch.device) -> tuple[int, float]:
     """Host synchronisations (CUDA's sync debug mode as warnings; :class:`HostSyncOps` on the CPU) and seconds."""
-    sync(device)
-    t0 = time.perf_counter()
-    if device.type == "cuda":
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
+    with Stopwatch(device) as t:  # its own synchronisations fall outside the counting
+        if device.type == "cuda":
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    fn()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            n = sum("synchroniz" in str(w.message) for w in caught)
+        else:
+            with HostSyncOps() as counter:
                 fn()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        n = sum("synchroniz" in str(w.message) for w in caught)
-    else:
-        with HostSyncOps() as counter:
-            fn()
-        n = len(counter.ops)
-    sync(device)
-    return n, time.perf_counter() - t0
+            n = len(counter.ops)
+    return n, t.seconds
 
 
 class Unbreakable(nn.Module):
@@ -666,11 +656,9 @@ def autoattack_row(sc: Scale, device: torch.device, budget: Budget) -> Row:
     with tf32(True):
         warm_up = AutoAttackSettings(n_iter=2, square_queries=2)  # the same images, so the same batch shapes
         run_autoattack(model, x, y, EPS, settings=warm_up)
-        sync(device)
-        t0 = time.perf_counter()
-        _, info = run_autoattack(model, x, y, EPS, settings=settings, timing=True)
-        sync(device)
-        seconds = time.perf_counter() - t0
+        with Stopwatch(device) as t:
+            _, info = run_autoattack(model, x, y, EPS, settings=settings, timing=True)
+        seconds = t.seconds
     robust = sc.aa_n - sum(info["broken_by"].values())
     row.images_s = sc.aa_n / seconds
     projected = seconds * AA_IMAGES / sc.aa_n
@@ -706,11 +694,9 @@ def eval_batch_row(sc: Scale, device: torch.device, budget: Budget) -> Row:
                 run_attacks(model, x, y, ["clean", get_autoattack(EPS, n_iter=1, square_queries=1)], eps=EPS,
                             batch_size=b)
             atk = get_autoattack(EPS, n_iter=n_iter, square_queries=queries)
-            sync(device)
-            t0 = time.perf_counter()
-            res = run_attacks(model, x, y, ["clean", atk], eps=EPS, batch_size=b)
-            sync(device)
-            rates[b], robust[b] = sc.eval_n / (time.perf_counter() - t0), int(res.correct[atk.name].sum())
+            with Stopwatch(device) as t:
+                res = run_attacks(model, x, y, ["clean", atk], eps=EPS, batch_size=b)
+            rates[b], robust[b] = sc.eval_n / t.seconds, int(res.correct[atk.name].sum())
     row.images_s = rates[large]
     row.implied = f"{rates[large] / rates[small]:.2f}x batch {small} ({rate(rates[small])} images/s)"
     row.check = f"{'pass' if robust[small] == robust[large] == sc.eval_n else 'FAIL'}: {robust[large]} and " \
@@ -867,12 +853,10 @@ def attack_compile_row(batch: int, sc: Scale, device: torch.device, budget: Budg
             pgd(model, data.x, data.y, threat, ce_loss)
 
     def timed(model: nn.Module, n: int) -> float:
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            attack(model)
-        sync(device)
-        return time.perf_counter() - t0
+        with Stopwatch(device) as t:
+            for _ in range(n):
+                attack(model)
+        return t.seconds
 
     rates, warm = {}, {}
     for name, model in (("eager", net), ("compiled", compiled)):

@@ -42,6 +42,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_timing, also when imported from elsewhere
+
+from bench_timing import now  # noqa: E402
 
 from arow.distributed import resolve_device  # noqa: E402
 from arow.training.callbacks import Callbacks  # noqa: E402
@@ -100,9 +103,7 @@ class ProfileSteps(Callbacks):
 
     def _now(self) -> float:
         """perf_counter once the device has finished what was queued (CUDA), else at once."""
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return now(self.device)
 
     def on_fit_start(self, trainer: Any) -> None:
         self.trainer = trainer
@@ -141,6 +142,19 @@ class ProfileSteps(Callbacks):
         """Median unprofiled step time over the warm-up steps after the first (None with < 2)."""
         gaps = [b - a for a, b in zip(self.marks[1 : self.warmup], self.marks[2 : self.warmup + 1])]
         return statistics.median(gaps) if gaps else None
+
+
+def profiler_settings(device: torch.device) -> tuple[list[ProfilerActivity], str]:
+    """What the profile records on ``device`` and the operator table's default sort key: CPU
+    activity by self CPU time, and on CUDA also CUDA activity, by self device (kernel) time.
+
+    >>> activities, sort_by = profiler_settings(torch.device("cuda"))
+    >>> ProfilerActivity.CUDA in activities, sort_by
+    (True, 'self_device_time_total')
+    """
+    if device.type == "cuda":
+        return [ProfilerActivity.CPU, ProfilerActivity.CUDA], "self_device_time_total"
+    return [ProfilerActivity.CPU], "self_cpu_time_total"
 
 
 def region_seconds(prof: profile, device_time: bool = False) -> dict[str, float]:
@@ -220,15 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(cfg.device)
     except ValueError as e:
         p.error(str(e).splitlines()[0])
-    cuda = device.type == "cuda"
-    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []), record_shapes=False)
+    activities, sort_by = profiler_settings(device)
+    prof = profile(activities=activities, record_shapes=False)
     cb = ProfileSteps(prof, a.warmup, a.steps, device)
     train_run(cfg, callbacks=[cb], plots=False)
     if cb.t1 is None:
         raise SystemExit(f"profile_epoch: the epoch had fewer than {a.warmup + a.steps} steps "
                          f"(training set smaller than {n} images?)")
-    sort_by = a.sort_by or ("self_device_time_total" if cuda else "self_cpu_time_total")
-    table = prof.key_averages().table(sort_by=sort_by, row_limit=a.rows)
+    table = prof.key_averages().table(sort_by=a.sort_by or sort_by, row_limit=a.rows)
     text = f"{table}\n{summary(cb, cfg.batch_size)}\n"
     print(text, end="")
     if a.out:

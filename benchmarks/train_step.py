@@ -20,11 +20,11 @@ frozen, a training backward = 2x) for both columns, so their ratio is the speed-
 machine's peak is a large matrix multiply (float32 on the CPU, bf16 on CUDA), and each row's "% of
 peak" divides by the matmul peak of its own precision: bf16, or on CUDA float32 with TF32 pinned
 on or off for the whole run (``tf32=``; PyTorch's own default runs convolutions in TF32 but
-matmuls not), measured with that same setting. PGD-20 time is measured on a fixed subset, after a
-warm-up on the timed batch shapes (cuDNN autotuning stays outside the timed loop). With
-``compile=True`` dynamo's caches are reset before every timed configuration, and each row reports
-its compilations (one after the warm-up means the timed steps ran code compiled for them, or fell
-back to eager).
+matmuls not), measured with that same setting. PGD-20 time is measured on a fixed subset in the
+evaluation's settings (strict float32, cuDNN autotuner off), after a warm-up on the timed batch
+shapes. With ``compile=True`` dynamo's caches are reset before every timed configuration, and
+each row reports its compilations; a row whose timed steps compiled again, or whose frames fell
+back to eager, is marked FAILED (``Row.failed``): its number is not compiled code's.
 
 >>> ours_cost("arow", steps=10), reference_style_cost("arow", steps=10)   # forward-equivalents per image
 (27, 36)
@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import platform
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -51,10 +50,13 @@ from arow import distributed
 from arow.attacks import get_attack
 from arow.config.schema import TrainConfig
 from arow.data import Loader, TensorData
+from arow.evaluation.cascade import float32_kernels
 from arow.methods import METHODS, Passes
 from arow.models import MODELS, build_model, model_flops
 from arow.training.runtime import use_amp
 from arow.training.trainer import Trainer
+
+from bench_timing import Stopwatch, now, sync
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -120,7 +122,8 @@ def dynamo_report(before: dict[str, int], warm: dict[str, int], after: dict[str,
                   fallbacks: int) -> tuple[str, bool]:
     """The dynamo summary of a compiled run and whether it is suspect: a compilation after the
     warm-up (the timed steps ran something not compiled before), a frame that fell back to eager,
-    or one that failed to compile.
+    or one that failed to compile. A frame that hits the recompile limit both logs the warning
+    :class:`FallbackLog` counts and counts as a failed frame: one fallback, not two.
 
     >>> z = {"frames": 0, "compiles": 0, "graphs": 0, "breaks": 0, "failed": 0}
     >>> w = {"frames": 1, "compiles": 3, "graphs": 3, "breaks": 0, "failed": 0}
@@ -128,7 +131,7 @@ def dynamo_report(before: dict[str, int], warm: dict[str, int], after: dict[str,
     ('graphs 3, 3 compile(s) of 1 frame(s), 0 after warm-up, graph breaks 0, eager fallbacks 0', False)
     """
     later = after["compiles"] - warm["compiles"]
-    eager = fallbacks + (after["failed"] - before["failed"])
+    eager = max(fallbacks, after["failed"] - before["failed"])
     text = (f"graphs {after['graphs'] - before['graphs']}, {after['compiles']} compile(s) of {after['frames']} "
             f"frame(s), {later} after warm-up, graph breaks {after['breaks'] - before['breaks']}, "
             f"eager fallbacks {eager}")
@@ -245,11 +248,6 @@ DEFAULTS = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def device_name(device: torch.device) -> str:
     """``NVIDIA H100 80GB HBM3`` or the CPU's model name, with its thread count."""
     if device.type == "cuda":
@@ -276,11 +274,9 @@ def matmul_peak(device: torch.device, n: Optional[int] = None, reps: int = 10,
     a @ b  # warm-up
     best = math.inf
     for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
+        with Stopwatch(device) as t:
+            a @ b
+        best = min(best, t.seconds)
     what = f"{n}x{n} {str(dtype).replace('torch.', '')} matmul"
     if device.type == "cuda" and dtype == torch.float32:
         what += f" (TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'})"
@@ -300,10 +296,12 @@ def _build(model: str, shape: Shape, seed: int) -> nn.Module:
 
 
 def time_ours(model: str, method: str, batch: int, iters: int, warmup: int, steps: int, device: torch.device,
-              *, compile: bool = False, amp: str = "auto", seed: int = 0) -> tuple[float, str]:
+              *, compile: bool = False, amp: str = "auto", seed: int = 0) -> tuple[float, str, bool]:
     """Seconds for ``iters`` training steps of the Trainer (after ``warmup`` untimed ones), and with
     ``compile`` dynamo's summary (:func:`dynamo_report`; its caches are reset first, so every
-    configuration compiles afresh instead of filling one cache until later rows run eagerly)."""
+    configuration compiles afresh instead of filling one cache until later rows run eagerly) and
+    whether the timing failed: the timed steps compiled again or a frame fell back to eager
+    (logged as an error at once)."""
     shape = shape_for(model)
     x, y = synthetic_uint8(shape, batch * max(iters, warmup), seed)
     data = TensorData(torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255.0), torch.from_numpy(y), 10)
@@ -324,13 +322,13 @@ def time_ours(model: str, method: str, batch: int, iters: int, warmup: int, step
         warm = dynamo_counts()
         trainer.loader = Loader(trainer.train_data.subset(batch * iters), batch, shuffle=True, augment=shape.augment,
                                 seed=seed, drop_last=True)
-        _sync(device)
+        sync(device)
         seconds = float(trainer.train_epoch(1)["seconds"])  # ends with the epoch's one host read
-        summary = ""
-        if compile:
-            summary, suspect = dynamo_report(before, warm, dynamo_counts(), fallbacks.count)
-            summary += " (SUSPECT: the timed steps compiled or ran eagerly)" if suspect else ""
-        return seconds, summary
+        summary, failed = dynamo_report(before, warm, dynamo_counts(), fallbacks.count) if compile else ("", False)
+        if failed:
+            summary = f"FAILED: the timed steps compiled again or ran eagerly ({summary})"
+            log.error("%s / %s / batch %d / amp %s: %s", model, method, batch, amp, summary)
+        return seconds, summary, failed
     finally:
         if compile:
             logging.getLogger("torch._dynamo").removeHandler(fallbacks)
@@ -353,18 +351,19 @@ def time_reference(model: str, method: str, batch: int, iters: int, warmup: int,
     t0 = None
     for i, (xb, yb) in enumerate(loader):
         if i == warmup:
-            _sync(device)
-            t0 = time.perf_counter()
+            t0 = now(device)
         reference_style_step(net, opt, xb.to(device), yb.to(device, non_blocking=True), method, shape.eps, steps)
-    _sync(device)
-    return time.perf_counter() - t0
+    return now(device) - t0
 
 
 def time_pgd20(model: str, n: int, device: torch.device, *, batch: int = 500, seed: int = 0) -> float:
-    """Seconds for PGD-20 (evaluation settings, fp32) on ``n`` fixed images, all of them attacked.
+    """Seconds for PGD-20 on ``n`` fixed images, all of them attacked, in the evaluation's settings:
+    strict float32 with cuDNN's autotuner off (:func:`arow.evaluation.cascade.float32_kernels`, as
+    ``arow eval`` pins them unless ``--tf32``), whatever the run pinned for training.
 
     The warm-up attacks the first batch and, if ``n`` is not a multiple of ``batch``, the last
-    one: every batch shape the timed loop sees is autotuned before it (``cudnn.benchmark``).
+    one: every batch shape the timed loop sees has run once before it (cuDNN's kernel choice,
+    the allocator's blocks), so no first-call cost lands in the timed loop.
     """
     shape = shape_for(model)
     x, y = synthetic_uint8(shape, n, seed)
@@ -372,14 +371,13 @@ def time_pgd20(model: str, n: int, device: torch.device, *, batch: int = 500, se
     yt = torch.from_numpy(y).to(device)
     net = _build(model, shape, seed).to(device).eval()
     attack = get_attack("pgd20", shape.eps)
-    for i in sorted({0, (n - 1) // batch * batch}):  # warm-up: the timed batch shapes
-        attack(net, xt[i : i + batch], yt[i : i + batch])
-    _sync(device)
-    t0 = time.perf_counter()
-    for i in range(0, n, batch):
-        attack(net, xt[i : i + batch], yt[i : i + batch])
-    _sync(device)
-    return time.perf_counter() - t0
+    with float32_kernels():
+        for i in sorted({0, (n - 1) // batch * batch}):  # warm-up: the timed batch shapes
+            attack(net, xt[i : i + batch], yt[i : i + batch])
+        with Stopwatch(device) as t:
+            for i in range(0, n, batch):
+                attack(net, xt[i : i + batch], yt[i : i + batch])
+    return t.seconds
 
 
 # --------------------------------------------------------------------------- the run
@@ -399,8 +397,9 @@ class Row:
     ours_cost: int
     ref_cost: Optional[int]
     amp: str = "auto"  # our step's precision: off (float32) or bf16 autocast
-    precision: str = "float32"  # bf16, float32, or tf32 (float32 with TF32 pinned on, CUDA)
+    precision: str = "float32"  # bf16, float32, or on CUDA "float32 (TF32 on)" / "float32 (TF32 off)"
     dynamo: str = ""  # with compile: graphs, compilations (after the warm-up: must be 0), fallbacks
+    failed: bool = False  # with compile: the timed steps compiled again or ran eagerly (``dynamo`` says which)
 
 
 @dataclass
@@ -415,6 +414,11 @@ class BenchResult:
     def to_json(self) -> dict[str, Any]:
         return {"device": self.device, "peak_gflops": self.peak_gflops, "peak_what": self.peak_what,
                 "rows": [asdict(r) for r in self.rows], "pgd20": self.pgd20, "meta": self.meta}
+
+    @property
+    def failed(self) -> list[Row]:
+        """The compiled rows whose timed steps compiled again or ran eagerly."""
+        return [r for r in self.rows if r.failed]
 
     def markdown(self) -> str:
         """The tables docs/performance.md shows."""
@@ -435,8 +439,12 @@ class BenchResult:
         out = [f"Device: {self.device}; peak {self.peak_gflops:.1f} GFLOP/s ({self.peak_what})"
                + (f"; matmul peaks by precision: {peaks} (% of peak: against the row's own precision)" if peaks else "")
                + ".", "", *lines]
+        if self.failed:
+            out += ["", f"FAILED: {len(self.failed)} compiled row(s) compiled again or ran eagerly in their timed "
+                        f"steps; their images/s are not compiled code's (the dynamo column says which)."]
         if self.meta.get("tf32"):
-            out += ["", f"CUDA: TF32 pinned {self.meta['tf32']} for the whole run (float32 rows, their peak, PGD-20)."]
+            out += ["", f"CUDA: TF32 pinned {self.meta['tf32']} for the whole run (float32 rows and their peak); "
+                        f"PGD-20 runs as arow eval does (TF32 off, cuDNN autotuner off)."]
         if self.pgd20:
             out += ["", "| model | PGD-20 images | seconds | img/s |", "|---|---|---|---|"]
             out += [f"| {p['model']} | {p['n']} | {p['seconds']:.2f} | {_num(p['n'] / p['seconds'])} |"
@@ -550,12 +558,15 @@ def _measure(model: str, method: str, steps_of: dict[int, int], wu: int, steps: 
              ",".join(map(str, steps_of)), ",".join(map(str, steps_of.values())), repeats)
     t_ours: dict[tuple[int, str], list[float]] = {(b, p): [] for b in steps_of for p in precisions}
     summaries: dict[tuple[int, str], str] = {}
+    failed: dict[tuple[int, str], bool] = {}  # any repeat failed: the row fails, with that repeat's summary
     t_ref: dict[int, list[float]] = {b: [] for b in steps_of}
     for _ in range(repeats):  # alternate, so every side sees the same background load
         for b, it in steps_of.items():
             for p in precisions:
-                seconds, summaries[b, p] = time_ours(model, method, b, it, wu, steps, dev, compile=compile, amp=p,
-                                                     seed=seed)
+                seconds, summary, bad = time_ours(model, method, b, it, wu, steps, dev, compile=compile, amp=p,
+                                                  seed=seed)
+                if bad or not failed.get((b, p)):
+                    summaries[b, p], failed[b, p] = summary, bad
                 t_ours[b, p].append(seconds)
             if reference and method in REFERENCE_METHODS:
                 t_ref[b].append(time_reference(model, method, b, it, wu, steps, dev, seed=seed))
@@ -568,7 +579,8 @@ def _measure(model: str, method: str, steps_of: dict[int, int], wu: int, steps: 
         prec = "bf16" if use_amp(p, dev) else fp32
         rows.append(Row(model, method, b, steps, ours, ref, gflop, ours * gflop, None if ref is None else ref * gflop,
                         0.0, shape.train_images / ours, cost,
-                        reference_style_cost(method, steps) if ref is not None else None, p, prec, summaries[b, p]))
+                        reference_style_cost(method, steps) if ref is not None else None, p, prec, summaries[b, p],
+                        failed[b, p]))
         if on_row is not None:
             on_row(f"{model} / {method} / batch {b} / {prec}: ours {ours:.1f} img/s"
                    + ("" if ref is None else f", reference {ref:.1f} img/s")

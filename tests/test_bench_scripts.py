@@ -166,6 +166,197 @@ def test_bench_train_times_several_batch_sizes_side_by_side(capsys):
     assert "whole numbers" in capsys.readouterr().err
 
 
+# --------------------------------------------------------------------------- timing on a GPU, checked on the CPU
+@pytest.fixture
+def bench_path():
+    """The benchmark scripts importable (``import train_step``) for one test."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _flags() -> tuple[bool, bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+
+
+@pytest.fixture
+def flags_on():
+    """TF32 (matmuls and convolutions) and cuDNN's autotuner on, as a training run leaves them; the
+    process's own flags put back after the test."""
+    saved = _flags()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+@pytest.fixture
+def cuda_syncs(monkeypatch) -> list:
+    """``torch.cuda.synchronize`` recorded instead of called, so a ``cuda`` device's timing runs on the CPU."""
+    events: list = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(f"sync {device}"))
+    return events
+
+
+def test_stopwatch_waits_for_the_device_before_each_clock_read(bench_path, cuda_syncs, monkeypatch):
+    import bench_timing
+
+    clock = iter([10.0, 12.5, 20.0, 20.25])
+    monkeypatch.setattr(bench_timing.time, "perf_counter", lambda: cuda_syncs.append("clock") or next(clock))
+    with bench_timing.Stopwatch(torch.device("cuda", 0)) as t:
+        cuda_syncs.append("work")
+    assert cuda_syncs == ["sync cuda:0", "clock", "work", "sync cuda:0", "clock"] and t.seconds == 2.5
+    cuda_syncs.clear()
+    with bench_timing.Stopwatch(torch.device("cpu")) as t:
+        pass
+    assert cuda_syncs == ["clock", "clock"] and t.seconds == 0.25  # nothing to wait for on the CPU
+
+
+def test_bench_train_divides_each_row_by_the_peak_of_its_own_precision(bench_path, monkeypatch, flags_on):
+    """float32 rows against a float32 peak measured with the TF32 setting the rows ran under, bf16 rows
+    against a bf16 peak; the precision column and the peaks line say which."""
+    import train_step
+
+    seen = []
+
+    def peak(device, n=None, reps=10, dtype=None):
+        seen.append((dtype, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return (400.0, "bf16") if dtype == torch.bfloat16 else (100.0, "float32")
+
+    monkeypatch.setattr(train_step, "matmul_peak", peak)
+    res = train_step.run(["small-cnn"], ["arow"], device="cpu", batch_size=4, iters=1, warmup=0, steps=1, pgd_n=0,
+                         reference=False, amp="off,bf16", tf32="off")
+    assert [r.precision for r in res.rows] == ["float32", "bf16"]
+    assert [r.peak_fraction for r in res.rows] == [res.rows[0].ours_gflops / 100.0, res.rows[1].ours_gflops / 400.0]
+    assert "matmul peaks by precision: float32 100.0 GFLOP/s; bf16 400.0 GFLOP/s" in res.markdown()
+    assert {tuple(flags) for _, *flags in seen} == {(False, False)}  # every peak measured under the pinned setting
+    assert _flags() == (True, True, True)  # and the flags came back
+    cuda = torch.device("cuda")  # on a GPU a float32 row says its TF32 setting and has a peak of that name
+    assert train_step.float32_label(cuda, True) == "float32 (TF32 on)"
+    assert set(train_step._peaks(cuda, train_step.float32_label(cuda, False))) == {"float32 (TF32 off)", "bf16"}
+
+
+def test_pgd20_timing_warms_up_every_timed_shape_in_the_evaluations_settings(bench_path, monkeypatch, flags_on):
+    import train_step
+
+    events: list = []
+
+    def attack(net, x, y):
+        events.append((len(x), _flags()))
+        return x
+
+    class Marked(train_step.Stopwatch):
+        def __enter__(self):
+            events.append("start")
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            events.append("stop")
+            return super().__exit__(*exc)
+
+    monkeypatch.setattr(train_step, "get_attack", lambda name, eps: attack)
+    monkeypatch.setattr(train_step, "Stopwatch", Marked)
+    assert train_step.time_pgd20("small-cnn", 5, torch.device("cpu"), batch=2) >= 0
+    start, stop = events.index("start"), events.index("stop")
+    warm, timed = events[:start], events[start + 1 : stop]
+    assert [n for n, _ in timed] == [2, 2, 1] and {n for n, _ in timed} <= {n for n, _ in warm}
+    assert {f for _, f in warm + timed} == {(False, False, False)}  # strict float32, no autotuner: as arow eval
+    assert _flags() == (True, True, True)  # the flags training left came back
+
+
+def test_dynamo_fallback_to_eager_is_counted_once_and_flagged(bench_path):
+    """A frame over dynamo's recompile limit runs eagerly: the warning and the failed frame are one fallback."""
+    import logging
+
+    import train_step
+
+    fallbacks = train_step.FallbackLog()
+    logging.getLogger("torch._dynamo").addHandler(fallbacks)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            torch._dynamo.reset()
+            f = torch.compile(lambda x: x * 2 + 1, backend="eager")
+            before = train_step.dynamo_counts()
+            f(torch.ones(2))
+            warm = train_step.dynamo_counts()
+            for dtype in (torch.float64, torch.int32, torch.int64):  # each a recompile: over the limit at once
+                f(torch.ones(3, dtype=dtype))
+            text, bad = train_step.dynamo_report(before, warm, train_step.dynamo_counts(), fallbacks.count)
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(fallbacks)
+        torch._dynamo.reset()
+    assert fallbacks.count == 1 and bad
+    assert text.endswith("eager fallbacks 1"), text
+
+
+def test_bench_train_fails_a_compiled_row_that_ran_eagerly(bench_path, monkeypatch, capsys):
+    import functools
+
+    import bench_train
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # no code generation
+    argv = ["--models", "small-cnn", "--methods", "arow", "--batch-size", "4", "--iters", "1", "--warmup", "1",
+            "--attack-steps", "1", "--pgd-n", "0", "--no-reference", "--amp", "off", "--device", "cpu", "--compile"]
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):  # arow's model compiles 3 times: over the limit
+            assert bench_train.main(argv) == 1
+    finally:
+        torch._dynamo.reset()
+    out, err = capsys.readouterr()
+    row = next(ln for ln in out.splitlines() if ln.startswith("| small-cnn"))
+    assert "FAILED: the timed steps compiled again or ran eagerly" in row and "eager fallbacks 0" not in row
+    assert "FAILED: 1 compiled row(s)" in out
+    assert "1 compiled row(s) compiled again or ran eagerly" in err and "small-cnn/arow/batch 4/float32" in err
+
+
+def test_bench_eval_defaults_to_the_gpu_and_times_between_synchronisations(bench_autoattack, cuda_syncs, monkeypatch,
+                                                                           flags_on):
+    from types import SimpleNamespace
+
+    import bench_eval
+
+    assert bench_eval.build_parser().parse_args([]).device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bench_eval.resolve_device("auto") == torch.device("cuda", 0)
+
+    def evaluate(model, x, y, attacks, eps, batch_size):
+        cuda_syncs.append(("evaluate", batch_size, _flags()))
+        verdicts = torch.tensor([True, False])
+        return SimpleNamespace(seconds={"pgd20": 0.5}, correct={"clean": verdicts, "pgd20": verdicts},
+                               accuracy={"clean": 0.5, "pgd20": 0.5})
+
+    monkeypatch.setattr(bench_eval, "evaluate", evaluate)
+    s = bench_eval.Setting(threads=torch.get_num_threads(), batch=7)
+    bench_eval.run_one(None, SimpleNamespace(device=torch.device("cuda", 0)), None, s, 0.1)
+    assert cuda_syncs == ["sync cuda:0", ("evaluate", 7, (False, False, False)), "sync cuda:0"]
+    assert len(s.seconds) == 1 and s.pgd_seconds == [0.5] and s.accuracy == {"clean": 0.5, "pgd20": 0.5}
+    assert _flags() == (True, True, True)  # the process's flags came back
+
+
+def test_profile_epoch_on_cuda_records_kernels_and_waits_for_the_device_at_its_marks(bench_autoattack, cuda_syncs):
+    from types import SimpleNamespace
+
+    from torch.profiler import ProfilerActivity
+
+    import profile_epoch
+
+    assert profile_epoch.profiler_settings(torch.device("cuda", 0)) == (
+        [ProfilerActivity.CPU, ProfilerActivity.CUDA], "self_device_time_total")
+    assert profile_epoch.profiler_settings(torch.device("cpu")) == ([ProfilerActivity.CPU], "self_cpu_time_total")
+    prof = SimpleNamespace(start=lambda: cuda_syncs.append("start"), stop=lambda: cuda_syncs.append("stop"))
+    cb = profile_epoch.ProfileSteps(prof, warmup=1, steps=2, device=torch.device("cuda", 0))
+    cb.on_epoch_start(0, 1, 3)
+    for step in range(3):
+        cb.on_step(step)
+        cuda_syncs.append(f"step {step}")
+    sync = "sync cuda:0"
+    # the epoch's start and the warm-up step are marked on the device's clock; the profiled steps are
+    # not waited for one by one, only at the profile's start and before its stop
+    assert cuda_syncs == [sync, sync, sync, "start", "step 0", "step 1", sync, "stop", "step 2"]
+    assert cb.seconds >= 0 and cb.t1 is not None
+
+
 # --------------------------------------------------------------------------- gpu_check
 @pytest.fixture(scope="module")
 def gpu_check():
