@@ -19,9 +19,14 @@ where the cost model says. ``--breakdown-only`` skips the side-by-side timing (a
 ``--aa-n-iter`` / ``--aa-square-queries`` shrink the breakdown's budget for smoke runs only:
 the breakdown is then labelled NON-STANDARD.
 
+``--device`` (default ``auto``: CUDA when PyTorch sees a GPU, else the CPU) places the model and
+the images. Both sides, the breakdown and the guards run in the kernels ``arow eval`` pins (strict
+float32: TF32 off, cuDNN's autotuner off; ``bench_timing.arow_eval_kernels``), and the timers wait
+for the device (``bench_timing.Stopwatch``).
+
     python benchmarks/bench_autoattack.py --n 200                 # trains a small CNN briefly
-    python benchmarks/bench_autoattack.py --ckpt runs/fmnist-arow --n 1000 --device cuda
-    python benchmarks/bench_autoattack.py --ckpt runs/fmnist-arow --n 500 --breakdown-only --threads 1
+    python benchmarks/bench_autoattack.py --ckpt runs/fmnist-arow --n 1000     # on the GPU when there is one
+    python benchmarks/bench_autoattack.py --ckpt runs/fmnist-arow --n 500 --breakdown-only --threads 1 --device cpu
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_timing, also when imported from elsewhere
 
-from bench_timing import Stopwatch  # noqa: E402
+from bench_timing import Stopwatch, arow_eval_kernels  # noqa: E402
 
 from arow import load_model  # noqa: E402
 from arow.attacks import ce_loss, pgd  # noqa: E402
@@ -49,7 +54,8 @@ from arow.attacks.autoattack import (  # noqa: E402
     settings_record,
 )
 from arow.data import load_dataset  # noqa: E402
-from arow.evaluation.cascade import evaluate  # noqa: E402
+from arow.distributed import resolve_device  # noqa: E402
+from arow.evaluation.cascade import EvalResult, evaluate  # noqa: E402
 from arow.evaluation.guards import run_guards  # noqa: E402
 from arow.models import build_model  # noqa: E402
 from arow.threat import ThreatModel  # noqa: E402
@@ -122,9 +128,10 @@ def breakdown(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     """Run AutoAttack once on ``(x, y)``; per sub-attack: attacked, broken, seconds and the cost model.
 
     Returns the table rows, ``run_autoattack``'s info and the settings record (with the targets
-    the model's classes allow).
+    the model's classes allow). Runs in the kernels ``arow eval`` pins.
     """
-    _, info = run_autoattack(model, x, y, eps, settings=settings, timing=True)
+    with arow_eval_kernels():
+        _, info = run_autoattack(model, x, y, eps, settings=settings, timing=True)
     record = settings_record(settings, n_targets=info["n_target_classes"])
     cost = cost_model(record)
     rows = []
@@ -176,7 +183,44 @@ def print_breakdown(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ro
           "rows mean the time goes where the cost model says.")
 
 
-def main(argv: list[str] | None = None) -> int:
+def evaluate_as_arow_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[str], eps: float,
+                          batch_size: int) -> EvalResult:
+    """(a): the evaluation cascade on ``(x, y)``, in the kernels ``arow eval`` pins."""
+    with arow_eval_kernels():
+        return evaluate(model, x, y, attacks, eps=eps, batch_size=batch_size)
+
+
+def run_direct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int) -> torch.Tensor:
+    """(b): pyautoattack's standard AutoAttack on all of ``(x, y)`` with its defaults, in the same
+    kernels as (a); the per-example verdicts (robust or not), on the CPU."""
+    from pyautoattack import AutoAttack
+
+    with arow_eval_kernels():
+        aa = AutoAttack(model, device=x.device, eps=eps, norm="Linf", seed=0, version="standard")
+        aa.logger.setLevel(logging.WARNING)
+        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+        with torch.no_grad():
+            return (model(x_adv).argmax(1) == y).cpu()
+
+
+def side_by_side(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int,
+                 repeats: int) -> tuple[EvalResult, torch.Tensor, torch.Tensor, list[float], list[float]]:
+    """(a) and (b) ``repeats`` times interleaved (a, b, a, b, ...), so that load on a shared machine
+    falls on both alike, each timed between synchronisations of ``x``'s device. Returns the last
+    result of (a), the last per-example verdicts of (a) (worst case) and of (b), and the seconds of
+    every run of each."""
+    ours_t, direct_t = [], []
+    for _ in range(repeats):
+        with Stopwatch(x.device) as t:
+            res = evaluate_as_arow_eval(model, x, y, ["clean", "pgd20", "autoattack"], eps, batch_size)
+        ours_t.append(t.seconds)
+        with Stopwatch(x.device) as t:
+            theirs = run_direct(model, x, y, eps, batch_size)
+        direct_t.append(t.seconds)
+    return res, res.correct["worst_case"].cpu(), theirs, ours_t, direct_t
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", help="arow run folder or checkpoint (default: train a small CNN briefly)")
     p.add_argument("--n", type=int, default=200, help="first N test images (default 200)")
@@ -184,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--attack-steps", type=int, default=3, help="PGD steps in the brief adversarial training")
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (default: cuda if PyTorch sees a GPU, else cpu), cpu, "
+                   "cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guards-n", type=int, default=200, help="also time the robustness guards (0: skip)")
@@ -195,50 +240,42 @@ def main(argv: list[str] | None = None) -> int:
                    help="only the breakdown (no side-by-side timing, no guards)")
     p.add_argument("--aa-n-iter", type=int, help="breakdown only, NON-STANDARD: APGD/FAB iterations (smoke runs)")
     p.add_argument("--aa-square-queries", type=int, help="breakdown only, NON-STANDARD: Square queries (smoke runs)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if a.repeats < 1:
+        p.error("--repeats must be positive")
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
+    try:
+        device = resolve_device(a.device)
+    except (ValueError, RuntimeError) as e:
+        p.error(str(e).splitlines()[0])
 
     model, source, train_s = ready_model(a.ckpt, a.train_steps, a.eps, a.attack_steps, device, a.seed)
     test = load_dataset("fashion-mnist", split="test").subset(a.n).to(device)
     x, y = test.x, test.y
 
     if a.breakdown_only:
-        res = evaluate(model, x, y, ["clean", "pgd20"], eps=a.eps, batch_size=a.batch_size)
+        res = evaluate_as_arow_eval(model, x, y, ["clean", "pgd20"], a.eps, a.batch_size)
         print(f"model: {source} (ready in {train_s:.0f}s); Fashion-MNIST test[:{a.n}], eps={a.eps}, device {device}; "
               f"clean accuracy {100 * res.accuracy['clean']:.2f}%, PGD-20 {100 * res.accuracy['pgd20']:.2f}%")
         print_breakdown(model, x, y, res.correct["pgd20"], a)
         return 0
 
-    from pyautoattack import AutoAttack, __version__
+    from pyautoattack import __version__
 
-    def run_ours():
-        res = evaluate(model, x, y, ["clean", "pgd20", "autoattack"], eps=a.eps, batch_size=a.batch_size)
-        return res, res.correct["worst_case"].cpu()
-
-    def run_direct():
-        aa = AutoAttack(model, device=device, eps=a.eps, norm="Linf", seed=0, version="standard")
-        aa.logger.setLevel(logging.WARNING)
-        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=a.batch_size)
-        with torch.no_grad():
-            return (model(x_adv).argmax(1) == y).cpu()
-
-    # interleaved (a, b, a, b, ...): load on a shared machine falls on both sides alike
-    ours_t, direct_t = [], []
-    for _ in range(a.repeats):
-        with Stopwatch(device) as t:
-            res, ours = run_ours()
-        ours_t.append(t.seconds)
-        with Stopwatch(device) as t:
-            theirs = run_direct()
-        direct_t.append(t.seconds)
+    res, ours, theirs, ours_t, direct_t = side_by_side(model, x, y, a.eps, a.batch_size, a.repeats)
     ours_s, direct_s = statistics.median(ours_t), statistics.median(direct_t)
     ratios = [d / o for o, d in zip(ours_t, direct_t)]
 
     print(f"model: {source} (ready in {train_s:.0f}s); Fashion-MNIST test[:{a.n}], eps={a.eps}, "
-          f"device {device}, {torch.get_num_threads()} CPU thread(s), pyautoattack {__version__}")
+          f"device {device}, {torch.get_num_threads()} CPU thread(s), pyautoattack {__version__}; strict float32 "
+          f"(TF32 off, cuDNN's autotuner off) as in arow eval")
     print(f"clean accuracy {100 * res.accuracy['clean']:.2f}%, PGD-20 {100 * res.accuracy['pgd20']:.2f}%")
     rows = [("(a) arow cascade clean,pgd20,autoattack", ours_s, float(ours.float().mean())),
             ("(b) pyautoattack AutoAttack standard", direct_s, float(theirs.float().mean()))]
@@ -257,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print_breakdown(model, x, y, res.correct["pgd20"], a)
     if a.guards_n:  # what `arow eval` adds before evaluating
         full = load_dataset("fashion-mnist", split="test").subset(a.guards_n).to(device)
-        with Stopwatch(device) as t:
+        with arow_eval_kernels(), Stopwatch(device) as t:
             results = run_guards(model, full.x, full.y, eps=a.eps, n=a.guards_n, batch_size=a.batch_size)
         print(f"guards on {a.guards_n} images: {t.seconds:.1f}s; "
               + ", ".join(f"{r.name} {'pass' if r.passed else 'FAIL'} ({r.seconds:.1f}s)" for r in results))

@@ -17,7 +17,7 @@ stay the same.
 
 ``--device`` (default ``auto``: CUDA when PyTorch sees a GPU, else the CPU) places the model and
 the images. Every evaluation runs in the settings ``arow eval`` pins (strict float32: TF32 off,
-cuDNN's autotuner off; :func:`arow.evaluation.cascade.float32_kernels`). On CUDA every setting is
+cuDNN's autotuner off; ``bench_timing.arow_eval_kernels``). On CUDA every setting is
 warmed up once on its own batch shape before the timed repeats, and the timers wait for the
 device (``bench_timing.Stopwatch``); ``--threads`` then only sets the CPU threads of the host side.
 """
@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_autoattack, also when imported from elsewhere
 
 from bench_autoattack import markdown, ready_model  # noqa: E402
-from bench_timing import Stopwatch  # noqa: E402
+from bench_timing import Stopwatch, arow_eval_kernels  # noqa: E402
 
 from arow.distributed import resolve_device  # noqa: E402
 from arow.data import load_dataset  # noqa: E402
-from arow.evaluation.cascade import EvalResult, evaluate, float32_kernels  # noqa: E402
+from arow.evaluation.cascade import EvalResult, evaluate  # noqa: E402
 
 ATTACKS = ("clean", "pgd20")
 
@@ -78,9 +78,10 @@ def settings_for(batch_sizes: list[int], threads: list[int], cl_batches: list[in
 
 def evaluate_as_arow_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s: Setting,
                           eps: float) -> EvalResult:
-    """``evaluate(clean, pgd20)`` at the setting's threads and batch, in the kernels ``arow eval`` pins."""
+    """``evaluate(clean, pgd20)`` at the setting's threads and batch, in the kernels ``arow eval`` pins
+    (``bench_timing.arow_eval_kernels``)."""
     torch.set_num_threads(s.threads)
-    with float32_kernels():
+    with arow_eval_kernels():
         return evaluate(model, x, y, list(ATTACKS), eps=eps, batch_size=s.batch)
 
 

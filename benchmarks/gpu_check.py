@@ -16,6 +16,8 @@ Rows, in the order they run (the budget skips what no longer fits, and says so i
   (:func:`plain_trades_step`, not arow's code; the same passes, precision and memory format) and
   reports ours/plain, and runs one step with CUDA's sync debug mode set to ``"error"`` around the
   training step (forward, attack, backward, optimiser): "pass" means no host synchronisation.
+  "peak GiB": ``torch.cuda.max_memory_allocated()`` over the timed steps (reset just before them,
+  so the weights, optimiser state and data already there count): the headroom at batch 128.
 - ``agreement``: the same ARoW steps in bf16 and in strict float32 (TF32 off) from the same
   weights and batches: per-step losses within 2% (relative).
 - ``ddp``: one step with the model wrapped in DistributedDataParallel (world size 1, process
@@ -174,13 +176,14 @@ class Row:
     sync: str = ""  # host synchronisation inside the step: pass / FAIL / n/a
     dynamo: str = ""
     check: str = ""
+    peak_gib: str = ""  # train rows: peak GPU memory of the timed steps, GiB ("-" on the CPU)
     notes: str = ""
     failed: bool = False
     decides: str = ""  # printed under the table: what the row's numbers settle
 
     def cells(self) -> list[str]:
         return [self.what, self.model, self.precision, self.compile, rate(self.images_s), self.implied, self.target,
-                self.plain, self.sync, self.dynamo, self.check, self.notes]
+                self.plain, self.sync, self.dynamo, self.check, self.peak_gib, self.notes]
 
 
 def rate(images_s: Optional[float]) -> str:
@@ -191,7 +194,7 @@ def rate(images_s: Optional[float]) -> str:
 
 
 HEADER = ["row", "model", "precision", "compile", "images/s", "implied", "target (H100)", "plain TRADES (ours/plain)",
-          "host syncs in step", "dynamo", "check", "notes"]
+          "host syncs in step", "dynamo", "check", "peak GiB", "notes"]
 
 
 def markdown(rows: list[Row]) -> str:
@@ -297,6 +300,16 @@ def arow_trainer(name: str, sc: Scale, device: torch.device, precision: str, *, 
     eager = functools.partial(torch.compile, backend="eager")
     with mock.patch.object(torch, "compile", eager) if sc.dry and compile else contextlib.nullcontext():
         return Trainer(cfg, model, data, callbacks=callbacks)
+
+
+def peak_gib(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, str]:
+    """``fn()`` and the most GPU memory allocated while it ran, in GiB (what was allocated before
+    counts: the peak is reset to it); "-" on the CPU."""
+    if device.type != "cuda":
+        return fn(), "-"
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    return out, f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}"
 
 
 def run_steps(trainer: Trainer, n: int, epoch: int = 0) -> float:
@@ -482,7 +495,8 @@ def train_row(name: str, precision: str, compiled: bool, sc: Scale, device: torc
             warm = dynamo_counts()
             row.sync, row.failed, probe_s = step_sync_verdict(trainer, compiled)
             n = timed_steps(sc, probe_s, 0.4 * budget.row_left())
-            row.images_s = sc.batch * n / run_steps(trainer, n, 2)
+            seconds, row.peak_gib = peak_gib(device, lambda: run_steps(trainer, n, 2))
+            row.images_s = sc.batch * n / seconds
             row.notes = f"warm-up {sc.warmup} step(s) {warm_s:.1f} s, {n} timed"
             if compiled:
                 row.dynamo, bad = dynamo_report(before, warm, dynamo_counts(), fallbacks.count)

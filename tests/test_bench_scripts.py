@@ -391,6 +391,10 @@ def test_gpu_check_dry_run_runs_every_row_on_the_cpu():
     assert all(float(row[4]) > 0 and "/ 50k epoch" in row[5] and "x)" in row[7] for row in train)
     assert [row[8] for row in train if row[3] == "off"] == ["pass (0 syncing ops)"] * 6
     assert all(", 0 after warm-up," in row[9] and "eager fallbacks 0" in row[9] for row in train if row[3] == "on")
+    header = next(ln for ln in r.stdout.splitlines() if ln.startswith("| row "))
+    peak = [c.strip() for c in header.strip().strip("|").split("|")].index("peak GiB")
+    assert [row[peak] for row in train] == ["-"] * 12  # every train row has the column; no GPU memory on the CPU
+    assert all(row[peak] == "" for row in rows if row[0] != "ARoW train step")
     by_kind = {row[0]: row for row in rows}
     assert by_kind["DDP world size 1 = no DDP"][10] == "pass: bit for bit"
     assert by_kind["AutoAttack (NON-STANDARD budget)"][10].startswith("pass: 8 of 8 robust")
@@ -463,3 +467,81 @@ def test_gpu_check_unbreakable_model_keeps_every_image(gpu_check):
             assert torch.equal(net((x + sign * gpu_check.EPS).clamp(0, 1)).argmax(1), y)
         noise = (torch.rand_like(x) * 2 - 1).sign() * gpu_check.EPS
         assert torch.equal(net((x + noise).clamp(0, 1)).argmax(1), y)
+
+
+def test_gpu_check_peak_memory_is_reset_before_the_timed_steps_and_read_after(gpu_check, monkeypatch):
+    events: list = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: events.append(f"reset {device}"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated",
+                        lambda device=None: events.append(f"read {device}") or 7 * 2**29)  # 3.5 GiB
+    assert gpu_check.peak_gib(torch.device("cuda", 0), lambda: events.append("steps") or 1.5) == (1.5, "3.50")
+    assert events == ["reset cuda:0", "steps", "read cuda:0"]
+    events.clear()
+    assert gpu_check.peak_gib(torch.device("cpu"), lambda: events.append("steps") or 2.0) == (2.0, "-")
+    assert events == ["steps"]  # nothing to reset or read on the CPU
+
+
+# --------------------------------------------------------------------------- bench_autoattack on a GPU
+def test_bench_autoattack_defaults_to_the_gpu_and_times_both_sides_in_arow_evals_kernels(
+        bench_autoattack, cuda_syncs, monkeypatch, flags_on, capsys):
+    """Without a GPU, ``--device cuda`` is one line and exit 2; ``auto`` (the default) picks CUDA when
+    PyTorch sees it, and each side (a, b, a, b) runs in strict float32 between synchronisations."""
+    import logging
+    from types import SimpleNamespace
+
+    import pyautoattack
+
+    parser = bench_autoattack.build_parser()
+    assert parser.parse_args([]).device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        bench_autoattack.main(["--device", "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "no CUDA device" in err[-1]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = torch.device("cuda", 0)
+    y = torch.tensor([0, 1])
+    x = SimpleNamespace(device=cuda)  # where the images would be; the fakes below never read them
+    placed: list = []
+
+    def ready_model(ckpt, train_steps, eps, attack_steps, device, seed):
+        placed.append(("model", device))
+        return (lambda inputs: torch.tensor([[1.0, 0.0], [1.0, 0.0]])), "fake model", 0.0
+
+    class Test:
+        def subset(self, n):
+            return self
+
+        def to(self, device):
+            placed.append(("images", device))
+            return SimpleNamespace(x=x, y=y)
+
+    def evaluate(model, xs, ys, attacks, eps, batch_size):
+        cuda_syncs.append(("ours", tuple(attacks), eps, batch_size, _flags()))
+        return SimpleNamespace(correct={"worst_case": torch.tensor([True, True]), "pgd20": torch.tensor([True, True])},
+                               accuracy={"clean": 1.0, "pgd20": 1.0})
+
+    class AutoAttack:
+        def __init__(self, model, device, eps, norm, seed, version):
+            self.logger = logging.getLogger("fake-autoattack")
+            assert (device, eps, norm, version) == (cuda, 0.1, "Linf", "standard")
+
+        def run_standard_evaluation(self, xs, ys, batch_size):
+            cuda_syncs.append(("direct", batch_size, _flags()))
+            return torch.zeros(2, 1), ys
+
+    monkeypatch.setattr(bench_autoattack, "ready_model", ready_model)
+    monkeypatch.setattr(bench_autoattack, "load_dataset", lambda name, split: Test())
+    monkeypatch.setattr(bench_autoattack, "evaluate", evaluate)
+    monkeypatch.setattr(pyautoattack, "AutoAttack", AutoAttack)
+    assert bench_autoattack.main(["--repeats", "2", "--guards-n", "0", "--batch-size", "7"]) == 0
+    assert placed == [("model", cuda), ("images", cuda)]
+    sync, strict = "sync cuda:0", (False, False, False)
+    one_pair = [sync, ("ours", ("clean", "pgd20", "autoattack"), 0.1, 7, strict), sync,
+                sync, ("direct", 7, strict), sync]
+    assert cuda_syncs == one_pair * 2
+    assert _flags() == (True, True, True)  # the process's flags came back
+    out = capsys.readouterr().out
+    assert "device cuda:0" in out and "strict float32" in out
+    assert "same per-example verdicts: no (robust only in (a): 1, only in (b): 0)" in out
