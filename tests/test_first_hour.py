@@ -1,7 +1,9 @@
 """What a new user meets in the first hour: the Python path (data loaders, callbacks, model outputs,
 image layout, the optimiser) and the command line's small rough edges."""
+import json
 import logging
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -349,3 +351,98 @@ def test_print_config_checks_hyperparameter_ranges(capsys):
     assert main(["train", "--print-config", "--method", "trades", "--trades-beta", "-5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "arow: error: --beta must be >= 0, got -5.0"
+
+
+# --------------------------------------------------------------------------- each number printed once
+def _attack_lines(caplog) -> list[str]:
+    """The cascade's bare line per attack (``pgd2: 12.50% (0.1s)``), as logged."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == "arow.evaluation.cascade" and re.match(r"^[\w-]+: \d+\.\d\d% \(", r.getMessage())]
+
+
+@pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST not installed")
+def test_train_and_eval_print_progress_then_the_table_each_number_once(tmp_path, caplog, capsys):
+    run = tmp_path / "run"
+    flags = ["--attacks", "clean,pgd2", "--n", "20", "--no-guards", "--device", "cpu"]
+    with caplog.at_level(logging.INFO):
+        assert main(["train", "--epochs", "1", "--limit-train", "64", "--val-size", "16", "--batch-size", "32",
+                     "--attack-steps", "1", "--eval-attacks", "clean,pgd2", "--eval-n", "20", "--no-guards",
+                     "--device", "cpu", "--out", str(run)]) == 0
+        trained = capsys.readouterr().out
+        assert _attack_lines(caplog) == []
+        epoch = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1 |")]
+        assert len(epoch) == 1 and "validation" not in epoch[0]  # the Trainer's own line says it, once
+        assert sum(r.getMessage().startswith("validation (held-out") for r in caplog.records) == 1
+        caplog.clear()
+        assert main(["eval", str(run), *flags]) == 0
+        evaluated = capsys.readouterr().out
+        assert _attack_lines(caplog) == []
+        caplog.clear()
+        assert main(["eval", str(run), *flags]) == 0  # the same again: continues from its saved state, and says so
+        assert any("resuming from" in r.getMessage() for r in caplog.records)
+        assert _attack_lines(caplog) == []
+    for out in (trained, evaluated):
+        assert re.search(r"^\| clean +\| \d+\.\d\d% ", out, re.M) and re.search(r"^\| pgd2 +\| \d+\.\d\d% ", out, re.M)
+    assert logging.getLogger("arow.evaluation.cascade").filters == []  # nothing left behind
+
+
+def test_quiet_attack_lines_drops_the_line_per_attack_only(caplog):
+    from arow.evaluation.cascade import evaluate, quiet_attack_lines
+
+    x, y = _images(8)
+    model = tiny_cnn().eval()
+    with caplog.at_level(logging.INFO):
+        evaluate(model, x, y, ["clean", "pgd2"], eps=0.1)
+        assert [m.split(":")[0] for m in _attack_lines(caplog)] == ["clean", "pgd2"]  # without it: one each
+        caplog.clear()
+        with quiet_attack_lines(), quiet_attack_lines():  # nested, as validation inside `arow train` is
+            evaluate(model, x, y, ["clean", "pgd2"], eps=0.1)
+            logging.getLogger("arow.evaluation.cascade").info("another line")
+        assert _attack_lines(caplog) == [] and "another line" in caplog.text
+        caplog.clear()
+        evaluate(model, x, y, ["clean"], eps=0.1)  # and after it, as before
+        assert len(_attack_lines(caplog)) == 1
+
+
+def test_the_progress_line_of_an_epoch_does_not_repeat_the_validation(caplog):
+    from arow.cli.progress import Progress
+
+    bars = Progress(tty=False)
+    with caplog.at_level(logging.INFO):
+        bars.on_epoch_start(0, 2, 10)
+        bars.on_validation_start()
+        bars.on_validation_start()  # the EMA model's validation in the same epoch
+        bars.on_epoch_end({"epoch": 1, "train_loss": 1.5, "lr": 0.1, "seconds": 3.0, "val_clean_acc": 0.8,
+                           "val_pgd_acc": 0.5, "ema_val_clean_acc": 0.7, "ema_val_pgd_acc": 0.4})
+        bars.on_epoch_start(1, 2, 10)
+        bars.on_validation_start()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["epoch 1/2: validating on the held-out training split", "epoch 1 | loss 1.5000 | lr 0.1 | 3s",
+                     "epoch 2/2: validating on the held-out training split"], lines
+
+
+# --------------------------------------------------------------------------- report and study labels
+def test_a_report_names_a_differing_setting_once(tmp_path):
+    from arow.reporting.tables import build_report
+    from test_report import make_run
+
+    runs = []
+    for steps in (1, 2):
+        d = make_run(tmp_path, f"s{steps}", attack_steps=steps)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["resolved"]["attack_steps"] = steps
+        (d / "config.json").write_text(json.dumps(cfg))
+        runs.append(d)
+    rows = {r[-2] for r in build_report(runs).rows()}  # the setting column, before the notes
+    assert rows == {"attack_steps=1", "attack_steps=2"}, rows
+
+
+def test_a_study_comparison_names_metrics_as_every_other_table():
+    from arow.reporting.comparison import comparison_table
+
+    rows = {"trades": {"pgd2": {0: 0.5, 1: 0.52}, "autoattack": {0: 0.4, 1: 0.41}},
+            "arow": {"pgd2": {0: 0.51, 1: 0.5}, "autoattack": {0: 0.42, 1: 0.4}}}
+    text = comparison_table(rows, "trades", ["pgd2", "autoattack"])
+    assert "| PGD-2 " in text and "| pgd2 " not in text and "| AutoAttack " in text
+    text = comparison_table(rows, "trades", ["pgd2", "autoattack"], labels={"autoattack": "AutoAttack (first 10)"})
+    assert "| AutoAttack (first 10) " in text and "| PGD-2 " in text

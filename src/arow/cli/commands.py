@@ -31,6 +31,7 @@ from ..models import MODELS
 from ..evaluation.settings import EvalSettings, GuardSettings
 from ..pipelines import catalogue, evaluate_loaded, evaluate_source, train_and_evaluate
 from ..evaluation.sources import UserModelError, open_robustbench
+from ..evaluation.cascade import quiet_attack_lines
 from ..evaluation.curve import eps_curve
 from ..reporting.plots import plot_runs
 from .progress import Progress, log_through_bars
@@ -64,8 +65,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     if LAUNCHERS[a.launcher]:
         return _submit_train(a, cfg)
     eval_bars = Progress()
-    run = train_and_evaluate(cfg, callbacks=[Progress()], resume=a.resume, progress=eval_bars.eval_progress,
-                             on_guards=_print_guards)
+    with quiet_attack_lines():  # the evaluation's progress, then its table: its numbers once, as in `arow eval`
+        run = train_and_evaluate(cfg, callbacks=[Progress()], resume=a.resume, progress=eval_bars.eval_progress,
+                                 on_guards=_print_guards)
     eval_bars.close()
     status = _print_report(run.evaluation) if run.evaluation is not None else 0
     print(f"trained in {run.seconds:.0f}s; run folder {cfg.out}")
@@ -92,13 +94,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
     flags = vars(a)
     settings, guards = EvalSettings.from_flags(flags), GuardSettings.from_flags(flags)
     bars = Progress()
-    if a.robustbench_model is not None:  # a RobustBench zoo model, then the same evaluation as any source
-        _zoo_alone(a)
-        src = open_robustbench(**call_args(a, open_robustbench, dataset=settings.dataset))
-        rep = evaluate_loaded(src, settings, guards, progress=bars.eval_progress, on_guards=_print_guards)
-    else:
-        rep = evaluate_source(**call_args(a, evaluate_source, attacks=None, settings=settings, guards=guards,
-                                          progress=bars.eval_progress, on_guards=_print_guards))
+    with quiet_attack_lines():  # progress while it runs (bars, or a line every 30 s), the numbers in the table
+        if a.robustbench_model is not None:  # a RobustBench zoo model, then the same evaluation as any source
+            _zoo_alone(a)
+            src = open_robustbench(**call_args(a, open_robustbench, dataset=settings.dataset))
+            rep = evaluate_loaded(src, settings, guards, progress=bars.eval_progress, on_guards=_print_guards)
+        else:
+            rep = evaluate_source(**call_args(a, evaluate_source, attacks=None, settings=settings, guards=guards,
+                                              progress=bars.eval_progress, on_guards=_print_guards))
     bars.close()
     return _print_report(rep)
 

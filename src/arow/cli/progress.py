@@ -25,7 +25,7 @@ class Progress(Callbacks):
     def __init__(self, interval: float = 30.0, tty: Optional[bool] = None) -> None:
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.quiet = os.environ.get("RANK", "0") != "0"
-        self.interval, self.bar = interval, None
+        self.interval, self.bar, self.validating = interval, None, False
         self.desc, self.unit, self.total, self.done, self.t0, self.last = "", "", 0, 0, 0.0, 0.0
 
     def _open(self, total: int, desc: str, unit: str) -> None:
@@ -56,6 +56,7 @@ class Progress(Callbacks):
     # training
     def on_epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         self._open(steps, f"epoch {epoch + 1}/{epochs}", "batches")
+        self.validating = False
 
     def on_step(self, step: int) -> None:
         self._advance(step + 1)
@@ -63,21 +64,17 @@ class Progress(Callbacks):
     def on_validation_start(self) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str("validating")
-        elif not self.tty and not self.quiet:
+        elif not self.tty and not self.quiet and not self.validating:  # once, also when EMA or SWA is validated too
             log.info("%s: validating on the held-out training split", self.desc)
+        self.validating = True
 
     def on_epoch_end(self, r: dict[str, Any]) -> None:
+        """One line per epoch: loss, lr, ARoW's mean weight, time. Each validation has its own line
+        already (the Trainer's, naming the model and split), so its numbers are not repeated here."""
         self.close()
         parts = [f"epoch {r['epoch']}", f"loss {r.get('train_loss', float('nan')):.4f}", f"lr {r['lr']:.4g}"]
         if "train_weight_mean" in r:
             parts.append(f"weight {r['train_weight_mean']:.3f}")
-        if "val_clean_acc" in r:
-            parts.append(f"validation (held-out training images) clean {100 * r['val_clean_acc']:.2f}% "
-                         f"robust {100 * r['val_pgd_acc']:.2f}%")
-        for pre in ("swa", "ema"):
-            if f"{pre}_val_pgd_acc" in r:
-                parts.append(f"{pre.upper()} validation clean {100 * r[f'{pre}_val_clean_acc']:.2f}% "
-                             f"robust {100 * r[f'{pre}_val_pgd_acc']:.2f}%")
         log.info(" | ".join(parts + [f"{r['seconds']:.0f}s"]))
 
     # evaluation: arow.evaluation.cascade's progress hook

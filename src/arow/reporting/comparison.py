@@ -21,14 +21,12 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from .stats import NOT_SEPARATED, Paired, Plan, Tost, check_plan, format_margin, holm, paired, \
     paired_diffs, plan_hash, tost, verdict
+from .labels import metric_label
 from .tables import markdown_table
 
 #: row label -> metric -> {seed: accuracy}
 RowValues = Mapping[str, Mapping[str, Mapping[int, float]]]
 
-#: how a metric is named in a table and in prose (the study's metric names as keys)
-METRIC_LABELS = {"clean": "clean", "pgd20": "PGD-20", "cw": "CW-30", "fgsm": "FGSM", "autoattack": "AutoAttack",
-                 "val_robust": "validation robust", "val_clean": "validation clean"}
 #: the words that name a metric in prose, for :func:`check_wording`
 METRIC_WORDS = {"clean": ("clean",), "pgd20": ("pgd-20", "pgd20", "pgd"), "cw": ("cw-30", "cw30", "cw"),
                 "fgsm": ("fgsm",), "autoattack": ("autoattack", "auto-attack"),
@@ -118,7 +116,7 @@ def _p(x: Optional[float]) -> str:
     return "-" if x is None else ("<0.001" if x < 0.001 else f"{x:.3f}")
 
 
-def _cells(c: Comparison) -> list[str]:
+def _cells(c: Comparison, labels: Mapping[str, str]) -> list[str]:
     pr = c.paired
     if pr.n == 0:
         interval, won = "- (no common seed)", "-"
@@ -127,7 +125,7 @@ def _cells(c: Comparison) -> list[str]:
         won = f"{pr.wins}/{pr.n}" + (f" ({pr.ties} tied)" if pr.ties else "")
     tt = c.tost
     equiv = "-" if tt is None or tt.p_value is None else f"p {_p(tt.p_value)}, [{_pts(tt.lo90)}, {_pts(tt.hi90)}]"
-    return [c.row, METRIC_LABELS.get(c.metric, c.metric), "primary" if c.primary else "exploratory",
+    return [c.row, labels.get(c.metric) or metric_label(c.metric), "primary" if c.primary else "exploratory",
             _pts(pr.mean), interval, won, _p(pr.p_value), _p(c.p_adjusted), equiv, c.verdict]
 
 
@@ -147,7 +145,7 @@ def _footnote(comparisons: Sequence[Comparison], baseline: str, plan: Optional[P
         how = ("Holm-Bonferroni adjusted" if plan.correction == "holm" else "not corrected (the plan says none)")
         text.append(f"Adjusted p: {how} over the plan's {n_primary} primary tests (comparisons "
                     f"{', '.join(plan.comparisons)} x primary metrics "
-                    f"{', '.join(METRIC_LABELS.get(m, m) for m in plan.primary_metrics)}; a test without a p "
+                    f"{', '.join(metric_label(m) for m in plan.primary_metrics)}; a test without a p "
                     f"counts as p = 1); a primary difference is \"separated after correction\" when its "
                     f"adjusted p < {plan.alpha:g}. Exploratory comparisons are outside that family: their "
                     "p is nominal, a hypothesis for a later study rather than a finding.")
@@ -163,15 +161,18 @@ def _footnote(comparisons: Sequence[Comparison], baseline: str, plan: Optional[P
 
 
 def comparison_table(rows: RowValues, baseline: str, metrics: Sequence[str],
-                     plan: Union[Plan, Mapping[str, Any], None] = None) -> str:
+                     plan: Union[Plan, Mapping[str, Any], None] = None,
+                     labels: Optional[Mapping[str, str]] = None) -> str:
     """Markdown: one line per comparison with ``baseline`` (:func:`compare`; primary tests first), then
-    a footnote saying what the interval, p-values, correction and verdicts mean."""
+    a footnote saying what the interval, p-values, correction and verdicts mean. Metrics are named as
+    everywhere else (:func:`~arow.reporting.labels.metric_label`: ``pgd20`` is "PGD-20"), or as
+    ``labels`` says (e.g. ``{"autoattack": "AutoAttack (first 1000)"}``: on which images it ran)."""
     p = _plan(plan)
     comparisons = compare(rows, baseline, metrics, p)
     adjusted = "adjusted p" if p is None else ("Holm p" if p.correction == "holm" else "adjusted p (none)")
     equiv = f"TOST {format_margin(p.margin)}" if p is not None and p.margin is not None else "TOST"
     header = ["row", "metric", "test", "difference (points)", "95% interval", "seeds won", "p", adjusted, equiv, "verdict"]
-    lines = [markdown_table([_cells(c) for c in comparisons], header), ""]
+    lines = [markdown_table([_cells(c, labels or {}) for c in comparisons], header), ""]
     return "\n".join(lines + _footnote(comparisons, baseline, p, plan)) + "\n"
 
 

@@ -317,9 +317,15 @@ class Report:
         return out
 
     def _setting(self, g: Group, keys: list[str]) -> str:
+        """``key=value`` of each differing key; a setting both in the config and resolved from it
+        (``attack_steps``) once, with its value (the resolved one where the config left it unset)."""
         flat = self._flat_config(g)
         short = lambda k: k.replace("resolved.method_args.", "").replace("resolved.", "")  # noqa: E731
-        return ", ".join(f"{short(k)}={flat[k]}" for k in keys if k in flat)
+        shown: dict[str, Any] = {}
+        for k in keys:
+            if k in flat and shown.get(short(k)) is None:
+                shown[short(k)] = flat[k]
+        return ", ".join(f"{k}={v}" for k, v in shown.items())
 
     def columns(self) -> list[str]:
         val = attack_label(self.groups[0].first.val_attack) if self.groups else ""
