@@ -307,3 +307,291 @@ def test_gpu_check_syncbn_row_counts_global_batchnorm_host_syncs_on_the_cpu(gpu_
     row = gpu_check.run_row("syncbn", (), gpu_check.DRY, torch.device("cpu"), gpu_check.Budget(1e9))
     assert not row.failed and row.sync == "Global 0 per step" and row.check.startswith("pass"), row.notes
     assert "world size 1" in row.notes and row.decides
+
+
+# =========================================================================== the training loop on a GPU
+# What the review of the CUDA path found in the training loop, checked where a CPU can check it.
+import contextlib  # noqa: E402
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from arow.config.schema import TrainConfig  # noqa: E402
+from arow.data.extra import ExtraData, MixedLoader  # noqa: E402
+from arow.data.loader import Loader, extra_placement  # noqa: E402
+from arow.runs.rundir import RunDir  # noqa: E402
+from arow.training import runtime  # noqa: E402
+from arow.training.callbacks import RunWriter, host_copy  # noqa: E402
+from arow.training.trainer import Trainer, gradient_norm  # noqa: E402
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(method="arow", epochs=1, batch_size=8, eps=EPS, attack_steps=1, device="cpu", augment="flip",
+                val_attack="pgd2", amp="off")
+    return TrainConfig(**{**base, **kw})
+
+
+def _count_calls(monkeypatch, owner, names) -> list[int]:
+    """A counter of the calls of ``owner``'s methods ``names`` (patched through ``monkeypatch``)."""
+    calls = [0]
+    for name in names:
+        original = getattr(owner, name)
+
+        def counting(*args, _original=original, **kwargs):
+            calls[0] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
+# --------------------------------------------------------------------------- compile and DDP
+def test_ddp_of_the_compiled_model_splits_the_backward_at_ddps_buckets(monkeypatch):
+    """DDP(torch.compile(model)), arow's order: dynamo compiles the training forward while DDP's
+    forward is active and hands it to DDPOptimizer, which splits it at DDP's gradient buckets so
+    that their all-reduce overlaps the rest of the backward (process group of one, gloo)."""
+    import torch._dynamo
+    import torch.distributed as dist
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    from arow.distributed import DistInfo
+
+    seen: list[int] = []
+    real_compile_fn, real_compile = DDPOptimizer.compile_fn, torch.compile
+    monkeypatch.setattr(DDPOptimizer, "compile_fn", lambda self, gm, inputs: seen.append(1)
+                        or real_compile_fn(self, gm, inputs))
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend="eager"))  # no C++ compiler
+    torch._dynamo.reset()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cfg = _cfg(compile=True, sync_bn=False)
+        model, train_model = runtime.prepare_model(SmallNet(), cfg, torch.device("cpu"), DistInfo(0, 2, 0))
+        assert isinstance(train_model, nn.parallel.DistributedDataParallel)
+        train_model(toy(8).x).sum().backward()
+        assert seen, "the compiled training forward did not go through DDPOptimizer"
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+
+
+def test_a_partial_last_batch_runs_eagerly_under_compile_and_adds_no_graph(monkeypatch):
+    """40 examples in batches of 16: the last batch of 8 would compile 3 more graphs (training,
+    attack, clean target) with a dynamic batch size; it runs eagerly instead."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        data = TensorData(torch.rand(40, 1, 4, 4), torch.arange(40) % 3, 3)
+        trainer = Trainer(_cfg(batch_size=16, compile=True, val_size=0), SmallNet(), data)
+        record = trainer.train_epoch(0)
+        assert counters["stats"]["unique_graphs"] == 3
+        assert math.isfinite(record["train_loss"]) and trainer.global_step == 3
+    finally:
+        torch._dynamo.reset()
+        counters.clear()
+    assert isinstance(runtime.eager_unless_full(False, 8, 16), contextlib.nullcontext)
+    assert isinstance(runtime.eager_unless_full(True, 16, 16), contextlib.nullcontext)
+
+
+# --------------------------------------------------------------------------- validation
+def test_validation_takes_the_evaluations_device_default_batch(monkeypatch):
+    asked = []
+    monkeypatch.setattr(cascade, "default_eval_batch", lambda dev: asked.append(dev) or 7)
+    model = FlagRecorder()
+    trainer = Trainer(_cfg(), model, toy(24), toy(20, seed=1))
+    scores = trainer.validate()
+    assert set(scores) == {"val_clean_acc", "val_pgd_acc"}
+    assert asked == [torch.device("cpu")] and model.batches and max(model.batches) == 7
+
+
+# --------------------------------------------------------------------------- extra data on the GPU
+def _mixed(n_extra: int = 37) -> MixedLoader:
+    g = torch.Generator().manual_seed(0)
+    real = TensorData(torch.rand(20, 3, 4, 4, generator=g), torch.arange(20) % 3, 3)
+    images = np.random.default_rng(0).integers(0, 256, (n_extra, 4, 4, 3), dtype=np.uint8)
+    extra = ExtraData([images[:20], images[20:]], np.arange(n_extra) % 3)  # two files
+    return MixedLoader(real, extra, 8, fraction=0.5, augment="crop+flip", seed=2, epoch_batches=4)
+
+
+def _epoch(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.set_epoch(1)
+    return list(loader)
+
+
+def test_extra_data_stays_on_the_gpu_when_it_fits_in_a_share_of_free_memory(monkeypatch):
+    free = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: free.append(dev) or (4000, 8000))
+    cuda = torch.device("cuda")
+    assert extra_placement(cuda, 1000) == "device" and extra_placement(cuda, 1001) == "pinned"  # 25% of 4000
+    assert extra_placement(torch.device("cpu"), 10) == "host" and len(free) == 2  # the CPU asks nothing
+    assert _mixed().feed.mode is None  # decided at the first batch, when the model is on the device
+
+
+def test_extra_feed_modes_give_the_same_batches_pinned_and_without_blocking(monkeypatch):
+    reference = _epoch(_mixed())
+    assert _mixed().feed.device == torch.device("cpu")
+    pinned: list[torch.Tensor] = []  # a CPU-only PyTorch cannot pin: the tensor itself stands for its pinned copy
+    non_blocking: list[bool] = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self)
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if any(self is p for p in pinned):
+            non_blocking.append(bool(kwargs.get("non_blocking")))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    host = _mixed()
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(_epoch(host), reference))
+    assert host.feed.mode == "host" and pinned == []  # the CPU path: nothing pinned
+    loader = _mixed()
+    loader.feed.mode = "pinned"  # what a CUDA device too small for the extra data chooses
+    batches = _epoch(loader)
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(batches, reference))
+    assert [tuple(t.shape) for t in pinned] == [(4, 4, 4, 3), (4,)] * 4  # images and labels of each step
+    assert non_blocking == [True] * 8  # each copied to the device without blocking the host
+    gathered = _count_calls(monkeypatch, ExtraData, ["images", "batch"])
+    loader = _mixed()
+    loader.feed.mode = "device"  # what a CUDA device with room chooses: one copy, gathers on the device
+    batches = _epoch(loader)
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(batches, reference))
+    assert gathered[0] == 0 and loader.feed._images.shape == (37, 4, 4, 3)
+    assert torch.equal(loader.feed._images, torch.from_numpy(np.concatenate(loader.extra.parts)))
+
+
+# --------------------------------------------------------------------------- channels-last batches
+def test_batches_are_channels_last_on_cuda_only_and_hold_the_same_numbers():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert runtime.batch_memory_format(_cfg(), cuda) == torch.channels_last
+    assert runtime.batch_memory_format(_cfg(channels_last="off"), cuda) is None
+    assert runtime.batch_memory_format(_cfg(channels_last="on"), cpu) is None
+    data = TensorData(torch.rand(20, 3, 6, 6), torch.arange(20) % 3, 3)
+    for make in (lambda: Loader(data, 8, shuffle=True, augment="crop+flip", seed=0, drop_last=False), _mixed):
+        plain, last = make(), make()
+        last.memory_format = torch.channels_last
+        for (a, ya), (b, yb) in zip(_epoch(plain), _epoch(last)):
+            assert b.is_contiguous(memory_format=torch.channels_last) and a.is_contiguous()
+            assert torch.equal(a, b) and torch.equal(ya, yb)
+    trainer = Trainer(_cfg(val_size=0), SmallNet(), toy(16))
+    assert trainer.loader.memory_format is None  # the CPU: batches as built, the numbers as they were
+
+
+# --------------------------------------------------------------------------- --log-every
+def test_gradient_norm_is_one_multi_tensor_kernel_and_reads_nothing(monkeypatch):
+    net = SmallNet()
+    net(toy(8).x).sum().backward()
+    want = torch.stack([p.grad.norm() for p in net.parameters()]).norm()
+    per_tensor = _count_calls(monkeypatch, torch.Tensor, ["norm"])
+    foreach = _count_calls(monkeypatch, torch, ["_foreach_norm"])
+    reads = _count_calls(monkeypatch, torch.Tensor, HOST_READS)
+    got = gradient_norm(net, torch.device("cpu"))
+    assert (per_tensor[0], foreach[0], reads[0]) == (0, 1, 0)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, want)
+
+
+def _host_reads_with_log_every(steps: int, monkeypatch) -> int:
+    data = TensorData(torch.rand(8 * steps, 1, 4, 4), torch.arange(8 * steps) % 3, 3)
+    trainer = Trainer(_cfg(log_every=1, val_size=0), SmallNet(), data)
+    records = []
+    trainer.callbacks.append(type("Records", (), {"on_step_record": lambda self, r: records.append(r)})())
+    reads = _count_calls(monkeypatch, torch.Tensor, HOST_READS)
+    try:
+        trainer.train_epoch(0)
+    finally:
+        monkeypatch.undo()
+    assert len(records) == steps and all(r["grad_norm"] > 0 for r in records)
+    return reads[0]
+
+
+def test_log_every_reads_the_device_once_per_logged_step(monkeypatch):
+    assert _host_reads_with_log_every(5, monkeypatch) - _host_reads_with_log_every(2, monkeypatch) == 3
+
+
+# --------------------------------------------------------------------------- checkpoints in the background
+def _fit(out: Path, background: bool, epochs: int = 2) -> Trainer:
+    data = TensorData(torch.rand(32, 1, 4, 4), torch.arange(32) % 3, 3)
+    cfg = _cfg(epochs=epochs, out=str(out), val_size=0)
+    trainer = Trainer(cfg, SmallNet(), data, toy(12, seed=1), callbacks=[RunWriter(RunDir(out), background=background)])
+    trainer.fit()
+    return trainer
+
+
+def _saved(path: Path) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["history"] = [{k: v for k, v in r.items() if k != "seconds"} for r in state.get("history", [])]
+    return state
+
+
+def test_checkpoints_written_in_the_background_equal_those_written_in_the_foreground(tmp_path):
+    _fit(tmp_path / "fg", background=False)
+    _fit(tmp_path / "bg", background=True)
+    for name in (RunDir.LAST, RunDir.PREV, RunDir.BEST, RunDir.FINAL):
+        a, b = _saved(tmp_path / "fg" / name), _saved(tmp_path / "bg" / name)
+        assert a.keys() == b.keys(), name
+        for key in ("model", "optimizer", "epoch", "history", "rng"):
+            if key in a:
+                assert _same(a[key], b[key]), (name, key)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_a_background_write_overlaps_the_next_epoch_and_its_failure_keeps_the_last_good_checkpoint(
+        tmp_path, monkeypatch):
+    import threading
+
+    next_epoch, overlapped, real_save = threading.Event(), [], RunDir.save_epoch
+
+    def save_epoch(self, ckpt, best=None):
+        if ckpt["epoch"] == 1:
+            overlapped.append(next_epoch.wait(timeout=60))  # returns once epoch 2 has started
+            return real_save(self, ckpt, best)
+        raise OSError(28, "No space left on device")  # epoch 2's write fails
+
+    monkeypatch.setattr(RunDir, "save_epoch", save_epoch)
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, epoch, _real=Trainer.train_epoch: (
+        next_epoch.set() if epoch == 1 else None) or _real(self, epoch))
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="No space left"):
+        _fit(out, background=True)
+    assert overlapped == [True]  # epoch 2 trained while epoch 1's checkpoint was being written
+    assert _saved(out / RunDir.LAST)["epoch"] == 1 and not (out / RunDir.FINAL).exists()
+    again = RunDir(out)
+    again.lock()  # the folder was unlocked all the same
+    again.unlock()
+
+
+def test_the_background_snapshot_is_taken_before_training_goes_on():
+    w = torch.zeros(3)
+    history = [{"epoch": 1}]
+    state = {"model": {"w": w}, "optimizer": {"state": {0: {"momentum_buffer": w}}}, "history": history}
+    snap = host_copy(state)
+    w.add_(1.0)
+    history.append({"epoch": 2})
+    assert snap["model"]["w"].tolist() == [0.0, 0.0, 0.0] and snap["history"] == [{"epoch": 1}]
+    assert snap["model"]["w"] is snap["optimizer"]["state"][0]["momentum_buffer"]  # shared stays shared

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .loader import Loader, check_loader_args, hflip, random_crop
+from .loader import ExtraFeed, Loader, check_loader_args, hflip, in_layout, random_crop
 from .readers import DataError, _CifarUnpickler, _RefusedData, _RefusedGlobal, flat_labels
 
 if TYPE_CHECKING:
@@ -468,7 +468,8 @@ class MixedLoader:
     is used equally often and no batch is ever short. Extra examples are drawn uniformly with
     replacement from ``(seed, epoch)``, as the ARoW authors' sampler does. Crop offsets and flips are
     drawn from ``(seed, epoch)`` for every row and applied to both kinds alike. Nothing depends on
-    earlier epochs, so a resumed run repeats an interrupted epoch bit for bit.
+    earlier epochs, so a resumed run repeats an interrupted epoch bit for bit. Where the extra images are
+    kept on CUDA: :class:`~arow.data.loader.ExtraFeed`; ``memory_format``: as :class:`~arow.data.Loader`'s.
 
     An epoch has ``epoch_batches`` batches, by default ``ceil(n_real / batch_size)``: as many as an
     epoch without extra data, as in the authors' script (``ceil(50000 / batch)``), so adding extra
@@ -510,12 +511,12 @@ class MixedLoader:
                              f"{tuple(data.x.shape[1:])} (C, H, W)")
         if epoch_batches is not None and epoch_batches < 1:
             raise ValueError(f"--epoch-batches must be >= 1, got {epoch_batches}")
-        self.data, self.extra = data, extra
+        self.data, self.extra, self.feed = data, extra, ExtraFeed(extra, data.x.device)
         self.batch_size, self.augment, self.seed, self.pad = batch_size, augment, seed, pad
         self.rank, self.world_size = rank, world_size
         self.extra_per_batch, self.real_per_batch = n_extra, batch_size - n_extra
         self.steps = epoch_batches if epoch_batches is not None else -(-len(data) // batch_size)
-        self.epoch = 0
+        self.epoch, self.memory_format = 0, None  # memory_format: Optional[torch.memory_format]
         b = batch_size // world_size
         rows = torch.arange(rank * b, (rank + 1) * b)
         before = rows * n_extra // batch_size  # extra rows before row k of the global batch
@@ -565,30 +566,29 @@ class MixedLoader:
         is_extra = self._is_extra.to(dev)
         real_rows, extra_rows = (~is_extra).nonzero().squeeze(1), is_extra.nonzero().squeeze(1)
         real_slot, rows = self._real_slot.to(dev), self._rows.to(dev)
-        # one host-to-device copy per epoch of the draws (the extra images are copied per batch)
-        offsets = offsets.to(dev) if offsets is not None else None
+        offsets = offsets.to(dev) if offsets is not None else None  # the epoch's draws: one copy to the device
         flips = flips.to(dev) if flips is not None else None
+        extra_batches = self.feed.batches(extra, self._extra_slot, E)  # the extra images: see ExtraFeed
         for step in range(self.steps):
             idx = real[step * R + real_slot]
             x = torch.empty((len(self._rows),) + tuple(self.data.x.shape[1:]), dtype=self.data.x.dtype, device=dev)
             y = torch.empty(len(self._rows), dtype=torch.long, device=dev)
             x[real_rows], y[real_rows] = self.data.x[idx], self.data.y[idx]
             if len(extra_rows):
-                ex, ey = self.extra.batch(extra[step * E + self._extra_slot].numpy(), dev)
+                ex, ey = next(extra_batches)
                 x[extra_rows], y[extra_rows] = ex.to(x.dtype), ey
             slot = step * B + rows
             if offsets is not None:
                 x = random_crop(x, offsets[slot], self.pad)
             if flips is not None:
                 x = hflip(x, flips[slot])
-            yield x, y
+            yield in_layout(x, self.memory_format), y
 
 
 def train_loader(cfg: "TrainConfig", data: "TensorData", extra: Optional[ExtraData] = None, *,
                  rank: int = 0, world_size: int = 1) -> Union["Loader", MixedLoader]:
     """The Trainer's batches: a :class:`~arow.data.Loader` of ``data``, or a :class:`MixedLoader`
     when ``cfg.extra_data`` is set (``extra`` if given, else read from those files)."""
-
     if extra is None and cfg.extra_data:
         c, h, w = data.x.shape[1:]
         extra = load_extra(cfg.extra_data, data.num_classes, (h, w, c), take=cfg.extra_take)

@@ -12,8 +12,10 @@ wants as ``offset`` and ``total``).
 """
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import TYPE_CHECKING, Iterator, Optional
+import math
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -27,6 +29,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("none", "flip", "crop", "crop+flip")
+#: the largest share of a GPU's free memory that extra training data (uint8 images and labels) may
+#: take to be kept on the GPU (:class:`ExtraFeed`); the rest stays for the model and its activations
+EXTRA_ON_DEVICE_SHARE = 0.25
+_UPLOAD_BYTES = 1 << 26  # extra images copied to the GPU 64 MiB at a time
 
 
 def hflip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -101,6 +107,15 @@ def channels_first(x: torch.Tensor, declared: Optional[tuple[int, int]] = None) 
                     f"x.permute(0, 3, 1, 2) (a tensor) or x.transpose(0, 3, 1, 2) (a numpy array)")
 
 
+def in_layout(x: torch.Tensor, memory_format: Optional[torch.memory_format]) -> torch.Tensor:
+    """``x`` in ``memory_format`` (a copy only if it is not already), or as it is for None.
+
+    >>> in_layout(torch.rand(2, 3, 4, 4), torch.channels_last).is_contiguous(memory_format=torch.channels_last)
+    True
+    """
+    return x if memory_format is None else x.contiguous(memory_format=memory_format)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """A well-mixed 64-bit seed for ``(seed, epoch)`` (so epochs 1 and seed+1 do not collide)."""
     return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, dtype=np.uint64)[0])
@@ -133,6 +148,10 @@ class Loader:
     Augmentation ("none", "flip", "crop", "crop+flip") is a random crop with zero padding ``pad``
     followed by a horizontal flip with probability 1/2, as batched tensor ops.
 
+    ``memory_format`` (None: the batches as built) is the layout every batch is given last, e.g.
+    ``torch.channels_last`` for a channels-last model on CUDA (the Trainer sets it there, see
+    :func:`arow.training.runtime.batch_memory_format`): one conversion per batch in the loader.
+
     >>> from arow.data import from_tensors
     >>> data = from_tensors(torch.rand(10, 3, 8, 8), torch.arange(10) % 2)
     >>> loader = Loader(data, 4, shuffle=True, augment="crop+flip", seed=0, drop_last=False)
@@ -140,6 +159,8 @@ class Loader:
     >>> len(loader), [len(y) for _, y in loader]
     (3, [4, 4, 2])
     """
+
+    memory_format: Optional[torch.memory_format] = None
 
     def __init__(
         self,
@@ -224,4 +245,81 @@ class Loader:
                 x = random_crop(x, offsets[pos], self.pad)
             if flips is not None:
                 x = hflip(x, flips[pos])
-            yield x, y
+            yield in_layout(x, self.memory_format), y
+
+
+def extra_placement(device: torch.device, nbytes: int) -> str:
+    """Where :class:`ExtraFeed` keeps ``nbytes`` of extra data for ``device``: ``"host"`` off CUDA;
+    on CUDA ``"device"`` when they take at most :data:`EXTRA_ON_DEVICE_SHARE` of the GPU's free
+    memory now, else ``"pinned"``."""
+    if device.type != "cuda":
+        return "host"
+    free, _ = torch.cuda.mem_get_info(device)
+    return "device" if nbytes <= EXTRA_ON_DEVICE_SHARE * free else "pinned"
+
+
+class ExtraFeed:
+    """The extra images of a :class:`~arow.data.extra.MixedLoader` on their way to ``device``.
+
+    Where they are kept (:attr:`mode`, decided at the first batch by :func:`extra_placement`):
+
+    - ``"host"`` (not CUDA): each batch gathered from the (memory-mapped) arrays and converted by
+      ``ExtraData.batch``, as always;
+    - ``"device"`` (CUDA, enough free memory): all images copied to the GPU once, as uint8 (a
+      quarter of float32), 64 MiB at a time, and each batch gathered there: per step no work on
+      the host and no copy;
+    - ``"pinned"`` (CUDA, too large): each batch gathered on the host into pinned memory and copied
+      with ``non_blocking=True``, so the host does not wait for the copy.
+
+    Every mode gives the same batches (uint8 images / 255 in float32, the same labels).
+    """
+
+    def __init__(self, extra: Any, device: Union[str, torch.device]) -> None:
+        self.extra, self.device = extra, torch.device(device)
+        self.mode: Optional[str] = None
+        self._images: Optional[torch.Tensor] = None
+        self._labels: Optional[torch.Tensor] = None
+
+    def batches(self, draws: torch.Tensor, slot: torch.Tensor, per_batch: int
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Step by step, the images (float32 N x C x H x W in [0, 1]) and labels of the extra data's
+        rows ``draws[step * per_batch + slot]`` (``draws`` and ``slot``: CPU tensors)."""
+        if self._place() == "device":  # the epoch's draws copied once; the gathers run on the GPU
+            draws, slot = draws.to(self.device), slot.to(self.device)
+        for step in itertools.count():
+            idx = draws[step * per_batch + slot]
+            if self.mode == "host":
+                yield self.extra.batch(idx.numpy(), self.device)
+            elif self.mode == "device":
+                yield _as_float(self._images[idx]), self._labels[idx]
+            else:
+                rows = idx.numpy()
+                x = torch.from_numpy(self.extra.images(rows)).pin_memory().to(self.device, non_blocking=True)
+                y = torch.from_numpy(self.extra.labels[rows]).pin_memory().to(self.device, non_blocking=True)
+                yield _as_float(x), y
+
+    def _place(self) -> str:
+        if self.mode is None:
+            self.mode = extra_placement(self.device, self.extra.nbytes + self.extra.labels.nbytes)
+            if self.mode != "host":
+                log.info("extra data (%.2f GB as uint8) %s", self.extra.nbytes / 1e9, "kept on the GPU" if
+                         self.mode == "device" else "too large for the GPU: copied per batch from pinned memory")
+        if self.mode == "device" and self._images is None:
+            self._upload()
+        return self.mode
+
+    def _upload(self) -> None:
+        extra = self.extra
+        images = torch.empty((len(extra),) + tuple(extra.image_shape), dtype=torch.uint8, device=self.device)
+        rows, at = max(1, _UPLOAD_BYTES // max(1, math.prod(extra.image_shape))), 0
+        for part in extra.parts:
+            for lo in range(0, len(part), rows):
+                chunk = np.array(part[lo : lo + rows])  # these rows of the memory map, as a writable copy
+                images[at + lo : at + lo + len(chunk)].copy_(torch.from_numpy(chunk))
+            at += len(part)
+        self._images, self._labels = images, torch.from_numpy(extra.labels).to(self.device)
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images N x H x W x C as float32 N x C x H x W in [0, 1] (what ``ExtraData.batch`` computes)."""
+    return x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)

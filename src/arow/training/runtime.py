@@ -6,9 +6,10 @@ refuses a model whose forward returns something else than logits before any of i
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, ContextManager, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -70,7 +71,7 @@ def prepare_model(model: nn.Module, cfg: "TrainConfig", device: torch.device,
     parameters, so loading a state into ``model`` later reaches ``train_model`` too.
     """
     model = model.to(device)
-    if cfg.channels_last in ("on", "auto"):  # measured: +9% on a 2-core CPU, standard on GPUs
+    if channels_last(cfg):  # measured: +9% on a 2-core CPU, standard on GPUs
         model = model.to(memory_format=torch.channels_last)
     if dist.enabled and cfg.sync_bn:  # global-batch BN statistics: N ranks train like one
         model = distributed.convert_sync_batchnorm(model, device)
@@ -81,10 +82,50 @@ def prepare_model(model: nn.Module, cfg: "TrainConfig", device: torch.device,
         # Compile first, then wrap: attacks.unwrap() peels DDP off and the attack runs the
         # compiled module with no collective call inside its loop. With SyncBatchNorm the
         # BN buffers are identical on every rank, so DDP need not broadcast them each forward.
+        # The order keeps DDP's overlap of gradient all-reduce with backward: dynamo compiles the
+        # training forward while DDP's forward is active and then splits it at DDP's gradient
+        # buckets (DDPOptimizer), as it does for torch.compile(DDP(model)) (docs/performance.md).
         ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ids,
                                                           **_buffer_sync(not cfg.sync_bn))
     return model, train_model
+
+
+def channels_last(cfg: "TrainConfig") -> bool:
+    """Whether the model is trained channels-last (``--channels-last on`` or ``auto``)."""
+    return cfg.channels_last in ("on", "auto")
+
+
+def batch_memory_format(cfg: "TrainConfig", device: torch.device) -> Optional[torch.memory_format]:
+    """The layout the training loaders give each batch: channels-last on CUDA when the model is
+    channels-last, so that the batch is converted once in the loader instead of inside the first
+    convolution of every forward (the attack's, the training's); None elsewhere: on the CPU the
+    batches stay as they were built, and so do the numbers.
+
+    >>> from arow.config.schema import TrainConfig
+    >>> cfg = TrainConfig(channels_last="auto")
+    >>> batch_memory_format(cfg, torch.device("cuda")), batch_memory_format(cfg, torch.device("cpu"))
+    (torch.channels_last, None)
+    """
+    return torch.channels_last if device.type == "cuda" and channels_last(cfg) else None
+
+
+def eager_unless_full(compiled: bool, rows: int, full: int) -> ContextManager[Any]:
+    """Run a step eagerly when the model is compiled and its batch (``rows``) is not the ``full``
+    per-process batch (the last, partial batch of an epoch): compiling it would add one graph per
+    mode the step uses (training, attack, clean target) for a batch seen once per epoch, graphs
+    with a dynamic batch size that could then also run the full batches, and that count towards
+    dynamo's recompile limit (past it, dynamo runs eagerly for good, with one warning). Elsewhere
+    nothing changes.
+    """
+    if not compiled or rows == full:
+        return contextlib.nullcontext()
+    stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    if stance is not None:
+        return stance("force_eager")
+    from torch._dynamo import config as dynamo_config
+
+    return dynamo_config.patch(disable=True)
 
 
 def _buffer_sync(every_forward: bool) -> dict[str, bool]:

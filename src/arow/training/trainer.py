@@ -37,7 +37,7 @@ from ..threat import ThreatModel
 from .averaging import EMA, SWA, short_ema_warning
 from .callbacks import Callbacks, RunWriter, call_hook, callback_list
 from .errors import TrainingDiverged
-from .runtime import check_logits_once, prepare_model, use_amp
+from .runtime import batch_memory_format, check_logits_once, eager_unless_full, prepare_model, use_amp
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -138,6 +138,7 @@ class Trainer:
         # a MixedLoader with --extra-data (arow.data.extra), else a Loader of the real data
         self.loader = train_loader(cfg, self.train_data, extra, rank=self.dist.rank, world_size=self.dist.world_size)
         self.model, self.train_model = prepare_model(model, cfg, self.device, self.dist)
+        self.loader.memory_format = batch_memory_format(cfg, self.device)  # channels-last batches on CUDA
         self.opt = build_optimizer(self.model, cfg, self.device)
         self.swa = SWA(self.model) if cfg.swa_start is not None else None
         self.ema = EMA(self.model, cfg.ema, warmup=cfg.ema_warmup, bn=cfg.ema_bn) if cfg.ema is not None else None
@@ -323,7 +324,8 @@ class Trainer:
             lr_sum += lr
             for g in self.opt.param_groups:
                 g["lr"] = lr
-            outs = self._forward_backward(x, y, _step_seed(cfg.seed, epoch, step))
+            with eager_unless_full(cfg.compile, len(x), cfg.batch_size // self.dist.world_size):
+                outs = self._forward_backward(x, y, _step_seed(cfg.seed, epoch, step))  # partial batch: eager
             self._end_logits_check()
             # The first non-finite loss is recorded on the device and read every few steps (a read
             # per step would stall a GPU); nothing of an epoch is saved before its end, so the run
@@ -375,8 +377,7 @@ class Trainer:
         The one host read of a logging step; every rank takes part (the sums are all-reduced).
         """
         keys = sorted(sums)
-        grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.stack(grads).norm() if grads else torch.zeros((), device=self.device)
+        grad_norm = gradient_norm(self.model, self.device)
         packed = distributed.all_reduce_sum(torch.stack([sums[k] for k in keys]))  # train_loss is always there
         values = torch.cat([packed, grad_norm.reshape(1)]).tolist()
         n = max((count - window["count"]) * self.dist.world_size, 1)
@@ -507,6 +508,20 @@ def _sgd_kernel(device: torch.device) -> dict[str, bool]:
         return {}
     fused = "fused" in inspect.signature(torch.optim.SGD).parameters
     return {"fused": True} if fused else {"foreach": True}
+
+
+def gradient_norm(model: nn.Module, device: torch.device) -> Tensor:
+    """The L2 norm of all of ``model``'s gradients together, on the device (nothing read back): the
+    per-parameter norms in one multi-tensor kernel (``torch._foreach_norm``), then their norm.
+
+    >>> net = nn.Linear(2, 1, bias=False); net.weight.grad = torch.tensor([[3.0, 4.0]])
+    >>> gradient_norm(net, torch.device("cpu")).item()
+    5.0
+    """
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
 
 
 def _acc(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
