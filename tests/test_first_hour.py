@@ -253,7 +253,7 @@ def test_a_short_ema_run_warns_once_naming_the_warmup(caplog):
     with caplog.at_level(logging.WARNING):
         Trainer(_cfg(ema=0.999), tiny_cnn(), data).fit()
     warned = [r.getMessage() for r in caplog.records if "--ema-warmup" in r.getMessage()]
-    assert len(warned) == 1 and "about 1000 optimiser steps" in warned[0] and "takes 2" in warned[0], warned
+    assert len(warned) == 1 and "about 1000 optimiser steps" in warned[0] and "after this run's 2 optimiser steps" in warned[0], warned
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         Trainer(_cfg(ema=0.999, ema_warmup=True), tiny_cnn(), data).fit()  # warm-up forgets the start quickly
@@ -446,3 +446,164 @@ def test_a_study_comparison_names_metrics_as_every_other_table():
     assert "| PGD-2 " in text and "| pgd2 " not in text and "| AutoAttack " in text
     text = comparison_table(rows, "trades", ["pgd2", "autoattack"], labels={"autoattack": "AutoAttack (first 10)"})
     assert "| AutoAttack (first 10) " in text and "| PGD-2 " in text
+
+
+# --------------------------------------------------------------------------- AutoAttack on its own images
+def _aa_study(path: Path, with_verdicts: dict) -> dict:
+    """A study of two rows x two seeds on a 40-image test set, AutoAttack on its first 10 images: each
+    cell's evaluation and AutoAttack file with real per-example verdicts (none where ``with_verdicts``
+    says False). Returns the verdicts by cell name."""
+    from arow.evaluation.cascade import pack_verdicts
+    from arow.runs.studydir import StudyDir
+    from arow.study.spec import StudySpec
+
+    spec = StudySpec.from_dict({"methods": ["arow", "trades"], "seeds": [0, 1], "attacks": "clean,pgd20",
+                                "aa_n": 10, "eps_curve_n": 0})
+    path.mkdir()
+    StudyDir(path).write_spec(spec.to_dict())
+    g, made = torch.Generator().manual_seed(0), {}
+    for label in ("arow", "trades"):
+        for seed in (0, 1):
+            d = path / "cells" / f"{label}-s{seed}"
+            d.mkdir(parents=True)
+            clean = torch.rand(40, generator=g) < 0.8
+            pgd = clean & (torch.rand(40, generator=g) < 0.7)
+            aa = pgd[:10] & (torch.rand(10, generator=g) < 0.8)
+            made[d.name] = {"clean": clean, "pgd20": pgd, "autoattack": aa}
+            keep = with_verdicts.get(d.name, True)
+            (d / "config.json").write_text(json.dumps({"method": label, "seed": seed}))
+            (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 5.0}) + "\n")
+            main = {"accuracy": {"clean": float(clean.float().mean()), "pgd20": float(pgd.float().mean()),
+                                 "worst_case": float(pgd.float().mean())},
+                    "n": 40, "test_set_size": 40, "subset": False, "guards_ran": True}
+            sub = {"accuracy": {"clean": float(clean[:10].float().mean()), "autoattack": float(aa.float().mean()),
+                                "worst_case": float(aa.float().mean())},
+                   "n": 10, "test_set_size": 40, "subset": True}
+            if keep:
+                main["verdicts"] = pack_verdicts({"clean": clean, "pgd20": pgd, "worst_case": pgd})
+                sub["verdicts"] = pack_verdicts({"clean": clean[:10], "autoattack": aa, "worst_case": aa})
+            (d / "eval.json").write_text(json.dumps(main))
+            (d / "eval_n10.json").write_text(json.dumps(sub))
+    return made
+
+
+def _md_table(text: str) -> list[list[str]]:
+    lines = [ln for ln in text.split("\n## ")[0].splitlines() if ln.startswith("|") and not ln.startswith("|-")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+
+
+def test_a_studys_autoattack_has_its_own_table_on_its_own_images(tmp_path):
+    import csv
+    import io
+
+    from arow.study.collect import collect
+
+    made = _aa_study(tmp_path / "s", {"trades-s1": False})
+    res = collect(tmp_path / "s", plots=False)
+    md = (tmp_path / "s" / "results.md").read_text()
+    mean = _md_table(md.split("## Mean over seeds")[1])
+    assert not any("AutoAttack" in h for h in mean[0]), mean[0]  # never beside full-test-set columns
+    every = _md_table(md.split("## Every run")[1])
+    assert not any("AutoAttack" in h for h in every[0]), every[0]
+    section = md.split("## AutoAttack on the first 10 test images")[1]
+    header, *rows = _md_table(section)
+    assert header == ["method", "n", "AutoAttack (first 10)", "PGD-20 (first 10)", "clean (first 10)",
+                      "worst case (first 10)"]
+    runs = {(r[0], r[1]): r[2:] for r in _md_table(section.split("Every run:")[1])[1:]}
+    for name, v in made.items():
+        label, seed = name.rsplit("-s", 1)
+        expect = [v["autoattack"], v["pgd20"][:10], v["clean"][:10], v["pgd20"][:10] & v["autoattack"]]
+        text = [f"{100 * float(t.float().mean()):.2f}" for t in expect]
+        if name == "trades-s1":  # no stored verdicts: AutoAttack's own number, "-" for the rest
+            text = text[:1] + ["-"] * 3
+        assert runs[label, seed] == text, (name, runs[label, seed], text)
+    arow_pgd = [float(made[f"arow-s{s}"]["pgd20"][:10].float().mean()) for s in (0, 1)]
+    arow_row = next(r for r in res["rows"] if r["label"] == "arow")
+    assert arow_row["on_aa_images"]["pgd20"]["mean"] == pytest.approx(sum(arow_pgd) / 2)
+    assert dict(zip(header, rows[1]))["worst case (first 10)"] != "-"  # trades: one seed of two has verdicts
+    comparison = md.split("paired by seed")[1]
+    assert "| AutoAttack (first 10) " in comparison and "| AutoAttack  " not in comparison
+    lines = list(csv.DictReader(io.StringIO((tmp_path / "s" / "results.csv").read_text())))
+    assert {(r["test_images"], r["autoattack_test_images"]) for r in lines} == {("40", "10")}
+    by = {(r["label"], r["seed"]): r for r in lines}
+    expected = float(made["arow-s0"]["pgd20"][:10].float().mean())
+    assert float(by["arow", "0"]["pgd20_on_aa_images"]) == pytest.approx(expected)
+    assert by["trades", "1"]["worst_case_on_aa_images"] == ""
+
+
+# --------------------------------------------------------------------------- a study cell's log
+@pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST not installed")
+def test_a_study_cell_logs_its_progress_then_each_number_once(tmp_path, caplog):
+    from arow.study.cells import run_cell
+    from arow.study.runner import prepare_study
+    from arow.study.spec import StudySpec
+
+    spec = StudySpec.from_dict({"methods": ["trades"], "baseline": "trades", "seeds": [0], "attacks": "clean,pgd2",
+                                "aa_n": 0, "eps_curve_n": 0, "eval_n": 20, "guards": False,
+                                "overrides": {"limit_train": 64, "epochs": 1, "val_size": 16, "batch_size": 32,
+                                              "attack_steps": 1, "val_attack": "pgd2", "device": "cpu"}})
+    prepare_study(tmp_path / "s", spec)
+    seen = []
+    with caplog.at_level(logging.INFO):
+        assert run_cell(tmp_path / "s" / "cells" / "trades-s0",
+                        progress=lambda name, done, total: seen.append(name)) == ["train"]
+    assert _attack_lines(caplog) == []  # not the cascade's line per attack, then the same numbers again
+    numbers = [r.getMessage() for r in caplog.records
+               if re.match(r"^clean \d+\.\d\d%, pgd2 \d+\.\d\d%", r.getMessage())]
+    assert len(numbers) == 1, caplog.text
+    assert "pgd2" in seen  # the attack's progress still streams
+    assert any(r.getMessage().startswith("step train done") for r in caplog.records)
+    assert logging.getLogger("arow.evaluation.cascade").filters == []
+
+
+# --------------------------------------------------------------------------- arow pseudo-label says it once
+def test_pseudo_label_says_what_it_labelled_once(tmp_path, caplog, capsys, arow_logger_level):
+    from arow.models import build_model
+    from arow.pipelines import build_trainer
+
+    torch.manual_seed(0)
+    model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=28)
+    spec = {"name": "small-cnn", "num_classes": 10, "in_channels": 1, "image_size": 28, "mean": None, "std": None,
+            "dataset": "fashion-mnist"}
+    data = from_tensors(*_images(32), name="fashion-mnist")
+    build_trainer(_cfg(out=str(tmp_path / "run"), eval_attacks=""), model, data, model_spec=spec, plots=False).fit()
+    images = (torch.rand(20, 28, 28, 1, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
+    np.savez(tmp_path / "unlabelled.npz", image=images)
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO):
+        assert main(["pseudo-label", str(tmp_path / "run"), "--data", str(tmp_path / "unlabelled.npz"),
+                     "--out", str(tmp_path / "p.npz"), "--device", "cpu"]) == 0
+    said = capsys.readouterr().out.splitlines() + [r.getMessage() for r in caplog.records]
+    assert len([line for line in said if "labelled 20 images" in line]) == 1, said
+    assert len([line for line in said if str(tmp_path / "p.npz") in line]) == 1, said
+
+
+# --------------------------------------------------------------------------- arow report: data sets and unset settings
+def test_a_report_names_the_data_set_a_custom_run_was_evaluated_on(tmp_path):
+    import csv
+    import io
+
+    from arow.reporting.tables import build_report
+    from test_report import make_run
+
+    rep = build_report([make_run(tmp_path, "mine", dataset="custom"), make_run(tmp_path, "std", method="trades")])
+    md = rep.markdown()
+    header = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    rows = {r[0]: dict(zip(header, r)) for r in ([c.strip() for c in ln.strip("|").split("|")]
+                                                 for ln in md.splitlines()[4:6])}
+    assert rows["arow"]["dataset"] == "custom (eval: fashion-mnist)", rows
+    assert rows["trades"]["dataset"] == "fashion-mnist"  # trained and evaluated on the same: named once
+    assert "custom (eval: fashion-mnist) at eps=0.1" in md
+    lines = {r["method"]: r for r in csv.DictReader(io.StringIO(rep.csv()))}
+    assert (lines["arow"]["dataset"], lines["arow"]["eval_dataset"]) == ("custom", "fashion-mnist")
+
+
+def test_a_report_says_what_an_unset_setting_means(tmp_path):
+    from arow.reporting.tables import build_report
+    from test_report import make_run
+
+    runs = [make_run(tmp_path, "all", limit_train=None, swa_start=None),
+            make_run(tmp_path, "some", limit_train=64, swa_start=2)]
+    settings = {r[-2] for r in build_report(runs).rows()}  # the setting column, before the notes
+    assert settings == {"limit_train=all, swa_start=off", "limit_train=64, swa_start=2"}, settings
+    assert not any("None" in s for s in settings)

@@ -329,7 +329,8 @@ def test_two_methods_two_seeds_end_to_end_then_partial_collect(tmp_path):
     out = tmp_path / "study"
     r = arow("study", "--methods", "arow,trades", "--seeds", "0,1", *TINY, "--out", str(out), "--jobs", "2")
     assert r.returncode == 0, r.stderr
-    assert "[arow-s0] epoch 1 |" in r.stdout and "[trades-s1] fgsm:" in r.stdout  # the cells' progress, streamed
+    assert "[arow-s0] epoch 1 |" in r.stdout and "[trades-s1] step train done" in r.stdout  # streamed
+    assert "[trades-s1] clean " in r.stdout and "[trades-s1] fgsm:" not in r.stdout  # each number once
     res = json.loads((out / "results.json").read_text())
     assert [c["status"] for c in res["cells"]] == ["done"] * 4 and res["exploratory"] is False
     for c in res["cells"]:

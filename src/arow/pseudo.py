@@ -12,7 +12,6 @@ N x H x W x C), ``label`` and ``confidence``, which ``--extra-data`` memory-maps
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -36,7 +35,6 @@ from .runs.records import model_from_checkpoint
 from .models.spec import ModelSpec
 from .runs.records import load_checkpoint
 
-log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 
 
@@ -185,7 +183,6 @@ def pseudo_label(model_source: PathLike, data: str, out: Optional[PathLike] = No
                            device=dev)
     source.update(model=str(ckpt.get("path", model_source)))
     result = PseudoLabels(images, labels, conf, source=source)
-    if out is not None:
+    if out is not None:  # what was labelled and where it went: the caller says it once (summary, path)
         result.save(out)
-        log.info("pseudo-labelled %d images of %s -> %s", len(labels), source["data"], out)
     return result

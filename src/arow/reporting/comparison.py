@@ -130,7 +130,7 @@ def _cells(c: Comparison, labels: Mapping[str, str]) -> list[str]:
 
 
 def _footnote(comparisons: Sequence[Comparison], baseline: str, plan: Optional[Plan],
-              raw_plan: Union[Plan, Mapping[str, Any], None]) -> list[str]:
+              raw_plan: Union[Plan, Mapping[str, Any], None], labels: Mapping[str, str]) -> list[str]:
     n_primary = sum(c.primary for c in comparisons)
     text = [f"Difference: mean over the seeds both rows finished of (row - `{baseline}`), in accuracy points. "
             "95% interval: Student-t interval of that mean (df = seeds - 1). Seeds won: seeds on which the row "
@@ -145,7 +145,7 @@ def _footnote(comparisons: Sequence[Comparison], baseline: str, plan: Optional[P
         how = ("Holm-Bonferroni adjusted" if plan.correction == "holm" else "not corrected (the plan says none)")
         text.append(f"Adjusted p: {how} over the plan's {n_primary} primary tests (comparisons "
                     f"{', '.join(plan.comparisons)} x primary metrics "
-                    f"{', '.join(metric_label(m) for m in plan.primary_metrics)}; a test without a p "
+                    f"{', '.join(labels.get(m) or metric_label(m) for m in plan.primary_metrics)}; a test without a p "
                     f"counts as p = 1); a primary difference is \"separated after correction\" when its "
                     f"adjusted p < {plan.alpha:g}. Exploratory comparisons are outside that family: their "
                     "p is nominal, a hypothesis for a later study rather than a finding.")
@@ -173,7 +173,7 @@ def comparison_table(rows: RowValues, baseline: str, metrics: Sequence[str],
     equiv = f"TOST {format_margin(p.margin)}" if p is not None and p.margin is not None else "TOST"
     header = ["row", "metric", "test", "difference (points)", "95% interval", "seeds won", "p", adjusted, equiv, "verdict"]
     lines = [markdown_table([_cells(c, labels or {}) for c in comparisons], header), ""]
-    return "\n".join(lines + _footnote(comparisons, baseline, p, plan)) + "\n"
+    return "\n".join(lines + _footnote(comparisons, baseline, p, plan, labels or {})) + "\n"
 
 
 # --------------------------------------------------------------------------- checking prose

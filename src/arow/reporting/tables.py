@@ -14,11 +14,13 @@ mixed into one mean.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
@@ -80,6 +82,19 @@ class Run:
     def val_attack(self) -> str:
         return self.config.get("val_attack", "pgd20")
 
+    @property
+    def eval_dataset(self) -> Optional[str]:
+        """The data set the reported evaluation ran on, when it says one (None: not evaluated)."""
+        name = (self.eval or {}).get("dataset")
+        return None if name is None else str(name)
+
+    @property
+    def dataset_text(self) -> str:
+        """The run's data set, and the evaluation's where that is another (a run trained on the user's
+        own data, ``custom``, evaluated on a standard test set): ``"custom (eval: fashion-mnist)"``."""
+        train, ev = str(self.config.get("dataset")), self.eval_dataset
+        return train if ev is None or ev == train else f"{train} (eval: {ev})"
+
     def final_val(self) -> dict[str, Optional[float]]:
         """Validation accuracy of the reported model at the last epoch (the SWA/EMA model when one ran)."""
         if not self.metrics:
@@ -108,6 +123,7 @@ class Run:
             key["eval.n"] = self.eval.get("n")
             key["eval.norm"] = self.eval.get("norm", "linf")
             key["eval.attacks"] = sorted(self.eval.get("accuracy", {}))
+            key["eval.dataset"] = self.eval_dataset
         return json.dumps(key, sort_keys=True, default=str)
 
 
@@ -260,6 +276,27 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
 
 
 
+def unset_text(key: str) -> str:
+    """How a setting left unset (None) reads in a report, from its help in
+    :class:`~arow.config.schema.TrainConfig`: ``all`` where it limits to the first N examples
+    (``limit_train=all``), ``default`` where the default is computed (``attack_steps=default``), else
+    ``off`` (``swa_start=off``).
+
+    >>> unset_text("limit_train"), unset_text("attack_steps"), unset_text("ema"), unset_text("swa_start")
+    ('all', 'default', 'off', 'off')
+    """
+    meta = _FIELDS.get(key.rsplit(".", 1)[-1])
+    text = str(meta.get("help", "")) if meta is not None else ""
+    if "off by default" in text:
+        return "off"
+    if re.search(r"\bN\b", text):
+        return "all"
+    return "default" if "default" in text or meta is None else "off"
+
+
+_FIELDS = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -325,7 +362,7 @@ class Report:
         for k in keys:
             if k in flat and shown.get(short(k)) is None:
                 shown[short(k)] = flat[k]
-        return ", ".join(f"{k}={v}" for k, v in shown.items())
+        return ", ".join(f"{k}={unset_text(k) if v is None else v}" for k, v in shown.items())
 
     def columns(self) -> list[str]:
         val = attack_label(self.groups[0].first.val_attack) if self.groups else ""
@@ -350,7 +387,7 @@ class Report:
             epochs, best = g.best()
             best_s = DASH if all(e is None for e in epochs) else (
                 ", ".join(DASH if e is None else str(e) for e in epochs) + f" ({best.fmt()})")
-            row = [str(r0.config.get("method")), str(r0.config.get("model")), str(r0.config.get("dataset")),
+            row = [str(r0.config.get("method")), str(r0.config.get("model")), r0.dataset_text,
                    format_eps(r0.eps) + ("" if r0.norm == "linf" else f" ({norm_label(r0.norm)})"),
                    ", ".join(str(s) for s in g.seeds), n]
             row += [g.attack_text(a) for a in self.attacks]
@@ -367,7 +404,7 @@ class Report:
         if not self._has_notes():  # an empty last column only widens the table
             cols, rows = cols[:-1], [r[:-1] for r in rows]
         runs = [r for g in self.groups for r in g.runs]
-        protocol = sorted({f"{r.config.get('dataset')} at eps={format_eps(r.eps)} ({norm_label(r.norm)})"
+        protocol = sorted({f"{r.dataset_text} at eps={format_eps(r.eps)} ({norm_label(r.norm)})"
                            for r in runs})
         notes = [
             "Test accuracy in %, mean ± sample std (n-1) over the listed seeds; one seed: the number alone.",
@@ -402,8 +439,8 @@ class Report:
     def csv(self) -> str:
         """One CSV row per recipe: mean and std columns in %, seeds separated by ';'."""
         val = self.groups[0].first.val_attack if self.groups else "pgd20"
-        head = ["method", "model", "dataset", "eps", "seeds", "n_runs", "n_test", "test_set_size", "subset",
-                "eval_file"]
+        head = ["method", "model", "dataset", "eval_dataset", "eps", "seeds", "n_runs", "n_test", "test_set_size",
+                "subset", "eval_file"]
         for a in self.attacks:
             head += [f"{a}_mean", f"{a}_std"]
         head += ["val_clean_mean", "val_clean_std", f"val_{val}_mean", f"val_{val}_std", "best_epochs",
@@ -415,8 +452,8 @@ class Report:
         for g in self.groups:
             ev = g.first.eval or {}
             row: list[Any] = [g.first.config.get("method"), g.first.config.get("model"), g.first.config.get("dataset"),
-                              "" if g.first.eps is None else g.first.eps, ";".join(str(s) for s in g.seeds),
-                              len(g.runs), ev.get("n", ""), ev.get("test_set_size", ""),
+                              g.first.eval_dataset or "", "" if g.first.eps is None else g.first.eps,
+                              ";".join(str(s) for s in g.seeds), len(g.runs), ev.get("n", ""), ev.get("test_set_size", ""),
                               g.first.subset if ev else "", g.first.eval_file.name if g.first.eval_file else ""]
             for a in self.attacks:
                 s = g.attack(a)

@@ -2,8 +2,9 @@
 
 This is what ``arow study`` starts for each cell (one process per cell, in its own process group),
 and what the commands of ``arow study --print-commands`` / ``--prepare`` run under a scheduler.
-It runs :func:`arow.study.cells.run_cell` and prints one line per epoch, per attack and per step,
-as ``arow train`` does without a terminal. Exit status: 0 done, 2 bad input, 3 a tripped
+It runs :func:`arow.study.cells.run_cell` and prints one line per epoch and per step, each
+evaluation's numbers once when it ends, and a progress line every 30 s while anything runs, as
+``arow train`` does without a terminal. Exit status: 0 done, 2 bad input, 3 a tripped
 robustness guard, 4 a diverged run, 1 an unexpected error (each recorded in the cell's
 ``study_failed.json``), 130 interrupted (nothing recorded; run it again to continue).
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from ..attacks import get_attack
 from ..config import TrainConfig, resolve, resolve_config
-from ..evaluation.cascade import Progress
+from ..evaluation.cascade import Progress, quiet_attack_lines
 from ..methods import METHODS
 from ..pipelines import EvalReport, evaluate_run, train_and_evaluate
 from ..reporting.plots import plot_runs
@@ -294,7 +294,8 @@ def run_cell(cell: PathLike, *, callbacks: Sequence[Callbacks] = (), progress: O
                 on_step(step)
             log.info("step %s of %s ...", step, plan.name)
             t0 = time.perf_counter()
-            _step(step, plan, run, callbacks, progress)
+            with quiet_attack_lines():  # progress while it runs; its numbers once, in the step's own line
+                _step(step, plan, run, callbacks, progress)
             log.info("step %s done in %.0fs", step, time.perf_counter() - t0)
             done.append(step)
     except Exception as e:  # noqa: BLE001 - every failure is recorded with its step, then raised

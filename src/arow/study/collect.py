@@ -6,9 +6,11 @@ when it has the study's evaluation (see :mod:`arow.study.cells`), and a damaged 
 cell's error, never as a silently missing number. Per row and metric: mean ± sample std over the
 seeds that finished (:func:`arow.reporting.stats.summarize`); against the baseline, paired by seed:
 :func:`arow.reporting.comparison.comparison_table` with the study's analysis plan (its primary
-tests corrected, everything else exploratory). An exploratory study (``eval_n``: every run on the
-first N test images) is marked so on every page, and its plan is not applied: no comparison on a
-subset is a primary test.
+tests corrected, everything else exploratory). AutoAttack, which runs on the first ``aa_n`` test
+images only, has its own table: beside it each run's other accuracies and the worst case over every
+attack on those same images, read from the per-example verdicts its evaluations store. An
+exploratory study (``eval_n``: every run on the first N test images) is marked so on every page,
+and its plan is not applied: no comparison on a subset is a primary test.
 """
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ import os
 import time
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
+
 from ..reporting.comparison import comparison_table, seed_values
 from ..reporting.labels import metric_label
 from ..reporting.plots import study_plots
+from ..reporting.records import EvalFile
 from ..evaluation.cascade import unpack_verdicts
 from ..reporting.stats import mcnemar, paired, paired_bootstrap, summarize
 from ..reporting.tables import markdown_table
@@ -79,6 +84,8 @@ def cell_result(folder: StudyDir, spec: StudySpec, cell: Cell) -> dict[str, Any]
     aa = autoattack_eval(ev, run, rec)
     if aa is not None:
         r["accuracy"]["autoattack"] = aa.accuracy["autoattack"]
+        r["aa_n"] = aa.n
+        r["on_aa_images"] = on_aa_images(e if evaluated else None, aa, metric_names(spec))
     elif ev.autoattack_n and r["status"] == "done":
         r["status"] = "unfinished"
     if points is not None:
@@ -101,6 +108,46 @@ def cell_result(folder: StudyDir, spec: StudySpec, cell: Cell) -> dict[str, Any]
     return r
 
 
+# --------------------------------------------------------------------------- AutoAttack's images
+#: the worst case on AutoAttack's images: an image counts when every attack, AutoAttack included, left it correct
+WORST = "worst_case"
+
+
+def first_verdicts(e: Optional[EvalFile], n: int) -> Optional[dict[str, np.ndarray]]:
+    """The per-example verdicts an evaluation file stores, on its first ``n`` images; None when it
+    stores none, covers fewer images or holds unreadable ones."""
+    packed = e.data.get("verdicts") if e is not None else None
+    if e is None or not isinstance(packed, dict) or not e.n or e.n < n or n < 1:
+        return None
+    try:
+        return {k: v[:n] for k, v in unpack_verdicts(packed, int(e.n)).items()}
+    except (ValueError, TypeError):
+        return None
+
+
+def on_aa_images(e: Optional[EvalFile], aa: EvalFile, metrics: Sequence[str]) -> dict[str, Optional[float]]:
+    """The cell's accuracies on the images AutoAttack ran on (the first ``aa.n`` test images), from
+    the per-example verdicts of its evaluation ``e`` (its other metrics) and of ``aa``: each metric
+    but AutoAttack, and the worst case over every attack, AutoAttack included (:data:`WORST`).
+    None where the verdicts needed are not stored."""
+    n = int(aa.n or 0)
+    main, sub = first_verdicts(e, n), first_verdicts(aa, n)
+    out: dict[str, Optional[float]] = {m: float(main[m].mean()) if main is not None and m in main else None
+                                       for m in metrics if m != "autoattack"}
+    both = main is not None and sub is not None and WORST in main and "autoattack" in sub
+    out[WORST] = float((main[WORST] & sub["autoattack"]).mean()) if both else None
+    return out
+
+
+def aa_metrics(spec: StudySpec) -> list[str]:
+    """The columns of the AutoAttack table: AutoAttack, the study's other metrics, the worst case."""
+    return ["autoattack", *[m for m in metric_names(spec) if m != "autoattack"], WORST] if spec.aa_n else []
+
+
+def _aa_value(cell: dict[str, Any], m: str) -> Optional[float]:
+    return cell["accuracy"].get(m) if m == "autoattack" else (cell.get("on_aa_images") or {}).get(m)
+
+
 # --------------------------------------------------------------------------- the rows
 def _rows(spec: StudySpec, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per row: each metric's values by seed with their summary, and the paired difference with the baseline."""
@@ -113,6 +160,12 @@ def _rows(spec: StudySpec, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             vals = {r["seed"]: (r.get(m) if m == "seconds_per_epoch" else r["accuracy"].get(m)) for r in done}
             vals = {s: x for s, x in vals.items() if x is not None}
             row["metrics"][m] = {"per_seed": vals, **dataclasses.asdict(summarize(list(vals.values())))}
+        if spec.aa_n and v.aa:  # on the first aa_n test images, apart: never in one table with the others
+            for m in aa_metrics(spec):
+                vals = {r["seed"]: _aa_value(r, m) for r in done}
+                vals = {s: x for s, x in vals.items() if x is not None}
+                row.setdefault("on_aa_images", {})[m] = {"per_seed": vals,
+                                                         **dataclasses.asdict(summarize(list(vals.values())))}
         rows.append(row)
     base = next(r for r in rows if r["label"] == spec.baseline)
     for row in rows:
@@ -146,7 +199,7 @@ def collect(path: PathLike, *, plots: bool = True, baseline: Optional[str] = Non
               "added_after_results": added_after_results(folder, spec, cells, written), "written": written}
     files = {ext: folder.results(stem, ext) for ext in ("md", "csv", "json")}
     atomic_write_text(dump_json(result) + "\n", files["json"])
-    atomic_write_text(_csv(cells, result["metrics"]), files["csv"])
+    atomic_write_text(_csv(cells, result["metrics"], aa_metrics(spec)), files["csv"])
     atomic_write_text(markdown(result, spec), files["md"])
     result["files"] = [p.name for p in files.values()]
     if plots and not spec.exploratory:  # the figures' axes name the full test set: none for a subset study
@@ -272,9 +325,35 @@ def _ms(s: dict[str, Any], scale: float = 100.0, unit: str = "") -> str:
 
 
 def _columns(spec: StudySpec) -> list[tuple[str, str]]:
+    """The columns of the tables on the study's test images: every metric but AutoAttack, which ran on
+    fewer images and has its own table (:func:`_aa_section`)."""
     where = images_text(spec)
-    return [(m, metric_label(m, n=spec.aa_n) if m == "autoattack" else f"{metric_label(m)} ({where})")
-            for m in metric_names(spec)]
+    return [(m, f"{metric_label(m)} ({where})") for m in metric_names(spec) if m != "autoattack"]
+
+
+def _aa_section(result: dict[str, Any], spec: StudySpec) -> list[str]:
+    """AutoAttack on its first ``aa_n`` test images, with each row's other accuracies and the worst case
+    on those same images: mean over seeds, then every run."""
+    rows = [r for r in result["rows"] if r.get("on_aa_images")]
+    if not spec.aa_n or not rows:
+        return []
+    n, cols = spec.aa_n, aa_metrics(spec)
+    labels = [metric_label(m, n=n) if m != WORST else f"worst case (first {n})" for m in cols]
+    where = "the full test set" if not spec.exploratory else f"the first {spec.eval_n} test images"
+    out = ["", f"## AutoAttack on the first {n} test images", "",
+           f"AutoAttack (the standard version) ran on the first {n} test images only, the same images for every "
+           f"run: compare it with the other columns of this table, which are on those same {n} images, not with "
+           f"the tables on {where}. The other accuracies are read from the per-example verdicts of each run's "
+           f"evaluation; worst case: the images that every attack, AutoAttack included, left classified "
+           f"correctly. \"-\": the run stores no per-example verdicts. Mean ± sample std over seeds (n).", ""]
+    table = [[r["label"], str(max(r["on_aa_images"][m]["n"] for m in cols))]
+             + [_ms(r["on_aa_images"][m]) for m in cols] for r in rows]
+    out.append(markdown_table(table, ["method", "n", *labels]))
+    aa_rows = {r["label"] for r in rows}
+    runs = [[c["label"], str(c["seed"])] + [_pct(_aa_value(c, m)) for m in cols]
+            for c in result["cells"] if c["label"] in aa_rows and c["status"] not in ("failed", "unreadable")]
+    out += ["", "Every run:", "", markdown_table(runs, ["method", "seed", *labels])]
+    return out
 
 
 def _intro(result: dict[str, Any], spec: StudySpec) -> list[str]:
@@ -291,7 +370,8 @@ def _intro(result: dict[str, Any], spec: StudySpec) -> list[str]:
         title = [f"# Study results ({result['written']})", ""]
     where = "the full test set" if not spec.exploratory else f"the first {spec.eval_n} test images"
     aa = (f"AutoAttack is the standard version on the first {spec.aa_n} test images (the same images for every "
-          f"run); the other attacks and clean accuracy are on {where}." if spec.aa_n else
+          f"run), in its own table beside the other accuracies on those images; the other tables' attacks and "
+          f"clean accuracy are on {where}." if spec.aa_n else
           f"AutoAttack was not run; the attacks and clean accuracy are on {where}.")
     return title + [f"Preset `{spec.preset or 'default'}`" + (f" with {spec.overrides}" if spec.overrides else "")
                     + f"; seeds {spec.seeds}; eps {eps}; test set of {n_test} images. Accuracy in %, mean ± sample "
@@ -306,9 +386,11 @@ def markdown(result: dict[str, Any], spec: StudySpec) -> str:
              + [_ms(r["metrics"][m]) for m, _ in cols] + [_ms(r["metrics"]["seconds_per_epoch"], 1.0, " s")]
              for r in rows]
     out.append(markdown_table(table, ["method", "n"] + [lab for _, lab in cols] + ["s / epoch"]))
+    out += _aa_section(result, spec)
     out += ["", f"## Against `{result['baseline']}`, paired by seed", ""]
+    labels = {"autoattack": metric_label("autoattack", n=spec.aa_n)} if spec.aa_n else None
     out.append(comparison_table(seed_values(rows), result["baseline"], metric_names(spec),
-                                None if spec.exploratory else spec.plan).rstrip("\n"))
+                                None if spec.exploratory else spec.plan, labels=labels).rstrip("\n"))
     out += _image_section(result.get("image_tests") or [], result["baseline"])
     out += ["", "## Held-out validation (last epoch)", "",
             "Accuracy of the reported model on the held-out split of the TRAINING set (the number model "
@@ -342,12 +424,22 @@ def markdown(result: dict[str, Any], spec: StudySpec) -> str:
     return "\n".join(out) + "\n"
 
 
-def _csv(cells: list[dict[str, Any]], metrics: Sequence[str]) -> str:
+def _csv(cells: list[dict[str, Any]], metrics: Sequence[str], aa: Sequence[str] = ()) -> str:
+    """One line per run: its accuracies; ``test_images``: how many test images the metrics other than
+    AutoAttack ran on; with AutoAttack (``aa``: :func:`aa_metrics`), ``autoattack_test_images`` (the first
+    ``aa_n``) and each other metric and the worst case on those same images (``<metric>_on_aa_images``)."""
     buf = io.StringIO()
     w = csv.writer(buf)
     metrics = [*metrics, *VAL_METRICS]
-    w.writerow(["label", "method", "seed", *metrics, "test_images", "seconds_per_epoch", "status", "error", "folder"])
+    on_aa = [m for m in aa if m != "autoattack"]
+    w.writerow(["label", "method", "seed", *metrics, "test_images", *(["autoattack_test_images"] if aa else []),
+                *[f"{m}_on_aa_images" for m in on_aa], "seconds_per_epoch", "status", "error", "folder"])
     for c in cells:
+        extra = [c.get("aa_n", "")] + [_blank(_aa_value(c, m)) for m in on_aa] if aa else []
         w.writerow([c["label"], c["method"], c["seed"], *[c["accuracy"].get(m, "") for m in metrics], c.get("n", ""),
-                    c.get("seconds_per_epoch", ""), c["status"], c.get("error", ""), c["folder"]])
+                    *extra, c.get("seconds_per_epoch", ""), c["status"], c.get("error", ""), c["folder"]])
     return buf.getvalue()
+
+
+def _blank(x: Optional[float]) -> Any:
+    return "" if x is None else x

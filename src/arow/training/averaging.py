@@ -146,7 +146,7 @@ def short_ema_warning(ema: EMA, updates: int) -> str:
     share = ema.initial_share(updates)
     if share <= EMA_INITIAL_SHARE_WARNING:
         return ""
-    return (f"--ema {ema.decay:g} averages over about {1 / (1 - ema.decay):.0f} optimiser steps, but this run takes "
-            f"{updates}: the EMA model, which is validated and saved as the run's model (final.pt), keeps "
-            f"{100 * share:.0f}% of the initial weights. Turn on --ema-warmup (ema_warmup=True), lower --ema, "
-            f"or train longer")
+    return (f"--ema {ema.decay:g}: after this run's {updates} optimiser steps the EMA model, which is validated and "
+            f"saved as the run's model (final.pt), still holds {100 * share:.0f}% of the initial weights (the "
+            f"average's horizon is about {1 / (1 - ema.decay):.0f} optimiser steps). Turn on --ema-warmup "
+            f"(ema_warmup=True), lower --ema, or train longer")
