@@ -24,7 +24,10 @@ Rows, in the order they run (the budget skips what no longer fits, and says so i
   group initialised in this process: NCCL on CUDA, gloo on the CPU) equals one step without DDP,
   bit for bit, with deterministic cuDNN kernels; a second run without DDP is the control.
 - ``loader``: the extra-data loader (``MixedLoader``, 70% extra images from a memory-mapped
-  ``.npz``) in images/s, and its host synchronisations per batch.
+  ``.npz``) in images/s, and its host synchronisations per batch, with the extra images kept on the
+  GPU and, as for a set too large for it, gathered into pinned host memory (``gpu_rows.py``).
+- ``epoch-overhead`` and ``checkpoint`` (``gpu_rows.py``): what validation, BatchNorm recalibration
+  and the epoch's checkpoint write cost the training loop on a GPU.
 - ``autoattack``: arow's ``autoattack`` (standard: APGD-CE, APGD-T, FAB-T, Square 5000) on 256
   images with ResNet-18 in float32 (TF32 on), on a model whose predictions no attack can change
   (:class:`Unbreakable`), so every sub-attack runs its whole budget on every image: an upper bound
@@ -79,7 +82,6 @@ from unittest import mock
 
 START = time.monotonic()  # the budget counts from here: imports and CUDA start-up included
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -88,6 +90,8 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step, also when imported from elsewhere
+if __name__ == "__main__":  # gpu_rows and ddp_check import this module by name: one copy, not two
+    sys.modules.setdefault("gpu_check", sys.modules[__name__])
 
 from arow.attacks import ce_loss, pgd  # noqa: E402
 from arow.attacks.autoattack import AutoAttackSettings, get_autoattack, run_autoattack  # noqa: E402
@@ -96,7 +100,6 @@ from arow.distributed import GlobalBatchNorm, convert_sync_batchnorm  # noqa: E4
 from arow.evaluation.cascade import evaluate as run_attacks, float32_kernels  # noqa: E402
 from arow.threat import ThreatModel  # noqa: E402
 from arow.data import Loader, TensorData  # noqa: E402
-from arow.data.extra import MixedLoader, load_extra  # noqa: E402
 from arow.models import PreActResNet, ResNet, build_model, wide_resnet  # noqa: E402
 from arow.runs.checkpoint import atomic_write_text  # noqa: E402
 from arow.training.callbacks import Callbacks  # noqa: E402
@@ -117,11 +120,12 @@ EPOCH_TARGET_S = {"resnet18": 6.0, "wrn-34-10": 60.0}
 AA_TARGET_S = 300.0
 AGREEMENT_TOLERANCE = 0.02  # bf16 vs float32 training loss, relative, per step
 EXTRA_FRACTION = 0.7  # the generated-data recipes' share of extra images per batch
-KINDS = ("train", "agreement", "ddp", "loader", "autoattack", "eval-batch", "bf16-stem", "syncbn", "attack-compile",
-         "compiled")
+KINDS = ("train", "epoch-overhead", "agreement", "ddp", "loader", "checkpoint", "autoattack", "eval-batch", "bf16-stem",
+         "syncbn", "attack-compile", "compiled")
 ATTACK_BATCHES = (16, 128)  # per-rank batches of the attack-compile rows: 8 GPUs x 16, and one GPU's 128
 STEM_MARGIN = 0.01  # PGD-20 accuracy a bf16 stem may add (1 point) before it counts as weakening the attack
 PLAIN: dict[tuple[str, str], float] = {}  # images/s of the plain TRADES step per (model, precision)
+TRAIN_RATE: dict[tuple[str, str], float] = {}  # images/s of the eager train rows per (model, precision)
 
 
 @dataclass(frozen=True)
@@ -148,18 +152,22 @@ class Scale:
     eval_batches: tuple[int, int] = (100, 500)
     stem_train: int = 150  # PGD-AT steps that make the bf16-stem row's model robust enough to measure
     stem_n: int = 1000  # test images of the bf16-stem row
+    val_n: int = 1000  # held-out images validated per epoch (epoch-overhead rows)
+    epoch_images: int = EPOCH_IMAGES  # images of the epoch the epoch-overhead rows recalibrate BatchNorm over
 
 
 FULL = Scale(batch=128, size=32, k=10, warmup=3, timed=20, aa_n=256, aa_n_iter=None, aa_queries=None,
              loader_real=50_000, loader_extra=100_000, loader_batches=50, agree_steps=5, dry=False,
-             caps={"train": 75, "agreement": 45, "ddp": 45, "loader": 30, "autoattack": 150, "eval-batch": 60,
-                   "bf16-stem": 45, "syncbn": 30, "attack-compile": 90, "compiled": 150},
-             needs={"train": 20, "agreement": 15, "ddp": 15, "loader": 10, "autoattack": 60, "eval-batch": 30,
-                    "bf16-stem": 20, "syncbn": 10, "attack-compile": 45, "compiled": 60})
+             caps={"train": 75, "epoch-overhead": 45, "agreement": 45, "ddp": 45, "loader": 30, "checkpoint": 60,
+                   "autoattack": 150, "eval-batch": 60, "bf16-stem": 45, "syncbn": 30, "attack-compile": 90,
+                   "compiled": 150, "epoch-overhead wrn-34-10": 120},
+             needs={"train": 20, "epoch-overhead": 15, "agreement": 15, "ddp": 15, "loader": 10, "checkpoint": 25,
+                    "autoattack": 60, "eval-batch": 30, "bf16-stem": 20, "syncbn": 10, "attack-compile": 45,
+                    "compiled": 60, "epoch-overhead wrn-34-10": 60})
 DRY = Scale(batch=4, size=8, k=2, warmup=1, timed=1, aa_n=8, aa_n_iter=2, aa_queries=5, loader_real=16,
             loader_extra=64, loader_batches=2, agree_steps=2, dry=True, caps={k: 60 for k in KINDS},
             needs={k: 0 for k in KINDS}, attack_batches=(4,), eval_n=8, eval_batches=(4, 8), stem_train=2,
-            stem_n=8)
+            stem_n=8, val_n=8, epoch_images=16)
 
 
 # --------------------------------------------------------------------------- the table
@@ -197,10 +205,11 @@ HEADER = ["row", "model", "precision", "compile", "images/s", "implied", "target
           "host syncs in step", "dynamo", "check", "peak GiB", "notes"]
 
 
-def markdown(rows: list[Row]) -> str:
-    """The one table: a Markdown table with padded columns."""
-    table = [HEADER] + [r.cells() for r in rows]
-    widths = [max(len(t[i]) for t in table) for i in range(len(HEADER))]
+def markdown(rows: list[Row], columns: Optional[list[str]] = None) -> str:
+    """The one table: a Markdown table with padded columns (``columns`` of :data:`HEADER`; all by default)."""
+    keep = [HEADER.index(c) for c in columns or HEADER]
+    table = [[t[i] for i in keep] for t in [HEADER] + [r.cells() for r in rows]]
+    widths = [max(len(t[i]) for t in table) for i in range(len(keep))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(t, widths)) + " |" for t in table]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
@@ -289,17 +298,18 @@ def arow_trainer(name: str, sc: Scale, device: torch.device, precision: str, *, 
     """arow's Trainer for ARoW on ``name`` with ``steps`` batches of synthetic data on ``device``.
 
     With ``--dry-run`` a compiled model uses dynamo's ``eager`` backend (no code generation on the CPU).
+    ``val_data`` is the held-out split; ``model`` replaces the one built for ``name``.
     """
-    callbacks = changes.pop("callbacks", None)
+    callbacks, val_data, model = (changes.pop(k, None) for k in ("callbacks", "val_data", "model"))
     torch.manual_seed(seed)
-    model = build(name, sc)
+    model = model if model is not None else build(name, sc)
     cfg = TrainConfig(method="arow", epochs=1, batch_size=sc.batch, eps=EPS, attack_steps=sc.k, augment="crop+flip",
                       device=str(device), amp=amp_of(precision), compile=compile, seed=seed, val_size=0,
                       schedule="constant", warmup_epochs=0, lr=0.01, **changes)
     data = synthetic(sc.batch * max(steps, sc.warmup + sc.timed + 1), sc, seed)
     eager = functools.partial(torch.compile, backend="eager")
     with mock.patch.object(torch, "compile", eager) if sc.dry and compile else contextlib.nullcontext():
-        return Trainer(cfg, model, data, callbacks=callbacks)
+        return Trainer(cfg, model, data, val_data, callbacks=callbacks)
 
 
 def peak_gib(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, str]:
@@ -314,12 +324,15 @@ def peak_gib(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, str]:
 
 def run_steps(trainer: Trainer, n: int, epoch: int = 0) -> float:
     """Seconds for ``n`` training steps of the Trainer's own loop, full batches only, synchronised
-    (the loop's own host reads, once at its end, included)."""
+    (the loop's own host reads, once at its end, included); under torchrun each rank its share of a
+    global batch, in the batches' layout of the Trainer's own loader (channels-last on CUDA)."""
     if n < 1:
         return 0.0
-    b = trainer.cfg.batch_size
+    b, d = trainer.cfg.batch_size, trainer.dist
+    layout = trainer.loader.memory_format
     trainer.loader = Loader(trainer.train_data.subset(b * n), b, shuffle=True, augment="crop+flip",
-                            seed=trainer.cfg.seed, drop_last=True)
+                            seed=trainer.cfg.seed, drop_last=True, rank=d.rank, world_size=d.world_size)
+    trainer.loader.memory_format = layout
     with Stopwatch(trainer.device) as t:
         trainer.train_epoch(epoch)
     return t.seconds
@@ -501,6 +514,8 @@ def train_row(name: str, precision: str, compiled: bool, sc: Scale, device: torc
             if compiled:
                 row.dynamo, bad = dynamo_report(before, warm, dynamo_counts(), fallbacks.count)
                 row.failed |= bad
+            else:  # what the epoch-overhead and loader rows compare with
+                TRAIN_RATE[(name, precision)] = row.images_s
             del trainer
             key = (name, precision)  # eager, so the compiled rows reuse the eager rows' measurement
             if key not in PLAIN:
@@ -585,32 +600,6 @@ def ddp_row(sc: Scale, device: torch.device, budget: Budget) -> Row:
     row.notes = f"{backend} process group in-process; one step; control run without DDP " + \
                 ("equal" if control_same else f"differs by {control_worst:.2g} (nondeterministic kernels)")
     row.failed = not same and control_same
-    return row
-
-
-def loader_row(sc: Scale, device: torch.device, budget: Budget) -> Row:
-    """The extra-data MixedLoader: images/s and host synchronisations per batch."""
-    row = Row("extra-data loader", "-", "-", "-")
-    real = synthetic(sc.loader_real, sc).to(device)
-    rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "extra.npz"
-        np.savez(path, image=rng.integers(0, 256, (sc.loader_extra, sc.size, sc.size, 3), dtype=np.uint8),
-                 label=rng.integers(0, CLASSES, sc.loader_extra))
-        extra = load_extra([path], CLASSES, (sc.size, sc.size, 3))
-        loader = MixedLoader(real, extra, sc.batch, fraction=EXTRA_FRACTION, augment="crop+flip", seed=0,
-                             epoch_batches=2 + sc.loader_batches)
-        batches = iter(loader)
-        for _ in range(2):  # the epoch's draws are copied to the device at the first batch
-            next(batches)
-        syncs, seconds = _count_syncs(lambda: [next(batches) for _ in range(sc.loader_batches)], device)
-        mapped = extra.memory_mapped
-    row.images_s = sc.batch * sc.loader_batches / seconds
-    row.implied = f"{EPOCH_IMAGES / row.images_s:.2f} s / 50k images"
-    per = syncs / sc.loader_batches
-    row.sync = f"{per:g} per batch"
-    row.notes = (f"batch {sc.batch}, {100 * EXTRA_FRACTION:.0f}% of it from {sc.loader_extra} extra images "
-                 f"({'memory-mapped' if mapped else 'in memory'}), crop+flip; {sc.loader_batches} batches")
     return row
 
 
@@ -888,19 +877,23 @@ def attack_compile_row(batch: int, sc: Scale, device: torch.device, budget: Budg
 # --------------------------------------------------------------------------- the run
 def plan(models: list[str], precisions: list[str], compile_modes: list[bool], kinds: set[str],
          batches: tuple[int, ...] = ATTACK_BATCHES) -> list[tuple]:
-    """The rows in the order they run: eager training, the checks, AutoAttack, the evaluation's and
-    the attack's questions, then compiled training."""
+    """The rows in the order they run: eager training and ResNet-18's epoch overhead, the checks, the
+    loader and the checkpoint write, AutoAttack, the evaluation's and the attack's questions, compiled
+    training, then WRN-34-10's epoch overhead if the budget allows."""
     rows: list[tuple] = []
     if "train" in kinds and False in compile_modes:
         rows += [("train", (m, p, False)) for m in models for p in precisions]
-    rows += [(k, ()) for k in ("agreement", "ddp", "loader", "autoattack", "eval-batch", "bf16-stem", "syncbn")
-             if k in kinds]
+    overhead = [m for m in ("resnet18", "wrn-34-10") if m in models] if "epoch-overhead" in kinds else []
+    rows += [("epoch-overhead", (m,)) for m in overhead if m == "resnet18"]
+    rows += [(k, ()) for k in ("agreement", "ddp") if k in kinds]
+    rows += [("loader", (mode,)) for mode in ("device", "pinned") if "loader" in kinds]
+    rows += [(k, ()) for k in ("checkpoint", "autoattack", "eval-batch", "bf16-stem", "syncbn") if k in kinds]
     if "attack-compile" in kinds:
         rows += [("attack-compile", (b,)) for b in batches]
     if "compiled" in kinds and True in compile_modes:  # the models with a target first
         ranked = sorted(models, key=lambda m: m not in EPOCH_TARGET_S)
         rows += [("compiled", (m, p, True)) for p in precisions for m in ranked]
-    return rows
+    return rows + [("epoch-overhead", (m,)) for m in overhead if m != "resnet18"]
 
 
 def run_row(kind: str, args: tuple, sc: Scale, device: torch.device, budget: Budget) -> Row:
@@ -908,14 +901,16 @@ def run_row(kind: str, args: tuple, sc: Scale, device: torch.device, budget: Bud
     one that runs out of time or fails is listed with why."""
     fn = {"train": train_row, "compiled": train_row, "agreement": agreement_row, "ddp": ddp_row,
           "loader": loader_row, "autoattack": autoattack_row, "eval-batch": eval_batch_row, "bf16-stem": bf16_stem_row,
-          "syncbn": syncbn_row, "attack-compile": attack_compile_row}[kind]
+          "syncbn": syncbn_row, "attack-compile": attack_compile_row, "epoch-overhead": epoch_overhead_row,
+          "checkpoint": checkpoint_row}[kind]
+    name = " ".join([kind, *map(str, args)])  # its own cap and need if it has one (a larger model), else its kind's
     stub = Row("ARoW train step", args[0], label(args[1], device), "on" if args[2] else "off") \
-        if kind in ("train", "compiled") else Row(" ".join([kind, *map(str, args)]))
+        if kind in ("train", "compiled") else Row(name)
     left = budget.left()
-    if left < sc.needs[kind]:
+    if left < sc.needs.get(name, sc.needs[kind]):
         stub.notes = f"skipped: {max(left, 0):.0f} s of the budget left"
         return stub
-    limit = min(sc.caps[kind], left)
+    limit = min(sc.caps.get(name, sc.caps[kind]), left)
     try:
         with budget.limit(limit):
             return fn(*args, sc, device, budget)
@@ -932,6 +927,12 @@ def run_row(kind: str, args: tuple, sc: Scale, device: torch.device, budget: Bud
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def decisions(rows: list[Row]) -> str:
+    """What the rows that settle a question decide, one line per question ("" if none does)."""
+    lines = dict.fromkeys(f"- {r.what.split(',')[0]}: {r.decides}" for r in rows if r.decides)
+    return "\nWhat these rows decide:\n" + "\n".join(lines) if lines else ""
 
 
 def describe(device: torch.device, sc: Scale, budget: float) -> str:
@@ -996,10 +997,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     skipped = sum(r.notes.startswith("skipped") for r in rows)
     late = sum(r.notes.startswith("timed out") for r in rows)
     print(describe(device, sc, a.budget))
-    print(markdown(rows))
-    decides = list(dict.fromkeys(f"- {r.what.split(',')[0]}: {r.decides}" for r in rows if r.decides))
-    if decides:
-        print("What these rows decide:\n" + "\n".join(decides))
+    print(markdown(rows) + decisions(rows))
     print(f"{len(rows)} rows in {time.monotonic() - START:.0f} s: {failed} failed, {late} timed out, {skipped} "
           f"skipped for the budget. "
           f"images/s: ours = arow's Trainer, plain = the inline TRADES step with the same passes; the targets are "
@@ -1010,6 +1008,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"written {a.json}")
     return 1 if failed else 0
 
+
+# the training loop's rows use the helpers above; imported last, so that they are all defined
+from gpu_rows import checkpoint_row, epoch_overhead_row, loader_row  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

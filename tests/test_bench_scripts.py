@@ -545,3 +545,161 @@ def test_bench_autoattack_defaults_to_the_gpu_and_times_both_sides_in_arow_evals
     out = capsys.readouterr().out
     assert "device cuda:0" in out and "strict float32" in out
     assert "same per-example verdicts: no (robust only in (a): 1, only in (b): 0)" in out
+
+
+# --------------------------------------------------------------------------- gpu_check: the training loop's rows
+@pytest.fixture()
+def train_rates(gpu_check):
+    """The GPU check's record of the eager train rows' images/s, emptied for one test and put back after."""
+    saved = dict(gpu_check.TRAIN_RATE)
+    gpu_check.TRAIN_RATE.clear()
+    yield gpu_check.TRAIN_RATE
+    gpu_check.TRAIN_RATE.clear()
+    gpu_check.TRAIN_RATE.update(saved)
+
+
+def test_gpu_check_plan_runs_the_epoch_overhead_after_the_train_rows_and_wrn_last(gpu_check):
+    rows = gpu_check.plan(["resnet18", "wrn-34-10"], ["bf16"], [False, True], set(gpu_check.KINDS))
+    kinds = [kind for kind, _ in rows]
+    assert rows[2] == ("epoch-overhead", ("resnet18",)) and kinds[:2] == ["train", "train"]
+    assert rows[-1] == ("epoch-overhead", ("wrn-34-10",)) and kinds[-2] == "compiled"  # if the budget allows
+    assert [args for kind, args in rows if kind == "loader"] == [("device",), ("pinned",)]
+    assert "checkpoint" in kinds and "epoch-overhead" not in [k for k, _ in gpu_check.plan(
+        ["wrn-34-10"], ["bf16"], [False], set(gpu_check.KINDS) - {"epoch-overhead"})]
+    assert gpu_check.FULL.needs["epoch-overhead wrn-34-10"] > gpu_check.FULL.needs["epoch-overhead"]
+    budget = gpu_check.Budget(1e-9)  # WRN-34-10's own need, not the kind's, decides that it is skipped
+    row = gpu_check.run_row("epoch-overhead", ("wrn-34-10",), gpu_check.FULL, torch.device("cpu"), budget)
+    assert row.what == "epoch-overhead wrn-34-10" and row.notes.startswith("skipped")
+
+
+def test_gpu_check_train_steps_keep_the_loaders_batch_layout(gpu_check):
+    """``run_steps`` replaces the Trainer's loader: the batches keep the layout the Trainer chose
+    (channels-last on CUDA), and each rank takes its share of the global batch."""
+    trainer = gpu_check.arow_trainer("resnet18", gpu_check.DRY, torch.device("cpu"), "tf32")
+    trainer.loader.memory_format = torch.channels_last
+    assert gpu_check.run_steps(trainer, 1) > 0
+    assert trainer.loader.memory_format is torch.channels_last
+    x, _ = next(iter(trainer.loader))
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert (trainer.loader.rank, trainer.loader.world_size) == (0, 1)
+
+
+def test_gpu_check_epoch_overhead_is_a_share_of_the_train_rows_epoch(gpu_check, train_rates):
+    import re
+
+    cpu = torch.device("cpu")
+    train_rates[("resnet18", "bf16")] = 50.0  # a 1,000 s epoch
+    row = gpu_check.epoch_overhead_row("resnet18", gpu_check.DRY, cpu, gpu_check.Budget(1e9))
+    validate_s, recal_s = (float(v) for v in re.findall(r"(?:validate|recalibrate) ([0-9.]+) s", row.implied))
+    assert validate_s > 0 and recal_s > 0 and "of a 1000.0 s epoch" in row.implied
+    assert f"({100 * validate_s / 1000:.1f}%)" in row.implied
+    share = 100 * (2 * validate_s + recal_s) / 1000
+    assert row.check.startswith("n/a (dry run): ") and f"{share:.1f}% of an epoch" in row.check
+    assert "PGD-20 on 8 images at eval batch 100" in row.notes and "its bf16 train row" in row.notes
+    assert "over 4 batches of 4" in row.notes  # the whole (dry) epoch of 16 images
+    assert "10%" in row.decides
+    train_rates.clear()  # no train row ran: the row measures the training epoch itself
+    row = gpu_check.epoch_overhead_row("resnet18", gpu_check.DRY, cpu, gpu_check.Budget(1e9))
+    assert "measured in this row" in row.notes and not row.failed
+
+
+def test_gpu_check_pinned_loader_row_asks_for_pinned_memory_and_compares_with_the_train_step(
+        gpu_check, train_rates, monkeypatch):
+    import arow.data.loader as data_loader
+
+    gpu_rows = sys.modules["gpu_rows"]
+    shares: list = []
+    real_load = gpu_rows.load_extra
+
+    def load_extra(*args, **kwargs):
+        shares.append(data_loader.EXTRA_ON_DEVICE_SHARE)  # what ExtraFeed will read at the first batch
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_rows, "load_extra", load_extra)
+    train_rates[("wrn-34-10", "bf16")], train_rates[("resnet18", "bf16")] = 10.0, 40.0
+    cpu = torch.device("cpu")
+    pinned = gpu_check.loader_row("pinned", gpu_check.DRY, cpu, gpu_check.Budget(1e9))
+    on_device = gpu_check.loader_row("device", gpu_check.DRY, cpu, gpu_check.Budget(1e9))
+    assert shares == [0.0, 0.25] and data_loader.EXTRA_ON_DEVICE_SHARE == 0.25
+    assert (pinned.what, on_device.what) == ("extra-data loader, pinned", "extra-data loader")
+    assert pinned.check.startswith("n/a (CPU: host mode); n/a (dry run): ") and pinned.sync == "0 per batch"
+    assert f"{pinned.images_s / 40:.1f}x the fastest train step (resnet18 bf16, 40 images/s" in pinned.check
+    assert pinned.decides and not on_device.decides and not pinned.failed
+    full = gpu_check.FULL  # the verdict on a GPU: >= 2x the fastest step keeps up
+    assert gpu_rows.keeps_up(80.0, full).startswith("keeps up: 2.0x")
+    assert gpu_rows.keeps_up(79.0, full).startswith("TOO SLOW")
+    assert gpu_rows.keeps_up(60.0, full).startswith("TOO SLOW: 1.5x")
+    train_rates.clear()
+    assert gpu_rows.keeps_up(60.0, full) == "no train row ran to compare with"
+
+
+def test_gpu_check_checkpoint_row_times_what_blocks_the_loop(gpu_check, monkeypatch):
+    """A slow disk (each write takes 1 s): the foreground save blocks the loop for it, the
+    background one does not, and training steps run while it writes."""
+    import re
+    import time
+
+    from arow.runs.rundir import RunDir
+
+    real_save = RunDir.save_epoch
+
+    def slow_save(self, ckpt, best=None):
+        time.sleep(1.0)
+        real_save(self, ckpt, best)
+
+    monkeypatch.setattr(RunDir, "save_epoch", slow_save)
+    row = gpu_check.checkpoint_row(gpu_check.DRY, torch.device("cpu"), gpu_check.Budget(1e9))
+    blocked = re.search(r"blocked ([0-9.]+) s foreground, ([0-9.]+) s background", row.check)
+    fg, bg = float(blocked[1]), float(blocked[2])
+    assert fg >= 1.0 and bg < 0.5, row.check
+    written = re.search(r"write ([0-9.]+) s foreground, ([0-9.]+) s background; (\d+) steps", row.notes)
+    assert float(written[1]) >= 1.0 and float(written[2]) >= 1.0 and int(written[3]) >= 2, row.notes
+    assert row.images_s > 0 and "x the" in row.implied and "MB checkpoint" in row.notes
+    assert row.check.startswith("n/a (dry run): ") and "stays on by default on CUDA" in row.decides
+
+
+# --------------------------------------------------------------------------- ddp_check
+def test_ddp_check_dry_run_under_torchrun_with_two_gloo_processes(tmp_path):
+    """The multi-GPU check's own code on 2 CPU processes (gloo, tiny shapes): one table, on rank 0."""
+    import json
+    import os
+    import re
+    import subprocess
+
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(BENCH / "ddp_check.py"), "--dry-run", "--json", str(out)], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("| row ") == 1 and r.stdout.count("DDP check: 2 CPU processes, gloo") == 1
+    rows = {(row[0], row[3]): row for row in _table(r.stdout)}
+    assert set(rows) == {("ARoW step, SyncBatchNorm", "off"), ("ARoW step, SyncBatchNorm", "on"),
+                         ("ARoW step, GlobalBatchNorm", "off"), ("ARoW step, GlobalBatchNorm", "on"),
+                         ("attack PGD-2, batch 2", "eager backend")}
+    assert all(rows[("ARoW step, SyncBatchNorm", c)][-1].startswith("skipped: SyncBatchNorm refuses CPU tensors")
+               for c in ("off", "on"))
+    eager, compiled = rows[("ARoW step, GlobalBatchNorm", "off")], rows[("ARoW step, GlobalBatchNorm", "on")]
+    assert float(eager[4]) > 0 and float(compiled[4]) > 0 and "2 ranks x batch 2" in eager[-1]
+    assert ", 0 after warm-up," in compiled[6] and "eager fallbacks 0" in compiled[6]
+    assert re.search(r"graph breaks per training forward: \d+", compiled[7]) and "x eager" in compiled[5]
+    assert "eager" in rows[("attack PGD-2, batch 2", "eager backend")][5]
+    assert "- ARoW step: which BatchNorm" in r.stdout and "- attack PGD-2: " in r.stdout
+    assert "5 rows in" in r.stdout and "0 failed, 2 skipped" in r.stdout
+    saved = json.loads(out.read_text())
+    assert len(saved["rows"]) == 5 and saved["device"].startswith("DDP check: 2 CPU processes")
+
+
+def test_ddp_check_bad_input_is_one_line_and_exit_2(gpu_check, monkeypatch, capsys):
+    import ddp_check
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert ddp_check.main(["--dry-run"]) == 2  # not under torchrun
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torchrun --nproc-per-node=N (N >= 2)" in err[0]
+    monkeypatch.setenv("WORLD_SIZE", "3")  # the dry run's global batch of 4 does not split over 3
+    assert ddp_check.main(["--dry-run"]) == 2
+    assert "does not split over 3 processes" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")  # only rank 0 says it
+    assert ddp_check.main(["--dry-run"]) == 2 and capsys.readouterr().err == ""
