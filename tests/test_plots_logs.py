@@ -231,12 +231,99 @@ def test_study_tradeoff_uses_a_full_test_set_attack_and_names_subsets(tmp_path, 
     ax = figures["tradeoff.png"].axes[0]
     assert ax.get_ylabel() == "robust accuracy: PGD-20, full test set (%)"
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {"arow", "trades"}
-    result = study_result()  # a study whose only attack is AutoAttack on a subset says so
+    assert len(figures["tradeoff.png"].axes) == 1  # no run has clean accuracy on AutoAttack's images
+    result = study_result()  # a study whose only attack is AutoAttack on a subset says so on both axes
     result["metrics"] = ["autoattack", "clean"]
     for c in result["cells"]:
         c["accuracy"].pop("pgd20", None)
+    assert "tradeoff.png" not in [p.name for p in plots.study_plots(result, tmp_path / "none")]  # never mixed
+    for c in result["cells"]:
+        c["on_aa_images"] = {"clean": c["accuracy"].get("clean", 0.0) - 0.05}
     plots.study_plots(result, tmp_path)
-    assert figures["tradeoff.png"].axes[0].get_ylabel() == "robust accuracy: AutoAttack (first 100) (%)"
+    ax = figures["tradeoff.png"].axes[0]
+    assert ax.get_ylabel() == "robust accuracy: AutoAttack (first 100) (%)"
+    assert ax.get_xlabel() == "clean accuracy (first 100) (%)"
+
+
+def _study_with_autoattack(path: Path, without_verdicts: str) -> dict[str, dict[str, torch.Tensor]]:
+    """A study folder of TRADES at two betas x two seeds on a 40-image test set, AutoAttack on its
+    first 10 images, each cell with real per-example verdicts (none for ``without_verdicts``); the
+    first 10 images are the easy ones, so clean accuracy on them differs from the full test set's."""
+    from arow.evaluation.cascade import pack_verdicts
+    from arow.runs.studydir import StudyDir
+    from arow.study.spec import StudySpec
+
+    spec = StudySpec.from_dict({"methods": ["trades", {"method": "trades", "label": "trades-b2",
+                                                       "method_args": {"beta": 2.0}}],
+                                "seeds": [0, 1], "attacks": "clean,pgd20", "aa_n": 10, "eps_curve_n": 0})
+    path.mkdir()
+    StudyDir(path).write_spec(spec.to_dict())
+    g, made = torch.Generator().manual_seed(1), {}
+    for label in ("trades", "trades-b2"):
+        for seed in (0, 1):
+            d = path / "cells" / f"{label}-s{seed}"
+            d.mkdir(parents=True)
+            clean = torch.cat([torch.rand(10, generator=g) < 0.95, torch.rand(30, generator=g) < 0.5])
+            pgd = clean & (torch.rand(40, generator=g) < 0.7)
+            aa = pgd[:10] & (torch.rand(10, generator=g) < 0.8)
+            made[d.name] = {"clean": clean, "autoattack": aa}
+            (d / "config.json").write_text(json.dumps({"method": "trades", "seed": seed}))
+            (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 5.0}) + "\n")
+            main_eval = {"accuracy": {"clean": float(clean.float().mean()), "pgd20": float(pgd.float().mean()),
+                                      "worst_case": float(pgd.float().mean())},
+                         "n": 40, "test_set_size": 40, "subset": False, "guards_ran": True}
+            sub = {"accuracy": {"clean": float(clean[:10].float().mean()), "autoattack": float(aa.float().mean()),
+                                "worst_case": float(aa.float().mean())}, "n": 10, "test_set_size": 40, "subset": True}
+            if d.name != without_verdicts:
+                main_eval["verdicts"] = pack_verdicts({"clean": clean, "pgd20": pgd, "worst_case": pgd})
+                sub["verdicts"] = pack_verdicts({"clean": clean[:10], "autoattack": aa, "worst_case": aa})
+            (d / "eval.json").write_text(json.dumps(main_eval))
+            (d / "eval_n10.json").write_text(json.dumps(sub))
+    return made
+
+
+def test_study_figures_plot_autoattack_against_clean_on_the_same_first_n_images(tmp_path, monkeypatch, caplog):
+    from matplotlib.container import ErrorbarContainer
+
+    from arow.study.collect import collect
+
+    made = _study_with_autoattack(tmp_path / "s", without_verdicts="trades-b2-s1")
+    full = {name: 100 * float(v["clean"].float().mean()) for name, v in made.items()}
+    first = {name: 100 * float(v["clean"][:10].float().mean()) for name, v in made.items()}
+    aa = {name: 100 * float(v["autoattack"].float().mean()) for name, v in made.items()}
+    assert all(abs(full[k] - first[k]) > 1 for k in made)  # the two clean accuracies tell apart
+    figures = capture_figures(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="arow"):
+        collect(tmp_path / "s")
+
+    def scattered(ax) -> dict[str, list[list[float]]]:
+        return {c.get_label(): c.get_offsets().tolist() for c in ax.collections if not c.get_label().startswith("_")}
+
+    full_ax, aa_ax = figures["tradeoff.png"].axes
+    assert full_ax.get_xlabel() == "clean accuracy, full test set (%)"
+    assert aa_ax.get_xlabel() == "clean accuracy (first 10) (%)"
+    assert aa_ax.get_ylabel() == "robust accuracy: AutoAttack (first 10) (%)"
+    assert [x for x, _ in scattered(full_ax)["trades-b2"]] == pytest.approx([full["trades-b2-s0"],
+                                                                             full["trades-b2-s1"]])
+    # AutoAttack's points: x is clean on its own 10 images; the cell without verdicts is left out, and says so
+    points = scattered(aa_ax)
+    assert set(points) == {"trades", "trades-b2"}
+    assert sum(points["trades"], []) == pytest.approx([first["trades-s0"], aa["trades-s0"],
+                                                       first["trades-s1"], aa["trades-s1"]])
+    assert sum(points["trades-b2"], []) == pytest.approx([first["trades-b2-s0"], aa["trades-b2-s0"]])
+    assert "trades-b2-s1" in aa_ax.get_title() and "left out" in aa_ax.get_title()
+    assert any("tradeoff.png" in r.getMessage() and "trades-b2-s1" in r.getMessage() for r in caplog.records)
+    # frontier.png: the rows' means, AutoAttack against clean on the same images over the seeds that have both
+    panel = figures["frontier.png"].axes[1]
+    assert panel.get_xlabel() == "clean accuracy (first 10) (%)"
+    means = sorted((float(c.lines[0].get_xdata()[0]), float(c.lines[0].get_ydata()[0]))
+                   for c in panel.containers if isinstance(c, ErrorbarContainer))
+    expected = sorted([((first["trades-s0"] + first["trades-s1"]) / 2, (aa["trades-s0"] + aa["trades-s1"]) / 2),
+                       (first["trades-b2-s0"], aa["trades-b2-s0"])])  # trades-b2: seed 1 has no clean here
+    assert aa["trades-b2-s0"] != aa["trades-b2-s1"]
+    assert sum(means, ()) == pytest.approx(sum(expected, ()))
+    assert "left out" in panel.get_title() and "trades-b2-s1" in panel.get_title()
+    assert any("frontier.png" in r.getMessage() and "trades-b2-s1" in r.getMessage() for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- curves.png

@@ -7,12 +7,16 @@ std per metric), ``per_class.png`` and ``eps_curve.png`` (means over seeds). Wha
 them: one colour per row of the study, the same in every figure; a row without finished runs is
 not drawn and has no legend entry; accuracy axes start at 0; a mean over one seed has no error
 bar and says ``n=1``; AutoAttack on the first N test images is its own panel, named "first N",
-never a bar beside the full-test-set attacks.
+never a bar beside the full-test-set attacks; and no metric is ever plotted against one measured on
+other images: the clean/robust figures put AutoAttack against clean accuracy on the same first N
+images (each cell's ``on_aa_images``), both axes saying "(first N)", and leave out, with a line in
+the log and in the panel's title, a run whose evaluation stored no per-example verdicts to give it.
 """
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -20,6 +24,7 @@ import numpy as np
 
 from ...methods import METHODS
 from ..labels import attack_label, metric_label
+from ..stats import summarize
 from . import common
 from .common import C_OTHER
 
@@ -58,34 +63,105 @@ def metric_text(name: str, spec: dict[str, Any]) -> str:
 
 def _tradeoff(result: dict[str, Any], done: Sequence[dict[str, Any]], colour: dict[str, Any],
               out_dir: Path) -> Optional[Path]:
-    """Clean against robust accuracy per run (X: the mean over seeds); the robust axis is the first
-    full-test-set attack, AutoAttack (named with its subset) only when the study ran no other."""
+    """Clean against robust accuracy per run (X: the mean over seeds), one panel per :func:`robust_panels`
+    entry: the first full-test-set attack against clean accuracy on the full test set, AutoAttack
+    against clean accuracy on its own first N test images."""
     spec = result["spec"]
-    have = [m for m in result["metrics"] if m != "clean" and any(m in c["accuracy"] for c in done)]
-    full = [m for m in have if m not in SUBSET_METRICS]
-    robust = (full or have or [None])[0]
-    if robust is None:
+    drawn = []
+    for panel in robust_panels(result, done):
+        points = {c_name(c): p for c in done if (p := cell_point(c, panel)) is not None}
+        missing = [c_name(c) for c in done if panel.metric in c["accuracy"] and c_name(c) not in points]
+        if missing:
+            panel.note("tradeoff.png", missing, spec)
+        if points:
+            drawn.append((panel, points, missing))
+    if not drawn:
         return None
-    fig = common.figure(6.5, 5)
-    ax = fig.subplots()
-    for lab in colour:
-        pts = [(100 * c["accuracy"]["clean"], 100 * c["accuracy"][robust]) for c in done
-               if c["label"] == lab and robust in c["accuracy"]]
-        if pts:
-            ax.scatter(*zip(*pts), color=colour[lab], label=lab, s=36, alpha=0.85)
-            mx, my = (sum(p[i] for p in pts) / len(pts) for i in (0, 1))
-            ax.scatter([mx], [my], color=colour[lab], marker="X", s=110, edgecolor="black", linewidth=0.6)
-    where = "" if robust in SUBSET_METRICS else ", full test set"
-    ax.set(xlabel="clean accuracy, full test set (%)", ylabel=f"robust accuracy: {metric_text(robust, spec)}{where} (%)",
-           title=f"clean vs robust accuracy per run ({spec.get('preset') or 'default preset'})\nX = mean over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig = common.figure(6.5 * len(drawn), 5)
+    for ax, (panel, points, missing) in zip(np.atleast_1d(fig.subplots(1, len(drawn))), drawn):
+        for lab in colour:
+            pts = [p for c in done if c["label"] == lab and (p := points.get(c_name(c))) is not None]
+            if pts:
+                ax.scatter(*zip(*pts), color=colour[lab], label=lab, s=36, alpha=0.85)
+                mx, my = (sum(p[i] for p in pts) / len(pts) for i in (0, 1))
+                ax.scatter([mx], [my], color=colour[lab], marker="X", s=110, edgecolor="black", linewidth=0.6)
+        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel, title=panel.title + common.left_out(panel.missing, missing))
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"clean vs robust accuracy per run ({spec.get('preset') or 'default preset'}), X = mean over seeds",
+                 fontsize=10)
     return common.save(fig, out_dir / "tradeoff.png")
 
 
-def _robust_metric(result: dict[str, Any], done: Sequence[dict[str, Any]]) -> Optional[str]:
+@dataclass(frozen=True)
+class RobustPanel:
+    """One clean/robust panel of ``tradeoff.png`` and ``frontier.png``: the robust ``metric`` and
+    whether both axes are on the first ``aa_n`` test images (``subset``) or on the full test set."""
+
+    metric: str
+    subset: bool
+    n: Optional[int] = None
+
+    @property
+    def title(self) -> str:
+        return f"first {self.n} test images (AutoAttack's)" if self.subset else "full test set"
+
+    @property
+    def xlabel(self) -> str:
+        return f"clean accuracy (first {self.n}) (%)" if self.subset else "clean accuracy, full test set (%)"
+
+    @property
+    def ylabel(self) -> str:
+        name = metric_label(self.metric, n=self.n if self.subset else None)
+        return f"robust accuracy: {name}{'' if self.subset else ', full test set'} (%)"
+
+    @property
+    def missing(self) -> str:
+        """Why a run is left out of the panel (said in its title and in the log)."""
+        return "no clean accuracy on these images" if self.subset else f"no {attack_label(self.metric)} accuracy"
+
+    def note(self, figure: str, names: Sequence[str], spec: dict[str, Any]) -> None:
+        """The log line for the runs left out of this panel of ``figure``."""
+        why = (f"no clean accuracy on the first {self.n} test images (no per-example verdicts stored)"
+               if self.subset else self.missing)
+        log.info("%s: %s left out for %s: %s", figure, metric_text(self.metric, spec), ", ".join(names), why)
+
+
+def robust_panels(result: dict[str, Any], done: Sequence[dict[str, Any]]) -> list[RobustPanel]:
+    """The clean/robust panels of a study's figures: the first full-test-set attack against clean on
+    the full test set, then each subset metric (AutoAttack) against clean on the same first N images;
+    never a subset metric against a full-test-set one."""
     have = [m for m in result["metrics"] if m != "clean" and any(m in c["accuracy"] for c in done)]
-    return ([m for m in have if m not in SUBSET_METRICS] or have or [None])[0]
+    full = [RobustPanel(m, False) for m in have if m not in SUBSET_METRICS][:1]
+    return full + [RobustPanel(m, True, result["spec"].get("aa_n")) for m in have if m in SUBSET_METRICS]
+
+
+def c_name(cell: dict[str, Any]) -> str:
+    """A cell's name as its folder spells it: ``<row label>-s<seed>``."""
+    return f"{cell['label']}-s{cell['seed']}"
+
+
+def cell_point(cell: dict[str, Any], panel: RobustPanel) -> Optional[tuple[float, float]]:
+    """The (clean, robust) accuracies in % a panel plots for one cell, both on the panel's images;
+    None when the cell lacks either (a subset panel's clean comes from ``on_aa_images`` only)."""
+    x = (cell.get("on_aa_images") or {}).get("clean") if panel.subset else cell["accuracy"].get("clean")
+    y = cell["accuracy"].get(panel.metric)
+    return None if x is None or y is None else (100 * x, 100 * y)
+
+
+def row_pair(row: dict[str, Any], panel: RobustPanel) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
+    """The summaries (mean, interval, n) of clean and robust accuracy a panel plots for one row, both
+    on the panel's images and, where the row keeps its values by seed, over the seeds that have both;
+    None when either is missing."""
+    source = row.get("on_aa_images") if panel.subset else row.get("metrics")
+    x, y = ((source or {}).get(m) for m in ("clean", panel.metric))
+    if x is None or y is None:
+        return None
+    if "per_seed" in x and "per_seed" in y:
+        seeds = [s for s in x["per_seed"] if s in y["per_seed"]]
+        x, y = (asdict(summarize([v["per_seed"][s] for s in seeds])) for v in (x, y))
+    return (x, y) if x["mean"] is not None and y["mean"] is not None else None
 
 
 def frontier_lines(result: dict[str, Any]) -> list[tuple[str, Optional[str], list[tuple[Any, dict[str, Any]]]]]:
@@ -110,21 +186,52 @@ def frontier_lines(result: dict[str, Any]) -> list[tuple[str, Optional[str], lis
 
 def _frontier(result: dict[str, Any], colour: dict[str, Any], out_dir: Path) -> Optional[Path]:
     """Means over seeds with their 95% Student-t intervals on both axes, one line per method through
-    its rows in the order of the hyper-parameter they vary; only when some method has several rows."""
-    done = [c for c in result["cells"] if c["status"] == "done"]
-    robust = _robust_metric(result, done)
-    lines = [ln for ln in frontier_lines(result) if ln[1] is not None]
-    if robust is None or not lines:
+    its rows in the order of the hyper-parameter they vary, one panel per :func:`robust_panels` entry
+    that some row can fill; only when some method has several rows."""
+    if not [ln for ln in frontier_lines(result) if ln[1] is not None]:
         return None
-    fig = common.figure(7, 5.2)
-    ax = fig.subplots()
+    spec, kept = result["spec"], []
+    for panel in robust_panels(result, [c for c in result["cells"] if c["status"] == "done"]):
+        missing = [name for r in result["rows"] for name in _left_out(r, panel)]
+        if missing:
+            panel.note("frontier.png", missing, spec)
+        if any(row_pair(r, panel) is not None for r in result["rows"]):
+            kept.append((panel, missing))
+    if not kept:
+        return None
+    fig = common.figure(7 * len(kept), 5.2)
+    for ax, (panel, missing) in zip(np.atleast_1d(fig.subplots(1, len(kept))), kept):
+        _frontier_panel(ax, result, panel, colour)
+        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel, title=panel.title + common.left_out(panel.missing, missing))
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("clean / robust frontier\nmeans over seeds, 95% intervals, lines in hyper-parameter order",
+                 fontsize=10)
+    return common.save(fig, out_dir / "frontier.png")
+
+
+def _left_out(row: dict[str, Any], panel: RobustPanel) -> list[str]:
+    """The runs of a row that have the panel's robust metric but no clean accuracy on the same images
+    (their cell names; the row's label where it keeps no values by seed and is left out whole)."""
+    source = row.get("on_aa_images") if panel.subset else row.get("metrics")
+    x, y = ((source or {}).get(m) or {} for m in ("clean", panel.metric))
+    if "per_seed" in y:
+        return [f"{row['label']}-s{s}" for s in y["per_seed"] if s not in x.get("per_seed", {})]
+    return [row["label"]] if y.get("mean") is not None and row_pair(row, panel) is None else []
+
+
+def _frontier_panel(ax: Any, result: dict[str, Any], panel: RobustPanel, colour: dict[str, Any]) -> None:
+    """One panel of ``frontier.png``: each row that has both accuracies, a line per method when its
+    rows vary one hyper-parameter."""
     for method, key, points in frontier_lines(result):
         first = next(r["label"] for r in result["rows"] if r["method"] == method)
         drawn = []
         for value, row in points:
-            x, y = row["metrics"]["clean"], row["metrics"][robust]
-            if x["mean"] is None or y["mean"] is None:
+            pair = row_pair(row, panel)
+            if pair is None:
                 continue
+            x, y = pair
             err = [[100 * (s["mean"] - s["lo"]) if s["lo"] is not None else 0.0] for s in (x, y)]
             err_hi = [[100 * (s["hi"] - s["mean"]) if s["hi"] is not None else 0.0] for s in (x, y)]
             ax.errorbar([100 * x["mean"]], [100 * y["mean"]], xerr=[err[0], err_hi[0]], yerr=[err[1], err_hi[1]],
@@ -138,12 +245,6 @@ def _frontier(result: dict[str, Any], colour: dict[str, Any], out_dir: Path) -> 
                     label=f"{method} (by {key})")
         elif drawn:
             ax.plot([], [], "o", color=colour[first], label=method)
-    spec = result["spec"]
-    ax.set(xlabel="clean accuracy, full test set (%)", ylabel=f"robust accuracy: {metric_text(robust, spec)}, "
-           "full test set (%)", title="clean / robust frontier\nmeans over seeds, 95% intervals, lines in hyper-parameter order")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return common.save(fig, out_dir / "frontier.png")
 
 
 def bar_panels(result: dict[str, Any]) -> list[tuple[str, list[str]]]:
