@@ -468,7 +468,9 @@ def _aa_study(path: Path, with_verdicts: dict) -> dict:
             d.mkdir(parents=True)
             clean = torch.rand(40, generator=g) < 0.8
             pgd = clean & (torch.rand(40, generator=g) < 0.7)
-            aa = pgd[:10] & (torch.rand(10, generator=g) < 0.8)
+            aa = clean[:10] & (torch.rand(10, generator=g) < 0.7)  # drawn apart from PGD's verdicts
+            # some images broken by PGD only and some by AutoAttack only: the worst case is neither column
+            assert (pgd[:10] & ~aa).any() and (aa & ~pgd[:10]).any(), d.name
             made[d.name] = {"clean": clean, "pgd20": pgd, "autoattack": aa}
             keep = with_verdicts.get(d.name, True)
             (d / "config.json").write_text(json.dumps({"method": label, "seed": seed}))
@@ -516,10 +518,18 @@ def test_a_studys_autoattack_has_its_own_table_on_its_own_images(tmp_path):
         text = [f"{100 * float(t.float().mean()):.2f}" for t in expect]
         if name == "trades-s1":  # no stored verdicts: AutoAttack's own number, "-" for the rest
             text = text[:1] + ["-"] * 3
+        else:  # the worst case is below both AutoAttack and PGD: neither column alone passes for it
+            assert text[3] not in (text[0], text[1]), (name, text)
         assert runs[label, seed] == text, (name, runs[label, seed], text)
     arow_pgd = [float(made[f"arow-s{s}"]["pgd20"][:10].float().mean()) for s in (0, 1)]
     arow_row = next(r for r in res["rows"] if r["label"] == "arow")
     assert arow_row["on_aa_images"]["pgd20"]["mean"] == pytest.approx(sum(arow_pgd) / 2)
+    arow_worst = [100 * float((made[f"arow-s{s}"]["pgd20"][:10] & made[f"arow-s{s}"]["autoattack"]).float().mean())
+                  for s in (0, 1)]
+    mean_row = dict(zip(header, rows[0]))
+    assert mean_row["method"] == "arow"
+    spread = abs(arow_worst[0] - arow_worst[1]) / math.sqrt(2)  # the sample std of two seeds
+    assert mean_row["worst case (first 10)"] == f"{sum(arow_worst) / 2:.2f} ± {spread:.2f}", mean_row
     assert dict(zip(header, rows[1]))["worst case (first 10)"] != "-"  # trades: one seed of two has verdicts
     comparison = md.split("paired by seed")[1]
     assert "| AutoAttack (first 10) " in comparison and "| AutoAttack  " not in comparison
@@ -528,6 +538,7 @@ def test_a_studys_autoattack_has_its_own_table_on_its_own_images(tmp_path):
     by = {(r["label"], r["seed"]): r for r in lines}
     expected = float(made["arow-s0"]["pgd20"][:10].float().mean())
     assert float(by["arow", "0"]["pgd20_on_aa_images"]) == pytest.approx(expected)
+    assert float(by["arow", "0"]["worst_case_on_aa_images"]) == pytest.approx(arow_worst[0] / 100)
     assert by["trades", "1"]["worst_case_on_aa_images"] == ""
 
 
@@ -607,3 +618,65 @@ def test_a_report_says_what_an_unset_setting_means(tmp_path):
     settings = {r[-2] for r in build_report(runs).rows()}  # the setting column, before the notes
     assert settings == {"limit_train=all, swa_start=off", "limit_train=64, swa_start=2"}, settings
     assert not any("None" in s for s in settings)
+
+
+# --------------------------------------------------------------------------- verdicts of the wrong length
+def test_verdicts_of_another_number_of_images_are_refused():
+    from arow.evaluation.cascade import pack_verdicts
+    from arow.study.collect import checked_verdicts
+
+    v = torch.arange(20) % 3 == 0
+    packed = pack_verdicts({"pgd20": v})
+    assert np.array_equal(checked_verdicts(packed, 20)["pgd20"], v.numpy())
+    for n in (8, 16, 25, 40):  # 20 images take 3 bytes: fewer and more are refused
+        with pytest.raises(ValueError, match="pgd20"):
+            checked_verdicts(packed, n)
+    with pytest.raises(ValueError, match="not base64"):
+        checked_verdicts({"pgd20": "not base64!"}, 20)
+
+
+def test_a_short_verdict_string_reads_as_no_verdicts_with_a_line_in_the_log(tmp_path, caplog):
+    from arow.evaluation.cascade import pack_verdicts
+    from arow.study.collect import collect
+
+    made = _aa_study(tmp_path / "s", {})
+    # arow-s0's evaluation holds PGD verdicts of 16 images where it evaluated 40; arow-s1's AutoAttack
+    # file holds AutoAttack verdicts of 8 images where it ran on 10
+    main_file = tmp_path / "s" / "cells" / "arow-s0" / "eval.json"
+    main = json.loads(main_file.read_text())
+    main["verdicts"]["pgd20"] = pack_verdicts({"pgd20": made["arow-s0"]["pgd20"][:16]})["pgd20"]
+    main_file.write_text(json.dumps(main))
+    sub_file = tmp_path / "s" / "cells" / "arow-s1" / "eval_n10.json"
+    sub = json.loads(sub_file.read_text())
+    sub["verdicts"]["autoattack"] = pack_verdicts({"autoattack": made["arow-s1"]["autoattack"][:8]})["autoattack"]
+    sub_file.write_text(json.dumps(sub))
+    with caplog.at_level(logging.WARNING, logger="arow.study.collect"):
+        res = collect(tmp_path / "s", plots=False)
+    section = (tmp_path / "s" / "results.md").read_text().split("## AutoAttack on the first 10 test images")[1]
+    runs = {(r[0], r[1]): r[2:] for r in _md_table(section.split("Every run:")[1])[1:]}
+    pct = lambda t: f"{100 * float(t.float().mean()):.2f}"  # noqa: E731
+    s0, s1 = made["arow-s0"], made["arow-s1"]
+    assert runs["arow", "0"] == [pct(s0["autoattack"]), "-", "-", "-"], runs["arow", "0"]
+    assert runs["arow", "1"] == [pct(s1["autoattack"]), pct(s1["pgd20"][:10]), pct(s1["clean"][:10]), "-"]
+    assert runs["trades", "0"][3] == pct(made["trades-s0"]["pgd20"][:10] & made["trades-s0"]["autoattack"])
+    said = [r.getMessage() for r in caplog.records]
+    assert any(str(main_file) in m and "AutoAttack table" in m and "2 bytes" in m for m in said), said
+    assert any(str(sub_file) in m and "AutoAttack table" in m for m in said), said
+    assert any("arow-s0" in m and "per-image tests" in m for m in said), said
+    cell = next(c for c in res["cells"] if (c["label"], c["seed"]) == ("arow", 0))
+    assert "pgd20" in cell["verdicts_error"]
+    assert {t["seed"] for t in res["image_tests"]} == {1}  # arow-s0's verdicts are in no per-image test
+
+
+# --------------------------------------------------------------------------- arow report: unset paths
+def test_an_unset_path_never_reads_off():
+    import dataclasses
+
+    from arow.reporting.tables import UNSET_TEXT, unset_text
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert unset_text("data_dir") != "off" and unset_text("out") != "off"
+    assert unset_text("out") == "unset" and unset_text("resolved.method_args.unknown") == "unset"
+    assert [k for k in UNSET_TEXT if k not in fields or fields[k].default is not None] == []
+    off = {k for k in fields if unset_text(k) == "off"}
+    assert off == {"swa_start", "ema"}, off  # an averaging left unset is off; nothing else is

@@ -14,13 +14,11 @@ mixed into one mean.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
@@ -274,27 +272,25 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     return list(groups.values())
 
 
+#: how a setting left unset (None) reads in a report, for the settings whose None means something: the
+#: first N examples of all of them, an averaging that is off, a value the data set or method chooses
+UNSET_TEXT: dict[str, str] = {
+    "limit_train": "all", "extra_take": "all", "eval_n": "all", "labels_kept": "all",
+    "swa_start": "off", "ema": "off",
+    "attack_steps": "default", "step_size": "default", "eps": "default", "augment": "default",
+    "epoch_batches": "default", "data_dir": "default", "mlflow_uri": "default",
+}
 
 
 def unset_text(key: str) -> str:
-    """How a setting left unset (None) reads in a report, from its help in
-    :class:`~arow.config.schema.TrainConfig`: ``all`` where it limits to the first N examples
-    (``limit_train=all``), ``default`` where the default is computed (``attack_steps=default``), else
-    ``off`` (``swa_start=off``).
+    """How a setting left unset (None) reads in a report (``key`` may be flattened,
+    ``resolved.attack_steps``): its word in :data:`UNSET_TEXT`, else ``unset`` (``out=unset``), never
+    a guess.
 
-    >>> unset_text("limit_train"), unset_text("attack_steps"), unset_text("ema"), unset_text("swa_start")
-    ('all', 'default', 'off', 'off')
+    >>> unset_text("limit_train"), unset_text("resolved.attack_steps"), unset_text("ema"), unset_text("out")
+    ('all', 'default', 'off', 'unset')
     """
-    meta = _FIELDS.get(key.rsplit(".", 1)[-1])
-    text = str(meta.get("help", "")) if meta is not None else ""
-    if "off by default" in text:
-        return "off"
-    if re.search(r"\bN\b", text):
-        return "all"
-    return "default" if "default" in text or meta is None else "off"
-
-
-_FIELDS = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+    return UNSET_TEXT.get(key.rsplit(".", 1)[-1], "unset")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

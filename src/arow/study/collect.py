@@ -14,9 +14,11 @@ and its plan is not applied: no comparison on a subset is a primary test.
 """
 from __future__ import annotations
 
+import base64
 import csv
 import dataclasses
 import io
+import logging
 import os
 import time
 from typing import Any, Optional, Sequence, Union
@@ -37,6 +39,7 @@ from ..runs.studydir import StudyDir
 from .cells import Evaluation, autoattack_eval, eps_curve_of, has_main_eval, main_eval, read_record
 from .spec import Cell, StudyError, StudySpec, metric_names
 
+log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 #: the reported model's last validation on the held-out training split (never the test set)
 VAL_METRICS = ("val_robust", "val_clean")
@@ -113,15 +116,37 @@ def cell_result(folder: StudyDir, spec: StudySpec, cell: Cell) -> dict[str, Any]
 WORST = "worst_case"
 
 
+def checked_verdicts(packed: Any, n: int) -> dict[str, np.ndarray]:
+    """The per-example verdicts ``packed`` (:func:`~arow.evaluation.cascade.pack_verdicts`) of an
+    evaluation of ``n`` images, each checked to hold exactly ``n`` (``ceil(n / 8)`` bytes): unpacked
+    unchecked, a short one would be padded with False and lower every accuracy read from it without a
+    word. ValueError naming the first that does not."""
+    if not isinstance(packed, dict) or n < 1:
+        raise ValueError(f"no per-example verdicts of {n} images")
+    want = -(-n // 8)
+    for name, text in packed.items():
+        if name == "encoding":
+            continue
+        try:
+            got = len(base64.b64decode(text, validate=True))
+        except (ValueError, TypeError):  # binascii.Error is a ValueError
+            raise ValueError(f"the verdicts of {name!r} are not base64") from None
+        if got != want:
+            raise ValueError(f"the verdicts of {name!r} hold {got} bytes, {n} images take {want}")
+    return unpack_verdicts(packed, n)
+
+
 def first_verdicts(e: Optional[EvalFile], n: int) -> Optional[dict[str, np.ndarray]]:
     """The per-example verdicts an evaluation file stores, on its first ``n`` images; None when it
-    stores none, covers fewer images or holds unreadable ones."""
+    stores none, covers fewer images or holds unreadable ones or ones of another number of images
+    than its own ``n`` (then with a line in the log)."""
     packed = e.data.get("verdicts") if e is not None else None
     if e is None or not isinstance(packed, dict) or not e.n or e.n < n or n < 1:
         return None
     try:
-        return {k: v[:n] for k, v in unpack_verdicts(packed, int(e.n)).items()}
-    except (ValueError, TypeError):
+        return {k: v[:n] for k, v in checked_verdicts(packed, int(e.n)).items()}
+    except (ValueError, TypeError) as err:
+        log.warning("%s: per-example verdicts left out of the AutoAttack table (%s)", e.path, err)
         return None
 
 
@@ -239,9 +264,10 @@ def image_tests(cells: list[dict[str, Any]], spec: StudySpec) -> list[dict[str, 
         packed = c.pop("_verdicts", None)
         if packed is not None and c.get("n"):
             try:
-                verdicts[c["label"], c["seed"]] = unpack_verdicts(packed, int(c["n"]))
-            except (ValueError, TypeError):
-                c["verdicts_error"] = "per-example verdicts unreadable"
+                verdicts[c["label"], c["seed"]] = checked_verdicts(packed, int(c["n"]))
+            except (ValueError, TypeError) as err:
+                c["verdicts_error"] = f"per-example verdicts unreadable: {err}"
+                log.warning("%s: per-example verdicts left out of the per-image tests (%s)", c["folder"], err)
     out = []
     for v in spec.variants:
         if v.label == spec.baseline:
@@ -345,7 +371,8 @@ def _aa_section(result: dict[str, Any], spec: StudySpec) -> list[str]:
            f"run: compare it with the other columns of this table, which are on those same {n} images, not with "
            f"the tables on {where}. The other accuracies are read from the per-example verdicts of each run's "
            f"evaluation; worst case: the images that every attack, AutoAttack included, left classified "
-           f"correctly. \"-\": the run stores no per-example verdicts. Mean ± sample std over seeds (n).", ""]
+           f"correctly. \"-\": the run stores no per-example verdicts (or none of the "
+           f"images it was evaluated on: the log names it). Mean ± sample std over seeds (n).", ""]
     table = [[r["label"], str(max(r["on_aa_images"][m]["n"] for m in cols))]
              + [_ms(r["on_aa_images"][m]) for m in cols] for r in rows]
     out.append(markdown_table(table, ["method", "n", *labels]))
