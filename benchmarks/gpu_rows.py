@@ -64,6 +64,8 @@ def loader_row(mode: str, sc: Scale, device: torch.device, budget: Budget) -> Ro
         loader = MixedLoader(real, extra, sc.batch, fraction=EXTRA_FRACTION, augment="crop+flip", seed=0,
                              epoch_batches=2 + sc.loader_batches)
         loader.memory_format = torch.channels_last if cuda else None  # as the Trainer sets it
+        for _ in loader:  # the first pass is fed from pinned memory; the placement is decided at the second
+            pass
         batches = iter(loader)
         for _ in range(2):  # the epoch's draws (and in device mode the extra images) are copied at the first batch
             next(batches)

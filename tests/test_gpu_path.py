@@ -4,11 +4,18 @@ the verdicts' independence of it, the random starts' copy to the device, and err
 torchrun evaluation raised on every rank instead of leaving the others waiting."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import logging
+import math
 import os
+import threading
+from collections import OrderedDict, namedtuple
+from concurrent.futures import Future
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -16,7 +23,11 @@ import torch.nn as nn
 from conftest import spawn_ranks
 from arow.attacks import Attack, pgd
 from arow.attacks.pgd import PinnedNoise, device_noise
+from arow.config.schema import TrainConfig
 from arow.data import TensorData
+from arow.data import loader as data_loader
+from arow.data.extra import ExtraData, MixedLoader
+from arow.data.loader import ExtraFeed, Loader, extra_placement
 from arow.evaluation import cascade, protocol
 from arow.evaluation.curve import eps_curve
 from arow.evaluation.guards import run_guards
@@ -24,8 +35,15 @@ from arow.evaluation.protocol import evaluate
 from arow.evaluation.settings import EvalSettings, GuardSettings
 from arow.pipelines import evaluate_model
 from arow.pseudo import pseudo_label
+from arow.models.spec import ModelSpec
 from arow.rng import ExampleRNG
+from arow.runs.rundir import RunDir
 from arow.threat import ThreatModel
+from arow.training import runtime
+from arow.training import trainer as trainer_module
+from arow.training.callbacks import EpochSaves, RunWriter, host_copy
+from arow.training.errors import TrainingDiverged
+from arow.training.trainer import Trainer, gradient_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EPS = 0.1
@@ -311,19 +329,6 @@ def test_gpu_check_syncbn_row_counts_global_batchnorm_host_syncs_on_the_cpu(gpu_
 
 # =========================================================================== the training loop on a GPU
 # What the review of the CUDA path found in the training loop, checked where a CPU can check it.
-import contextlib  # noqa: E402
-import math  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from arow.config.schema import TrainConfig  # noqa: E402
-from arow.data.extra import ExtraData, MixedLoader  # noqa: E402
-from arow.data.loader import Loader, extra_placement  # noqa: E402
-from arow.runs.rundir import RunDir  # noqa: E402
-from arow.training import runtime  # noqa: E402
-from arow.training.callbacks import RunWriter, host_copy  # noqa: E402
-from arow.training.trainer import Trainer, gradient_norm  # noqa: E402
-
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
 
 
@@ -479,9 +484,10 @@ def test_extra_feed_modes_give_the_same_batches_pinned_and_without_blocking(monk
 # --------------------------------------------------------------------------- channels-last batches
 def test_batches_are_channels_last_on_cuda_only_and_hold_the_same_numbers():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert runtime.batch_memory_format(_cfg(), cuda) == torch.channels_last
-    assert runtime.batch_memory_format(_cfg(channels_last="off"), cuda) is None
-    assert runtime.batch_memory_format(_cfg(channels_last="on"), cpu) is None
+    assert runtime.batch_memory_format(_cfg(), cuda, own_model=True) == torch.channels_last
+    assert runtime.batch_memory_format(_cfg(channels_last="off"), cuda, own_model=True) is None
+    assert runtime.batch_memory_format(_cfg(channels_last="on"), cpu, own_model=True) is None
+    assert runtime.batch_memory_format(_cfg(), cuda, own_model=False) is None  # a model of yours: see below
     data = TensorData(torch.rand(20, 3, 6, 6), torch.arange(20) % 3, 3)
     for make in (lambda: Loader(data, 8, shuffle=True, augment="crop+flip", seed=0, drop_last=False), _mixed):
         plain, last = make(), make()
@@ -527,7 +533,8 @@ def test_log_every_reads_the_device_once_per_logged_step(monkeypatch):
 
 # --------------------------------------------------------------------------- checkpoints in the background
 def _fit(out: Path, background: bool, epochs: int = 2) -> Trainer:
-    data = TensorData(torch.rand(32, 1, 4, 4), torch.arange(32) % 3, 3)
+    """A run into ``out``; its data is drawn from a generator of its own, the same whatever ran before."""
+    data = TensorData(torch.rand(32, 1, 4, 4, generator=torch.Generator().manual_seed(5)), torch.arange(32) % 3, 3)
     cfg = _cfg(epochs=epochs, out=str(out), val_size=0)
     trainer = Trainer(cfg, SmallNet(), data, toy(12, seed=1), callbacks=[RunWriter(RunDir(out), background=background)])
     trainer.fit()
@@ -563,8 +570,6 @@ def _same(a, b) -> bool:
 
 def test_a_background_write_overlaps_the_next_epoch_and_its_failure_keeps_the_last_good_checkpoint(
         tmp_path, monkeypatch):
-    import threading
-
     next_epoch, overlapped, real_save = threading.Event(), [], RunDir.save_epoch
 
     def save_epoch(self, ckpt, best=None):
@@ -595,3 +600,284 @@ def test_the_background_snapshot_is_taken_before_training_goes_on():
     history.append({"epoch": 2})
     assert snap["model"]["w"].tolist() == [0.0, 0.0, 0.0] and snap["history"] == [{"epoch": 1}]
     assert snap["model"]["w"] is snap["optimizer"]["state"][0]["momentum_buffer"]  # shared stays shared
+
+
+# --------------------------------------------------------------------------- a model of your own on CUDA
+class ViewNet(nn.Module):
+    """A model of one's own that flattens with ``view``, which needs (N, C, H, W)-contiguous input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+        self.contiguous: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.contiguous.append(x.is_contiguous())
+        return self.fc(x.view(len(x), -1))
+
+
+def test_a_model_of_yours_gets_nchw_batches_on_cuda_unless_channels_last_is_on(monkeypatch):
+    cuda, real = torch.device("cuda"), runtime.batch_memory_format
+    # the layout the Trainer picks for CUDA, given to batches on the CPU
+    monkeypatch.setattr(trainer_module, "batch_memory_format", lambda cfg, device, **kw: real(cfg, cuda, **kw))
+    data = TensorData(torch.rand(16, 3, 4, 4, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3, 3)
+    model = ViewNet()
+    trainer = Trainer(_cfg(val_size=0), model, data)  # channels_last "auto"
+    record = trainer.train_epoch(0)  # the attack's forwards and the training's: view() needs NCHW
+    assert model.contiguous and all(model.contiguous) and math.isfinite(record["train_loss"])
+    assert trainer.loader.memory_format is None
+    assert Trainer(_cfg(val_size=0, channels_last="on"), ViewNet(), data).loader.memory_format == torch.channels_last
+    spec = ModelSpec("small-cnn", num_classes=3, in_channels=3, image_size=4)  # one of arow's own: it takes any layout
+    own = Trainer(_cfg(val_size=0), ViewNet(), data, model_spec=spec)
+    assert own.loader.memory_format == torch.channels_last
+    assert Trainer(_cfg(val_size=0, channels_last="off"), ViewNet(), data, model_spec=spec).loader.memory_format is None
+
+
+# --------------------------------------------------------------------------- the gradient norm's precision
+def test_gradient_norm_of_float16_gradients_is_computed_in_float32_and_float32_values_are_unchanged():
+    half = nn.Linear(100, 1, bias=False).half()
+    half.weight.grad = torch.full((1, 100), 1e4, dtype=torch.float16)  # a norm of 1e5: past float16's 65504
+    got = gradient_norm(half, torch.device("cpu"))
+    assert got.dtype == torch.float32 and math.isfinite(got.item())
+    torch.testing.assert_close(got, torch.tensor(1e5))
+    net = SmallNet()
+    net(toy(8).x).sum().backward()
+    grads = [p.grad for p in net.parameters()]
+    before = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())  # what float32 logged so far
+    assert torch.equal(gradient_norm(net, torch.device("cpu")), before)
+
+
+# --------------------------------------------------------------------------- extra data that does not fit
+def test_extra_data_is_placed_after_the_first_epoch_and_a_failed_copy_falls_back_to_pinned_memory_once(
+        monkeypatch, caplog):
+    free: list = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: free.append(dev) or (10 ** 9, 2 * 10 ** 9))
+    copies: list = []
+    monkeypatch.setattr(data_loader, "_device_copy", lambda extra, device: copies.append(device)
+                        or (torch.zeros(1, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)))
+    feed = ExtraFeed(_mixed().extra, "cuda")
+    assert feed._place() == "pinned" and feed.mode is None and free == [] and copies == []  # the first epoch
+    assert feed._place() == "device" and len(free) == 1 and copies == [torch.device("cuda")]  # measured now
+    assert feed._place() == "device" and len(free) == 1 and len(copies) == 1  # decided once, copied once
+    feed.release()
+    assert feed._images is None and feed.mode is None
+    reference = _epoch(_mixed())
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # a CPU-only PyTorch cannot pin
+
+    def no_room(extra, device):
+        copies.append(device)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(data_loader, "_device_copy", no_room)
+    copies.clear()
+    loader = _mixed()
+    loader.feed.mode = "device"  # what the GPU's free memory chose
+    with caplog.at_level(logging.WARNING, logger="arow"):
+        epochs = [_epoch(loader), _epoch(loader)]
+    for batches in epochs:
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(batches, reference))
+    assert loader.feed.mode == "pinned" and len(copies) == 1  # not tried again
+    warned = [r.getMessage() for r in caplog.records if "does not fit on the GPU" in r.getMessage()]
+    assert len(warned) == 1 and "pinned memory" in warned[0], warned
+
+
+def test_the_gpu_copy_of_the_extra_data_is_freed_when_the_fit_ends():
+    images = np.random.default_rng(0).integers(0, 256, (24, 4, 4, 1), dtype=np.uint8)
+    data = TensorData(torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3, 3)
+    trainer = Trainer(_cfg(val_size=0), SmallNet(), data, extra=ExtraData([images], np.arange(24) % 3))
+    trainer.loader.feed.mode = "device"  # kept "on the device" (here the CPU) during the fit
+    seen = []
+
+    class Seen:
+        def on_epoch_end(self, record) -> None:
+            seen.append(trainer.loader.feed._images)
+
+    trainer.callbacks.append(Seen())
+    trainer.fit()
+    assert seen and seen[0] is not None and seen[0].shape == (24, 4, 4, 1)
+    assert trainer.loader.feed._images is None  # the evaluation after the fit has that memory back
+
+
+# --------------------------------------------------------------------------- background writes: failures and interrupts
+def test_host_copy_keeps_the_kind_of_mapping_and_copies_inside_namedtuples():
+    w = torch.zeros(2)
+    state = OrderedDict(w=w)
+    state._metadata = {"": {"version": 1}}  # what nn.Module.state_dict() attaches
+    Pair = namedtuple("Pair", "a b")
+    snap = host_copy({"model": state, "pair": Pair(w, 3)})
+    w.add_(1.0)
+    assert type(snap["model"]) is OrderedDict and snap["model"]._metadata == {"": {"version": 1}}
+    assert type(snap["pair"]) is Pair and snap["pair"].a.tolist() == [0.0, 0.0] and snap["pair"].b == 3
+    assert snap["pair"].a is snap["model"]["w"]  # shared stays shared
+
+
+def _writer_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("arow-checkpoint")]
+
+
+def test_a_write_held_back_until_the_next_epoch_has_trained_saves_the_epoch_it_was_given(tmp_path, monkeypatch):
+    _fit(tmp_path / "fg", background=False)
+    trained, real_save = threading.Event(), RunDir.save_epoch
+
+    def save_epoch(self, ckpt, best=None):
+        if ckpt["epoch"] == 1 and not trained.wait(timeout=60):
+            raise TimeoutError("epoch 2 did not train")
+        return real_save(self, ckpt, best)
+
+    def train_epoch(self, epoch, _real=Trainer.train_epoch):
+        record = _real(self, epoch)
+        if epoch == 1:  # epoch 2 has changed the weights and the optimiser's momentum in place
+            trained.set()
+        return record
+
+    monkeypatch.setattr(RunDir, "save_epoch", save_epoch)
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    _fit(tmp_path / "bg", background=True)
+    a, b = _saved(tmp_path / "fg" / RunDir.PREV), _saved(tmp_path / "bg" / RunDir.PREV)
+    assert a["epoch"] == b["epoch"] == 1
+    for key in ("model", "optimizer", "rng"):
+        assert _same(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_fit_that_stops_while_a_write_is_blocked_ends_with_that_epoch_saved_unlocked_and_no_writer_thread(
+        stop, tmp_path, monkeypatch):
+    started, release, finished, real_save = threading.Event(), threading.Event(), [], RunDir.save_epoch
+
+    def save_epoch(self, ckpt, best=None):
+        started.set()
+        release.wait(timeout=60)
+        real_save(self, ckpt, best)
+        finished.append(ckpt["epoch"])
+
+    def train_epoch(self, epoch, _real=Trainer.train_epoch):
+        if epoch == 1:
+            assert started.wait(timeout=60)
+            threading.Timer(0.5, release.set).start()  # the write goes on only after the fit has stopped
+            raise stop("stopped in epoch 2")
+        return _real(self, epoch)
+
+    monkeypatch.setattr(RunDir, "save_epoch", save_epoch)
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    out = tmp_path / "run"
+    with pytest.raises(stop, match="stopped in epoch 2"):
+        _fit(out, background=True, epochs=3)
+    assert finished == [1] and _saved(out / RunDir.LAST)["epoch"] == 1  # the fit waited for the write
+    assert _writer_threads() == []
+    again = RunDir(out)
+    again.lock()  # unlocked
+    again.unlock()
+
+
+def test_a_failed_background_write_is_logged_at_once_and_the_next_epoch_is_still_saved(tmp_path, monkeypatch):
+    logged, lines, real_save = threading.Event(), [], RunDir.save_epoch
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+            logged.set()
+
+    def save_epoch(self, ckpt, best=None):
+        if ckpt["epoch"] == 1:
+            raise OSError(28, "No space left on device")
+        return real_save(self, ckpt, best)
+
+    during_epoch_2 = []
+
+    def train_epoch(self, epoch, _real=Trainer.train_epoch):
+        if epoch == 1:
+            during_epoch_2.append(logged.wait(timeout=10))
+        return _real(self, epoch)
+
+    monkeypatch.setattr(RunDir, "save_epoch", save_epoch)
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    handler, arow_log = Lines(level=logging.ERROR), logging.getLogger("arow")
+    arow_log.addHandler(handler)
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(OSError, match="No space left"):  # epoch 1's error, raised at epoch 2's save
+            _fit(out, background=True, epochs=3)
+    finally:
+        arow_log.removeHandler(handler)
+    assert during_epoch_2 == [True]  # logged before epoch 2 had trained
+    assert len(lines) == 1 and "epoch 1" in lines[0] and "No space left" in lines[0], lines
+    assert _saved(out / RunDir.LAST)["epoch"] == 2  # written before the earlier error stopped the run
+    assert _writer_threads() == []
+
+
+def test_a_divergence_after_a_failed_write_names_the_checkpoint_on_disk(tmp_path, monkeypatch):
+    import arow.runs.rundir as rundir
+
+    real_atomic_save = rundir.atomic_save
+
+    def atomic_save(obj, path):  # epoch 2's last.pt fails half-way: the old one was moved to last.prev.pt
+        if Path(path).name == RunDir.LAST and obj.get("epoch") == 2:
+            raise OSError(28, "No space left on device")
+        return real_atomic_save(obj, path)
+
+    def train_epoch(self, epoch, _real=Trainer.train_epoch):
+        if epoch == 2:
+            self._diverged(epoch, 0, "non-finite loss")
+        return _real(self, epoch)
+
+    monkeypatch.setattr(rundir, "atomic_save", atomic_save)
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged) as caught:
+        _fit(out, background=True, epochs=3)
+    assert not (out / RunDir.LAST).exists() and _saved(out / RunDir.PREV)["epoch"] == 1
+    assert f"the last good checkpoint is {out / RunDir.PREV} (epoch 1)" in str(caught.value)
+    assert RunDir(out).diverged()["epoch"] == 3
+
+
+def test_an_interrupt_while_waiting_for_a_write_keeps_its_error_for_the_next_wait(tmp_path):
+    class InterruptedOnce(Future):
+        """A write whose first wait is cut short by Ctrl-C."""
+
+        waits = 0
+
+        def _interrupt(self) -> None:
+            self.waits += 1
+            if self.waits == 1:
+                raise KeyboardInterrupt
+
+        def result(self, timeout=None):
+            self._interrupt()
+            return super().result(timeout)
+
+        def exception(self, timeout=None):
+            self._interrupt()
+            return super().exception(timeout)
+
+    saves = EpochSaves(RunDir(tmp_path / "run"), background=True)
+    write = InterruptedOnce()
+    write.set_exception(OSError(28, "No space left on device"))
+    saves._pending = write
+    with pytest.raises(KeyboardInterrupt):
+        saves.wait()
+    with pytest.raises(OSError, match="No space left"):
+        saves.wait()
+    saves.wait()  # raised once: nothing is pending any more
+
+
+def test_an_interrupt_while_close_waits_for_a_write_still_records_the_divergence_and_unlocks(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.lock()
+    writer = RunWriter(run)
+
+    class Interrupted:
+        saved = None
+
+        def close(self) -> None:
+            raise KeyboardInterrupt
+
+    writer.saves = Interrupted()
+    error = TrainingDiverged("training diverged at epoch 1, step 3 (non-finite loss)",
+                             {"epoch": 1, "step": 3, "reason": "non-finite loss", "lr": 0.1})
+    with pytest.raises(KeyboardInterrupt):
+        writer.close(error)
+    assert run.diverged()["reason"] == "non-finite loss"
+    again = RunDir(run.path)
+    again.lock()  # unlocked
+    again.unlock()

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("none", "flip", "crop", "crop+flip")
 #: the largest share of a GPU's free memory that extra training data (uint8 images and labels) may
-#: take to be kept on the GPU (:class:`ExtraFeed`); the rest stays for the model and its activations
+#: take to be kept on the GPU (:class:`ExtraFeed`). The free memory is measured after the first epoch,
+#: when it no longer counts what the model, its activations, the attack and the validation took
+#: (PyTorch's caching allocator keeps their peak reserved); the rest stays for what comes later
 EXTRA_ON_DEVICE_SHARE = 0.25
 _UPLOAD_BYTES = 1 << 26  # extra images copied to the GPU 64 MiB at a time
 
@@ -261,7 +263,7 @@ def extra_placement(device: torch.device, nbytes: int) -> str:
 class ExtraFeed:
     """The extra images of a :class:`~arow.data.extra.MixedLoader` on their way to ``device``.
 
-    Where they are kept (:attr:`mode`, decided at the first batch by :func:`extra_placement`):
+    Where they are kept (:attr:`mode`; None until decided):
 
     - ``"host"`` (not CUDA): each batch gathered from the (memory-mapped) arrays and converted by
       ``ExtraData.batch``, as always;
@@ -271,12 +273,18 @@ class ExtraFeed:
     - ``"pinned"`` (CUDA, too large): each batch gathered on the host into pinned memory and copied
       with ``non_blocking=True``, so the host does not wait for the copy.
 
-    Every mode gives the same batches (uint8 images / 255 in float32, the same labels).
+    On CUDA the first pass over the data (the first epoch) is fed from pinned memory and the mode is
+    decided at the second, by :func:`extra_placement`: by then the GPU's free memory excludes the
+    peak of the first epoch's activations, so keeping the images on the GPU cannot take memory the
+    training needs. Should the copy to the GPU fail for lack of memory all the same, the batches come
+    from pinned memory (one warning), for good. :meth:`release` frees the GPU's copy. Every mode gives
+    the same batches (uint8 images / 255 in float32, the same labels).
     """
 
     def __init__(self, extra: Any, device: Union[str, torch.device]) -> None:
         self.extra, self.device = extra, torch.device(device)
         self.mode: Optional[str] = None
+        self._passes = 0  # passes begun over the data (epochs, BatchNorm recalibrations of an average)
         self._images: Optional[torch.Tensor] = None
         self._labels: Optional[torch.Tensor] = None
 
@@ -284,13 +292,14 @@ class ExtraFeed:
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Step by step, the images (float32 N x C x H x W in [0, 1]) and labels of the extra data's
         rows ``draws[step * per_batch + slot]`` (``draws`` and ``slot``: CPU tensors)."""
-        if self._place() == "device":  # the epoch's draws copied once; the gathers run on the GPU
+        mode = self._place()
+        if mode == "device":  # the epoch's draws copied once; the gathers run on the GPU
             draws, slot = draws.to(self.device), slot.to(self.device)
         for step in itertools.count():
             idx = draws[step * per_batch + slot]
-            if self.mode == "host":
+            if mode == "host":
                 yield self.extra.batch(idx.numpy(), self.device)
-            elif self.mode == "device":
+            elif mode == "device":
                 yield _as_float(self._images[idx]), self._labels[idx]
             else:
                 rows = idx.numpy()
@@ -298,9 +307,19 @@ class ExtraFeed:
                 y = torch.from_numpy(self.extra.labels[rows]).pin_memory().to(self.device, non_blocking=True)
                 yield _as_float(x), y
 
+    def release(self) -> None:
+        """Free the GPU's copy of the extra data (the Trainer does when a fit ends, so that the
+        evaluation after it has that memory); a later pass decides again where the data is kept."""
+        self._images = self._labels = None
+        self.mode = None
+
     def _place(self) -> str:
+        """This pass's mode (see the class): decided once, at the second pass on CUDA."""
+        self._passes += 1
         if self.mode is None:
-            self.mode = extra_placement(self.device, self.extra.nbytes + self.extra.labels.nbytes)
+            if self.device.type == "cuda" and self._passes == 1:
+                return "pinned"  # the first epoch: its activations are not known yet
+            self.mode = extra_placement(self.device, self._nbytes())
             if self.mode != "host":
                 log.info("extra data (%.2f GB as uint8) %s", self.extra.nbytes / 1e9, "kept on the GPU" if
                          self.mode == "device" else "too large for the GPU: copied per batch from pinned memory")
@@ -308,16 +327,29 @@ class ExtraFeed:
             self._upload()
         return self.mode
 
+    def _nbytes(self) -> int:
+        return self.extra.nbytes + self.extra.labels.nbytes
+
     def _upload(self) -> None:
-        extra = self.extra
-        images = torch.empty((len(extra),) + tuple(extra.image_shape), dtype=torch.uint8, device=self.device)
-        rows, at = max(1, _UPLOAD_BYTES // max(1, math.prod(extra.image_shape))), 0
-        for part in extra.parts:
-            for lo in range(0, len(part), rows):
-                chunk = np.array(part[lo : lo + rows])  # these rows of the memory map, as a writable copy
-                images[at + lo : at + lo + len(chunk)].copy_(torch.from_numpy(chunk))
-            at += len(part)
-        self._images, self._labels = images, torch.from_numpy(extra.labels).to(self.device)
+        """The images and labels copied to the GPU; without room for them, pinned memory instead."""
+        try:
+            self._images, self._labels = _device_copy(self.extra, self.device)
+        except torch.cuda.OutOfMemoryError as e:
+            self.mode = "pinned"
+            log.warning("extra data (%.2f GB as uint8) does not fit on the GPU after all (%s): its batches are "
+                        "copied from pinned memory instead", self._nbytes() / 1e9, str(e).split("\n")[0][:200])
+
+
+def _device_copy(extra: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of ``extra``'s images (uint8, N x H x W x C) and labels on ``device``, copied 64 MiB at a time."""
+    images = torch.empty((len(extra),) + tuple(extra.image_shape), dtype=torch.uint8, device=device)
+    rows, at = max(1, _UPLOAD_BYTES // max(1, math.prod(extra.image_shape))), 0
+    for part in extra.parts:
+        for lo in range(0, len(part), rows):
+            chunk = np.array(part[lo : lo + rows])  # these rows of the memory map, as a writable copy
+            images[at + lo : at + lo + len(chunk)].copy_(torch.from_numpy(chunk))
+        at += len(part)
+    return images, torch.from_numpy(extra.labels).to(device)
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:

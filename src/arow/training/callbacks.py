@@ -12,6 +12,8 @@ own in ``Trainer(..., callbacks=[...])``: any object with some of the hooks of :
 """
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -128,6 +130,7 @@ class RunWriter(Callbacks):
         run = self.run
         cuda = trainer.device.type == "cuda"
         self.saves = EpochSaves(run, background=cuda if self.background is None else self.background)
+        self.saves.saved = trainer.start_epoch or None  # a resumed run continues from that epoch's checkpoint
         if run.path.exists() and not run.path.is_dir():
             raise ConfigError(f"--out {run.path} is a file, not a run folder")
         try:
@@ -162,70 +165,116 @@ class RunWriter(Callbacks):
 
     def close(self, error: Optional[BaseException] = None) -> None:
         try:
-            self.saves.close()  # a write still running in the background ends (or fails) first
-        except Exception as e:  # noqa: BLE001 - reported with the error that ended the fit, if any
-            if error is None:
+            try:
+                self.saves.close()  # a write still running in the background ends (or fails) first
+            except Exception:  # noqa: BLE001 - logged when it failed (EpochSaves); the fit's own error goes on
+                if error is None:
+                    raise
+        finally:  # also when an interrupt arrives while waiting for that write
+            try:
+                if isinstance(error, TrainingDiverged):
+                    self._mark_diverged(error)
+            finally:
                 self.run.unlock()
-                raise
-            log.warning("the checkpoints of the last finished epoch were not written (%s: %s)", type(e).__name__, e)
-        if isinstance(error, TrainingDiverged):
-            self.run.mark_diverged(error.info)
-            done = int(error.info["epoch"]) - 1  # epochs that finished (and were saved) before it
-            if done > 0 and self.run.has_checkpoint():
-                error.hint = (f"; the last good checkpoint is {self.run.file(RunDir.LAST)} (epoch {done}): "
-                              f"continue it with --resume --out {self.run.path} and a smaller --lr")
-            else:
-                error.hint = "; no epoch had finished, so nothing was saved"
-        self.run.unlock()
+
+    def _mark_diverged(self, error: TrainingDiverged) -> None:
+        """``diverged.json``, and the hint naming the checkpoint to continue from: the newest one
+        written whole (a background write that failed left the one before it)."""
+        self.run.mark_diverged(error.info)
+        saved = self.saves.saved
+        if saved and self.run.has_checkpoint():
+            name = RunDir.LAST if self.run.file(RunDir.LAST).is_file() else RunDir.PREV
+            error.hint = (f"; the last good checkpoint is {self.run.file(name)} (epoch {saved}): "
+                          f"continue it with --resume --out {self.run.path} and a smaller --lr")
+        elif int(error.info["epoch"]) > 1:
+            error.hint = "; no checkpoint could be written, so there is nothing to resume"
+        else:
+            error.hint = "; no epoch had finished, so nothing was saved"
 
 
 class EpochSaves:
     """Writes each epoch's checkpoints (:meth:`RunDir.save_epoch <arow.runs.rundir.RunDir.save_epoch>`),
     in the foreground or, with ``background``, while the next epoch trains.
 
-    In the background the checkpoints are first copied whole to host memory (:func:`host_copy`: from a
-    GPU one device-to-host copy, a fraction of a second for WRN-34-10's 0.55 GB), then written by one
-    worker thread; the next save, the final save and :meth:`close` wait for it, and an error of the
-    write is raised there. The write is the same as in the foreground: ``best.pt``, then ``last.pt``
-    moved to ``last.prev.pt``, then the new ``last.pt`` written to a temporary file and renamed, so a
-    crash at any moment leaves the previous checkpoint whole; a crash while a write is pending loses
-    at most that epoch (the run resumes from the one before). Under torchrun only rank 0 writes, and
-    the other ranks no longer wait for it.
+    In the background the checkpoints are first copied whole to host memory (:func:`host_copy`): from
+    a GPU, the optimiser's state is copied to the host there; the weights of the model and its
+    averages, which their ``state_dict`` already copied to the host, are copied once more in host
+    memory (a fraction of a second for WRN-34-10's 0.55 GB). Then one worker thread writes them. A
+    failed write is logged at once; the next save still writes its own epoch, then raises the earlier
+    error; the final save and :meth:`close` wait for a pending write and raise its error. The write is
+    the same as in the foreground: ``best.pt``, then ``last.pt`` moved to ``last.prev.pt``, then the
+    new ``last.pt`` written to a temporary file and renamed, so a crash at any moment leaves the
+    previous checkpoint whole; a crash while a write is pending loses at most that epoch (the run
+    resumes from the one before). Under torchrun only rank 0 writes, and the other ranks no longer
+    wait for it. :attr:`saved` is the epoch of the newest checkpoint written whole (None: none yet).
     """
 
     def __init__(self, run: RunDir, *, background: bool) -> None:
         self.run, self.background = run, background
+        self.saved: Optional[int] = None
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: Optional[Future] = None
 
     def save(self, ckpt: dict[str, Any], best: Optional[dict[str, Any]]) -> None:
-        self.wait()
+        failed = self._finish()
+        if failed is not None:  # the previous epoch's write failed: this epoch is still saved, then it stops
+            try:
+                self._write(ckpt, best)
+            except Exception as e:  # noqa: BLE001 - the earlier error is the one raised
+                log.error("could not write the checkpoints of epoch %s either (%s: %s)", ckpt.get("epoch"),
+                          type(e).__name__, e)
+            raise failed
         if not self.background:
-            self.run.save_epoch(ckpt, best)
+            self._write(ckpt, best)
             return
         ckpt, best = host_copy((ckpt, best))
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="arow-checkpoint")
-        self._pending = self._pool.submit(self.run.save_epoch, ckpt, best)
+        self._pending = self._pool.submit(self._write, ckpt, best)
+        self._pending.add_done_callback(functools.partial(_report_failure, ckpt.get("epoch")))
+
+    def _write(self, ckpt: dict[str, Any], best: Optional[dict[str, Any]]) -> None:
+        self.run.save_epoch(ckpt, best)
+        self.saved = ckpt.get("epoch", self.saved)
+
+    def _finish(self) -> Optional[BaseException]:
+        """Wait for the pending write and return its error (None if it succeeded). An interrupt while
+        waiting leaves it pending, so that a later wait still sees how it ended."""
+        pending = self._pending
+        if pending is None:
+            return None
+        error = pending.exception()
+        self._pending = None
+        return error
 
     def wait(self) -> None:
         """Return when no write is pending; the pending write's error is raised here."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        failed = self._finish()
+        if failed is not None:
+            raise failed
 
     def close(self) -> None:
         try:
             self.wait()
-        finally:
+        finally:  # the worker thread ends (after its write) even when an interrupt cut the wait short
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
 
 
+def _report_failure(epoch: Any, write: Future) -> None:
+    """Log a failed background write of ``epoch``'s checkpoints when it fails (not an epoch later)."""
+    error = write.exception()
+    if error is not None:
+        log.error("could not write the checkpoints of epoch %s (%s: %s); the run folder keeps the previous "
+                  "checkpoint, and the run stops with this error at its next save", epoch, type(error).__name__,
+                  error)
+
+
 def host_copy(obj: Any, memo: Optional[dict[int, Any]] = None) -> Any:
-    """``obj`` with every tensor copied to host memory and every dict, list and tuple rebuilt (an
-    object met twice is copied once): a snapshot that later training, on any device, cannot change.
+    """``obj`` with every tensor copied to host memory and every dict, list, tuple and namedtuple rebuilt
+    (a dict as its own kind, e.g. an ``OrderedDict`` with its attributes; an object met twice is copied
+    once): a snapshot that later training, on any device, cannot change.
 
     >>> w = torch.zeros(2); snap = host_copy({"w": w, "history": [1]}); _ = w.add_(1)
     >>> snap["w"].tolist()
@@ -237,7 +286,11 @@ def host_copy(obj: Any, memo: Optional[dict[int, Any]] = None) -> Any:
     if isinstance(obj, torch.Tensor):
         out: Any = obj.detach().to("cpu", copy=True)
     elif isinstance(obj, dict):
-        out = {k: host_copy(v, memo) for k, v in obj.items()}
+        out = obj.copy() if type(obj) is dict else copy.copy(obj)  # copy.copy keeps the kind and attributes
+        for k, v in obj.items():
+            out[k] = host_copy(v, memo)
+    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        out = type(obj)(*(host_copy(v, memo) for v in obj))
     elif type(obj) in (list, tuple):
         out = type(obj)(host_copy(v, memo) for v in obj)
     else:

@@ -96,18 +96,28 @@ def channels_last(cfg: "TrainConfig") -> bool:
     return cfg.channels_last in ("on", "auto")
 
 
-def batch_memory_format(cfg: "TrainConfig", device: torch.device) -> Optional[torch.memory_format]:
+def batch_memory_format(cfg: "TrainConfig", device: torch.device, *,
+                        own_model: bool) -> Optional[torch.memory_format]:
     """The layout the training loaders give each batch: channels-last on CUDA when the model is
     channels-last, so that the batch is converted once in the loader instead of inside the first
     convolution of every forward (the attack's, the training's); None elsewhere: on the CPU the
     batches stay as they were built, and so do the numbers.
 
+    ``own_model``: the model is one of arow's architectures (built from a model spec), whose layers
+    take any layout. A model of your own gets channels-last batches only with ``--channels-last on``:
+    under ``auto`` its batches stay (N, C, H, W)-contiguous, as its forward may ``x.view(len(x), -1)``.
+
     >>> from arow.config.schema import TrainConfig
-    >>> cfg = TrainConfig(channels_last="auto")
-    >>> batch_memory_format(cfg, torch.device("cuda")), batch_memory_format(cfg, torch.device("cpu"))
+    >>> cfg, cuda = TrainConfig(channels_last="auto"), torch.device("cuda")
+    >>> batch_memory_format(cfg, cuda, own_model=True), batch_memory_format(cfg, torch.device("cpu"), own_model=True)
     (torch.channels_last, None)
+    >>> batch_memory_format(cfg, cuda, own_model=False), batch_memory_format(TrainConfig(channels_last="on"), cuda,
+    ...                                                                     own_model=False)
+    (None, torch.channels_last)
     """
-    return torch.channels_last if device.type == "cuda" and channels_last(cfg) else None
+    if device.type != "cuda" or not channels_last(cfg):
+        return None
+    return torch.channels_last if own_model or cfg.channels_last == "on" else None
 
 
 def eager_unless_full(compiled: bool, rows: int, full: int) -> ContextManager[Any]:

@@ -138,7 +138,8 @@ class Trainer:
         # a MixedLoader with --extra-data (arow.data.extra), else a Loader of the real data
         self.loader = train_loader(cfg, self.train_data, extra, rank=self.dist.rank, world_size=self.dist.world_size)
         self.model, self.train_model = prepare_model(model, cfg, self.device, self.dist)
-        self.loader.memory_format = batch_memory_format(cfg, self.device)  # channels-last batches on CUDA
+        # channels-last batches on CUDA for arow's own models (a model of yours: with --channels-last on only)
+        self.loader.memory_format = batch_memory_format(cfg, self.device, own_model=not self.model_spec.custom)
         self.opt = build_optimizer(self.model, cfg, self.device)
         self.swa = SWA(self.model) if cfg.swa_start is not None else None
         self.ema = EMA(self.model, cfg.ema, warmup=cfg.ema_warmup, bn=cfg.ema_bn) if cfg.ema is not None else None
@@ -239,6 +240,9 @@ class Trainer:
             raise
         finally:
             self._end_logits_check()
+            feed = getattr(self.loader, "feed", None)  # extra data kept on the GPU: freed for what follows
+            if feed is not None:
+                feed.release()
             call_hook(self.callbacks, "close", error)
 
     def _end_logits_check(self) -> None:
@@ -511,8 +515,8 @@ def _sgd_kernel(device: torch.device) -> dict[str, bool]:
 
 
 def gradient_norm(model: nn.Module, device: torch.device) -> Tensor:
-    """The L2 norm of all of ``model``'s gradients together, on the device (nothing read back): the
-    per-parameter norms in one multi-tensor kernel (``torch._foreach_norm``), then their norm.
+    """The L2 norm of all of ``model``'s gradients together, in float32 on the device (nothing read
+    back): the per-parameter norms in one multi-tensor kernel (``torch._foreach_norm``), then their norm.
 
     >>> net = nn.Linear(2, 1, bias=False); net.weight.grad = torch.tensor([[3.0, 4.0]])
     >>> gradient_norm(net, torch.device("cpu")).item()
@@ -521,7 +525,8 @@ def gradient_norm(model: nn.Module, device: torch.device) -> Tensor:
     grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros((), device=device)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    # in float32 whatever the gradients' dtype: the norm of float16 gradients overflows (to inf) past 65504
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, dtype=torch.float32)))
 
 
 def _acc(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
