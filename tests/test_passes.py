@@ -200,3 +200,52 @@ def test_training_loop_never_synchronises_cuda():
     """On a GPU, CUDA's sync debug mode reports every synchronising call: their number per epoch
     must not grow with the number of steps (the Loader included: it feeds every step)."""
     assert _cuda_syncs_of_an_epoch(2) == _cuda_syncs_of_an_epoch(5)
+
+
+class _OpCounts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every ATen operator run below autocast (on a GPU, about one kernel launch each), and the casts
+    among them (``_to_copy`` to another floating dtype)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops += 1
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") is not None \
+                and isinstance(args[0], torch.Tensor) and kwargs["dtype"] != args[0].dtype:
+            self.casts += 1
+        return func(*args, **kwargs)
+
+
+def _attack_counts(model: nn.Module, steps: int) -> _OpCounts:
+    from arow.methods.common import kl_attack
+
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8) % 10
+    with torch.autocast("cpu", dtype=torch.bfloat16), _OpCounts() as counts:
+        kl_attack(model, x, y, ThreatModel(eps=0.1, steps=steps), BatchRNG(0))
+    return counts
+
+
+def test_the_training_attack_costs_the_same_operators_and_casts_at_every_step():
+    """Counted per attack step under bf16 autocast (the CPU default; CUDA's too): the operators (on a
+    GPU, kernel launches) and the dtype casts. Each step costs the same, and a step casts each frozen
+    convolution and linear weight and bias once (autocast caches casts only of tensors that require
+    grad) plus the iterate and the step's float32 losses: nothing per step grows with the number of
+    steps, and the clean target's forward is not repeated inside the loop."""
+    from arow.models import build_model
+
+    model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=28)
+    c1, c3, c5 = (_attack_counts(model, k) for k in (1, 3, 5))
+    per_step_ops, per_step_casts = (c5.ops - c1.ops) / 4, (c5.casts - c1.casts) / 4
+    assert (c3.ops - c1.ops) / 2 == per_step_ops and (c3.casts - c1.casts) / 2 == per_step_casts
+    weights = sum(1 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+                  for p in (m.weight, m.bias) if p is not None)
+    # one cast per frozen weight or bias, plus a handful for the iterate, logits and gradients
+    assert weights <= per_step_casts <= weights + 8, (per_step_casts, weights)
+    # outside the loop: the clean target's one forward and the random start, fewer operators than a
+    # step (a forward and an input-gradient backward); a target recomputed per step would instead add
+    # a forward's casts to every step and break the bound above
+    assert 0 < c1.ops - per_step_ops < per_step_ops
