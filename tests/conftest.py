@@ -88,3 +88,29 @@ def spawn_ranks(fn, tmp: Path, world: int, timeout_s: float, what: str = "distri
                 if p.is_alive():
                     p.kill()
             pytest.fail(f"{what} did not finish within {timeout_s}s (a rank hangs?)")
+
+
+def write_aa_study_cell(d: Path, method: str, seed: int, clean: torch.Tensor, pgd: torch.Tensor,
+                        aa: torch.Tensor, verdicts: bool = True) -> None:
+    """A finished study cell in ``d`` on a test set of ``len(clean)`` images with AutoAttack on its first
+    ``len(aa)``: config, one epoch record, the main evaluation (clean, PGD-20; worst case = PGD-20) and
+    the AutoAttack subset file, each with its packed per-example verdicts unless ``verdicts`` is False."""
+    import json
+
+    from arow.evaluation.cascade import pack_verdicts
+
+    n, k = len(clean), len(aa)
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"method": method, "seed": seed}))
+    (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 5.0}) + "\n")
+    main = {"accuracy": {"clean": float(clean.float().mean()), "pgd20": float(pgd.float().mean()),
+                         "worst_case": float(pgd.float().mean())},
+            "n": n, "test_set_size": n, "subset": False, "guards_ran": True}
+    sub = {"accuracy": {"clean": float(clean[:k].float().mean()), "autoattack": float(aa.float().mean()),
+                        "worst_case": float(aa.float().mean())},
+           "n": k, "test_set_size": n, "subset": True}
+    if verdicts:
+        main["verdicts"] = pack_verdicts({"clean": clean, "pgd20": pgd, "worst_case": pgd})
+        sub["verdicts"] = pack_verdicts({"clean": clean[:k], "autoattack": aa, "worst_case": aa})
+    (d / "eval.json").write_text(json.dumps(main))
+    (d / f"eval_n{k}.json").write_text(json.dumps(sub))

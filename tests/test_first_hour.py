@@ -22,7 +22,7 @@ from arow.training.callbacks import HOOKS, Callbacks
 from arow.training.errors import ModelOutputError
 from arow.training.trainer import Trainer
 
-from conftest import fmnist_available, tiny_cnn
+from conftest import fmnist_available, tiny_cnn, write_aa_study_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -453,7 +453,6 @@ def _aa_study(path: Path, with_verdicts: dict) -> dict:
     """A study of two rows x two seeds on a 40-image test set, AutoAttack on its first 10 images: each
     cell's evaluation and AutoAttack file with real per-example verdicts (none where ``with_verdicts``
     says False). Returns the verdicts by cell name."""
-    from arow.evaluation.cascade import pack_verdicts
     from arow.runs.studydir import StudyDir
     from arow.study.spec import StudySpec
 
@@ -465,27 +464,13 @@ def _aa_study(path: Path, with_verdicts: dict) -> dict:
     for label in ("arow", "trades"):
         for seed in (0, 1):
             d = path / "cells" / f"{label}-s{seed}"
-            d.mkdir(parents=True)
             clean = torch.rand(40, generator=g) < 0.8
             pgd = clean & (torch.rand(40, generator=g) < 0.7)
             aa = clean[:10] & (torch.rand(10, generator=g) < 0.7)  # drawn apart from PGD's verdicts
             # some images broken by PGD only and some by AutoAttack only: the worst case is neither column
             assert (pgd[:10] & ~aa).any() and (aa & ~pgd[:10]).any(), d.name
             made[d.name] = {"clean": clean, "pgd20": pgd, "autoattack": aa}
-            keep = with_verdicts.get(d.name, True)
-            (d / "config.json").write_text(json.dumps({"method": label, "seed": seed}))
-            (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 5.0}) + "\n")
-            main = {"accuracy": {"clean": float(clean.float().mean()), "pgd20": float(pgd.float().mean()),
-                                 "worst_case": float(pgd.float().mean())},
-                    "n": 40, "test_set_size": 40, "subset": False, "guards_ran": True}
-            sub = {"accuracy": {"clean": float(clean[:10].float().mean()), "autoattack": float(aa.float().mean()),
-                                "worst_case": float(aa.float().mean())},
-                   "n": 10, "test_set_size": 40, "subset": True}
-            if keep:
-                main["verdicts"] = pack_verdicts({"clean": clean, "pgd20": pgd, "worst_case": pgd})
-                sub["verdicts"] = pack_verdicts({"clean": clean[:10], "autoattack": aa, "worst_case": aa})
-            (d / "eval.json").write_text(json.dumps(main))
-            (d / "eval_n10.json").write_text(json.dumps(sub))
+            write_aa_study_cell(d, label, seed, clean, pgd, aa, verdicts=with_verdicts.get(d.name, True))
     return made
 
 
@@ -622,17 +607,16 @@ def test_a_report_says_what_an_unset_setting_means(tmp_path):
 
 # --------------------------------------------------------------------------- verdicts of the wrong length
 def test_verdicts_of_another_number_of_images_are_refused():
-    from arow.evaluation.cascade import pack_verdicts
-    from arow.study.collect import checked_verdicts
+    from arow.evaluation.cascade import pack_verdicts, unpack_verdicts
 
     v = torch.arange(20) % 3 == 0
     packed = pack_verdicts({"pgd20": v})
-    assert np.array_equal(checked_verdicts(packed, 20)["pgd20"], v.numpy())
+    assert np.array_equal(unpack_verdicts(packed, 20)["pgd20"], v.numpy())
     for n in (8, 16, 25, 40):  # 20 images take 3 bytes: fewer and more are refused
         with pytest.raises(ValueError, match="pgd20"):
-            checked_verdicts(packed, n)
+            unpack_verdicts(packed, n)
     with pytest.raises(ValueError, match="not base64"):
-        checked_verdicts({"pgd20": "not base64!"}, 20)
+        unpack_verdicts({"pgd20": "not base64!"}, 20)
 
 
 def test_a_short_verdict_string_reads_as_no_verdicts_with_a_line_in_the_log(tmp_path, caplog):

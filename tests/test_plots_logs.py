@@ -18,7 +18,7 @@ from arow.pipelines import build_trainer
 from arow.reporting.tables import load_run
 from arow.runs.rundir import RunDir
 from arow.training.trainer import Trainer
-from conftest import tiny_cnn
+from conftest import tiny_cnn, write_aa_study_cell
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -249,7 +249,6 @@ def _study_with_autoattack(path: Path, without_verdicts: str) -> dict[str, dict[
     """A study folder of TRADES at two betas x two seeds on a 40-image test set, AutoAttack on its
     first 10 images, each cell with real per-example verdicts (none for ``without_verdicts``); the
     first 10 images are the easy ones, so clean accuracy on them differs from the full test set's."""
-    from arow.evaluation.cascade import pack_verdicts
     from arow.runs.studydir import StudyDir
     from arow.study.spec import StudySpec
 
@@ -262,23 +261,11 @@ def _study_with_autoattack(path: Path, without_verdicts: str) -> dict[str, dict[
     for label in ("trades", "trades-b2"):
         for seed in (0, 1):
             d = path / "cells" / f"{label}-s{seed}"
-            d.mkdir(parents=True)
             clean = torch.cat([torch.rand(10, generator=g) < 0.95, torch.rand(30, generator=g) < 0.5])
             pgd = clean & (torch.rand(40, generator=g) < 0.7)
             aa = pgd[:10] & (torch.rand(10, generator=g) < 0.8)
             made[d.name] = {"clean": clean, "autoattack": aa}
-            (d / "config.json").write_text(json.dumps({"method": "trades", "seed": seed}))
-            (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 5.0}) + "\n")
-            main_eval = {"accuracy": {"clean": float(clean.float().mean()), "pgd20": float(pgd.float().mean()),
-                                      "worst_case": float(pgd.float().mean())},
-                         "n": 40, "test_set_size": 40, "subset": False, "guards_ran": True}
-            sub = {"accuracy": {"clean": float(clean[:10].float().mean()), "autoattack": float(aa.float().mean()),
-                                "worst_case": float(aa.float().mean())}, "n": 10, "test_set_size": 40, "subset": True}
-            if d.name != without_verdicts:
-                main_eval["verdicts"] = pack_verdicts({"clean": clean, "pgd20": pgd, "worst_case": pgd})
-                sub["verdicts"] = pack_verdicts({"clean": clean[:10], "autoattack": aa, "worst_case": aa})
-            (d / "eval.json").write_text(json.dumps(main_eval))
-            (d / "eval_n10.json").write_text(json.dumps(sub))
+            write_aa_study_cell(d, "trades", seed, clean, pgd, aa, verdicts=d.name != without_verdicts)
     return made
 
 

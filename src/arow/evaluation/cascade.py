@@ -78,10 +78,25 @@ def pack_verdicts(correct: dict[str, Tensor]) -> dict[str, Any]:
     return out
 
 
-def unpack_verdicts(packed: dict[str, Any], n: int) -> dict[str, "np.ndarray"]:
-    """The boolean per-example verdicts of :func:`pack_verdicts` (``n`` examples each)."""
-    return {k: np.unpackbits(np.frombuffer(base64.b64decode(v), dtype=np.uint8), count=n).astype(bool)
-            for k, v in packed.items() if k != "encoding"}
+def unpack_verdicts(packed: Any, n: int) -> dict[str, "np.ndarray"]:
+    """The boolean per-example verdicts of :func:`pack_verdicts`, of an evaluation of ``n`` examples.
+    Each must hold exactly ``n`` (``ceil(n / 8)`` bytes): unpacked unchecked, a short one would be
+    padded with False and lower every accuracy read from it without a word. ValueError naming the
+    first that does not, or that is not base64."""
+    if not isinstance(packed, dict) or n < 1:
+        raise ValueError(f"no per-example verdicts of {n} images")
+    want, out = -(-n // 8), {}
+    for name, text in packed.items():
+        if name == "encoding":
+            continue
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (ValueError, TypeError):  # binascii.Error is a ValueError
+            raise ValueError(f"the verdicts of {name!r} are not base64") from None
+        if len(raw) != want:
+            raise ValueError(f"the verdicts of {name!r} hold {len(raw)} bytes, {n} images take {want}")
+        out[name] = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=n).astype(bool)
+    return out
 
 
 def per_class_accuracy(correct: Tensor, y: Tensor, num_classes: int) -> list[float]:

@@ -116,6 +116,11 @@ class StudyDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    @staticmethod
+    def cell_name(label: str, seed: int) -> str:
+        """The folder name of a study's (row, seed) cell under ``cells/``: ``<row label>-s<seed>``."""
+        return f"{label}-s{seed}"
+
     def cell(self, name: str) -> CellDir:
         return CellDir(self.path / self.CELLS / name)
 

@@ -14,7 +14,6 @@ and its plan is not applied: no comparison on a subset is a primary test.
 """
 from __future__ import annotations
 
-import base64
 import csv
 import dataclasses
 import io
@@ -116,26 +115,6 @@ def cell_result(folder: StudyDir, spec: StudySpec, cell: Cell) -> dict[str, Any]
 WORST = "worst_case"
 
 
-def checked_verdicts(packed: Any, n: int) -> dict[str, np.ndarray]:
-    """The per-example verdicts ``packed`` (:func:`~arow.evaluation.cascade.pack_verdicts`) of an
-    evaluation of ``n`` images, each checked to hold exactly ``n`` (``ceil(n / 8)`` bytes): unpacked
-    unchecked, a short one would be padded with False and lower every accuracy read from it without a
-    word. ValueError naming the first that does not."""
-    if not isinstance(packed, dict) or n < 1:
-        raise ValueError(f"no per-example verdicts of {n} images")
-    want = -(-n // 8)
-    for name, text in packed.items():
-        if name == "encoding":
-            continue
-        try:
-            got = len(base64.b64decode(text, validate=True))
-        except (ValueError, TypeError):  # binascii.Error is a ValueError
-            raise ValueError(f"the verdicts of {name!r} are not base64") from None
-        if got != want:
-            raise ValueError(f"the verdicts of {name!r} hold {got} bytes, {n} images take {want}")
-    return unpack_verdicts(packed, n)
-
-
 def first_verdicts(e: Optional[EvalFile], n: int) -> Optional[dict[str, np.ndarray]]:
     """The per-example verdicts an evaluation file stores, on its first ``n`` images; None when it
     stores none, covers fewer images or holds unreadable ones or ones of another number of images
@@ -144,7 +123,7 @@ def first_verdicts(e: Optional[EvalFile], n: int) -> Optional[dict[str, np.ndarr
     if e is None or not isinstance(packed, dict) or not e.n or e.n < n or n < 1:
         return None
     try:
-        return {k: v[:n] for k, v in checked_verdicts(packed, int(e.n)).items()}
+        return {k: v[:n] for k, v in unpack_verdicts(packed, int(e.n)).items()}
     except (ValueError, TypeError) as err:
         log.warning("%s: per-example verdicts left out of the AutoAttack table (%s)", e.path, err)
         return None
@@ -264,7 +243,7 @@ def image_tests(cells: list[dict[str, Any]], spec: StudySpec) -> list[dict[str, 
         packed = c.pop("_verdicts", None)
         if packed is not None and c.get("n"):
             try:
-                verdicts[c["label"], c["seed"]] = checked_verdicts(packed, int(c["n"]))
+                verdicts[c["label"], c["seed"]] = unpack_verdicts(packed, int(c["n"]))
             except (ValueError, TypeError) as err:
                 c["verdicts_error"] = f"per-example verdicts unreadable: {err}"
                 log.warning("%s: per-example verdicts left out of the per-image tests (%s)", c["folder"], err)
@@ -316,14 +295,14 @@ def added_after_results(folder: StudyDir, spec: StudySpec, cells: list[dict[str,
     built (``collected.jsonl``): ``{"since": time, "seen": [cells finished then], "cells": [added]}``, or
     None when every cell was planned before the first results. Records this collection too."""
     history = [h for h in folder.read_collects() if h.get("done")]
-    done = sorted(f"{c['label']}-s{c['seed']}" for c in cells if c["status"] == "done")
+    done = sorted(StudyDir.cell_name(c["label"], c["seed"]) for c in cells if c["status"] == "done")
     if done:
         folder.record_collect({"time": now, "rows": _planned(spec), "done": done})
     if not history:
         return None
     first = history[0]
     planned = first.get("rows") if isinstance(first.get("rows"), dict) else {}
-    added = [f"{label}-s{seed}" for label, seeds in _planned(spec).items() for seed in seeds
+    added = [StudyDir.cell_name(label, seed) for label, seeds in _planned(spec).items() for seed in seeds
              if seed not in (planned.get(label) or [])]
     return {"since": first.get("time"), "seen": first.get("done"), "cells": added} if added else None
 

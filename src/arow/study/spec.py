@@ -30,6 +30,7 @@ from ..config import TrainConfig
 from ..config.presets import UniqueKeyLoader
 from ..methods import METHODS
 from ..reporting.stats import check_plan
+from ..runs.studydir import StudyDir
 
 PathLike = Union[str, os.PathLike]
 
@@ -166,7 +167,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.variant.label}-s{self.seed}"
+        return StudyDir.cell_name(self.variant.label, self.seed)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from ...methods import METHODS
+from ...runs.studydir import StudyDir
 from ..labels import attack_label, metric_label
 from ..stats import summarize
 from . import common
@@ -85,10 +86,7 @@ def _tradeoff(result: dict[str, Any], done: Sequence[dict[str, Any]], colour: di
                 ax.scatter(*zip(*pts), color=colour[lab], label=lab, s=36, alpha=0.85)
                 mx, my = (sum(p[i] for p in pts) / len(pts) for i in (0, 1))
                 ax.scatter([mx], [my], color=colour[lab], marker="X", s=110, edgecolor="black", linewidth=0.6)
-        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel, title=panel.title + common.left_out(panel.missing, missing))
-        ax.title.set_fontsize(9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        panel.finish(ax, missing)
     fig.suptitle(f"clean vs robust accuracy per run ({spec.get('preset') or 'default preset'}), X = mean over seeds",
                  fontsize=10)
     return common.save(fig, out_dir / "tradeoff.png")
@@ -121,6 +119,13 @@ class RobustPanel:
         """Why a run is left out of the panel (said in its title and in the log)."""
         return "no clean accuracy on these images" if self.subset else f"no {attack_label(self.metric)} accuracy"
 
+    def finish(self, ax: Any, missing: Sequence[str]) -> None:
+        """Axis labels, the title (naming the runs left out), grid and legend of this panel on ``ax``."""
+        ax.set(xlabel=self.xlabel, ylabel=self.ylabel, title=self.title + common.left_out(self.missing, missing))
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
     def note(self, figure: str, names: Sequence[str], spec: dict[str, Any]) -> None:
         """The log line for the runs left out of this panel of ``figure``."""
         why = (f"no clean accuracy on the first {self.n} test images (no per-example verdicts stored)"
@@ -139,7 +144,7 @@ def robust_panels(result: dict[str, Any], done: Sequence[dict[str, Any]]) -> lis
 
 def c_name(cell: dict[str, Any]) -> str:
     """A cell's name as its folder spells it: ``<row label>-s<seed>``."""
-    return f"{cell['label']}-s{cell['seed']}"
+    return StudyDir.cell_name(cell["label"], cell["seed"])
 
 
 def cell_point(cell: dict[str, Any], panel: RobustPanel) -> Optional[tuple[float, float]]:
@@ -202,10 +207,7 @@ def _frontier(result: dict[str, Any], colour: dict[str, Any], out_dir: Path) -> 
     fig = common.figure(7 * len(kept), 5.2)
     for ax, (panel, missing) in zip(np.atleast_1d(fig.subplots(1, len(kept))), kept):
         _frontier_panel(ax, result, panel, colour)
-        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel, title=panel.title + common.left_out(panel.missing, missing))
-        ax.title.set_fontsize(9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        panel.finish(ax, missing)
     fig.suptitle("clean / robust frontier\nmeans over seeds, 95% intervals, lines in hyper-parameter order",
                  fontsize=10)
     return common.save(fig, out_dir / "frontier.png")
@@ -217,7 +219,7 @@ def _left_out(row: dict[str, Any], panel: RobustPanel) -> list[str]:
     source = row.get("on_aa_images") if panel.subset else row.get("metrics")
     x, y = ((source or {}).get(m) or {} for m in ("clean", panel.metric))
     if "per_seed" in y:
-        return [f"{row['label']}-s{s}" for s in y["per_seed"] if s not in x.get("per_seed", {})]
+        return [StudyDir.cell_name(row["label"], s) for s in y["per_seed"] if s not in x.get("per_seed", {})]
     return [row["label"]] if y.get("mean") is not None and row_pair(row, panel) is None else []
 
 
