@@ -703,3 +703,38 @@ def test_ddp_check_bad_input_is_one_line_and_exit_2(gpu_check, monkeypatch, caps
     assert "does not split over 3 processes" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "1")  # only rank 0 says it
     assert ddp_check.main(["--dry-run"]) == 2 and capsys.readouterr().err == ""
+
+
+def test_bf16_stem_keeps_the_first_layer_in_float32_and_restores_the_model(bench_path, tmp_path):
+    import bench_bf16_stem as b
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 10)).eval()
+    seen: dict[str, torch.dtype] = {}
+    net[0].register_forward_hook(lambda m, inp, out: seen.update(inp=inp[0].dtype, out=out.dtype))
+    x = torch.rand(3, 1, 6, 6)
+    for which, want in (("float32", torch.float32), ("bf16", torch.bfloat16), ("bf16, float32 stem", torch.float32)):
+        with b.precision(net, which):
+            net(x)
+        assert seen["out"] == want, which
+    assert isinstance(net[0], nn.Conv2d)  # restored
+    (tmp_path / "config.json").write_text('{"method": "trades", "method_args": {"beta": 3.5}, "attack_steps": 3}')
+    train, pgd20 = b.attacks_of(tmp_path, 0.1)
+    assert train.kl and train.threat.start == "normal" and train.threat.steps == 3
+    assert not pgd20.kl and pgd20.threat.steps == 20 and pgd20.threat.start == "uniform"
+    (tmp_path / "config.json").write_text('{"method": "pgd-at", "attack_steps": 2}')
+    assert not b.attacks_of(tmp_path, 0.1)[0].kl
+    y = net(x).argmax(1)
+    cells = [b.measure(net, x, y, train, "float32") for _ in range(2)]
+    assert torch.equal(cells[0].correct, cells[1].correct) and 0 <= cells[0].accuracy <= 1  # the same starts
+    assert b.parse_eps("0.1, 8/255") == [0.1, 8 / 255]
+    with pytest.raises(SystemExit, match="--eps"):
+        b.parse_eps("8/0")
+
+
+def test_fused_conv_relu_benchmark_gives_the_same_gradients(bench_path, capsys):
+    import bench_conv_relu
+
+    assert bench_conv_relu.main(["--batch", "4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| fused |" in out and "| NO |" not in out and "speed-up of the fused model" in out
