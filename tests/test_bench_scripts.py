@@ -712,26 +712,44 @@ def test_bf16_stem_keeps_the_first_layer_in_float32_and_restores_the_model(bench
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 10)).eval()
     seen: dict[str, torch.dtype] = {}
     net[0].register_forward_hook(lambda m, inp, out: seen.update(inp=inp[0].dtype, out=out.dtype))
-    x = torch.rand(3, 1, 6, 6)
+    x = torch.rand(6, 1, 6, 6)
     for which, want in (("float32", torch.float32), ("bf16", torch.bfloat16), ("bf16, float32 stem", torch.float32)):
         with b.precision(net, which):
             net(x)
         assert seen["out"] == want, which
     assert isinstance(net[0], nn.Conv2d)  # restored
-    (tmp_path / "config.json").write_text('{"method": "trades", "method_args": {"beta": 3.5}, "attack_steps": 3}')
-    train, pgd20 = b.attacks_of(tmp_path, 0.1)
-    assert train.kl and train.threat.start == "normal" and train.threat.steps == 3
-    assert not pgd20.kl and pgd20.threat.steps == 20 and pgd20.threat.start == "uniform"
-    (tmp_path / "config.json").write_text('{"method": "pgd-at", "attack_steps": 2}')
-    assert not b.attacks_of(tmp_path, 0.1)[0].kl
-    y = net(x).argmax(1)
-    cells = [b.measure(net, x, y, train, "float32") for _ in range(2)]
-    assert torch.equal(cells[0].correct, cells[1].correct) and 0 <= cells[0].accuracy <= 1  # the same starts
     assert b.parse_eps("0.1, 8/255") == [0.1, 8 / 255]
     with pytest.raises(SystemExit, match="--eps"):
         b.parse_eps("8/0")
 
 
+def test_bf16_stem_uses_the_runs_own_attack_and_the_same_starts_in_every_precision(bench_path, tmp_path):
+    import bench_bf16_stem as b
+
+    (tmp_path / "config.json").write_text('{"method": "trades", "method_args": {"beta": 3.5}, "attack_steps": 3, '
+                                          '"eps": 0.1, "epochs": 2}')
+    train, pgd20 = b.attacks_of(tmp_path, 0.1)
+    assert train.method.name == "trades" and train.method.attack_threat.start == "normal"
+    assert train.method.threat.steps == 3 and pgd20.threat.steps == 20 and pgd20.threat.start == "uniform"
+    (tmp_path / "config.json").write_text('{"method": "mart", "attack_steps": 2, "eps": 0.1, "step_size": 0.02}')
+    mart = b.attacks_of(tmp_path, 0.05)[0]
+    assert mart.method.name == "mart" and mart.method.threat.step == pytest.approx(0.01)  # step keeps its ratio to eps
+    # a model whose only weighted layer is the first: "bf16 with a float32 stem" is float32 throughout, so
+    # it must give exactly the float32 numbers (the same starts, the same steps) in any batching
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 10)).eval()
+    x = torch.rand(6, 1, 4, 4)
+    y = net(x).argmax(1)
+    for attack in (train, pgd20):
+        ref = b.measure(net, x, y, attack, "float32", batch_size=6)
+        for which, bs in (("bf16, float32 stem", 6), ("float32", 4), ("bf16, float32 stem", 2)):
+            got = b.measure(net, x, y, attack, which, batch_size=bs)
+            assert torch.equal(got.correct, ref.correct) and got.kl == pytest.approx(ref.kl, abs=1e-6), (which, bs)
+        assert 0 <= ref.accuracy <= 1 and ref.ce >= 0
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="oneDNN with bf16 support is not available on this CPU build")
 def test_fused_conv_relu_benchmark_gives_the_same_gradients(bench_path, capsys):
     import bench_conv_relu
 
