@@ -185,3 +185,15 @@ def test_rows_runs_some_rows_now_and_keeps_the_whole_study(tmp_path, monkeypatch
     assert (tmp_path / "s" / "cells" / "trades-b3.5-s1" / "cell.json").is_file()  # prepared, not run
     with pytest.raises(StudyError, match="--rows trades-b9: not rows of the study"):
         runner.run_study(tmp_path / "s", spec, rows="trades-b9")
+
+
+def test_frontier_axes_follow_the_means_and_cut_intervals_longer_than_their_spread():
+    from arow.reporting.plots.study import frontier_limits
+
+    # 8 seeds (short intervals) and 2 seeds (t factor 12.7): the long one must not set the axis
+    rows = [(84.2, 84.0, 84.4), (85.2, 85.0, 85.4), (83.4, 78.0, 88.8), (86.1, 84.5, 87.7)]
+    lo, hi = frontier_limits(rows)
+    assert lo < 83.4 and hi > 86.1  # every mean inside
+    assert lo < 84.0 and hi > 87.7  # every interval no longer than the means' spread (2.7) inside
+    assert lo > 78.0 + 4 and hi < 88.8  # the long one (5.4 each side) cut at the edge
+    assert frontier_limits([(80.0, 80.0, 80.0)]) == (79.8, 80.2)  # one point: a small margin
