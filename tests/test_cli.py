@@ -104,8 +104,29 @@ def test_every_preset_is_a_valid_config():
 
     assert demo == default and all(METHODS.get("arow").hparams[k].default == v for k, v in (("lam", 3.5),
                                                                                              ("smoothing", 0.2)))
-    assert (default["epochs"], default["lr"], default["batch_size"], default["attack_steps"]) == (7, 0.1, 128, 10)
+    assert (default["epochs"], default["lr"], default["batch_size"], default["attack_steps"], default["step_size"]) == (
+        11, 0.1, 128, 5, 0.05)
 
+
+
+@pytest.mark.parametrize("given, steps, step", [
+    ({}, 5, 0.05),                                  # Fashion-MNIST's training attack: 5 steps of eps/2
+    ({"eps": 0.2}, 5, 0.1),                         # eps/2 of the eps given
+    ({"norm": "l2"}, 5, 0.75),                      # and of the L2 default radius 1.5
+    ({"attack_steps": 10}, 10, 0.025),              # steps given: the step stays eps/4
+    ({"attack_steps": 7}, 7, 0.025),
+    ({"step_size": 0.02}, 10, 0.02),                # step given: the method's 10 steps
+    ({"dataset": "cifar10"}, 10, 2 / 255),          # elsewhere the papers' 10 steps of eps/4
+    ({"method": "natural"}, 0, 0.025),              # no training attack
+    ({"method": "trades"}, 5, 0.05),                # a data-set default, not ARoW's
+])
+def test_the_training_attack_defaults_to_the_data_sets(given, steps, step):
+    from arow.config import resolve
+    from arow.config.schema import TrainConfig
+    from arow.training.trainer import threat_for
+
+    threat = threat_for(resolve(TrainConfig(**given)))
+    assert (threat.steps, threat.step_size) == (steps, pytest.approx(step))
 
 def _write_cifar(root: Path, n: int = 40) -> None:
     import pickle

@@ -43,7 +43,8 @@ def resolve(cfg: TrainConfig, *, model_name: Optional[str] = None, data_name: Op
     field is unset, checked, frozen and marked resolved.
 
     Filled: the data set's augmentation and its default eps in ``cfg.norm``
-    (``DATASETS.get(dataset).default_eps(norm)``), the method's attack steps. For your own model
+    (``DATASETS.get(dataset).default_eps(norm)``), the method's attack steps (or where neither they nor
+    the step size is set, the data set's training attack). For your own model
     and data (a :class:`~arow.training.trainer.Trainer` passes what it was given): ``model_name``
     names the model (your class, not the default small-cnn); ``data_name`` a data set that is not a
     built-in one names the run's data and then needs an eps (``cfg.eps``, else ``method_eps``, the
@@ -83,7 +84,15 @@ def ensure_resolved(cfg: TrainConfig, **facts: Any) -> TrainConfig:
 
 def derived_defaults(cfg: TrainConfig) -> dict[str, Any]:
     """The unset fields of ``cfg`` that its other settings decide, with their values: augmentation and
-    eps from the data set, attack steps from the method (empty when nothing is left to fill)."""
+    eps from the data set, attack steps from the method, and where neither the steps nor the step
+    size is set, the data set's training attack (Fashion-MNIST: 5 steps of eps/2) (empty when
+    nothing is left to fill).
+
+    >>> derived_defaults(TrainConfig())["attack_steps"], derived_defaults(TrainConfig())["step_size"]
+    (5, 0.05)
+    >>> derived_defaults(TrainConfig(attack_steps=10)).get("step_size")   # eps/4, the unset default
+    >>> derived_defaults(TrainConfig(dataset="cifar10"))["attack_steps"]
+    10"""
     filled: dict[str, Any] = {}
     if cfg.dataset in DATASETS:
         info = DATASETS.get(cfg.dataset)
@@ -92,7 +101,13 @@ def derived_defaults(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.eps is None and cfg.norm in NORMS:
             filled["eps"] = info.default_eps(cfg.norm)
     if cfg.attack_steps is None and cfg.method in METHODS:
-        filled["attack_steps"] = METHODS.get(cfg.method).default_steps
+        steps = METHODS.get(cfg.method).default_steps
+        if steps and cfg.step_size is None and cfg.dataset in DATASETS:  # the data set's training attack
+            steps, fraction = DATASETS.get(cfg.dataset).train_attack
+            eps = filled.get("eps", cfg.eps)
+            if fraction != 0.25 and eps is not None:  # eps/4 is the step of an unset step_size anyway
+                filled["step_size"] = fraction * eps
+        filled["attack_steps"] = steps
     return filled
 
 

@@ -53,7 +53,7 @@ class TrainConfig:
     # optimisation
     # The defaults are the embedded Fashion-MNIST recipe (preset fmnist-arow) that `make demo` runs
     # on a 2-core CPU within 15 minutes, set-up included; the paper's CIFAR recipes are presets.
-    epochs: int = opt("optimisation", 7, "training epochs", lo=1, hi=10_000)
+    epochs: int = opt("optimisation", 11, "training epochs", lo=1, hi=10_000)
     batch_size: int = opt("optimisation", 128, "GLOBAL batch (split across torchrun processes)", lo=1, hi=65_536)
     optimizer: str = opt("optimisation", "sgd", "optimiser: sgd (with --momentum, --nesterov) or adamw "
                          "(torch.optim.AdamW with --lr and --weight-decay as decoupled decay, default betas)",
@@ -92,8 +92,10 @@ class TrainConfig:
     eps: Optional[float] = opt("attack", None, "radius of the ball in --norm's units (default per data set: L-inf "
                                "F-MNIST 0.1, others 8/255; L2 F-MNIST 1.5, others 0.5, RobustBench's CIFAR-10 L2)",
                                lo=0)
-    attack_steps: Optional[int] = opt("attack", None, "training attack steps (method default: 10)", lo=0, hi=10_000)
-    step_size: Optional[float] = opt("attack", None, "training attack step (default eps/4)", lo=0, lo_open=True, hi=1)
+    attack_steps: Optional[int] = opt("attack", None, "training attack steps (default: the method's 10, or with "
+                                      "--step-size unset too the data set's: 5 on Fashion-MNIST)", lo=0, hi=10_000)
+    step_size: Optional[float] = opt("attack", None, "training attack step (default eps/4, or with --attack-steps "
+                                     "unset too the data set's: eps/2 on Fashion-MNIST)", lo=0, lo_open=True, hi=1)
     # data
     limit_train: Optional[int] = opt("data", None, "train on the first N training examples only", lo=2)
     val_size: int = opt("evaluation", 1000, "held-out training examples for model selection", lo=0)
