@@ -112,7 +112,8 @@ def test_every_preset_is_a_valid_config():
 @pytest.mark.parametrize("given, steps, step", [
     ({}, 5, 0.05),                                  # Fashion-MNIST's training attack: 5 steps of eps/2
     ({"eps": 0.2}, 5, 0.1),                         # eps/2 of the eps given
-    ({"norm": "l2"}, 5, 0.75),                      # and of the L2 default radius 1.5
+    ({"norm": "l2"}, 10, 0.375),                    # L2 keeps 10 steps of eps/4
+    ({"eps": 0.0}, 10, 0.0),                        # no ball, nothing to derive a step from
     ({"attack_steps": 10}, 10, 0.025),              # steps given: the step stays eps/4
     ({"attack_steps": 7}, 7, 0.025),
     ({"step_size": 0.02}, 10, 0.02),                # step given: the method's 10 steps
@@ -126,6 +127,22 @@ def test_the_training_attack_defaults_to_the_data_sets(given, steps, step):
     from arow.training.trainer import threat_for
 
     threat = threat_for(resolve(TrainConfig(**given)))
+    assert (threat.steps, threat.step_size) == (steps, pytest.approx(step))
+
+
+@pytest.mark.parametrize("preset, flags, steps, step", [
+    ("fmnist-arow", {}, 5, 0.05),
+    ("fmnist-arow", {"eps": 0.2}, 5, 0.1),          # flags on the preset move the attack as on the default
+    ("fmnist-arow", {"attack_steps": 10}, 10, 0.025),
+    ("fmnist-arow", {"norm": "l2"}, 10, 0.375),
+    ("fmnist-arow-7ep", {}, 10, 0.025),             # the previous recipe, as its studies ran it
+    ("fmnist-arow-2ep", {}, 10, 0.025),
+])
+def test_the_presets_training_attack(preset, flags, steps, step):
+    from arow.config import resolve_config
+    from arow.training.trainer import threat_for
+
+    threat = threat_for(resolve_config(flags, preset=preset))
     assert (threat.steps, threat.step_size) == (steps, pytest.approx(step))
 
 def _write_cifar(root: Path, n: int = 40) -> None:

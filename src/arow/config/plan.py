@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional
 
 from ..data import DATASETS
 from ..methods import METHODS
+from ..methods.base import Method
 from ..runs.rundir import RunDir
 from ..threat import NORMS, check_eps
 from .presets import load_preset
@@ -38,7 +39,7 @@ def is_resolved(cfg: TrainConfig) -> bool:
 
 
 def resolve(cfg: TrainConfig, *, model_name: Optional[str] = None, data_name: Optional[str] = None,
-            method_eps: Optional[float] = None) -> TrainConfig:
+            method_eps: Optional[float] = None, method_attack: Optional[tuple[int, float]] = None) -> TrainConfig:
     """THE resolver: ``cfg`` with every default that depends on another setting filled in where the
     field is unset, checked, frozen and marked resolved.
 
@@ -48,7 +49,8 @@ def resolve(cfg: TrainConfig, *, model_name: Optional[str] = None, data_name: Op
     and data (a :class:`~arow.training.trainer.Trainer` passes what it was given): ``model_name``
     names the model (your class, not the default small-cnn); ``data_name`` a data set that is not a
     built-in one names the run's data and then needs an eps (``cfg.eps``, else ``method_eps``, the
-    radius of a method built by the caller).
+    radius of a method built by the caller). ``method_attack``: the (steps, step size) of a method built
+    by the caller, recorded where the config sets neither (that method's attack is the one that runs).
 
     >>> resolve(TrainConfig(eps=0.1), model_name="MyNet", data_name="my-scans").dataset
     'my-scans'
@@ -65,6 +67,10 @@ def resolve(cfg: TrainConfig, *, model_name: Optional[str] = None, data_name: Op
             changes["eps"] = method_eps
         if cfg.dataset != data_name:
             changes["dataset"] = data_name
+    if method_attack is not None and cfg.attack_steps is None and cfg.step_size is None:
+        changes["attack_steps"] = method_attack[0]
+        if 0 < method_attack[1] <= 1:  # the config's bounds on a step
+            changes["step_size"] = method_attack[1]
     cfg = dataclasses.replace(cfg, **changes)
     cfg = dataclasses.replace(cfg, **derived_defaults(cfg)).validate()
     if cfg.norm == "l2" and cfg.eps is not None and cfg.dataset in DATASETS:  # L-inf: checked by validate()
@@ -85,8 +91,8 @@ def ensure_resolved(cfg: TrainConfig, **facts: Any) -> TrainConfig:
 def derived_defaults(cfg: TrainConfig) -> dict[str, Any]:
     """The unset fields of ``cfg`` that its other settings decide, with their values: augmentation and
     eps from the data set, attack steps from the method, and where neither the steps nor the step
-    size is set, the data set's training attack (Fashion-MNIST: 5 steps of eps/2) (empty when
-    nothing is left to fill).
+    size is set, the data set's L-inf training attack (Fashion-MNIST: 5 steps of eps/2) for a method
+    on the common default of 10 steps (empty when nothing is left to fill).
 
     >>> derived_defaults(TrainConfig())["attack_steps"], derived_defaults(TrainConfig())["step_size"]
     (5, 0.05)
@@ -102,10 +108,13 @@ def derived_defaults(cfg: TrainConfig) -> dict[str, Any]:
             filled["eps"] = info.default_eps(cfg.norm)
     if cfg.attack_steps is None and cfg.method in METHODS:
         steps = METHODS.get(cfg.method).default_steps
-        if steps and cfg.step_size is None and cfg.dataset in DATASETS:  # the data set's training attack
+        eps = filled.get("eps", cfg.eps)
+        # the data set's training attack: for a method on the common default of 10 steps, in L-inf
+        # (eps <= 1, so eps/2 stays a valid step), where the run sets neither the steps nor the step
+        if (steps == Method.default_steps and cfg.step_size is None and cfg.norm == "linf"
+                and cfg.dataset in DATASETS and eps is not None and eps > 0):
             steps, fraction = DATASETS.get(cfg.dataset).train_attack
-            eps = filled.get("eps", cfg.eps)
-            if fraction != 0.25 and eps is not None:  # eps/4 is the step of an unset step_size anyway
+            if fraction != 0.25:  # eps/4 is the step of an unset step_size anyway
                 filled["step_size"] = fraction * eps
         filled["attack_steps"] = steps
     return filled

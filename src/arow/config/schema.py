@@ -93,9 +93,9 @@ class TrainConfig:
                                "F-MNIST 0.1, others 8/255; L2 F-MNIST 1.5, others 0.5, RobustBench's CIFAR-10 L2)",
                                lo=0)
     attack_steps: Optional[int] = opt("attack", None, "training attack steps (default: the method's 10, or with "
-                                      "--step-size unset too the data set's: 5 on Fashion-MNIST)", lo=0, hi=10_000)
+                                      "--step-size unset too the data set's L-inf one: 5 on Fashion-MNIST)", lo=0, hi=10_000)
     step_size: Optional[float] = opt("attack", None, "training attack step (default eps/4, or with --attack-steps "
-                                     "unset too the data set's: eps/2 on Fashion-MNIST)", lo=0, lo_open=True, hi=1)
+                                     "unset too the data set's L-inf one: eps/2 on Fashion-MNIST)", lo=0, lo_open=True, hi=1)
     # data
     limit_train: Optional[int] = opt("data", None, "train on the first N training examples only", lo=2)
     val_size: int = opt("evaluation", 1000, "held-out training examples for model selection", lo=0)

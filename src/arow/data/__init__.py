@@ -89,10 +89,11 @@ class DatasetInfo:
     #: CIFAR-10), 1.5 on 28x28 grey images (the usual MNIST-like L2 radius)
     eps_l2: Optional[float] = None
     class_names: tuple[str, ...] = ()
-    #: the default training attack where a run sets neither ``attack_steps`` nor ``step_size``:
-    #: (steps, step as a fraction of eps). The papers' 10 steps of eps/4 everywhere but
-    #: Fashion-MNIST, whose embedded CPU recipe trains more epochs with 5 steps of eps/2
-    #: (docs/recipe.md); a run that sets either keeps the method's 10 steps and eps/4 for the other.
+    #: the default L-inf training attack where a run sets neither ``attack_steps`` nor ``step_size``
+    #: (and the method uses the common 10 steps): (steps, step as a fraction of eps). The papers' 10
+    #: steps of eps/4 everywhere but Fashion-MNIST, whose embedded CPU recipe trains more epochs with
+    #: 5 steps of eps/2 (docs/recipe.md); a run that sets either keeps the method's 10 steps and
+    #: eps/4 for the other, and L2 keeps 10 steps of eps/4.
     train_attack: tuple[int, float] = (10, 0.25)
 
     def default_eps(self, norm: str = "linf") -> Optional[float]:
