@@ -159,7 +159,8 @@ class Method:
     hparams: ClassVar[dict[str, Hparam]] = {}
     #: the frozen dataclass of the hyper-parameters' values (generated from ``hparams``)
     Params: ClassVar[type] = params_class("Method", {}, __name__)
-    #: training attack steps by default (the paper's recipe: 10 steps of eps/4)
+    #: training attack steps by default (the paper's recipe: 10 steps of eps/4); a method on this
+    #: default gets a data set's own L-inf attack where it has one (``DatasetInfo.train_attack``)
     default_steps: ClassVar[int] = 10
     #: short citation (authors, title, venue year) and a link to the paper; None for no paper
     paper: ClassVar[Optional[str]] = None
