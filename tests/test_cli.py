@@ -88,7 +88,9 @@ def test_every_preset_is_a_valid_config():
     assert {"fmnist-arow", "cifar10-resnet18", "cifar100-resnet18", "svhn-resnet18", "cifar10-wrn34-10"} <= set(names)
     for name in names:
         cfg = TrainConfig.from_dict(load_preset(name)).validate()
-        assert cfg.method_args.get("lam") == 3.5 and cfg.method_args.get("smoothing") == 0.2
+        # the paper's lambda everywhere but the embedded Fashion-MNIST recipe, whose 2.5 is the data set's own
+        assert cfg.method_args.get("lam") == (2.5 if name == "fmnist-arow" else 3.5), name
+        assert cfg.method_args.get("smoothing") == 0.2, name
     paper = TrainConfig.from_dict(load_preset("cifar10-resnet18"))
     assert (paper.epochs, paper.lr, paper.milestone_epochs(), paper.swa_start, paper.batch_size) == (
         120, 0.1, [60, 100], 51, 128)
@@ -98,12 +100,11 @@ def test_every_preset_is_a_valid_config():
 
     demo = resolve_config({}, preset="fmnist-arow").to_dict()
     default = resolve_config({}).to_dict()
-    # the preset names ARoW's paper values; with no flags they are the method's defaults
-    assert demo.pop("method_args") == {"lam": 3.5, "smoothing": 0.2} and default.pop("method_args") == {}
+    # the preset names ARoW's values; with no flags they are Fashion-MNIST's lambda and the method's smoothing
+    assert demo.pop("method_args") == {"lam": 2.5, "smoothing": 0.2} and default.pop("method_args") == {"lam": 2.5}
     from arow.methods import METHODS
 
-    assert demo == default and all(METHODS.get("arow").hparams[k].default == v for k, v in (("lam", 3.5),
-                                                                                             ("smoothing", 0.2)))
+    assert demo == default and METHODS.get("arow").hparams["smoothing"].default == 0.2
     assert (default["epochs"], default["lr"], default["batch_size"], default["attack_steps"], default["step_size"]) == (
         11, 0.1, 128, 5, 0.05)
 
@@ -144,6 +145,52 @@ def test_the_presets_training_attack(preset, flags, steps, step):
 
     threat = threat_for(resolve_config(flags, preset=preset))
     assert (threat.steps, threat.step_size) == (steps, pytest.approx(step))
+
+@pytest.mark.parametrize("given, lam", [
+    ({}, 2.5),                                        # Fashion-MNIST's own lambda for ARoW
+    ({"method_args": {"lam": 3.5}}, 3.5),             # a lambda given is kept
+    ({"dataset": "cifar10"}, None),                   # elsewhere the method's (the paper's 3.5)
+    ({"method": "trades"}, None),                     # only ARoW has it
+])
+def test_arows_lambda_defaults_to_the_data_sets(given, lam):
+    from arow.config import resolve
+    from arow.config.schema import TrainConfig
+
+    cfg = resolve(TrainConfig(**given))
+    assert cfg.method_args.get("lam") == lam
+
+
+def test_a_run_saved_without_the_data_sets_lambda_resumes_with_the_one_it_ran():
+    """Configs saved by arow 0.8 and earlier left ARoW's lambda unset on Fashion-MNIST: they ran 3.5."""
+    from arow.config import resolve, saved_config
+    from arow.config.schema import TrainConfig
+
+    new = resolve(TrainConfig()).to_dict()
+    assert saved_config(new)["method_args"] == {"lam": 2.5}
+    old = dict(new, method_args={})
+    assert saved_config(old)["method_args"] == {"lam": 3.5}
+    assert saved_config(dict(new, method="trades", method_args={}))["method_args"] == {}
+
+
+def test_a_trainer_records_the_lambda_of_the_method_it_was_given():
+    import torch
+
+    from arow.config.schema import TrainConfig
+    from arow.data import TensorData
+    from arow.methods import METHODS
+    from arow.models import build_model
+    from arow.models.spec import ModelSpec
+    from arow.threat import ThreatModel
+    from arow.training.trainer import plan_training
+
+    model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=28)
+    data = TensorData(torch.rand(8, 1, 28, 28), torch.arange(8) % 10, 10)
+    spec = ModelSpec("small-cnn", 10, 1, 28, dataset="fashion-mnist")
+    method = METHODS.get("arow")(ThreatModel(0.1), lam=4.0)
+    cfg = plan_training(TrainConfig(), model, data, model_spec=spec, method=method)
+    assert cfg.method_args["lam"] == 4.0
+    assert plan_training(TrainConfig(), model, data, model_spec=spec).method_args == {"lam": 2.5}
+
 
 def _write_cifar(root: Path, n: int = 40) -> None:
     import pickle

@@ -39,7 +39,8 @@ def is_resolved(cfg: TrainConfig) -> bool:
 
 
 def resolve(cfg: TrainConfig, *, model_name: Optional[str] = None, data_name: Optional[str] = None,
-            method_eps: Optional[float] = None, method_attack: Optional[tuple[int, float]] = None) -> TrainConfig:
+            method_eps: Optional[float] = None, method_attack: Optional[tuple[int, float]] = None,
+            method_args: Optional[Mapping[str, Any]] = None) -> TrainConfig:
     """THE resolver: ``cfg`` with every default that depends on another setting filled in where the
     field is unset, checked, frozen and marked resolved.
 
@@ -50,7 +51,9 @@ def resolve(cfg: TrainConfig, *, model_name: Optional[str] = None, data_name: Op
     names the model (your class, not the default small-cnn); ``data_name`` a data set that is not a
     built-in one names the run's data and then needs an eps (``cfg.eps``, else ``method_eps``, the
     radius of a method built by the caller). ``method_attack``: the (steps, step size) of a method built
-    by the caller, recorded where the config sets neither (that method's attack is the one that runs).
+    by the caller, recorded where the config sets neither (that method's attack is the one that runs);
+    ``method_args``: that method's hyper-parameters, recorded where the config leaves them unset (so a
+    data set's own values are not written for a method that does not use them).
 
     >>> resolve(TrainConfig(eps=0.1), model_name="MyNet", data_name="my-scans").dataset
     'my-scans'
@@ -71,6 +74,8 @@ def resolve(cfg: TrainConfig, *, model_name: Optional[str] = None, data_name: Op
         changes["attack_steps"] = method_attack[0]
         if 0 < method_attack[1] <= 1:  # the config's bounds on a step
             changes["step_size"] = method_attack[1]
+    if method_args is not None and any(k not in cfg.method_args for k in method_args):
+        changes["method_args"] = {**method_args, **cfg.method_args}
     cfg = dataclasses.replace(cfg, **changes)
     cfg = dataclasses.replace(cfg, **derived_defaults(cfg)).validate()
     if cfg.norm == "l2" and cfg.eps is not None and cfg.dataset in DATASETS:  # L-inf: checked by validate()
@@ -92,13 +97,18 @@ def derived_defaults(cfg: TrainConfig) -> dict[str, Any]:
     """The unset fields of ``cfg`` that its other settings decide, with their values: augmentation and
     eps from the data set, attack steps from the method, and where neither the steps nor the step
     size is set, the data set's L-inf training attack (Fashion-MNIST: 5 steps of eps/2) for a method
-    on the common default of 10 steps (empty when nothing is left to fill).
+    on the common default of 10 steps; the data set's own values of the method's hyper-parameters
+    the run leaves unset (Fashion-MNIST: ARoW's lambda 2.5), written into ``method_args`` so that a
+    run's saved config names them (empty when nothing is left to fill).
 
     >>> derived_defaults(TrainConfig())["attack_steps"], derived_defaults(TrainConfig())["step_size"]
     (5, 0.05)
     >>> derived_defaults(TrainConfig(attack_steps=10)).get("step_size")   # eps/4, the unset default
     >>> derived_defaults(TrainConfig(dataset="cifar10"))["attack_steps"]
-    10"""
+    10
+    >>> derived_defaults(TrainConfig())["method_args"]     # Fashion-MNIST's lambda for ARoW
+    {'lam': 2.5}
+    >>> derived_defaults(TrainConfig(method_args={"lam": 3.5})).get("method_args")   # given: kept"""
     filled: dict[str, Any] = {}
     if cfg.dataset in DATASETS:
         info = DATASETS.get(cfg.dataset)
@@ -106,6 +116,9 @@ def derived_defaults(cfg: TrainConfig) -> dict[str, Any]:
             filled["augment"] = info.augmentation
         if cfg.eps is None and cfg.norm in NORMS:
             filled["eps"] = info.default_eps(cfg.norm)
+        own = {k: v for m, k, v in info.method_defaults if m == cfg.method and k not in cfg.method_args}
+        if own:
+            filled["method_args"] = {**cfg.method_args, **own}
     if cfg.attack_steps is None and cfg.method in METHODS:
         steps = METHODS.get(cfg.method).default_steps
         eps = filled.get("eps", cfg.eps)
@@ -122,11 +135,19 @@ def derived_defaults(cfg: TrainConfig) -> dict[str, Any]:
 
 def saved_config(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A run's saved config with the defaults it derived filled in (older versions saved them
-    unset), to compare key by key with the config a resumed run is given; a config that is no
-    longer valid comes back as it was saved (so it shows as changed). Ours is not resolved again."""
+    unset), to compare key by key with the config a resumed run is given, and to resume from; a
+    config that is no longer valid comes back as it was saved (so it shows as changed). Ours is not
+    resolved again. A data set's own hyper-parameter values are written into every config resolved
+    since they exist, so one missing from a saved config ran with the method's own default (arow
+    0.8 and earlier: ARoW's lambda 3.5 on Fashion-MNIST), and that is what it resumes with."""
     try:
         cfg = TrainConfig.from_dict(dict(saved))
-        return dataclasses.replace(cfg, **derived_defaults(cfg)).validate().to_dict()
+        filled = derived_defaults(cfg)
+        if "method_args" in filled and cfg.method in METHODS:
+            hparams = METHODS.get(cfg.method).hparams
+            filled["method_args"] = {**cfg.method_args, **{k: hparams[k].default for k in filled["method_args"]
+                                                           if k not in cfg.method_args and k in hparams}}
+        return dataclasses.replace(cfg, **filled).validate().to_dict()
     except ValueError:
         return dict(saved)
 
@@ -203,7 +224,7 @@ def resolve_config(overrides: dict[str, Any], method_overrides: Optional[dict[st
     if resume and overrides.get("out"):
         run = RunDir(overrides["out"])
         if run.has_checkpoint():  # the resumed run's own experiment is the base; changes are refused later
-            base = dict(run.load_resume_state()["config"])
+            base = saved_config(run.load_resume_state()["config"])
     preset_method = base.get("method", "arow")
     preset_norm = base.get("norm", "linf")
     preset_epochs = base.get("epochs")
