@@ -89,7 +89,7 @@ def test_every_preset_is_a_valid_config():
     for name in names:
         cfg = TrainConfig.from_dict(load_preset(name)).validate()
         # the paper's lambda everywhere but the embedded Fashion-MNIST recipe, whose 2.5 is the data set's own
-        assert cfg.method_args.get("lam") == (2.5 if name == "fmnist-arow" else 3.5), name
+        assert cfg.method_args.get("lam") == (None if name == "fmnist-arow" else 3.5), name
         assert cfg.method_args.get("smoothing") == 0.2, name
     paper = TrainConfig.from_dict(load_preset("cifar10-resnet18"))
     assert (paper.epochs, paper.lr, paper.milestone_epochs(), paper.swa_start, paper.batch_size) == (
@@ -102,6 +102,8 @@ def test_every_preset_is_a_valid_config():
     default = resolve_config({}).to_dict()
     # the preset names ARoW's values; with no flags they are Fashion-MNIST's lambda and the method's smoothing
     assert demo.pop("method_args") == {"lam": 2.5, "smoothing": 0.2} and default.pop("method_args") == {"lam": 2.5}
+    # on another data set the preset leaves ARoW at its own (the paper's) lambda
+    assert resolve_config({"dataset": "cifar10"}, preset="fmnist-arow").method_args == {"smoothing": 0.2}
     from arow.methods import METHODS
 
     assert demo == default and METHODS.get("arow").hparams["smoothing"].default == 0.2
@@ -172,7 +174,18 @@ def test_a_run_saved_without_the_data_sets_lambda_resumes_with_the_one_it_ran():
     assert saved_config(dict(new, method="trades", method_args={}))["method_args"] == {}
 
 
-def test_a_trainer_records_the_lambda_of_the_method_it_was_given():
+def test_replaying_an_older_runs_config_gives_the_lambda_it_ran(tmp_path):
+    from arow.config import resolve, resolve_config
+    from arow.config.schema import TrainConfig
+
+    saved = resolve(TrainConfig()).to_dict()
+    (tmp_path / "new.json").write_text(json.dumps(saved))
+    (tmp_path / "old.json").write_text(json.dumps(dict(saved, method_args={})))  # as arow 0.8 saved it
+    assert resolve_config({}, preset=str(tmp_path / "new.json")).method_args == {"lam": 2.5}
+    assert resolve_config({}, preset=str(tmp_path / "old.json")).method_args == {"lam": 3.5}
+
+
+def test_a_trainer_given_a_method_does_not_write_the_data_sets_lambda():
     import torch
 
     from arow.config.schema import TrainConfig
@@ -188,7 +201,7 @@ def test_a_trainer_records_the_lambda_of_the_method_it_was_given():
     spec = ModelSpec("small-cnn", 10, 1, 28, dataset="fashion-mnist")
     method = METHODS.get("arow")(ThreatModel(0.1), lam=4.0)
     cfg = plan_training(TrainConfig(), model, data, model_spec=spec, method=method)
-    assert cfg.method_args["lam"] == 4.0
+    assert "lam" not in cfg.method_args  # the method runs its own 4.0 (the run folder's resolved section says so)
     assert plan_training(TrainConfig(), model, data, model_spec=spec).method_args == {"lam": 2.5}
 
 

@@ -96,7 +96,7 @@ def test_each_cell_resolves_to_what_arow_train_resolves():
     cfgs = {p.label: p.train_config("OUT") for p in resolve_cells(spec)}
     assert cfgs["trades"].method_args == {}
     assert cfgs["trades-ls"].method_args == {"smoothing": 0.2}
-    assert cfgs["arow-no-ls"].method_args == {"lam": 3.5, "smoothing": 0.0}
+    assert cfgs["arow-no-ls"].method_args == {"lam": 2.5, "smoothing": 0.0}  # Fashion-MNIST's lambda, written out
     assert cfgs["arow-detach"].method_args["detach_weight"] is True
     assert cfgs["arow-cow"].method_args["weight"] == "cow" and cfgs["arow-cow"].seed == 3
     argv = ["train", "--preset", "fmnist-arow", "--method", "arow", "--weight", "cow", "--epochs", "3", "--seed", "3",

@@ -39,8 +39,7 @@ def is_resolved(cfg: TrainConfig) -> bool:
 
 
 def resolve(cfg: TrainConfig, *, model_name: Optional[str] = None, data_name: Optional[str] = None,
-            method_eps: Optional[float] = None, method_attack: Optional[tuple[int, float]] = None,
-            method_args: Optional[Mapping[str, Any]] = None) -> TrainConfig:
+            method_eps: Optional[float] = None, method_attack: Optional[tuple[int, float]] = None) -> TrainConfig:
     """THE resolver: ``cfg`` with every default that depends on another setting filled in where the
     field is unset, checked, frozen and marked resolved.
 
@@ -52,8 +51,7 @@ def resolve(cfg: TrainConfig, *, model_name: Optional[str] = None, data_name: Op
     built-in one names the run's data and then needs an eps (``cfg.eps``, else ``method_eps``, the
     radius of a method built by the caller). ``method_attack``: the (steps, step size) of a method built
     by the caller, recorded where the config sets neither (that method's attack is the one that runs);
-    ``method_args``: that method's hyper-parameters, recorded where the config leaves them unset (so a
-    data set's own values are not written for a method that does not use them).
+    with it, the data set's own hyper-parameter values are not written (that method runs its own).
 
     >>> resolve(TrainConfig(eps=0.1), model_name="MyNet", data_name="my-scans").dataset
     'my-scans'
@@ -74,10 +72,8 @@ def resolve(cfg: TrainConfig, *, model_name: Optional[str] = None, data_name: Op
         changes["attack_steps"] = method_attack[0]
         if 0 < method_attack[1] <= 1:  # the config's bounds on a step
             changes["step_size"] = method_attack[1]
-    if method_args is not None and any(k not in cfg.method_args for k in method_args):
-        changes["method_args"] = {**method_args, **cfg.method_args}
     cfg = dataclasses.replace(cfg, **changes)
-    cfg = dataclasses.replace(cfg, **derived_defaults(cfg)).validate()
+    cfg = dataclasses.replace(cfg, **derived_defaults(cfg, method_given=method_attack is not None)).validate()
     if cfg.norm == "l2" and cfg.eps is not None and cfg.dataset in DATASETS:  # L-inf: checked by validate()
         info = DATASETS.get(cfg.dataset)
         try:
@@ -93,13 +89,14 @@ def ensure_resolved(cfg: TrainConfig, **facts: Any) -> TrainConfig:
     return cfg if is_resolved(cfg) else resolve(cfg, **facts)
 
 
-def derived_defaults(cfg: TrainConfig) -> dict[str, Any]:
+def derived_defaults(cfg: TrainConfig, *, method_given: bool = False) -> dict[str, Any]:
     """The unset fields of ``cfg`` that its other settings decide, with their values: augmentation and
     eps from the data set, attack steps from the method, and where neither the steps nor the step
     size is set, the data set's L-inf training attack (Fashion-MNIST: 5 steps of eps/2) for a method
-    on the common default of 10 steps; the data set's own values of the method's hyper-parameters
-    the run leaves unset (Fashion-MNIST: ARoW's lambda 2.5), written into ``method_args`` so that a
-    run's saved config names them (empty when nothing is left to fill).
+    on the common default of 10 steps; in L-inf, the data set's own values of the method's
+    hyper-parameters the run leaves unset (Fashion-MNIST: ARoW's lambda 2.5; not for a method the
+    caller built, ``method_given``, which runs its own), written into ``method_args`` so that a run's
+    saved config names them (empty when nothing is left to fill).
 
     >>> derived_defaults(TrainConfig())["attack_steps"], derived_defaults(TrainConfig())["step_size"]
     (5, 0.05)
@@ -117,7 +114,7 @@ def derived_defaults(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.eps is None and cfg.norm in NORMS:
             filled["eps"] = info.default_eps(cfg.norm)
         own = {k: v for m, k, v in info.method_defaults if m == cfg.method and k not in cfg.method_args}
-        if own:
+        if own and cfg.norm == "linf" and not method_given:
             filled["method_args"] = {**cfg.method_args, **own}
     if cfg.attack_steps is None and cfg.method in METHODS:
         steps = METHODS.get(cfg.method).default_steps
@@ -218,6 +215,8 @@ def resolve_config(overrides: dict[str, Any], method_overrides: Optional[dict[st
         raise ConfigError("--preset cannot be combined with --resume: a resumed run continues with the config "
                           "saved in its folder (flags given with --resume may only change how it runs)")
     base: dict[str, Any] = load_preset(preset) if preset else {}
+    if preset and str(preset).endswith(".json"):  # a run's config.json replays what that run ran
+        base = saved_config(base)
     if base.get("out") is not None:  # a replayed config.json never chooses where this run writes
         log.info("ignoring out=%s of %s: the run goes to --out (or the default folder)", base["out"], preset)
         base["out"] = None

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from ..attacks import get_attack
-from ..config import TrainConfig, resolve, resolve_config
+from ..config import TrainConfig, resolve, resolve_config, saved_config
 from ..evaluation.cascade import Progress, quiet_attack_lines
 from ..methods import METHODS
 from ..pipelines import EvalReport, evaluate_run, train_and_evaluate
@@ -96,7 +96,9 @@ class CellPlan:
                           self.config.get("eval_n"), self.autoattack_n, self.eps_curve_n)
 
     def train_config(self, folder: PathLike) -> TrainConfig:
-        return TrainConfig.from_dict({**self.config, "out": str(folder)})
+        # read as a saved config: a cell prepared before a data set had its own hyper-parameter
+        # values runs with the method's, as it was planned
+        return TrainConfig.from_dict({**saved_config(self.config), "out": str(folder)})
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

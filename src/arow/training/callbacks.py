@@ -25,6 +25,7 @@ import torch
 from .. import distributed
 from ..config.plan import saved_config
 from ..config.schema import ConfigError, TrainConfig
+from ..methods import METHODS
 from ..reporting.plots import plot_run
 from ..runs.rundir import RunDir, RunFolderError
 from ..runs.selection import reported_prefix
@@ -115,7 +116,12 @@ class RunWriter(Callbacks):
             if cfg.lr >= saved.get("lr", float("inf")):
                 raise ConfigError(f"{run.path} stopped because training diverged ({diverged.get('reason')}); "
                                   f"resume it with a smaller --lr than {saved.get('lr')}")
-        changed = sorted(k for k, v in cfg.to_dict().items() if k not in allowed and k in saved and saved[k] != v)
+        new = cfg.to_dict()
+        if cfg.method in METHODS and new.get("method") == saved.get("method"):  # a default written out is no change
+            defaults = {k: h.default for k, h in METHODS.get(cfg.method).hparams.items()}
+            if {**defaults, **(saved.get("method_args") or {})} == {**defaults, **cfg.method_args}:
+                new["method_args"] = saved.get("method_args")
+        changed = sorted(k for k, v in new.items() if k not in allowed and k in saved and saved[k] != v)
         if changed:
             diffs = ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
             raise ConfigError(f"--resume would change the run in {run.path}: {diffs}; resume with its settings "

@@ -558,8 +558,7 @@ def plan_training(cfg: TrainConfig, model: nn.Module, data: Any, *,
     return ensure_resolved(cfg, model_name=None if model_spec is not None else spec.name,
                            data_name=spec.dataset or getattr(data, "name", "custom"),
                            method_eps=method.threat.eps if method is not None else None,
-                           method_attack=(method.threat.steps, method.threat.step_size) if method is not None else None,
-                           method_args=method.config if method is not None and method.name == cfg.method else None)
+                           method_attack=(method.threat.steps, method.threat.step_size) if method is not None else None)
 
 
 def as_model_spec(model_spec: Union[ModelSpec, Mapping[str, Any], None], model: nn.Module) -> ModelSpec:
