@@ -756,3 +756,26 @@ def test_fused_conv_relu_benchmark_gives_the_same_gradients(bench_path, capsys):
     assert bench_conv_relu.main(["--batch", "4", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| fused |" in out and "| NO |" not in out and "speed-up of the fused model" in out
+
+
+def test_attack_layer_rewrites_benchmark_compares_gradients(bench_path, capsys):
+    import bench_attack_layers
+
+    assert bench_attack_layers.main(["--batch", "4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    # ReLU after max-pooling gives the same gradients bit for bit; the matmul rewrite only to bf16 round-off
+    assert "| relu-after-pool |" in out and out.split("| relu-after-pool |")[1].split("\n")[0].endswith("yes, bit for bit |")
+    assert "| conv1-matmul |" in out and "oneDNN input gradient" in out
+
+
+def test_first_conv_input_gradient_by_matmul_matches_autograd(bench_path):
+    import bench_attack_layers
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 32, 3).double()
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64, requires_grad=True)
+    out = conv(x)
+    g = torch.randn_like(out)
+    (want,) = torch.autograd.grad(out, x, g)
+    got = bench_attack_layers.conv1_input_grad_matmul(g, conv.weight.detach(), (28, 28))
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
