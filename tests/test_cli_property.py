@@ -81,8 +81,8 @@ def expected(flags: dict[str, str]) -> str:
     if flags.get("--schedule", "step") not in ("step", "cosine", "onecycle", "constant"):
         return "usage"
     if "--milestones" in flags:
-        try:
-            [float(v) for v in flags["--milestones"].split(",")]
+        try:  # list flags read comma-separated values and skip empty ones: "" is no milestones
+            [float(v) for v in flags["--milestones"].split(",") if v.strip()]
         except ValueError:
             return "usage"
     v = {k: (int(s) if k in INT_FLAGS else float(s)) for k, s in flags.items()
@@ -105,7 +105,7 @@ def expected(flags: dict[str, str]) -> str:
         v.get("--swa-start", 0) != 0 and not 1 <= v["--swa-start"] <= epochs,
     ]
     if "--milestones" in flags:
-        ms = [float(m) for m in flags["--milestones"].split(",")]
+        ms = [float(m) for m in flags["--milestones"].split(",") if m.strip()]
         fractions = [0 < m < 1 for m in ms]
         bad.append(any(not (finite(m) and m > 0) for m in ms) or (any(fractions) and not all(fractions)))
     for k, (owner, _, _) in METHOD_ARGS.items():
@@ -136,6 +136,8 @@ def run_cli(argv: list[str]) -> tuple[Optional[int], str, str, Optional[BaseExce
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(flags=train_flags())
 # always covered: a run that must train, each method with its hyper-parameters, and classic refusals
+@example(flags={"--epochs": "1", "--batch-size": "7", "--attack-steps": "0", "--limit-train": "2",  # empty list
+                "--val-size": "0", "--eval-n": "1", "--milestones": ""})
 @example(flags={"--epochs": "1", "--batch-size": "32", "--attack-steps": "1", "--limit-train": "120",
                 "--val-size": "20", "--eval-n": "20", "--method": "arow", "--lam": "3.5", "--smoothing": "0.2",
                 "--schedule": "step", "--milestones": "0.5", "--swa-start": "1"})

@@ -20,8 +20,8 @@ class ARoW(Method):
     """
 
     hparams = {
-        "lam": Hparam(3.5, "ARoW: the paper's lambda (the reference code's --lamb is 2*lambda); 0 to 100",
-                     min=0, max=100),
+        "lam": Hparam(3.5, "ARoW: the paper's lambda, default 3.5 (Fashion-MNIST in L-inf: 2.5); the reference "
+                           "code's --lamb is 2*lambda; 0 to 100", min=0, max=100),
         "smoothing": Hparam(0.2, SMOOTHING_HELP, min=0, max=SMOOTHING_MAX),
         "detach_weight": Hparam(False, "ARoW ablation: stop the gradient through 1 - p_y(x_adv)", bool),
         "weight": Hparam("arow", "ARoW: 'arow' weights by 1 - p_y(x_adv); 'cow' (ablation) by p_y(x)", str, choices=("arow", "cow")),
