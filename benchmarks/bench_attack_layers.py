@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from arow.models.small_cnn import SmallCNN  # noqa: E402
+from bench_conv_relu import attack_step  # noqa: E402  (the same attack step, timed there too)
 
 Tensor = torch.Tensor
 
@@ -87,14 +88,6 @@ def relu_after_pool(model: SmallCNN) -> SmallCNN:
     order = ("conv1", "relu1", "conv2", "pool1", "relu2", "conv3", "relu3", "conv4", "pool2", "relu4")
     m.features = nn.Sequential(OrderedDict((name, getattr(f, name)) for name in order))
     return m
-
-
-def attack_step(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    xa = x.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = F.cross_entropy(model(xa).float(), y)
-    (g,) = torch.autograd.grad(loss, xa)
-    return g
 
 
 def _pairs(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
