@@ -779,3 +779,31 @@ def test_first_conv_input_gradient_by_matmul_matches_autograd(bench_path):
     (want,) = torch.autograd.grad(out, x, g)
     got = bench_attack_layers.conv1_input_grad_matmul(g, conv.weight.detach(), (28, 28))
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_step_floor_benchmark_prints_kernels_operators_and_parts(bench_path, capsys):
+    import bench_step_floor
+
+    threads = torch.get_num_threads()
+    try:
+        assert bench_step_floor.main(["--batch", "8", "--repeats", "1", "--blocks", "2", "--block", "1",
+                                      "--threads", "2", "--attack-steps", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    layers = [ln.split("|")[1].strip() for ln in out.splitlines() if ln.startswith("| conv") or ln.startswith("| fc")]
+    assert layers == ["conv1", "conv2", "conv3", "conv4", "fc1", "fc2", "fc3"]
+    assert "of the bf16 peak at most" in out and "| max-pool backward | 8x32x24x24 |" in out
+    # each half of the batch attacked on its own worker thread gives the whole batch's x_adv
+    assert out.splitlines()[-1].endswith("| yes, bit for bit |")
+
+
+def test_step_floor_ceiling_counts_the_passes_of_an_arow_step(bench_path):
+    import bench_step_floor
+
+    rows = [{"layer": "conv1", "flops": 3, "fwd": 1.0, "grad_in": 5.0, "grad_w": 2.0},
+            {"layer": "conv2", "flops": 7, "fwd": 2.0, "grad_in": 3.0, "grad_w": 4.0}]
+    ms, flops = bench_step_floor.step_ceiling(rows, 5)
+    # 8 forwards (3.0 each), 5 attack input gradients (8.0), 2 training backwards (3.0 + 6.0 without conv1's input)
+    assert ms == 8 * 3.0 + 5 * 8.0 + 2 * (3.0 + 6.0)
+    assert flops == 17 * 10  # ARoW at K = 5: 17 forward-equivalents, as bench_train.py counts them
