@@ -197,3 +197,34 @@ def test_frontier_axes_follow_the_means_and_cut_intervals_longer_than_their_spre
     assert lo < 84.0 and hi > 87.7  # every interval no longer than the means' spread (2.7) inside
     assert lo > 78.0 + 4 and hi < 88.8  # the long one (5.4 each side) cut at the edge
     assert frontier_limits([(80.0, 80.0, 80.0)]) == (79.8, 80.2)  # one point: a small margin
+
+
+def test_the_frontier_places_a_row_at_the_values_its_runs_ran(tmp_path):
+    from arow.reporting.plots.study import frontier_lines
+
+    def row(label, ran=None, **args):
+        return {"label": label, "method": "arow", "method_args": args, "overrides": {}, "ran_method_args": ran}
+
+    # Fashion-MNIST runs ARoW with its own lambda (2.5) where a row sets none: the row sits at 2.5, not at 3.5
+    rows = [row("arow", {"lam": 2.5, "smoothing": 0.2}), row("arow-l35", {"lam": 3.5, "smoothing": 0.2}, lam=3.5),
+            row("arow-l5", {"lam": 5.0, "smoothing": 0.2}, lam=5.0)]
+    (method, key, points), = frontier_lines({"rows": rows})
+    assert (key, [v for v, _ in points]) == ("lam", [2.5, 3.5, 5.0])
+    # a results file collected before the ran values were kept: the method's defaults fill in
+    old = [dict(r, ran_method_args=None) for r in rows[1:]] + [row("arow", None)]
+    (_, key, points), = frontier_lines({"rows": old})
+    assert (key, [v for v, _ in points]) == ("lam", [3.5, 3.5, 5.0])
+
+
+def test_collect_keeps_the_hyperparameters_each_row_ran(tmp_path):
+    src = tmp_path / "study"
+    _study(src, [0, 1])
+    for seed in (0, 1):  # what a run folder's config.json says it ran; the arow row of the study sets no lambda
+        (src / "cells" / f"arow-s{seed}" / "config.json").write_text(json.dumps(
+            {"method": "arow", "seed": seed, "resolved": {"method_args": {"lam": 2.5, "smoothing": 0.2}}}))
+    rows = {r["label"]: r for r in collect(src, plots=False)["rows"]}
+    assert rows["arow"]["method_args"] == {} and rows["arow"]["ran_method_args"] == {"lam": 2.5, "smoothing": 0.2}
+    assert rows["trades"]["ran_method_args"] is None  # its config.json names no resolved arguments
+    (src / "cells" / "arow-s1" / "config.json").write_text(json.dumps(
+        {"method": "arow", "seed": 1, "resolved": {"method_args": {"lam": 3.5, "smoothing": 0.2}}}))
+    assert {r["label"]: r for r in collect(src, plots=False)["rows"]}["arow"]["ran_method_args"] is None  # seeds differ

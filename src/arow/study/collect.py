@@ -71,6 +71,9 @@ def cell_result(folder: StudyDir, spec: StudySpec, cell: Cell) -> dict[str, Any]
         points = [(float(p["eps"]), float(p["accuracy"])) for p in curve["points"]] if curve else None
     except (RunFolderError, KeyError, TypeError, ValueError) as e:
         return {**r, "status": "unreadable", "error": str(e).strip().splitlines()[0] if str(e).strip() else repr(e)}
+    ran = ((rec.config.get("resolved") or {}) if rec is not None else {}).get("method_args")
+    if isinstance(ran, dict):
+        r["method_args"] = ran  # every hyper-parameter as the cell's run ran it
     e = main_eval(ev, run, rec)
     evaluated = has_main_eval(ev, e)
     if evaluated:
@@ -158,8 +161,11 @@ def _rows(spec: StudySpec, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     metrics, rows = metric_names(spec), []
     for v in spec.variants:
         done = [r for r in cells if r["label"] == v.label and r["status"] not in ("failed", "unreadable")]
+        ran = {repr(r["method_args"]): r["method_args"] for r in done if "method_args" in r}
         row: dict[str, Any] = {"label": v.label, "method": v.method, "method_args": v.method_args,
-                               "overrides": v.overrides, "metrics": {}, "paired": {}}
+                               "overrides": v.overrides, "metrics": {}, "paired": {},
+                               # what its runs ran: the data set's or preset's values included (None: they differ)
+                               "ran_method_args": next(iter(ran.values())) if len(ran) == 1 else None}
         for m in metrics + list(VAL_METRICS) + ["seconds_per_epoch"]:
             vals = {r["seed"]: (r.get(m) if m == "seconds_per_epoch" else r["accuracy"].get(m)) for r in done}
             vals = {s: x for s, x in vals.items() if x is not None}

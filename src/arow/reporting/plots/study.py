@@ -172,14 +172,17 @@ def row_pair(row: dict[str, Any], panel: RobustPanel) -> Optional[tuple[dict[str
 def frontier_lines(result: dict[str, Any]) -> list[tuple[str, Optional[str], list[tuple[Any, dict[str, Any]]]]]:
     """The rows of each method as ``(method, varied hyper-parameter, [(its value, row), ...])``, sorted
     by that value; a method whose rows differ in no or in several hyper-parameters has ``None`` there
-    and its rows in study order (their values: the row labels)."""
+    and its rows in study order (their values: the row labels). A row's values are those its runs
+    ran (``ran_method_args``: a data set's or a preset's own values included), else its study row's
+    with the method's defaults (a results file collected before arow 0.9.1)."""
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in result["rows"]:
         by_method.setdefault(r["method"], []).append(r)
     out = []
     for method, rows in by_method.items():
         hp = METHODS.get(method).hparams if method in METHODS.names() else {}
-        args = [{**{k: h.default for k, h in hp.items()}, **(r.get("method_args") or {})} for r in rows]
+        args = [r.get("ran_method_args") or {**{k: h.default for k, h in hp.items()}, **(r.get("method_args") or {})}
+                for r in rows]
         varied = sorted(k for k in set().union(*args) if len({repr(a.get(k)) for a in args}) > 1)
         if len(varied) == 1 and not any(r.get("overrides") for r in rows):
             out.append((method, varied[0], sorted(((a.get(varied[0]), r) for a, r in zip(args, rows)),
