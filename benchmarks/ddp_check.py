@@ -5,7 +5,7 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/ddp_check.py --dry-run
 
 ResNet-18, ARoW with K = 10 at eps 8/255, synthetic CIFAR-shaped tensors (the GPU check's shapes and
-helpers, ``gpu_check.py``), global batch 128 (128/N per rank). Rows:
+helpers, ``gpu_base.py`` and ``gpu_check.py``), global batch 128 (128/N per rank). Rows:
 
 - ``ARoW step, SyncBatchNorm`` / ``GlobalBatchNorm``, compile off and on: ARoW steps through arow's
   own ``Trainer.train_epoch`` under DDP with the BatchNorm statistics of the global batch from
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable, Optional
 from unittest import mock
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check puts src/ on the path
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_base puts src/ on the path
 
 import gpu_check  # noqa: E402
 import torch  # noqa: E402
@@ -55,7 +55,8 @@ from arow.runs.checkpoint import atomic_write_text  # noqa: E402
 
 from arow.training.trainer import Trainer  # noqa: E402
 
-from gpu_check import DRY, EPOCH_IMAGES, FULL, Budget, Row, Scale, arow_trainer, build, label, run_steps  # noqa: E402
+from gpu_base import (DRY, EPOCH_IMAGES, FULL, START, Budget, Row, Scale, arow_trainer, build, label,  # noqa: E402
+                      markdown, run_steps)
 from train_step import FallbackLog, dynamo_counts, dynamo_report  # noqa: E402
 
 NORMS = ("SyncBatchNorm", "GlobalBatchNorm")
@@ -169,7 +170,7 @@ def run_rows(sc: Scale, device: torch.device) -> list[Row]:
             trains[(norm, compiled)] = guarded(lambda: train_row(norm, compiled, sc, device), stub)
             if distributed.info().is_main:
                 print(f"ddp_check: {norm} compile {'on' if compiled else 'off'} done "
-                      f"({time.monotonic() - gpu_check.START:.0f} s)", file=sys.stderr, flush=True)
+                      f"({time.monotonic() - START:.0f} s)", file=sys.stderr, flush=True)
     compare(trains, sc)
     attack = guarded(lambda: attack_row(sc, device), Row("attack, per-rank batch", "resnet18"))
     return [*trains.values(), attack]
@@ -230,9 +231,9 @@ def report(rows: list[Row], sc: Scale, device: torch.device, world: int, json_pa
     head = (f"DDP check: {on}, torch {torch.__version__}. {mode}ARoW K={sc.k}, eps 8/255, global batch {sc.batch} "
             f"({sc.batch // world} per rank), synthetic {sc.size}x{sc.size}x3 images.")
     print(head)
-    print(gpu_check.markdown(rows, COLUMNS) + gpu_check.decisions(rows))
+    print(markdown(rows, COLUMNS) + gpu_check.decisions(rows))
     failed, skipped = sum(r.failed for r in rows), sum(r.notes.startswith("skipped") for r in rows)
-    print(f"{len(rows)} rows in {time.monotonic() - gpu_check.START:.0f} s: {failed} failed, {skipped} skipped. "
+    print(f"{len(rows)} rows in {time.monotonic() - START:.0f} s: {failed} failed, {skipped} skipped. "
           f"images/s: global (all ranks), of arow's Trainer; rank 0's attack.")
     if json_path:
         atomic_write_text(json.dumps({"device": head, "rows": [asdict(r) for r in rows]}, indent=2) + "\n", json_path)

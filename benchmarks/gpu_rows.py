@@ -37,8 +37,8 @@ from arow.training.callbacks import EpochSaves
 from arow.training.trainer import Trainer
 
 from bench_timing import Stopwatch
-from gpu_check import (CLASSES, EPOCH_IMAGES, EXTRA_FRACTION, TRAIN_RATE, Budget, Row, Scale, _count_syncs,
-                       arow_trainer, label, rate, run_steps, synthetic)
+from gpu_base import (CLASSES, EPOCH_IMAGES, EXTRA_FRACTION, TRAIN_RATE, Budget, Row, Scale, arow_trainer, count_syncs,
+                      label, rate, run_steps, synthetic)
 
 KEEP_UP = 2.0  # a loader keeps up with the training step at >= 2x its images/s (the host also launches the step)
 OVERHEAD_SHARE = 0.10  # validation + recalibration above 10% of a training epoch: make them cheaper
@@ -69,7 +69,7 @@ def loader_row(mode: str, sc: Scale, device: torch.device, budget: Budget) -> Ro
         batches = iter(loader)
         for _ in range(2):  # the epoch's draws (and in device mode the extra images) are copied at the first batch
             next(batches)
-        syncs, seconds = _count_syncs(lambda: [next(batches) for _ in range(sc.loader_batches)], device)
+        syncs, seconds = count_syncs(lambda: [next(batches) for _ in range(sc.loader_batches)], device)
         mapped, used = extra.memory_mapped, loader.feed.mode
     row.images_s = sc.batch * sc.loader_batches / seconds
     row.implied = f"{EPOCH_IMAGES / row.images_s:.2f} s / 50k images"
