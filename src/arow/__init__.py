@@ -8,7 +8,7 @@ The names below are imported on first use, so ``import arow`` (and the CLI's ``-
 """
 from __future__ import annotations
 
-__version__ = "0.9.0"
+__version__ = "0.9.1"
 
 import importlib
 from typing import TYPE_CHECKING, Any
