@@ -3,21 +3,25 @@ between them, and the batch split across the cores.
 
 Three tables, from one process (batch ``--batch``, bf16, channels-last, ``--threads`` threads):
 
-1. Kernels. Every convolution and linear layer of small-cnn: its forward, its input gradient and
-   its weight gradient, each timed alone on inputs of the real shapes, in ms and in % of the bf16
-   matmul peak measured in the same run. Then the ceiling: one ARoW step with K attack steps
-   (``--attack-steps``) runs 1 + K + 2 forwards, K input gradients of every layer (the attack) and
-   2 of every layer but the first plus 2 weight gradients (the training backward); if the step did
-   nothing but these kernels, at the speeds just measured, it would reach the nominal FLOPs of
-   ``bench_train.py`` (27 or 17 forward-equivalents) divided by that time: the best "% of peak"
-   the step can show without faster kernels.
+1. Kernels. Every convolution and linear layer of small-cnn: its forward, its input gradient, its
+   weight gradient, and both gradients from one call as the training backward asks for them (a
+   convolution's ``convolution_backward`` with both outputs; a linear layer's two matrix products),
+   each timed alone on inputs of the real shapes, in ms and in % of the bf16 matmul peak (the
+   better of two measurements, before and after the kernels, as ``bench_train.py`` takes it). Then
+   the ceiling: one ARoW step with K attack steps (``--attack-steps``) runs 1 + K + 2 forwards, K
+   input gradients of every layer (the attack) and 2 training backwards (both gradients of every
+   layer, the weight gradient alone of the first); if the step did nothing but these kernels, at
+   the speeds just measured, it would reach the nominal FLOPs of ``bench_train.py`` (27 or 17
+   forward-equivalents) divided by that time: the best "% of peak" the step can show without
+   faster kernels.
 2. The operators between the kernels: ReLU and its backward, 2x2 max-pooling (with the indices
    its backward needs) and its backward, on small-cnn's shapes in bf16 and in float32.
 3. The batch in parts: the KL training attack on the whole batch with all threads, against the
    same attack on one part of the batch per thread, each part on its own worker thread with one
    intra-op thread (PyTorch's operators release the GIL). ``x_adv`` is compared bit for bit;
-   the two are timed in alternating blocks of ``--block`` attacks, and the ratio is taken block by
-   block (a shared machine's load falls on both alike).
+   the two are timed in alternating blocks of ``--block`` attacks, which of the two goes first
+   alternating too, and the ratio is taken block by block (a shared machine's load falls on both
+   alike).
 
     python benchmarks/bench_step_floor.py --threads 2 --blocks 30
 """
@@ -92,6 +96,7 @@ def kernel_rows(model: SmallCNN, batch: int, repeats: int) -> list[dict[str, flo
             fwd = lambda x=x, w=w, b=b: F.conv2d(x, w, b)  # noqa: E731
             grad_in = lambda g=g, x=x, w=w: _conv_grads(g, x, w, [True, False, False])  # noqa: E731
             grad_w = lambda g=g, x=x, w=w: _conv_grads(g, x, w, [False, True, True])  # noqa: E731
+            grad_both = lambda g=g, x=x, w=w: _conv_grads(g, x, w, [True, True, True])  # noqa: E731
             flops = 2 * out.numel() * w[0].numel()
         else:
             out = F.linear(x, w, b)
@@ -99,25 +104,27 @@ def kernel_rows(model: SmallCNN, batch: int, repeats: int) -> list[dict[str, flo
             fwd = lambda x=x, w=w, b=b: F.linear(x, w, b)  # noqa: E731
             grad_in = lambda g=g, w=w: g @ w  # noqa: E731
             grad_w = lambda g=g, x=x: (g.t() @ x, g.sum(0))  # noqa: E731
+            grad_both = lambda g=g, x=x, w=w: (g @ w, g.t() @ x, g.sum(0))  # noqa: E731
             flops = 2 * batch * w.numel()
         rows.append({"layer": name, "flops": flops, "fwd": median_ms(fwd, repeats),
-                     "grad_in": median_ms(grad_in, repeats), "grad_w": median_ms(grad_w, repeats)})
+                     "grad_in": median_ms(grad_in, repeats), "grad_w": median_ms(grad_w, repeats),
+                     "grad_both": median_ms(grad_both, repeats)})
     return rows
 
 
 def step_ceiling(rows: list[dict[str, float]], attack_steps: int) -> tuple[float, float]:
     """(ms, nominal FLOPs) of one ARoW step made of the kernels of ``rows`` only.
 
-    >>> rows = [{"layer": "conv1", "flops": 10, "fwd": 1.0, "grad_in": 2.0, "grad_w": 3.0},
-    ...         {"layer": "fc1", "flops": 10, "fwd": 1.0, "grad_in": 1.0, "grad_w": 1.0}]
-    >>> step_ceiling(rows, 1)   # 4 forwards, 1 attack input gradient, 2 training backwards (no input gradient of the first layer)
-    (21.0, 180)
+    >>> rows = [{"layer": "conv1", "flops": 10, "fwd": 1.0, "grad_in": 2.0, "grad_w": 3.0, "grad_both": 4.0},
+    ...         {"layer": "fc1", "flops": 10, "fwd": 1.0, "grad_in": 1.0, "grad_w": 1.0, "grad_both": 1.5}]
+    >>> step_ceiling(rows, 1)   # 4 forwards, 1 attack input gradient, 2 training backwards (conv1: weights only)
+    (20.0, 180)
     """
     fwd = sum(r["fwd"] for r in rows)
     grad_in = sum(r["grad_in"] for r in rows)
-    grad_in_train = grad_in - rows[0]["grad_in"]  # the images need no gradient in training
-    grad_w = sum(r["grad_w"] for r in rows)
-    ms = (1 + attack_steps + 2) * fwd + attack_steps * grad_in + 2 * (grad_in_train + grad_w)
+    # the training backward: both gradients of every layer but the first, whose images need none
+    train_bwd = rows[0]["grad_w"] + sum(r["grad_both"] for r in rows[1:])
+    ms = (1 + attack_steps + 2) * fwd + attack_steps * grad_in + 2 * train_bwd
     forward_equivalents = 1 + 2 * attack_steps + 3 * 2  # as bench_train.py counts them (Passes.cost)
     return ms, forward_equivalents * sum(r["flops"] for r in rows)
 
@@ -159,9 +166,14 @@ class Parts:
             torch.set_num_threads(1)
             ready.wait(timeout=60)  # one task per worker
 
-        for f in [self.pool.submit(init) for _ in range(parts)]:
-            f.result()
-        torch.set_num_threads(caller)  # the process default, which set_num_threads also changed
+        try:
+            for f in [self.pool.submit(init) for _ in range(parts)]:
+                f.result()
+        except BaseException:
+            self.pool.shutdown(wait=False)
+            raise
+        finally:
+            torch.set_num_threads(caller)  # the process default, which set_num_threads also changed
 
     def map(self, fn: Callable[[slice], Tensor], n: int) -> Tensor:
         step = -(-n // self.parts)
@@ -187,9 +199,10 @@ def parts_table(model: nn.Module, batch: int, attack_steps: int, blocks: int, bl
         split = lambda: parts.map(attack, batch)  # noqa: E731
         same = torch.equal(whole(), split())
         ratios, t_whole, t_split = [], [], []
-        for _ in range(blocks):
+        for i in range(blocks):
             a, b = [], []
-            for fn, out in ((whole, a), (split, b)):
+            pairs = ((whole, a), (split, b))
+            for fn, out in pairs if i % 2 == 0 else pairs[::-1]:  # which goes first alternates too
                 for _ in range(block):
                     t0 = time.perf_counter()
                     fn()
@@ -215,23 +228,25 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = SmallCNN().eval().requires_grad_(False).to(memory_format=CL)
-    peak = max(matmul_peak(torch.device("cpu"), dtype=BF16)[0], 1e-9)
+    peak_before = matmul_peak(torch.device("cpu"), dtype=BF16)[0]
+    rows = kernel_rows(model, args.batch, args.repeats)
+    peak = max(peak_before, matmul_peak(torch.device("cpu"), dtype=BF16)[0], 1e-9)  # the better of two
     pct = lambda flops, ms: 100 * flops / (ms / 1e3) / 1e9 / peak  # noqa: E731
 
-    rows = kernel_rows(model, args.batch, args.repeats)
     print(f"bf16 matmul peak {peak:.1f} GFLOP/s (2048x2048), {torch.get_num_threads()} thread(s), batch {args.batch}\n")
     print("| layer | forward MFLOP | forward ms | % of peak | input gradient ms | % of peak | weight gradient ms "
-          "| % of peak |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| % of peak | both gradients, one call, ms | % of peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = r["flops"]
         print(f"| {r['layer']} | {f / 1e6:.1f} | {r['fwd']:.3f} | {pct(f, r['fwd']):.0f}% | {r['grad_in']:.3f} | "
-              f"{pct(f, r['grad_in']):.0f}% | {r['grad_w']:.3f} | {pct(f, r['grad_w']):.0f}% |")
+              f"{pct(f, r['grad_in']):.0f}% | {r['grad_w']:.3f} | {pct(f, r['grad_w']):.0f}% | "
+              f"{r['grad_both']:.3f} | {pct(2 * f, r['grad_both']):.0f}% |")
     ms, flops = step_ceiling(rows, args.attack_steps)
     print(f"\nAn ARoW step (K = {args.attack_steps}) of these kernels alone: {ms:.1f} ms, {flops / 1e9:.2f} nominal "
           f"GFLOP: {pct(flops, ms):.0f}% of the bf16 peak at most, before ReLU, pooling, casts and losses.\n")
 
-    print("| operator | shape | bf16 ms | float32 ms |")
+    print("| operator (channels-last) | shape | bf16 ms | float32 ms |")
     print("|---|---|---|---|")
     for op, shape, t_bf16, t_fp32 in pointwise_rows(args.batch, args.repeats):
         print(f"| {op} | {shape} | {t_bf16:.3f} | {t_fp32:.3f} |")

@@ -801,9 +801,10 @@ def test_step_floor_benchmark_prints_kernels_operators_and_parts(bench_path, cap
 def test_step_floor_ceiling_counts_the_passes_of_an_arow_step(bench_path):
     import bench_step_floor
 
-    rows = [{"layer": "conv1", "flops": 3, "fwd": 1.0, "grad_in": 5.0, "grad_w": 2.0},
-            {"layer": "conv2", "flops": 7, "fwd": 2.0, "grad_in": 3.0, "grad_w": 4.0}]
+    rows = [{"layer": "conv1", "flops": 3, "fwd": 1.0, "grad_in": 5.0, "grad_w": 2.0, "grad_both": 6.0},
+            {"layer": "conv2", "flops": 7, "fwd": 2.0, "grad_in": 3.0, "grad_w": 4.0, "grad_both": 6.5}]
     ms, flops = bench_step_floor.step_ceiling(rows, 5)
-    # 8 forwards (3.0 each), 5 attack input gradients (8.0), 2 training backwards (3.0 + 6.0 without conv1's input)
-    assert ms == 8 * 3.0 + 5 * 8.0 + 2 * (3.0 + 6.0)
+    # 8 forwards (3.0 each), 5 attack input gradients (8.0), 2 training backwards: conv1's weight
+    # gradient alone (2.0; the images need none) and conv2's two gradients from one call (6.5)
+    assert ms == 8 * 3.0 + 5 * 8.0 + 2 * (2.0 + 6.5)
     assert flops == 17 * 10  # ARoW at K = 5: 17 forward-equivalents, as bench_train.py counts them

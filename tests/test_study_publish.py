@@ -202,29 +202,53 @@ def test_frontier_axes_follow_the_means_and_cut_intervals_longer_than_their_spre
 def test_the_frontier_places_a_row_at_the_values_its_runs_ran(tmp_path):
     from arow.reporting.plots.study import frontier_lines
 
-    def row(label, ran=None, **args):
-        return {"label": label, "method": "arow", "method_args": args, "overrides": {}, "ran_method_args": ran}
+    from arow.methods import METHODS
+
+    runs = {"clean": {"per_seed": {0: 0.8}}}
+    defaults = {k: h.default for k, h in METHODS.get("arow").hparams.items()}
+
+    def row(label, ran, **args):  # a run's config.json holds every hyper-parameter of its method
+        return {"label": label, "method": "arow", "method_args": args, "overrides": {},
+                "ran_method_args": None if ran is None else {**defaults, **ran}, "metrics": runs}
 
     # Fashion-MNIST runs ARoW with its own lambda (2.5) where a row sets none: the row sits at 2.5, not at 3.5
     rows = [row("arow", {"lam": 2.5, "smoothing": 0.2}), row("arow-l35", {"lam": 3.5, "smoothing": 0.2}, lam=3.5),
             row("arow-l5", {"lam": 5.0, "smoothing": 0.2}, lam=5.0)]
     (method, key, points), = frontier_lines({"rows": rows})
     assert (key, [v for v, _ in points]) == ("lam", [2.5, 3.5, 5.0])
+    # a row whose seeds ran different values: no line through the method's rows
+    (_, key, points), = frontier_lines({"rows": rows[1:] + [row("arow", None)]})
+    assert (key, [v for v, _ in points]) == (None, ["arow-l35", "arow-l5", "arow"])
+    # a row without runs yet counts with its study values (it has no point to draw)
+    (_, key, _), = frontier_lines({"rows": rows[1:] + [dict(row("arow-l2", None, lam=2.0), metrics={})]})
+    assert key == "lam"
     # a results file collected before the ran values were kept: the method's defaults fill in
-    old = [dict(r, ran_method_args=None) for r in rows[1:]] + [row("arow", None)]
+    old = [{k: v for k, v in r.items() if k != "ran_method_args"} for r in rows[1:] + [row("arow", None)]]
     (_, key, points), = frontier_lines({"rows": old})
     assert (key, [v for v, _ in points]) == ("lam", [3.5, 3.5, 5.0])
+    # values that do not order (unset beside a number): the rows in study order, not an error
+    mixed = [row("a", {"awp_start": None}), row("b", {"awp_start": 3})]
+    assert frontier_lines({"rows": mixed})[0][1] is None
 
 
 def test_collect_keeps_the_hyperparameters_each_row_ran(tmp_path):
     src = tmp_path / "study"
     _study(src, [0, 1])
+
+    def config(seed, resolved, method="arow"):
+        path = src / "cells" / f"{method}-s{seed}" / "config.json"
+        path.write_text(json.dumps({"method": method, "seed": seed, "resolved": resolved}))
+
     for seed in (0, 1):  # what a run folder's config.json says it ran; the arow row of the study sets no lambda
-        (src / "cells" / f"arow-s{seed}" / "config.json").write_text(json.dumps(
-            {"method": "arow", "seed": seed, "resolved": {"method_args": {"lam": 2.5, "smoothing": 0.2}}}))
+        config(seed, {"method_args": {"lam": 2.5, "smoothing": 0.2}})
     rows = {r["label"]: r for r in collect(src, plots=False)["rows"]}
     assert rows["arow"]["method_args"] == {} and rows["arow"]["ran_method_args"] == {"lam": 2.5, "smoothing": 0.2}
-    assert rows["trades"]["ran_method_args"] is None  # its config.json names no resolved arguments
-    (src / "cells" / "arow-s1" / "config.json").write_text(json.dumps(
-        {"method": "arow", "seed": 1, "resolved": {"method_args": {"lam": 3.5, "smoothing": 0.2}}}))
+    # run folders that record no resolved arguments ran their method's defaults
+    assert rows["trades"]["ran_method_args"]["beta"] == 6.0
+    config(1, {"method_args": {"smoothing": 0.2, "lam": 2.5}})  # the same values in another order agree
+    assert {r["label"]: r for r in collect(src, plots=False)["rows"]}["arow"]["ran_method_args"]["lam"] == 2.5
+    config(1, {"method_args": {"lam": 3.5, "smoothing": 0.2}})
     assert {r["label"]: r for r in collect(src, plots=False)["rows"]}["arow"]["ran_method_args"] is None  # seeds differ
+    config(1, "not an object")  # a damaged record is read as one that records none, not a crash
+    cell = next(c for c in collect(src, plots=False)["cells"] if (c["label"], c["seed"]) == ("arow", 1))
+    assert cell["ran_method_args"]["lam"] == 3.5 and cell["status"] == "done"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from ..methods import METHODS
 from ..reporting.comparison import comparison_table, seed_values
 from ..reporting.labels import metric_label
 from ..reporting.plots import study_plots
@@ -71,9 +73,9 @@ def cell_result(folder: StudyDir, spec: StudySpec, cell: Cell) -> dict[str, Any]
         points = [(float(p["eps"]), float(p["accuracy"])) for p in curve["points"]] if curve else None
     except (RunFolderError, KeyError, TypeError, ValueError) as e:
         return {**r, "status": "unreadable", "error": str(e).strip().splitlines()[0] if str(e).strip() else repr(e)}
-    ran = ((rec.config.get("resolved") or {}) if rec is not None else {}).get("method_args")
-    if isinstance(ran, dict):
-        r["method_args"] = ran  # every hyper-parameter as the cell's run ran it
+    ran = ran_method_args(rec.config) if rec is not None else None
+    if ran is not None:
+        r["ran_method_args"] = ran
     e = main_eval(ev, run, rec)
     evaluated = has_main_eval(ev, e)
     if evaluated:
@@ -155,17 +157,42 @@ def _aa_value(cell: dict[str, Any], m: str) -> Optional[float]:
     return cell["accuracy"].get(m) if m == "autoattack" else (cell.get("on_aa_images") or {}).get(m)
 
 
+def ran_method_args(config: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """Every hyper-parameter of the method as a run's ``config.json`` says it ran: its resolved
+    method arguments (a data set's or a preset's own values included), else, for a run folder that
+    records none, its method's defaults with the run's own ``method_args`` over them (what such a
+    run ran); None where the config names neither a known method nor such arguments.
+
+    >>> ran_method_args({"method": "arow", "resolved": {"method_args": {"lam": 2.5}}})
+    {'lam': 2.5}
+    >>> ran_method_args({"method": "arow", "method_args": {"smoothing": 0.1}})["lam"]
+    3.5
+    """
+    resolved = config.get("resolved")
+    if isinstance(resolved, dict) and isinstance(resolved.get("method_args"), dict):
+        return resolved["method_args"]
+    method, args = config.get("method"), config.get("method_args") or {}
+    if not isinstance(method, str) or method not in METHODS.names() or not isinstance(args, dict):
+        return None
+    return {**{k: h.default for k, h in METHODS.get(method).hparams.items()}, **args}
+
+
+def _agreed(values: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The one dict all of ``values`` equal; None if they differ or there are none."""
+    distinct = {json.dumps(v, sort_keys=True, default=repr): v for v in values}
+    return next(iter(distinct.values())) if len(distinct) == 1 else None
+
+
 # --------------------------------------------------------------------------- the rows
 def _rows(spec: StudySpec, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per row: each metric's values by seed with their summary, and the paired difference with the baseline."""
     metrics, rows = metric_names(spec), []
     for v in spec.variants:
         done = [r for r in cells if r["label"] == v.label and r["status"] not in ("failed", "unreadable")]
-        ran = {repr(r["method_args"]): r["method_args"] for r in done if "method_args" in r}
         row: dict[str, Any] = {"label": v.label, "method": v.method, "method_args": v.method_args,
                                "overrides": v.overrides, "metrics": {}, "paired": {},
-                               # what its runs ran: the data set's or preset's values included (None: they differ)
-                               "ran_method_args": next(iter(ran.values())) if len(ran) == 1 else None}
+                               # what its runs ran (None: they ran different values, or none was read)
+                               "ran_method_args": _agreed([r["ran_method_args"] for r in done if "ran_method_args" in r])}
         for m in metrics + list(VAL_METRICS) + ["seconds_per_epoch"]:
             vals = {r["seed"]: (r.get(m) if m == "seconds_per_epoch" else r["accuracy"].get(m)) for r in done}
             vals = {s: x for s, x in vals.items() if x is not None}

@@ -172,24 +172,39 @@ def row_pair(row: dict[str, Any], panel: RobustPanel) -> Optional[tuple[dict[str
 def frontier_lines(result: dict[str, Any]) -> list[tuple[str, Optional[str], list[tuple[Any, dict[str, Any]]]]]:
     """The rows of each method as ``(method, varied hyper-parameter, [(its value, row), ...])``, sorted
     by that value; a method whose rows differ in no or in several hyper-parameters has ``None`` there
-    and its rows in study order (their values: the row labels). A row's values are those its runs
-    ran (``ran_method_args``: a data set's or a preset's own values included), else its study row's
-    with the method's defaults (a results file collected before arow 0.9.1)."""
+    and its rows in study order (their values: the row labels).
+
+    A row's values are those its runs ran (``ran_method_args``: a data set's or a preset's own
+    values included). A method with a row whose runs ran different values (seeds disagree), or
+    whose values do not sort, gets no line. A row without any runs yet, or from a results file
+    collected before arow 0.9.1, counts with its study row's values over the method's defaults.
+    """
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in result["rows"]:
         by_method.setdefault(r["method"], []).append(r)
     out = []
     for method, rows in by_method.items():
         hp = METHODS.get(method).hparams if method in METHODS.names() else {}
-        args = [r.get("ran_method_args") or {**{k: h.default for k, h in hp.items()}, **(r.get("method_args") or {})}
-                for r in rows]
+        asked = [{**{k: h.default for k, h in hp.items()}, **(r.get("method_args") or {})} for r in rows]
+        args = [r.get("ran_method_args") or a for r, a in zip(rows, asked)]
+        differ = any("ran_method_args" in r and r["ran_method_args"] is None and _has_runs(r) for r in rows)
         varied = sorted(k for k in set().union(*args) if len({repr(a.get(k)) for a in args}) > 1)
-        if len(varied) == 1 and not any(r.get("overrides") for r in rows):
-            out.append((method, varied[0], sorted(((a.get(varied[0]), r) for a, r in zip(args, rows)),
-                                                  key=lambda t: t[0])))
+        points = None
+        if len(varied) == 1 and not differ and not any(r.get("overrides") for r in rows):
+            try:
+                points = sorted(((a.get(varied[0]), r) for a, r in zip(args, rows)), key=lambda t: t[0])
+            except TypeError:  # values that do not order (None beside numbers): no line
+                points = None
+        if points is not None:
+            out.append((method, varied[0], points))
         else:
             out.append((method, None, [(r["label"], r) for r in rows]))
     return out
+
+
+def _has_runs(row: dict[str, Any]) -> bool:
+    """Whether some metric of the row has a value from some seed."""
+    return any((m or {}).get("per_seed") for m in (row.get("metrics") or {}).values())
 
 
 def _frontier(result: dict[str, Any], colour: dict[str, Any], out_dir: Path) -> Optional[Path]:
