@@ -219,9 +219,10 @@ def test_the_frontier_places_a_row_at_the_values_its_runs_ran(tmp_path):
     # a row whose seeds ran different values: no line through the method's rows
     (_, key, points), = frontier_lines({"rows": rows[1:] + [row("arow", None)]})
     assert (key, [v for v, _ in points]) == (None, ["arow-l35", "arow-l5", "arow"])
-    # a row without runs yet counts with its study values (it has no point to draw)
-    (_, key, _), = frontier_lines({"rows": rows[1:] + [dict(row("arow-l2", None, lam=2.0), metrics={})]})
-    assert key == "lam"
+    # a row whose runs recorded nothing yet counts with its study values (it has no point to draw)
+    fresh = {k: v for k, v in row("arow-l2", None, lam=2.0).items() if k != "ran_method_args"}
+    (_, key, points), = frontier_lines({"rows": rows[1:] + [fresh]})
+    assert (key, [v for v, _ in points]) == ("lam", [2.0, 3.5, 5.0])
     # a results file collected before the ran values were kept: the method's defaults fill in
     old = [{k: v for k, v in r.items() if k != "ran_method_args"} for r in rows[1:] + [row("arow", None)]]
     (_, key, points), = frontier_lines({"rows": old})
@@ -237,18 +238,22 @@ def test_collect_keeps_the_hyperparameters_each_row_ran(tmp_path):
 
     def config(seed, resolved, method="arow"):
         path = src / "cells" / f"{method}-s{seed}" / "config.json"
-        path.write_text(json.dumps({"method": method, "seed": seed, "resolved": resolved}))
+        path.write_text(json.dumps({"method": method, "seed": seed, "method_args": {}, "resolved": resolved}))
 
     for seed in (0, 1):  # what a run folder's config.json says it ran; the arow row of the study sets no lambda
         config(seed, {"method_args": {"lam": 2.5, "smoothing": 0.2}})
     rows = {r["label"]: r for r in collect(src, plots=False)["rows"]}
     assert rows["arow"]["method_args"] == {} and rows["arow"]["ran_method_args"] == {"lam": 2.5, "smoothing": 0.2}
-    # run folders that record no resolved arguments ran their method's defaults
-    assert rows["trades"]["ran_method_args"]["beta"] == 6.0
+    # a config.json that names no method arguments at all says nothing of what ran
+    assert "ran_method_args" not in rows["trades"]
+    for seed in (0, 1):
+        config(seed, {}, method="trades")
+    # run folders that record no resolved arguments ran their method's defaults with their own over them
+    assert {r["label"]: r for r in collect(src, plots=False)["rows"]}["trades"]["ran_method_args"]["beta"] == 6.0
     config(1, {"method_args": {"smoothing": 0.2, "lam": 2.5}})  # the same values in another order agree
     assert {r["label"]: r for r in collect(src, plots=False)["rows"]}["arow"]["ran_method_args"]["lam"] == 2.5
     config(1, {"method_args": {"lam": 3.5, "smoothing": 0.2}})
     assert {r["label"]: r for r in collect(src, plots=False)["rows"]}["arow"]["ran_method_args"] is None  # seeds differ
-    config(1, "not an object")  # a damaged record is read as one that records none, not a crash
+    config(1, "not an object")  # a damaged record is read as one that records no resolved arguments, not a crash
     cell = next(c for c in collect(src, plots=False)["cells"] if (c["label"], c["seed"]) == ("arow", 1))
     assert cell["ran_method_args"]["lam"] == 3.5 and cell["status"] == "done"

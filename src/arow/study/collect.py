@@ -161,24 +161,26 @@ def ran_method_args(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     """Every hyper-parameter of the method as a run's ``config.json`` says it ran: its resolved
     method arguments (a data set's or a preset's own values included), else, for a run folder that
     records none, its method's defaults with the run's own ``method_args`` over them (what such a
-    run ran); None where the config names neither a known method nor such arguments.
+    run ran); None where the config names no known method or no method arguments at all.
 
     >>> ran_method_args({"method": "arow", "resolved": {"method_args": {"lam": 2.5}}})
     {'lam': 2.5}
     >>> ran_method_args({"method": "arow", "method_args": {"smoothing": 0.1}})["lam"]
     3.5
+    >>> ran_method_args({"method": "arow"}) is None
+    True
     """
     resolved = config.get("resolved")
     if isinstance(resolved, dict) and isinstance(resolved.get("method_args"), dict):
         return resolved["method_args"]
-    method, args = config.get("method"), config.get("method_args") or {}
+    method, args = config.get("method"), config.get("method_args")
     if not isinstance(method, str) or method not in METHODS.names() or not isinstance(args, dict):
         return None
     return {**{k: h.default for k, h in METHODS.get(method).hparams.items()}, **args}
 
 
 def _agreed(values: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    """The one dict all of ``values`` equal; None if they differ or there are none."""
+    """The one dict all of ``values`` equal; None if they differ."""
     distinct = {json.dumps(v, sort_keys=True, default=repr): v for v in values}
     return next(iter(distinct.values())) if len(distinct) == 1 else None
 
@@ -190,9 +192,10 @@ def _rows(spec: StudySpec, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for v in spec.variants:
         done = [r for r in cells if r["label"] == v.label and r["status"] not in ("failed", "unreadable")]
         row: dict[str, Any] = {"label": v.label, "method": v.method, "method_args": v.method_args,
-                               "overrides": v.overrides, "metrics": {}, "paired": {},
-                               # what its runs ran (None: they ran different values, or none was read)
-                               "ran_method_args": _agreed([r["ran_method_args"] for r in done if "ran_method_args" in r])}
+                               "overrides": v.overrides, "metrics": {}, "paired": {}}
+        ran = [r["ran_method_args"] for r in done if "ran_method_args" in r]
+        if ran:  # what its runs ran, as far as their configs say (None: they ran different values)
+            row["ran_method_args"] = _agreed(ran)
         for m in metrics + list(VAL_METRICS) + ["seconds_per_epoch"]:
             vals = {r["seed"]: (r.get(m) if m == "seconds_per_epoch" else r["accuracy"].get(m)) for r in done}
             vals = {s: x for s, x in vals.items() if x is not None}

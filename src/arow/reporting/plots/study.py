@@ -175,9 +175,10 @@ def frontier_lines(result: dict[str, Any]) -> list[tuple[str, Optional[str], lis
     and its rows in study order (their values: the row labels).
 
     A row's values are those its runs ran (``ran_method_args``: a data set's or a preset's own
-    values included). A method with a row whose runs ran different values (seeds disagree), or
-    whose values do not sort, gets no line. A row without any runs yet, or from a results file
-    collected before arow 0.9.1, counts with its study row's values over the method's defaults.
+    values included). A method with a row whose runs ran different values (seeds disagree:
+    ``ran_method_args`` is None), or whose values do not sort, gets no line. A row whose runs
+    recorded nothing (none finished yet; a results file collected before arow 0.9.1) counts with
+    its study row's values over the method's defaults.
     """
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in result["rows"]:
@@ -187,7 +188,7 @@ def frontier_lines(result: dict[str, Any]) -> list[tuple[str, Optional[str], lis
         hp = METHODS.get(method).hparams if method in METHODS.names() else {}
         asked = [{**{k: h.default for k, h in hp.items()}, **(r.get("method_args") or {})} for r in rows]
         args = [r.get("ran_method_args") or a for r, a in zip(rows, asked)]
-        differ = any("ran_method_args" in r and r["ran_method_args"] is None and _has_runs(r) for r in rows)
+        differ = any("ran_method_args" in r and r["ran_method_args"] is None for r in rows)
         varied = sorted(k for k in set().union(*args) if len({repr(a.get(k)) for a in args}) > 1)
         points = None
         if len(varied) == 1 and not differ and not any(r.get("overrides") for r in rows):
@@ -200,11 +201,6 @@ def frontier_lines(result: dict[str, Any]) -> list[tuple[str, Optional[str], lis
         else:
             out.append((method, None, [(r["label"], r) for r in rows]))
     return out
-
-
-def _has_runs(row: dict[str, Any]) -> bool:
-    """Whether some metric of the row has a value from some seed."""
-    return any((m or {}).get("per_seed") for m in (row.get("metrics") or {}).values())
 
 
 def _frontier(result: dict[str, Any], colour: dict[str, Any], out_dir: Path) -> Optional[Path]:
