@@ -141,9 +141,9 @@ def saved_config(saved: Mapping[str, Any]) -> dict[str, Any]:
         cfg = TrainConfig.from_dict(dict(saved))
         filled = derived_defaults(cfg)
         if "method_args" in filled and cfg.method in METHODS:
-            hparams = METHODS.get(cfg.method).hparams
-            filled["method_args"] = {**cfg.method_args, **{k: hparams[k].default for k in filled["method_args"]
-                                                           if k not in cfg.method_args and k in hparams}}
+            defaults = METHODS.get(cfg.method).defaults()
+            filled["method_args"] = {**cfg.method_args, **{k: defaults[k] for k in filled["method_args"]
+                                                           if k not in cfg.method_args and k in defaults}}
         return dataclasses.replace(cfg, **filled).validate().to_dict()
     except ValueError:
         return dict(saved)

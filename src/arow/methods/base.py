@@ -170,6 +170,16 @@ class Method:
     #: hyper-parameters that make the method's tests quick (e.g. an effect switched on from epoch 1)
     test_settings: ClassVar[dict[str, Any]] = {}
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every hyper-parameter's default value, by name (what a run that sets none of them runs).
+
+        >>> from arow.methods import METHODS
+        >>> METHODS.get("arow").defaults()["lam"]
+        3.5
+        """
+        return {k: h.default for k, h in cls.hparams.items()}
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "hparams" in cls.__dict__ and "Params" not in cls.__dict__:

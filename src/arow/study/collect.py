@@ -176,7 +176,7 @@ def ran_method_args(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     method, args = config.get("method"), config.get("method_args")
     if not isinstance(method, str) or method not in METHODS.names() or not isinstance(args, dict):
         return None
-    return {**{k: h.default for k, h in METHODS.get(method).hparams.items()}, **args}
+    return {**METHODS.get(method).defaults(), **args}
 
 
 def _agreed(values: list[dict[str, Any]]) -> Optional[dict[str, Any]]:

@@ -118,7 +118,7 @@ class RunWriter(Callbacks):
                                   f"resume it with a smaller --lr than {saved.get('lr')}")
         new = cfg.to_dict()
         if cfg.method in METHODS and new.get("method") == saved.get("method"):  # a default written out is no change
-            defaults = {k: h.default for k, h in METHODS.get(cfg.method).hparams.items()}
+            defaults = METHODS.get(cfg.method).defaults()
             if {**defaults, **(saved.get("method_args") or {})} == {**defaults, **cfg.method_args}:
                 new["method_args"] = saved.get("method_args")
         changed = sorted(k for k, v in new.items() if k not in allowed and k in saved and saved[k] != v)

@@ -185,8 +185,8 @@ def frontier_lines(result: dict[str, Any]) -> list[tuple[str, Optional[str], lis
         by_method.setdefault(r["method"], []).append(r)
     out = []
     for method, rows in by_method.items():
-        hp = METHODS.get(method).hparams if method in METHODS.names() else {}
-        asked = [{**{k: h.default for k, h in hp.items()}, **(r.get("method_args") or {})} for r in rows]
+        defaults = METHODS.get(method).defaults() if method in METHODS.names() else {}
+        asked = [{**defaults, **(r.get("method_args") or {})} for r in rows]
         args = [r.get("ran_method_args") or a for r, a in zip(rows, asked)]
         differ = any("ran_method_args" in r and r["ran_method_args"] is None for r in rows)
         varied = sorted(k for k in set().union(*args) if len({repr(a.get(k)) for a in args}) > 1)
